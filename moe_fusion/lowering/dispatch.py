@@ -1,0 +1,35 @@
+"""Where an op call goes: the planned Triton kernels when they take the spec on this device,
+otherwise the reference (always correct, sync-free, slower).
+
+The kernel issues register their implementations here; the decision and its reason are
+kept so ``moe-fusion inspect`` can show which path a layer takes.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..spec import FP8_DTYPE, MoESpec, MoEWeights
+from . import reference
+
+
+def moe_layer(spec: MoESpec, x: torch.Tensor, w: MoEWeights) -> torch.Tensor:
+    _check_input(spec, x)
+    return reference.moe_layer(spec, x, w)
+
+
+def moe_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights):
+    _check_input(spec, x)
+    normed, ids, weights = reference.moe_preamble(spec, x, w)
+    if spec.fp8:
+        x_fp8, x_scale = reference.quantize_fp8_groups(normed)
+    else:
+        x_fp8 = x.new_empty((0,), dtype=FP8_DTYPE)
+        x_scale = x.new_empty((0,), dtype=torch.float32)
+    # The op's outputs may not alias its inputs: without a norm, "normed" is x itself.
+    normed = normed.clone() if normed is x else normed
+    return normed, x_fp8, x_scale, ids, weights.float()
+
+
+def _check_input(spec: MoESpec, x: torch.Tensor) -> None:
+    if x.dim() != 2 or x.shape[1] != spec.hidden_size:
+        raise ValueError(f"moe_fusion: expected hidden states [M, {spec.hidden_size}], got {tuple(x.shape)}")
