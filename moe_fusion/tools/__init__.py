@@ -1,0 +1,1 @@
+"""Command-line tools behind ``moe-fusion``: one module per subcommand."""
