@@ -30,6 +30,13 @@ def moe_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights):
     return normed, x_fp8, x_scale, ids, weights.float()
 
 
+def routed_experts(spec: MoESpec, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                   w: MoEWeights) -> torch.Tensor:
+    """The routed-expert block alone on normed x [M, H]: sum_k weight * expert(x); fp32 [M, H]."""
+    _check_input(spec, x)
+    return reference.routed_experts(spec, x, topk_ids, topk_weights, w)
+
+
 def _check_input(spec: MoESpec, x: torch.Tensor) -> None:
     if x.dim() != 2 or x.shape[1] != spec.hidden_size:
         raise ValueError(f"moe_fusion: expected hidden states [M, {spec.hidden_size}], got {tuple(x.shape)}")
