@@ -23,12 +23,11 @@ def expert_gemm1_kernel(
     wg_ptr, wu_ptr, wg_scale_ptr, wu_scale_ptr,
     h_ptr, zero_ptr,
     sorted_pair_ids_ptr, tile_expert_ptr, num_tiles_ptr,
-    num_pairs, N, K, zero_numel,
+    num_pairs, top_k, N, K, zero_numel,
     stride_xm, stride_xk, stride_xsm, stride_xsk,
     stride_wge, stride_wgn, stride_wgk, stride_wue, stride_wun, stride_wuk,
     stride_sge, stride_sgn, stride_sgk, stride_sue, stride_sun, stride_suk,
     stride_hm,
-    TOP_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     A_MODE: tl.constexpr,
     WEIGHT_ON_INPUT: tl.constexpr,
@@ -50,7 +49,7 @@ def expert_gemm1_kernel(
         n_block = item - tile * n_blocks
         expert = tl.load(tile_expert_ptr + tile).to(tl.int64)
         pair, row_ok = token_tile(sorted_pair_ids_ptr, tile, num_pairs, BLOCK_M)
-        token = pair // TOP_K
+        token = pair // top_k
         offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         offs_k = tl.arange(0, BLOCK_K)

@@ -24,12 +24,11 @@ def expert_gemm2_kernel(
     wd_ptr, wd_scale_ptr,
     out_ptr,
     sorted_pair_ids_ptr, tile_expert_ptr, num_tiles_ptr,
-    num_pairs, N, K, k_per_split,
+    num_pairs, top_k, N, K, k_per_split,
     stride_hm, stride_hk,
     stride_we, stride_wn, stride_wk,
     stride_se, stride_sn, stride_sk,
     stride_out_split, stride_out_row,
-    TOP_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
     A_MODE: tl.constexpr,
@@ -79,5 +78,5 @@ def expert_gemm2_kernel(
             rows = split * stride_out_split + pair * stride_out_row
             tl.store(out_ptr + rows[:, None] + offs_n[None, :], acc, mask=mask)
         else:
-            token = pair // TOP_K
+            token = pair // top_k
             tl.atomic_add(out_ptr + token[:, None] * stride_out_row + offs_n[None, :], acc, mask=mask, sem="relaxed")

@@ -18,9 +18,9 @@ FP8_MIN_SCALE = tl.constexpr(1e-10)  # reference.FP8_MIN_SCALE
 ROUND_BEFORE_FP8_CAST = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 # What the A operand of a GEMM is (a constexpr of both kernels).
-A_MODEL_DTYPE = 0  # bf16/fp16 activations, bf16/fp16 weights
-A_FP8_GIVEN = 1  # e4m3 activations with their 1x128 group scales, already quantised
-A_FP8_QUANTIZE = 2  # bf16/fp16 activations quantised per 1x128 group while loading
+A_MODEL_DTYPE = tl.constexpr(0)  # bf16/fp16 activations, bf16/fp16 weights
+A_FP8_GIVEN = tl.constexpr(1)  # e4m3 activations with their 1x128 group scales, already quantised
+A_FP8_QUANTIZE = tl.constexpr(2)  # bf16/fp16 activations quantised per 1x128 group while loading
 
 
 @triton.jit

@@ -23,11 +23,14 @@ from . import expert_configs, reference
 from .expert_configs import ExpertConfig, ProblemKey
 from .expert_gemm1_kernel import expert_gemm1_kernel
 from .expert_gemm2_kernel import expert_gemm2_kernel
-from .expert_tiles import A_FP8_GIVEN, A_FP8_QUANTIZE, A_MODEL_DTYPE
+from . import expert_tiles
 from .fp8_weight_quant_kernel import fp8_weight_quant_kernel
 from .moe_finalize_kernel import moe_finalize_kernel
 
 INT32_MAX = 2**31 - 1
+A_MODEL_DTYPE = expert_tiles.A_MODEL_DTYPE.value
+A_FP8_GIVEN = expert_tiles.A_FP8_GIVEN.value
+A_FP8_QUANTIZE = expert_tiles.A_FP8_QUANTIZE.value
 MODEL_DTYPES = (torch.bfloat16, torch.float16)
 ZERO_BLOCK = 1024
 FINALIZE_BLOCK_N = 1024
@@ -284,65 +287,111 @@ def run_experts(
     else:
         a, a_scale = x, pair_weights  # the scale pointer is unused: any tensor
 
-    h = _buffer((num_pairs, I), x.dtype, x.device)
-    if deterministic:
-        partial = _buffer((split_k, num_pairs, H), torch.float32, x.device)
-        out = _buffer((M, H), out_dtype, x.device)
-        zero_target = partial  # nothing to zero: zero_numel is 0
-        zero_numel = 0
-    else:
-        partial = _buffer((M, H), torch.float32, x.device)
-        zero_target, zero_numel = partial, M * H
+    launch = ExpertLaunch(
+        x=x, a=a, a_scale=a_scale, a_mode=a_mode, pair_weights=pair_weights, topk_ids=topk_ids, experts=experts,
+        alignment=alignment, weight_on_input=weight_on_input, num_sms=num_sms,
+    )
+    launch.allocate(split_k, deterministic, out_dtype)
+    launch.gemm1(config)
+    launch.gemm2(config)
+    return launch.finalize()
 
-    g1 = config.gemm1
-    items1 = max_tiles * triton.cdiv(I, g1.block_n)
-    grid1 = max(1, min(items1, num_sms * g1.programs_per_sm))
-    sg, su, sd = _scales(experts)
-    expert_gemm1_kernel[(grid1,)](
-        a, a_scale, pair_weights,
-        experts.w_gate, experts.w_up, sg, su,
-        h, zero_target,
-        sorted_pair_ids, tile_expert, num_tiles,
-        num_pairs, I, H, zero_numel,
-        *a.stride(), *_stride2(a_scale),
-        *experts.w_gate.stride(), *experts.w_up.stride(),
-        *sg.stride(), *su.stride(),
-        h.stride(0),
-        TOP_K=top_k, BLOCK_M=block_m, BLOCK_N=g1.block_n, BLOCK_K=g1.block_k, A_MODE=a_mode,
-        WEIGHT_ON_INPUT=weight_on_input, EVEN_N=I % g1.block_n == 0, EVEN_K=H % g1.block_k == 0,
-        ZERO_BLOCK=ZERO_BLOCK, num_warps=g1.num_warps, num_stages=g1.num_stages,
-    )
 
-    g2 = config.gemm2
-    k_per_split = triton.cdiv(triton.cdiv(I, split_k), g2.block_k) * g2.block_k
-    items2 = max_tiles * triton.cdiv(H, g2.block_n) * split_k
-    grid2 = max(1, min(items2, num_sms * g2.programs_per_sm))
-    expert_gemm2_kernel[(grid2,)](
-        h, pair_weights,
-        experts.w_down, sd,
-        partial,
-        sorted_pair_ids, tile_expert, num_tiles,
-        num_pairs, H, I, k_per_split,
-        *h.stride(),
-        *experts.w_down.stride(),
-        *sd.stride(),
-        num_pairs * H if deterministic else 0, H,
-        TOP_K=top_k, BLOCK_M=block_m, BLOCK_N=g2.block_n, BLOCK_K=g2.block_k, SPLIT_K=split_k,
-        A_MODE=A_MODEL_DTYPE if a_mode == A_MODEL_DTYPE else A_FP8_QUANTIZE,
-        APPLY_WEIGHT=not weight_on_input, DETERMINISTIC=deterministic,
-        EVEN_N=H % g2.block_n == 0, EVEN_K=I % g2.block_k == 0,
-        num_warps=g2.num_warps, num_stages=g2.num_stages,
-    )
-    if not deterministic:
-        return partial if out_dtype == torch.float32 else partial.to(out_dtype)
-    emap = experts.expert_map
-    ids = topk_ids if topk_ids.dtype == torch.int32 else topk_ids.to(torch.int32)
-    moe_finalize_kernel[(M, triton.cdiv(H, FINALIZE_BLOCK_N))](
-        partial, out, ids.contiguous(), emap if emap is not None else ids,
-        H, num_pairs * H, H, out.stride(0),
-        TOP_K=top_k, SPLIT_K=split_k, HAS_EXPERT_MAP=emap is not None, BLOCK_N=FINALIZE_BLOCK_N, num_warps=4,
-    )
-    return out
+@dataclass
+class ExpertLaunch:
+    """The operands and buffers of one expert-block call, and its launches one by one (the tuner
+    times GEMM1 and GEMM2 separately through this)."""
+
+    x: torch.Tensor
+    a: torch.Tensor  # GEMM1's A operand: x, or its fp8 quantisation
+    a_scale: torch.Tensor
+    a_mode: int
+    pair_weights: torch.Tensor  # [num_pairs] fp32
+    topk_ids: torch.Tensor
+    experts: ExpertTensors
+    alignment: Alignment
+    weight_on_input: bool
+    num_sms: int
+
+    def allocate(self, split_k: int, deterministic: bool, out_dtype: torch.dtype) -> None:
+        M, H = self.x.shape
+        num_pairs, I = self.topk_ids.numel(), self.experts.w_gate.shape[1]
+        dev = self.x.device
+        self.split_k, self.deterministic, self.out_dtype = split_k, deterministic, out_dtype
+        self.h = _buffer((num_pairs, I), self.x.dtype, dev)
+        if deterministic:
+            self.partial = _buffer((split_k, num_pairs, H), torch.float32, dev)
+            self.out = _buffer((M, H), out_dtype, dev)
+        else:
+            self.partial = _buffer((M, H), torch.float32, dev)  # fp32 atomic accumulator
+        self.scales = _scales(self.experts)
+
+    def gemm1(self, config: ExpertConfig) -> None:
+        M, H = self.x.shape
+        num_pairs, I = self.topk_ids.numel(), self.experts.w_gate.shape[1]
+        sorted_pair_ids, tile_expert, num_tiles = self.alignment
+        g = config.gemm1
+        items = tile_expert.numel() * triton.cdiv(I, g.block_n)
+        grid = max(1, min(items, self.num_sms * g.programs_per_sm))
+        zero_numel = 0 if self.deterministic else M * H  # GEMM2's atomic accumulator
+        e, (sg, su, _) = self.experts, self.scales
+        expert_gemm1_kernel[(grid,)](
+            self.a, self.a_scale, self.pair_weights,
+            e.w_gate, e.w_up, sg, su,
+            self.h, self.partial,
+            sorted_pair_ids, tile_expert, num_tiles,
+            num_pairs, self.topk_ids.shape[1], I, H, zero_numel,
+            *self.a.stride(), *_stride2(self.a_scale),
+            *e.w_gate.stride(), *e.w_up.stride(),
+            *sg.stride(), *su.stride(),
+            self.h.stride(0),
+            BLOCK_M=config.block_m, BLOCK_N=g.block_n, BLOCK_K=g.block_k, A_MODE=self.a_mode,
+            WEIGHT_ON_INPUT=self.weight_on_input, EVEN_N=I % g.block_n == 0, EVEN_K=H % g.block_k == 0,
+            ZERO_BLOCK=ZERO_BLOCK, num_warps=g.num_warps, num_stages=g.num_stages,
+        )
+
+    def gemm2(self, config: ExpertConfig) -> None:
+        H = self.x.shape[1]
+        num_pairs, I = self.topk_ids.numel(), self.experts.w_gate.shape[1]
+        sorted_pair_ids, tile_expert, num_tiles = self.alignment
+        g = config.gemm2
+        if g.split_k != self.split_k:
+            raise ValueError("buffers were allocated for another split_k")
+        k_per_split = triton.cdiv(triton.cdiv(I, g.split_k), g.block_k) * g.block_k
+        items = tile_expert.numel() * triton.cdiv(H, g.block_n) * g.split_k
+        grid = max(1, min(items, self.num_sms * g.programs_per_sm))
+        sd = self.scales[2]
+        expert_gemm2_kernel[(grid,)](
+            self.h, self.pair_weights,
+            self.experts.w_down, sd,
+            self.partial,
+            sorted_pair_ids, tile_expert, num_tiles,
+            num_pairs, self.topk_ids.shape[1], H, I, k_per_split,
+            *self.h.stride(),
+            *self.experts.w_down.stride(),
+            *sd.stride(),
+            num_pairs * H if self.deterministic else 0, H,
+            BLOCK_M=config.block_m, BLOCK_N=g.block_n, BLOCK_K=g.block_k, SPLIT_K=g.split_k,
+            A_MODE=A_MODEL_DTYPE if self.a_mode == A_MODEL_DTYPE else A_FP8_QUANTIZE,
+            APPLY_WEIGHT=not self.weight_on_input, DETERMINISTIC=self.deterministic,
+            EVEN_N=H % g.block_n == 0, EVEN_K=I % g.block_k == 0,
+            num_warps=g.num_warps, num_stages=g.num_stages,
+        )
+
+    def finalize(self) -> torch.Tensor:
+        if not self.deterministic:
+            return self.partial if self.out_dtype == torch.float32 else self.partial.to(self.out_dtype)
+        M, H = self.x.shape
+        top_k = self.topk_ids.shape[1]
+        ids = self.topk_ids.to(torch.int32).contiguous()
+        emap = self.experts.expert_map
+        moe_finalize_kernel[(M, triton.cdiv(H, FINALIZE_BLOCK_N))](
+            self.partial, self.out, ids, emap if emap is not None else ids,
+            H, M * top_k * H, H, self.out.stride(0),
+            TOP_K=top_k, SPLIT_K=self.split_k, HAS_EXPERT_MAP=emap is not None, BLOCK_N=FINALIZE_BLOCK_N,
+            num_warps=4,
+        )
+        return self.out
 
 
 def _buffer(shape, dtype, device) -> torch.Tensor:
