@@ -24,13 +24,12 @@ def expert_gemm2_kernel(
     wd_ptr, wd_scale_ptr,
     out_ptr,
     sorted_pair_ids_ptr, tile_expert_ptr, num_tiles_ptr,
-    num_pairs, top_k, N, K, k_per_split,
+    num_pairs, top_k, N, K, split_k, k_per_split,
     stride_hm, stride_hk,
     stride_we, stride_wn, stride_wk,
     stride_se, stride_sn, stride_sk,
     stride_out_split, stride_out_row,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
     A_MODE: tl.constexpr,
     APPLY_WEIGHT: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
@@ -39,7 +38,7 @@ def expert_gemm2_kernel(
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     n_blocks = tl.cdiv(N, BLOCK_N)
-    items_per_tile = n_blocks * SPLIT_K
+    items_per_tile = n_blocks * split_k
     num_items = tl.load(num_tiles_ptr) * items_per_tile
     for item in range(pid, num_items, num_programs):
         tile = item // items_per_tile
