@@ -166,6 +166,10 @@ def bench_shape(name: str, shape: Shape, e: experts.ExpertTensors, dtype: str, b
 
         row["ours_us"] = graph_replay_us(ours, aligned, **targs)
         row["ours_frac"] = nbytes / (row["ours_us"] * 1e-6) / bw
+        if m in (1, 4):
+            experts.USE_PDL = False
+            row["ours_no_pdl_us"] = graph_replay_us(ours, aligned, **targs)
+            experts.USE_PDL = True
         row["ours_deterministic_us"] = graph_replay_us(lambda *a: ours(*a, det=True), aligned, **targs)
         row["ours_with_ref_align_us"] = graph_replay_us(lambda x, ids, w: experts.run_experts(x, ids, w, e, config=cfg),
                                                         plain, **targs)
@@ -191,7 +195,7 @@ def bench_shape(name: str, shape: Shape, e: experts.ExpertTensors, dtype: str, b
         RESULTS["rows"].append(row)
         log(f"bench {name:14s} {dtype:8s} M={m:3d} touched {touched:6.1f} floor {floor_us:8.1f} us | ours "
             f"{row['ours_us']:8.1f} us {100 * row['ours_frac']:5.1f}% ({source}) det {row['ours_deterministic_us']:8.1f}"
-            f" +align {row['ours_with_ref_align_us']:8.1f} | grouped_mm {row.get('grouped_mm_us', float('nan')):8.1f}"
+            f" +align {row['ours_with_ref_align_us']:8.1f} nopdl {row.get('ours_no_pdl_us', float('nan')):7.1f} | grouped_mm {row.get('grouped_mm_us', float('nan')):8.1f}"
             f" | eager {row.get('eager_us', float('nan')):9.1f} inductor {row.get('inductor_us', float('nan')):9.1f}")
 
 

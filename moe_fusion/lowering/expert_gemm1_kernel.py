@@ -33,9 +33,14 @@ def expert_gemm1_kernel(
     WEIGHT_ON_INPUT: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
     ZERO_BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
+    if USE_PDL:
+        # GEMM2 may be scheduled now: its programs prefetch their Wd tiles into L2 and then wait
+        # (griddepcontrol.wait) for this grid to finish, hiding its launch and ramp-up.
+        tl.extra.cuda.gdc_launch_dependents()
 
     # GEMM2 accumulates into zero_ptr with atomics; zeroing it here saves a launch.
     for base in range(pid * ZERO_BLOCK, zero_numel, num_programs * ZERO_BLOCK):

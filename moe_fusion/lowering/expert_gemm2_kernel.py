@@ -15,7 +15,23 @@ summed over the top-k as in reference.routed_experts.
 import triton
 import triton.language as tl
 
-from .expert_tiles import A_MODEL_DTYPE, load_tile, quantize_group_fp8, token_tile
+from .expert_tiles import A_MODEL_DTYPE, load_tile, prefetch_l2, quantize_group_fp8, token_tile
+
+
+@triton.jit
+def _prefetch_first_tile(item, n_blocks, items_per_tile, tile_expert_ptr, wd_ptr, N, K, k_per_split,
+                         stride_we, stride_wn, stride_wk, BLOCK_N: tl.constexpr, PREFETCH_LINES: tl.constexpr):
+    tile = item // items_per_tile
+    rest = item - tile * items_per_tile
+    split = rest // n_blocks
+    n_block = rest - split * n_blocks
+    expert = tl.load(tile_expert_ptr + tile).to(tl.int64)
+    offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    per_line = 128 // wd_ptr.dtype.element_ty.primitive_bitwidth * 8  # elements per 128-byte line
+    k_start = split * k_per_split
+    offs_k = k_start + tl.arange(0, PREFETCH_LINES) * per_line
+    mask = (offs_n[:, None] < N) & (offs_k[None, :] < tl.minimum(K, k_start + k_per_split))
+    prefetch_l2(wd_ptr + expert * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk, mask)
 
 
 @triton.jit
@@ -34,12 +50,22 @@ def expert_gemm2_kernel(
     APPLY_WEIGHT: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+    USE_PDL: tl.constexpr, PREFETCH_LINES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     n_blocks = tl.cdiv(N, BLOCK_N)
     items_per_tile = n_blocks * split_k
     num_items = tl.load(num_tiles_ptr) * items_per_tile
+    if USE_PDL:
+        # Launched early (programmatic dependent launch) while GEMM1 still runs: the alignment
+        # is already final, h and the accumulator are not. Pull this program's first Wd tile
+        # into L2, then wait for GEMM1 to complete and its writes to be visible.
+        if PREFETCH_LINES > 0:
+            if pid < num_items:
+                _prefetch_first_tile(pid, n_blocks, items_per_tile, tile_expert_ptr, wd_ptr, N, K, k_per_split,
+                                     stride_we, stride_wn, stride_wk, BLOCK_N, PREFETCH_LINES)
+        tl.extra.cuda.gdc_wait()
     for item in range(pid, num_items, num_programs):
         tile = item // items_per_tile
         rest = item - tile * items_per_tile

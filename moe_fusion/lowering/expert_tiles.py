@@ -65,3 +65,12 @@ def load_tile(ptrs, row_ok, col_ok, EVEN_ROWS: tl.constexpr, EVEN_COLS: tl.const
         return tl.load(ptrs, mask=row_ok[:, None], other=0.0)
     else:
         return tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+
+
+@triton.jit
+def prefetch_l2(ptrs, mask):
+    """Ask L2 for the lines at ptrs (one prefetch per element; pass one pointer per 128-byte line)."""
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
+        "=r,l,r", [ptrs, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1,
+    )

@@ -35,6 +35,10 @@ MODEL_DTYPES = (torch.bfloat16, torch.float16)
 ZERO_BLOCK = 1024
 FINALIZE_BLOCK_N = 1024
 INTERPRETER_SMS = 4  # "SM count" under TRITON_INTERPRET=1: a few programs, so the loops loop
+# Programmatic dependent launch of GEMM2 (CUDA only): it starts while GEMM1 finishes and pulls its
+# first weight tile into L2 (at most PREFETCH_BYTES per program) before waiting for GEMM1.
+USE_PDL = True
+PREFETCH_BYTES = 64 * 1024
 
 
 class Unsupported(Exception):
@@ -289,7 +293,7 @@ def run_experts(
 
     launch = ExpertLaunch(
         x=x, a=a, a_scale=a_scale, a_mode=a_mode, pair_weights=pair_weights, topk_ids=topk_ids, experts=experts,
-        alignment=alignment, weight_on_input=weight_on_input, num_sms=num_sms,
+        alignment=alignment, weight_on_input=weight_on_input, num_sms=num_sms, use_pdl=USE_PDL and x.is_cuda,
     )
     launch.allocate(split_k, deterministic, out_dtype)
     launch.gemm1(config)
@@ -312,6 +316,7 @@ class ExpertLaunch:
     alignment: Alignment
     weight_on_input: bool
     num_sms: int
+    use_pdl: bool = False
 
     def allocate(self, split_k: int, deterministic: bool, out_dtype: torch.dtype) -> None:
         M, H = self.x.shape
@@ -347,7 +352,7 @@ class ExpertLaunch:
             self.h.stride(0),
             BLOCK_M=config.block_m, BLOCK_N=g.block_n, BLOCK_K=g.block_k, A_MODE=self.a_mode,
             WEIGHT_ON_INPUT=self.weight_on_input, EVEN_N=I % g.block_n == 0, EVEN_K=H % g.block_k == 0,
-            ZERO_BLOCK=ZERO_BLOCK, num_warps=g.num_warps, num_stages=g.num_stages,
+            ZERO_BLOCK=ZERO_BLOCK, USE_PDL=self.use_pdl, num_warps=g.num_warps, num_stages=g.num_stages,
         )
 
     def gemm2(self, config: ExpertConfig) -> None:
@@ -361,6 +366,12 @@ class ExpertLaunch:
         items = tile_expert.numel() * triton.cdiv(H, g.block_n) * g.split_k
         grid = max(1, min(items, self.num_sms * g.programs_per_sm))
         sd = self.scales[2]
+        prefetch_lines = 0
+        if self.use_pdl:
+            line_elems = 128 // self.experts.w_down.element_size()
+            lines = min(triton.cdiv(k_per_split, line_elems), PREFETCH_BYTES // 128 // g.block_n)
+            prefetch_lines = triton.next_power_of_2(lines) if lines > 0 else 0
+        extra = {"launch_pdl": True} if self.use_pdl else {}
         expert_gemm2_kernel[(grid,)](
             self.h, self.pair_weights,
             self.experts.w_down, sd,
@@ -375,7 +386,8 @@ class ExpertLaunch:
             A_MODE=A_MODEL_DTYPE if self.a_mode == A_MODEL_DTYPE else A_FP8_QUANTIZE,
             APPLY_WEIGHT=not self.weight_on_input, DETERMINISTIC=self.deterministic,
             EVEN_N=H % g.block_n == 0, EVEN_K=I % g.block_k == 0,
-            num_warps=g.num_warps, num_stages=g.num_stages,
+            USE_PDL=self.use_pdl, PREFETCH_LINES=prefetch_lines,
+            num_warps=g.num_warps, num_stages=g.num_stages, **extra,
         )
 
     def finalize(self) -> torch.Tensor:

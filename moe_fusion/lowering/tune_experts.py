@@ -120,6 +120,7 @@ def make_launch(s: InputSet, e: experts.ExpertTensors, config: ExpertConfig, det
     launch = experts.ExpertLaunch(
         x=s.x, a=s.x, a_scale=s.weights, a_mode=a_mode, pair_weights=s.weights.reshape(-1).float(),
         topk_ids=s.ids, experts=e, alignment=alignment, weight_on_input=False, num_sms=sms,
+        use_pdl=experts.USE_PDL,
     )
     launch.allocate(config.gemm2.split_k, deterministic, torch.float32)
     return launch
