@@ -173,6 +173,26 @@ def test_fp8_matches_reference_emulation(given_x_fp8, deterministic):
     assert _rel_err(out, _reference(spec, x, ids, weights, w)) < FP8_TOL
 
 
+def test_fp8_activation_quantisation_kernel_matches_reference():
+    spec, w, x = _fp8_case(seed=6, M=5)
+    ids, weights = _routing(spec, 5)
+    launch = experts.ExpertLaunch(x=x, pair_weights=weights.reshape(-1), topk_ids=ids,
+                                  experts=experts.ExpertTensors.of(spec, w), alignment=None,
+                                  weight_on_input=False, num_sms=4)
+    launch.allocate(SMALL_FP8, False, torch.float32)
+    launch.quantize_input()
+    q_ref, s_ref = reference.quantize_fp8_groups(x)
+    assert torch.equal(launch.a.view(torch.uint8), q_ref.view(torch.uint8))
+    assert torch.equal(launch.a_scale, s_ref)
+
+
+def test_fp8_weight_on_input():
+    spec, w, x = _fp8_case(seed=8, M=6, top_k=1, weight_on="input")
+    ids, weights = _routing(spec, 6)
+    out = experts.fused_experts(spec, x, ids, weights, w, config=SMALL_FP8)
+    assert _rel_err(out, _reference(spec, x, ids, weights, w)) < FP8_TOL
+
+
 def test_fp8_expert_parallel():
     spec, w, x = _fp8_case(seed=4, M=8, num_experts=8, num_local_experts=2)
     ids, weights = _routing(spec, 8)

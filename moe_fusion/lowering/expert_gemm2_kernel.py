@@ -7,15 +7,16 @@ top-k reduction done in the epilogue:
   - deterministic mode: plain stores of each (split, pair) row into y [SPLIT_K, num_pairs, H];
     moe_finalize_kernel then sums them in a fixed order.
 Split-K gives small M*top_k enough work items for every SM to stream Wd. For fp8, h (model dtype)
-is quantised per 1x128 group as it is loaded: a K block is one group, so this is exactly
-reference.quantize_fp8_groups(h), without an fp8 copy of h in memory.
+is quantised per 1x128 group as it is loaded (a K block is one group), with the group's amax
+from the slice maxima GEMM1 stored: exactly reference.quantize_fp8_groups(h), with no fp8 copy of
+h in memory and no row reduction inside the K loop.
 Reference: the last product of reference._fp8_gated_mlp / gated_mlp, times the routing weight,
 summed over the top-k as in reference.routed_experts.
 """
 import triton
 import triton.language as tl
 
-from .expert_tiles import A_MODEL_DTYPE, load_tile, prefetch_l2, quantize_group_fp8, token_tile
+from .expert_tiles import A_MODEL_DTYPE, group_scale, load_tile, prefetch_l2, quantize_with_scale, token_tile
 
 
 @triton.jit
@@ -36,17 +37,18 @@ def _prefetch_first_tile(item, n_blocks, items_per_tile, tile_expert_ptr, wd_ptr
 
 @triton.jit
 def expert_gemm2_kernel(
-    h_ptr, pair_weight_ptr,
+    h_ptr, h_amax_ptr, pair_weight_ptr,
     wd_ptr, wd_scale_ptr,
     out_ptr,
     sorted_pair_ids_ptr, tile_expert_ptr, num_tiles_ptr,
     num_pairs, top_k, N, K, split_k, k_per_split,
-    stride_hm, stride_hk,
+    stride_hm, stride_hk, stride_amax_m,
     stride_we, stride_wn, stride_wk,
     stride_se, stride_sn, stride_sk,
     stride_out_split, stride_out_row,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     A_MODE: tl.constexpr,
+    AMAX_PARTS: tl.constexpr,  # GEMM1 slices per 128-group of h (128 // GEMM1's BLOCK_N)
     APPLY_WEIGHT: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
@@ -89,7 +91,14 @@ def expert_gemm2_kernel(
                 acc += tl.dot(a, tl.trans(w))
             else:
                 k_group = k0 // BLOCK_K
-                a_q, a_scale = quantize_group_fp8(a.to(tl.float32))
+                amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+                for part in tl.static_range(AMAX_PARTS):
+                    slice_id = k_group * AMAX_PARTS + part
+                    slice_ok = slice_id * (BLOCK_K // AMAX_PARTS) < K  # a slice past I was never written
+                    amax = tl.maximum(amax, tl.load(h_amax_ptr + pair * stride_amax_m + slice_id,
+                                                    mask=row_ok & slice_ok, other=0.0))
+                a_scale = group_scale(amax)
+                a_q = quantize_with_scale(a.to(tl.float32), a_scale[:, None])
                 s = tl.load(wd_scale_ptr + expert * stride_se + (offs_n // BLOCK_K) * stride_sn + k_group * stride_sk,
                             mask=n_ok, other=0.0)
                 acc += tl.dot(a_q, tl.trans(w)) * (a_scale[:, None] * s[None, :])

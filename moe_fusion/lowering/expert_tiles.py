@@ -1,36 +1,49 @@
-"""Triton helpers shared by the two expert GEMM kernels: which work item a program takes, and
-the fp8 activation quantisation both GEMMs do on their A tiles.
+"""Triton helpers shared by the expert kernels: which tile a program takes, masked tile loads,
+and the fp8 quantisation arithmetic of reference.quantize_fp8_groups / quantize_fp8_blocks.
 
-The quantisation is reference.quantize_fp8_groups restated for one [BLOCK_M, 128] tile: one
-K block of the GEMM is exactly one 1x128 activation group, so a GEMM can quantise its A operand
-as it loads it, with the same arithmetic (IEEE divisions, round-to-nearest e4m3 cast).
+Quantisation: scale = max(amax / 448, 1e-10), q = e4m3(clamp(v / scale)), v / scale an IEEE
+division and the cast round-to-nearest-even. "amax / 448" is what torch computes: on CUDA torch
+divides by a Python scalar as a multiplication by fl32(1/448) (its div_true_kernel), on the CPU
+it divides; the kernels do the same on each, so they reproduce the reference bit for bit.
+No quantisation happens inside a GEMM's K loop (a row reduction there stalls the pipeline): x
+comes quantised (preamble or fp8_act_quant_kernel), and GEMM1 stores the amax of each h row
+over its BLOCK_N slice, so GEMM2 finds each 1x128 group's scale from 128 / BLOCK_N loads.
 """
 import os
 
 import triton
 import triton.language as tl
 
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 FP8_MAX = tl.constexpr(448.0)
+INV_FP8_MAX = tl.constexpr(1.0 / 448.0)  # rounded to fp32 where it meets an fp32 tensor, as torch's
 FP8_MIN_SCALE = tl.constexpr(1e-10)  # reference.FP8_MIN_SCALE
+SCALE_BY_RECIPROCAL = tl.constexpr(not _INTERPRETED)
 # The interpreter's fp32 -> e4m3 cast drops the carry when rounding up across a power of two
 # (125.2 -> 64): under TRITON_INTERPRET=1 values are rounded to e4m3 in fp32 first, so its cast is
 # exact. Compiled kernels use the hardware's round-to-nearest cast directly.
-ROUND_BEFORE_FP8_CAST = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+ROUND_BEFORE_FP8_CAST = tl.constexpr(_INTERPRETED)
 
 # What the A operand of a GEMM is (a constexpr of both kernels).
 A_MODEL_DTYPE = tl.constexpr(0)  # bf16/fp16 activations, bf16/fp16 weights
-A_FP8_GIVEN = tl.constexpr(1)  # e4m3 activations with their 1x128 group scales, already quantised
-A_FP8_QUANTIZE = tl.constexpr(2)  # bf16/fp16 activations quantised per 1x128 group while loading
+A_FP8 = tl.constexpr(1)  # fp8 weights; GEMM1: e4m3 x + group scales; GEMM2: h + GEMM1's row maxima
 
 
 @triton.jit
-def quantize_group_fp8(a):
-    """a: fp32 [BLOCK_M, 128] (zeros where masked) -> (e4m3 [BLOCK_M, 128], fp32 scale [BLOCK_M])."""
-    amax = tl.max(tl.abs(a), axis=1)
-    scale = tl.maximum(tl.math.div_rn(amax, FP8_MAX), FP8_MIN_SCALE)
-    q = tl.math.div_rn(a, scale[:, None])
-    q = tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX)
-    return to_e4m3(q), scale
+def group_scale(amax):
+    """The fp32 scale of a quantisation group from its amax (|max|)."""
+    if SCALE_BY_RECIPROCAL:
+        scale = amax * INV_FP8_MAX
+    else:
+        scale = tl.math.div_rn(amax, FP8_MAX)
+    return tl.maximum(scale, FP8_MIN_SCALE)
+
+
+@triton.jit
+def quantize_with_scale(v, scale):
+    """fp32 v, fp32 scale (broadcastable) -> e4m3 v / scale."""
+    q = tl.math.div_rn(v, scale)
+    return to_e4m3(tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX))
 
 
 @triton.jit

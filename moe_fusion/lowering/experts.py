@@ -24,15 +24,16 @@ from .expert_configs import ExpertConfig, ProblemKey
 from .expert_gemm1_kernel import expert_gemm1_kernel
 from .expert_gemm2_kernel import expert_gemm2_kernel
 from . import expert_tiles
+from .fp8_act_quant_kernel import fp8_act_quant_kernel
 from .fp8_weight_quant_kernel import fp8_weight_quant_kernel
 from .moe_finalize_kernel import moe_finalize_kernel
 
 INT32_MAX = 2**31 - 1
 A_MODEL_DTYPE = expert_tiles.A_MODEL_DTYPE.value
-A_FP8_GIVEN = expert_tiles.A_FP8_GIVEN.value
-A_FP8_QUANTIZE = expert_tiles.A_FP8_QUANTIZE.value
+A_FP8 = expert_tiles.A_FP8.value
 MODEL_DTYPES = (torch.bfloat16, torch.float16)
 ZERO_BLOCK = 1024
+MIN_BLOCK_N = 16
 FINALIZE_BLOCK_N = 1024
 INTERPRETER_SMS = 4  # "SM count" under TRITON_INTERPRET=1: a few programs, so the loops loop
 # Programmatic dependent launch of GEMM2 (CUDA only): it starts while GEMM1 finishes and pulls its
@@ -281,21 +282,15 @@ def run_experts(
     _check_int32(num_pairs, H, I, split_k)
     pair_weights = topk_weights.reshape(-1).float()
 
-    a_mode = A_MODEL_DTYPE
-    if experts.fp8:
-        a_mode = A_FP8_GIVEN if (x_fp8 is not None and not weight_on_input) else A_FP8_QUANTIZE
-    if a_mode == A_FP8_GIVEN:
-        if x_fp8.shape != x.shape or x_scale is None or tuple(x_scale.shape) != (M, triton.cdiv(H, FP8_BLOCK)):
-            raise Unsupported("x_fp8 / x_scale do not match x [M, H] in 1x128 groups")
-        a, a_scale = x_fp8, x_scale
-    else:
-        a, a_scale = x, pair_weights  # the scale pointer is unused: any tensor
-
+    if x_fp8 is not None and (x_fp8.shape != x.shape or x_scale is None
+                              or tuple(x_scale.shape) != (M, triton.cdiv(H, FP8_BLOCK))):
+        raise Unsupported("x_fp8 / x_scale do not match x [M, H] in 1x128 groups")
     launch = ExpertLaunch(
-        x=x, a=a, a_scale=a_scale, a_mode=a_mode, pair_weights=pair_weights, topk_ids=topk_ids, experts=experts,
-        alignment=alignment, weight_on_input=weight_on_input, num_sms=num_sms, use_pdl=USE_PDL and x.is_cuda,
+        x=x, pair_weights=pair_weights, topk_ids=topk_ids, experts=experts, alignment=alignment,
+        weight_on_input=weight_on_input, num_sms=num_sms, use_pdl=USE_PDL and x.is_cuda,
     )
-    launch.allocate(split_k, deterministic, out_dtype)
+    launch.allocate(config, deterministic, out_dtype)
+    launch.quantize_input(x_fp8, x_scale)
     launch.gemm1(config)
     launch.gemm2(config)
     return launch.finalize()
@@ -307,9 +302,6 @@ class ExpertLaunch:
     times GEMM1 and GEMM2 separately through this)."""
 
     x: torch.Tensor
-    a: torch.Tensor  # GEMM1's A operand: x, or its fp8 quantisation
-    a_scale: torch.Tensor
-    a_mode: int
     pair_weights: torch.Tensor  # [num_pairs] fp32
     topk_ids: torch.Tensor
     experts: ExpertTensors
@@ -318,18 +310,46 @@ class ExpertLaunch:
     num_sms: int
     use_pdl: bool = False
 
-    def allocate(self, split_k: int, deterministic: bool, out_dtype: torch.dtype) -> None:
+    def allocate(self, config: ExpertConfig, deterministic: bool, out_dtype: torch.dtype) -> None:
         M, H = self.x.shape
         num_pairs, I = self.topk_ids.numel(), self.experts.w_gate.shape[1]
         dev = self.x.device
-        self.split_k, self.deterministic, self.out_dtype = split_k, deterministic, out_dtype
+        self.split_k, self.deterministic, self.out_dtype = config.gemm2.split_k, deterministic, out_dtype
         self.h = _buffer((num_pairs, I), self.x.dtype, dev)
+        # fp8: per h row, the |max| of each GEMM1 slice (GEMM2's activation scales come from them);
+        # sized for the narrowest slice so that any GEMM1 config fits
+        self.h_amax = _buffer((num_pairs, triton.cdiv(I, MIN_BLOCK_N) if self.experts.fp8 else 1),
+                              torch.float32, dev)
         if deterministic:
-            self.partial = _buffer((split_k, num_pairs, H), torch.float32, dev)
+            self.partial = _buffer((self.split_k, num_pairs, H), torch.float32, dev)
             self.out = _buffer((M, H), out_dtype, dev)
         else:
             self.partial = _buffer((M, H), torch.float32, dev)  # fp32 atomic accumulator
         self.scales = _scales(self.experts)
+        self.a, self.a_scale, self.a_row_divisor = self.x, self.pair_weights, self.topk_ids.shape[1]
+
+    def quantize_input(self, x_fp8: Optional[torch.Tensor] = None, x_scale: Optional[torch.Tensor] = None) -> None:
+        """GEMM1's A operand: x; for fp8 experts its 1x128-group quantisation, given or computed
+        here (per (token, slot) pair when the routing weight scales the input)."""
+        if not self.experts.fp8:
+            return
+        if x_fp8 is not None and not self.weight_on_input:
+            self.a, self.a_scale = x_fp8, x_scale
+            return
+        M, H = self.x.shape
+        rows = self.topk_ids.numel() if self.weight_on_input else M
+        groups = triton.cdiv(H, FP8_BLOCK)
+        self.a = _buffer((rows, H), FP8_DTYPE, self.x.device)
+        self.a_scale = _buffer((rows, groups), torch.float32, self.x.device)
+        per_program = min(8, triton.next_power_of_2(groups))
+        fp8_act_quant_kernel[(rows, triton.cdiv(groups, per_program))](
+            self.x, self.pair_weights, self.a, self.a_scale,
+            H, self.topk_ids.shape[1] if self.weight_on_input else 1, *self.x.stride(), self.a.stride(0),
+            self.a_scale.stride(0),
+            SCALE_ROWS=self.weight_on_input, GROUPS=per_program, GROUP=FP8_BLOCK, num_warps=4,
+        )
+        if self.weight_on_input:
+            self.a_row_divisor = 1  # GEMM1 reads row `pair`, already scaled
 
     def gemm1(self, config: ExpertConfig) -> None:
         M, H = self.x.shape
@@ -343,16 +363,18 @@ class ExpertLaunch:
         expert_gemm1_kernel[(grid,)](
             self.a, self.a_scale, self.pair_weights,
             e.w_gate, e.w_up, sg, su,
-            self.h, self.partial,
+            self.h, self.h_amax, self.partial,
             sorted_pair_ids, tile_expert, num_tiles,
-            num_pairs, self.topk_ids.shape[1], I, H, zero_numel,
+            num_pairs, self.a_row_divisor, I, H, zero_numel,
             *self.a.stride(), *_stride2(self.a_scale),
             *e.w_gate.stride(), *e.w_up.stride(),
             *sg.stride(), *su.stride(),
-            self.h.stride(0),
-            BLOCK_M=config.block_m, BLOCK_N=g.block_n, BLOCK_K=g.block_k, A_MODE=self.a_mode,
-            WEIGHT_ON_INPUT=self.weight_on_input, EVEN_N=I % g.block_n == 0, EVEN_K=H % g.block_k == 0,
-            ZERO_BLOCK=ZERO_BLOCK, USE_PDL=self.use_pdl, num_warps=g.num_warps, num_stages=g.num_stages,
+            self.h.stride(0), self.h_amax.stride(0),
+            BLOCK_M=config.block_m, BLOCK_N=g.block_n, BLOCK_K=g.block_k,
+            A_MODE=A_FP8 if e.fp8 else A_MODEL_DTYPE,
+            WEIGHT_ON_INPUT=self.weight_on_input and not e.fp8, EVEN_N=I % g.block_n == 0,
+            EVEN_K=H % g.block_k == 0, ZERO_BLOCK=ZERO_BLOCK, USE_PDL=self.use_pdl,
+            num_warps=g.num_warps, num_stages=g.num_stages,
         )
 
     def gemm2(self, config: ExpertConfig) -> None:
@@ -373,17 +395,17 @@ class ExpertLaunch:
             prefetch_lines = triton.next_power_of_2(lines) if lines > 0 else 0
         extra = {"launch_pdl": True} if self.use_pdl else {}
         expert_gemm2_kernel[(grid,)](
-            self.h, self.pair_weights,
+            self.h, self.h_amax, self.pair_weights,
             self.experts.w_down, sd,
             self.partial,
             sorted_pair_ids, tile_expert, num_tiles,
             num_pairs, self.topk_ids.shape[1], H, I, g.split_k, k_per_split,
-            *self.h.stride(),
+            *self.h.stride(), self.h_amax.stride(0),
             *self.experts.w_down.stride(),
             *sd.stride(),
             num_pairs * H if self.deterministic else 0, H,
             BLOCK_M=config.block_m, BLOCK_N=g.block_n, BLOCK_K=g.block_k,
-            A_MODE=A_MODEL_DTYPE if self.a_mode == A_MODEL_DTYPE else A_FP8_QUANTIZE,
+            A_MODE=A_FP8 if self.experts.fp8 else A_MODEL_DTYPE, AMAX_PARTS=FP8_BLOCK // config.gemm1.block_n,
             APPLY_WEIGHT=not self.weight_on_input, DETERMINISTIC=self.deterministic,
             EVEN_N=H % g.block_n == 0, EVEN_K=I % g.block_k == 0,
             USE_PDL=self.use_pdl, PREFETCH_LINES=prefetch_lines,

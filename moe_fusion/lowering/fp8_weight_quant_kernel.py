@@ -1,14 +1,14 @@
 """One-time e4m3 block quantisation of expert weights: w [E, N, K] (any strides, bf16/fp16/fp32)
 -> q [E, N, K] contiguous e4m3 and scale [E, ceil(N/128), ceil(K/128)] fp32.
 
-One program per 128x128 block: amax, scale = max(amax / 448, 1e-10), q = clamp(w / scale) cast
-with round-to-nearest; IEEE divisions, so the result is bitwise reference.quantize_fp8_blocks.
+One program per 128x128 block: amax, scale, q as expert_tiles.group_scale / quantize_with_scale,
+so the result is bitwise reference.quantize_fp8_blocks (on the same device).
 Used when the user asks for fp8 experts on a bf16 model (experts.quantize_expert_weights_fp8).
 """
 import triton
 import triton.language as tl
 
-from .expert_tiles import FP8_MAX, FP8_MIN_SCALE, to_e4m3
+from .expert_tiles import group_scale, quantize_with_scale
 
 
 @triton.jit
@@ -30,7 +30,6 @@ def fp8_weight_quant_kernel(
     w = tl.load(w_ptr + e64 * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
                 mask=mask, other=0.0).to(tl.float32)
     amax = tl.max(tl.max(tl.abs(w), axis=1), axis=0)
-    scale = tl.maximum(tl.math.div_rn(amax, FP8_MAX), FP8_MIN_SCALE)
-    q = tl.minimum(tl.maximum(tl.math.div_rn(w, scale), -FP8_MAX), FP8_MAX)
-    tl.store(q_ptr + e64 * N * K + offs_n[:, None] * K + offs_k[None, :], to_e4m3(q), mask=mask)
+    scale = group_scale(amax)
+    tl.store(q_ptr + e64 * N * K + offs_n[:, None] * K + offs_k[None, :], quantize_with_scale(w, scale), mask=mask)
     tl.store(scale_ptr + block, scale)

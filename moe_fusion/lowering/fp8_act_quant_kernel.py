@@ -1,0 +1,30 @@
+"""Per-row 1x128-group e4m3 quantisation of activations: x [M, K] -> (q [R, K], scale [R, ceil(K/128)]).
+
+Rows are tokens (R = M), or (token, slot) pairs when the routing weight scales the expert input
+(weight_on == "input"): then row p is x[p // top_k] * weight[p], rounded to the model dtype first,
+as reference.routed_experts does. One program per (row, GROUPS consecutive groups).
+Reference: reference.quantize_fp8_groups (bitwise on the same device).
+"""
+import triton
+import triton.language as tl
+
+from .expert_tiles import group_scale, quantize_with_scale
+
+
+@triton.jit
+def fp8_act_quant_kernel(
+    x_ptr, row_weight_ptr, q_ptr, scale_ptr,
+    K, rows_per_token, stride_xm, stride_xk, stride_qm, stride_sm,
+    SCALE_ROWS: tl.constexpr, GROUPS: tl.constexpr, GROUP: tl.constexpr,
+):
+    row = tl.program_id(0)
+    groups = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
+    offs_k = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    mask = offs_k < K
+    x = tl.load(x_ptr + (row // rows_per_token) * stride_xm + offs_k * stride_xk, mask=mask, other=0.0)
+    if SCALE_ROWS:
+        x = (x.to(tl.float32) * tl.load(row_weight_ptr + row)).to(x_ptr.dtype.element_ty)
+    x = x.to(tl.float32)
+    scale = group_scale(tl.max(tl.abs(x), axis=1))
+    tl.store(q_ptr + row * stride_qm + offs_k, quantize_with_scale(x, scale[:, None]), mask=mask)
+    tl.store(scale_ptr + row * stride_sm + groups, scale, mask=groups * GROUP < K)
