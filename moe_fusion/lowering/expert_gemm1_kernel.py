@@ -3,8 +3,8 @@
 
 One work item = one (token tile, BLOCK_N slice of I): gate and up of that slice are computed in
 the same program, so x is read once for both and SiLU*up happens in registers; h is rounded to
-the model dtype (as reference._fp8_gated_mlp does before re-quantising it); for fp8 experts the
-per-row |max| of each slice is stored too, for GEMM2's activation scales. Work items are taken
+the model dtype (as reference._fp8_gated_mlp does before re-quantising it; for fp8 experts
+fp8_act_quant_kernel then quantises h for GEMM2). Work items are taken
 by a persistent grid looping up to the real tile count, so no program is launched only to exit
 when the static tile bound exceeds the real one. At decode the kernel is bound by streaming Wg and
 Wu: BLOCK_N is chosen small when few experts are active, so every SM gets weight rows to read.
@@ -22,13 +22,13 @@ from .expert_tiles import A_MODEL_DTYPE, load_tile, token_tile
 def expert_gemm1_kernel(
     x_ptr, x_scale_ptr, pair_weight_ptr,
     wg_ptr, wu_ptr, wg_scale_ptr, wu_scale_ptr,
-    h_ptr, h_amax_ptr, zero_ptr,
+    h_ptr, zero_ptr,
     sorted_pair_ids_ptr, tile_expert_ptr, num_tiles_ptr,
     num_pairs, top_k, N, K, zero_numel,
     stride_xm, stride_xk, stride_xsm, stride_xsk,
     stride_wge, stride_wgn, stride_wgk, stride_wue, stride_wun, stride_wuk,
     stride_sge, stride_sgn, stride_sgk, stride_sue, stride_sun, stride_suk,
-    stride_hm, stride_amax_m,
+    stride_hm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     A_MODE: tl.constexpr,
     WEIGHT_ON_INPUT: tl.constexpr,
@@ -92,8 +92,3 @@ def expert_gemm1_kernel(
         h = (acc_g * tl.sigmoid(acc_g) * acc_u).to(h_ptr.dtype.element_ty)
         h_ptrs = h_ptr + pair[:, None] * stride_hm + offs_n[None, :]
         tl.store(h_ptrs, h, mask=row_ok[:, None] & n_ok[None, :])
-        if A_MODE != A_MODEL_DTYPE:
-            # |max| of each h row over this slice (of the rounded values GEMM2 will quantise):
-            # GEMM2 combines the 128 / BLOCK_N slices of a group into the group's fp8 scale.
-            part_max = tl.max(tl.where(n_ok[None, :], tl.abs(h.to(tl.float32)), 0.0), axis=1)
-            tl.store(h_amax_ptr + pair * stride_amax_m + n_block, part_max, mask=row_ok)

@@ -6,17 +6,16 @@ top-k reduction done in the epilogue:
     top_k pairs of a token land in the same row, in whatever order the atomics arrive;
   - deterministic mode: plain stores of each (split, pair) row into y [SPLIT_K, num_pairs, H];
     moe_finalize_kernel then sums them in a fixed order.
-Split-K gives small M*top_k enough work items for every SM to stream Wd. For fp8, h (model dtype)
-is quantised per 1x128 group as it is loaded (a K block is one group), with the group's amax
-from the slice maxima GEMM1 stored: exactly reference.quantize_fp8_groups(h), with no fp8 copy of
-h in memory and no row reduction inside the K loop.
+Split-K gives small M*top_k enough work items for every SM to stream Wd. For fp8, A is h quantised
+per 1x128 group by fp8_act_quant_kernel (bitwise reference.quantize_fp8_groups(h)); a K block is
+one group, so each K step multiplies the fp8 product by one activation and one weight scale.
 Reference: the last product of reference._fp8_gated_mlp / gated_mlp, times the routing weight,
 summed over the top-k as in reference.routed_experts.
 """
 import triton
 import triton.language as tl
 
-from .expert_tiles import A_MODEL_DTYPE, group_scale, load_tile, prefetch_l2, quantize_with_scale, token_tile
+from .expert_tiles import A_MODEL_DTYPE, load_tile, prefetch_l2, token_tile
 
 
 @triton.jit
@@ -37,18 +36,17 @@ def _prefetch_first_tile(item, n_blocks, items_per_tile, tile_expert_ptr, wd_ptr
 
 @triton.jit
 def expert_gemm2_kernel(
-    h_ptr, h_amax_ptr, pair_weight_ptr,
+    h_ptr, h_scale_ptr, pair_weight_ptr,
     wd_ptr, wd_scale_ptr,
     out_ptr,
     sorted_pair_ids_ptr, tile_expert_ptr, num_tiles_ptr,
     num_pairs, top_k, N, K, split_k, k_per_split,
-    stride_hm, stride_hk, stride_amax_m,
+    stride_hm, stride_hk, stride_hsm, stride_hsk,
     stride_we, stride_wn, stride_wk,
     stride_se, stride_sn, stride_sk,
     stride_out_split, stride_out_row,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     A_MODE: tl.constexpr,
-    AMAX_PARTS: tl.constexpr,  # GEMM1 slices per 128-group of h (128 // GEMM1's BLOCK_N)
     APPLY_WEIGHT: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
@@ -90,18 +88,11 @@ def expert_gemm2_kernel(
             if A_MODE == A_MODEL_DTYPE:
                 acc += tl.dot(a, tl.trans(w))
             else:
-                k_group = k0 // BLOCK_K
-                amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
-                for part in tl.static_range(AMAX_PARTS):
-                    slice_id = k_group * AMAX_PARTS + part
-                    slice_ok = slice_id * (BLOCK_K // AMAX_PARTS) < K  # a slice past I was never written
-                    amax = tl.maximum(amax, tl.load(h_amax_ptr + pair * stride_amax_m + slice_id,
-                                                    mask=row_ok & slice_ok, other=0.0))
-                a_scale = group_scale(amax)
-                a_q = quantize_with_scale(a.to(tl.float32), a_scale[:, None])
+                k_group = k0 // BLOCK_K  # BLOCK_K is the 128-wide quantisation group
+                a_scale = tl.load(h_scale_ptr + pair * stride_hsm + k_group * stride_hsk, mask=row_ok, other=0.0)
                 s = tl.load(wd_scale_ptr + expert * stride_se + (offs_n // BLOCK_K) * stride_sn + k_group * stride_sk,
                             mask=n_ok, other=0.0)
-                acc += tl.dot(a_q, tl.trans(w)) * (a_scale[:, None] * s[None, :])
+                acc += tl.dot(a, tl.trans(w)) * (a_scale[:, None] * s[None, :])
             h_ptrs += BLOCK_K * stride_hk
             w_ptrs += BLOCK_K * stride_wk
             offs_k += BLOCK_K

@@ -33,7 +33,6 @@ A_MODEL_DTYPE = expert_tiles.A_MODEL_DTYPE.value
 A_FP8 = expert_tiles.A_FP8.value
 MODEL_DTYPES = (torch.bfloat16, torch.float16)
 ZERO_BLOCK = 1024
-MIN_BLOCK_N = 16
 FINALIZE_BLOCK_N = 1024
 INTERPRETER_SMS = 4  # "SM count" under TRITON_INTERPRET=1: a few programs, so the loops loop
 # Programmatic dependent launch of GEMM2 (CUDA only): it starts while GEMM1 finishes and pulls its
@@ -292,6 +291,7 @@ def run_experts(
     launch.allocate(config, deterministic, out_dtype)
     launch.quantize_input(x_fp8, x_scale)
     launch.gemm1(config)
+    launch.quantize_h()
     launch.gemm2(config)
     return launch.finalize()
 
@@ -316,10 +316,9 @@ class ExpertLaunch:
         dev = self.x.device
         self.split_k, self.deterministic, self.out_dtype = config.gemm2.split_k, deterministic, out_dtype
         self.h = _buffer((num_pairs, I), self.x.dtype, dev)
-        # fp8: per h row, the |max| of each GEMM1 slice (GEMM2's activation scales come from them);
-        # sized for the narrowest slice so that any GEMM1 config fits
-        self.h_amax = _buffer((num_pairs, triton.cdiv(I, MIN_BLOCK_N) if self.experts.fp8 else 1),
-                              torch.float32, dev)
+        if self.experts.fp8:  # GEMM2's A: h quantised per 1x128 group
+            self.h_fp8 = _buffer((num_pairs, I), FP8_DTYPE, dev)
+            self.h_scale = _buffer((num_pairs, triton.cdiv(I, FP8_BLOCK)), torch.float32, dev)
         if deterministic:
             self.partial = _buffer((self.split_k, num_pairs, H), torch.float32, dev)
             self.out = _buffer((M, H), out_dtype, dev)
@@ -338,18 +337,29 @@ class ExpertLaunch:
             return
         M, H = self.x.shape
         rows = self.topk_ids.numel() if self.weight_on_input else M
-        groups = triton.cdiv(H, FP8_BLOCK)
         self.a = _buffer((rows, H), FP8_DTYPE, self.x.device)
-        self.a_scale = _buffer((rows, groups), torch.float32, self.x.device)
-        per_program = min(8, triton.next_power_of_2(groups))
-        fp8_act_quant_kernel[(rows, triton.cdiv(groups, per_program))](
-            self.x, self.pair_weights, self.a, self.a_scale,
-            H, self.topk_ids.shape[1] if self.weight_on_input else 1, *self.x.stride(), self.a.stride(0),
-            self.a_scale.stride(0),
-            SCALE_ROWS=self.weight_on_input, GROUPS=per_program, GROUP=FP8_BLOCK, num_warps=4,
-        )
+        self.a_scale = _buffer((rows, triton.cdiv(H, FP8_BLOCK)), torch.float32, self.x.device)
+        self._quantize_rows(self.x, self.a, self.a_scale, self.topk_ids.shape[1] if self.weight_on_input else 1,
+                            scale_rows=self.weight_on_input, after_gemm=False)
         if self.weight_on_input:
             self.a_row_divisor = 1  # GEMM1 reads row `pair`, already scaled
+
+    def quantize_h(self) -> None:
+        """fp8 experts: h -> (h_fp8, h_scale), GEMM2's A operand."""
+        if self.experts.fp8:
+            self._quantize_rows(self.h, self.h_fp8, self.h_scale, 1, scale_rows=False, after_gemm=True)
+
+    def _quantize_rows(self, src, q, scale, rows_per_token, scale_rows: bool, after_gemm: bool) -> None:
+        K = src.shape[1]
+        groups = triton.cdiv(K, FP8_BLOCK)
+        per_program = min(8, triton.next_power_of_2(groups))
+        pdl = after_gemm and self.use_pdl
+        fp8_act_quant_kernel[(q.shape[0], triton.cdiv(groups, per_program))](
+            src, self.pair_weights, q, scale,
+            K, rows_per_token, *src.stride(), q.stride(0), scale.stride(0),
+            SCALE_ROWS=scale_rows, GROUPS=per_program, GROUP=FP8_BLOCK, USE_PDL=pdl, num_warps=4,
+            **({"launch_pdl": True} if pdl else {}),
+        )
 
     def gemm1(self, config: ExpertConfig) -> None:
         M, H = self.x.shape
@@ -363,13 +373,13 @@ class ExpertLaunch:
         expert_gemm1_kernel[(grid,)](
             self.a, self.a_scale, self.pair_weights,
             e.w_gate, e.w_up, sg, su,
-            self.h, self.h_amax, self.partial,
+            self.h, self.partial,
             sorted_pair_ids, tile_expert, num_tiles,
             num_pairs, self.a_row_divisor, I, H, zero_numel,
             *self.a.stride(), *_stride2(self.a_scale),
             *e.w_gate.stride(), *e.w_up.stride(),
             *sg.stride(), *su.stride(),
-            self.h.stride(0), self.h_amax.stride(0),
+            self.h.stride(0),
             BLOCK_M=config.block_m, BLOCK_N=g.block_n, BLOCK_K=g.block_k,
             A_MODE=A_FP8 if e.fp8 else A_MODEL_DTYPE,
             WEIGHT_ON_INPUT=self.weight_on_input and not e.fp8, EVEN_N=I % g.block_n == 0,
@@ -388,6 +398,7 @@ class ExpertLaunch:
         items = tile_expert.numel() * triton.cdiv(H, g.block_n) * g.split_k
         grid = max(1, min(items, self.num_sms * g.programs_per_sm))
         sd = self.scales[2]
+        a, a_scale = (self.h_fp8, self.h_scale) if self.experts.fp8 else (self.h, sd[0])
         prefetch_lines = 0
         if self.use_pdl:
             line_elems = 128 // self.experts.w_down.element_size()
@@ -395,17 +406,17 @@ class ExpertLaunch:
             prefetch_lines = triton.next_power_of_2(lines) if lines > 0 else 0
         extra = {"launch_pdl": True} if self.use_pdl else {}
         expert_gemm2_kernel[(grid,)](
-            self.h, self.h_amax, self.pair_weights,
+            a, a_scale, self.pair_weights,
             self.experts.w_down, sd,
             self.partial,
             sorted_pair_ids, tile_expert, num_tiles,
             num_pairs, self.topk_ids.shape[1], H, I, g.split_k, k_per_split,
-            *self.h.stride(), self.h_amax.stride(0),
+            *a.stride(), *a_scale.stride(),
             *self.experts.w_down.stride(),
             *sd.stride(),
             num_pairs * H if self.deterministic else 0, H,
             BLOCK_M=config.block_m, BLOCK_N=g.block_n, BLOCK_K=g.block_k,
-            A_MODE=A_FP8 if self.experts.fp8 else A_MODEL_DTYPE, AMAX_PARTS=FP8_BLOCK // config.gemm1.block_n,
+            A_MODE=A_FP8 if self.experts.fp8 else A_MODEL_DTYPE,
             APPLY_WEIGHT=not self.weight_on_input, DETERMINISTIC=self.deterministic,
             EVEN_N=H % g.block_n == 0, EVEN_K=I % g.block_k == 0,
             USE_PDL=self.use_pdl, PREFETCH_LINES=prefetch_lines,

@@ -1,5 +1,6 @@
 """Per-row 1x128-group e4m3 quantisation of activations: x [M, K] -> (q [R, K], scale [R, ceil(K/128)]).
 
+Used for x (when the preamble did not quantise it) and for h between the two expert GEMMs.
 Rows are tokens (R = M), or (token, slot) pairs when the routing weight scales the expert input
 (weight_on == "input"): then row p is x[p // top_k] * weight[p], rounded to the model dtype first,
 as reference.routed_experts does. One program per (row, GROUPS consecutive groups).
@@ -15,8 +16,13 @@ from .expert_tiles import group_scale, quantize_with_scale
 def fp8_act_quant_kernel(
     x_ptr, row_weight_ptr, q_ptr, scale_ptr,
     K, rows_per_token, stride_xm, stride_xk, stride_qm, stride_sm,
-    SCALE_ROWS: tl.constexpr, GROUPS: tl.constexpr, GROUP: tl.constexpr,
+    SCALE_ROWS: tl.constexpr, GROUPS: tl.constexpr, GROUP: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:
+        # Quantising h between the GEMMs: let GEMM2 launch (and prefetch its weights) now, and
+        # wait for GEMM1's h to be complete and visible.
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     row = tl.program_id(0)
     groups = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
     offs_k = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]

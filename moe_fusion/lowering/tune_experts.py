@@ -138,7 +138,7 @@ def candidate_block_m(shape: Shape, m: int) -> List[int]:
 def gemm1_candidates(shape: Shape, fp8: bool, m: int, sms: int) -> List[GemmTiles]:
     active = max(1.0, expert_configs.expected_active_experts(_key(shape, "bfloat16"), m))
     ns = [bn for bn in (16, 32, 64, 128) if active * shape.inter / bn >= 0.5 * sms] or [16]
-    ks = [(128, 4), (128, 6)] if fp8 else [(128, 4), (256, 3)]
+    ks = [(128, 4), (128, 6), (128, 8)] if fp8 else [(128, 4), (256, 3)]
     return [GemmTiles(bn, bk, 4, st, pp) for bn in ns[-3:] for bk, st in ks for pp in (1, 2)]
 
 
@@ -151,7 +151,7 @@ def gemm2_candidates(shape: Shape, fp8: bool, m: int, sms: int) -> List[GemmTile
                 break  # the previous split already gave every SM a couple of tiles
             if shape.inter // split < 256:
                 break
-            for bk, st in ([(128, 4)] if fp8 else [(128, 4), (256, 3)]):
+            for bk, st in ([(128, 4), (128, 6)] if fp8 else [(128, 4), (256, 3)]):
                 out.append(GemmTiles(bn, bk, 4, st, 2, split))
     return out
 
@@ -181,6 +181,7 @@ def tune_point(shape: Shape, e: experts.ExpertTensors, dtype: str, m: int, sets:
         launches = [make_launch(s, e, base) for s in sets]
         for launch in launches:  # GEMM2 is timed on real h, not on an uninitialised buffer
             launch.gemm1(base)
+            launch.quantize_h()
         for g1 in gemm1_candidates(shape, dtype == "fp8", m, sms):
             cfg = ExpertConfig(block_m, g1, base.gemm2)
             t = _try(lambda l: l.gemm1(cfg), launches)
