@@ -177,9 +177,15 @@ def bench_shape(name: str, shape: Shape, e: experts.ExpertTensors, dtype: str, b
         row["ours_frac"] = nbytes / (row["ours_us"] * 1e-6) / bw
         row["ours_frac_of_3.02TBps"] = nbytes / (row["ours_us"] * 1e-6) / ISSUE_COPY_BW
         if m in (1, 4):
-            experts.USE_PDL = False
-            row["ours_no_pdl_us"] = graph_replay_us(ours, aligned, **targs)
             experts.USE_PDL = True
+            row["ours_pdl_us"] = graph_replay_us(ours, aligned, **targs)
+            experts.USE_PDL = False
+        if e.fp8:  # x quantised by the preamble, as in the whole layer: no activation-quant launch
+            given = [(s.x, s.ids, s.weights, al, *reference.quantize_fp8_groups(s.x)) for s, (_, _, _, al)
+                     in zip(sets, aligned)]
+            row["ours_x_fp8_given_us"] = graph_replay_us(
+                lambda x, ids, w, al, xq, xs: experts.run_experts(x, ids, w, e, alignment=al, config=cfg,
+                                                                  x_fp8=xq, x_scale=xs), given, **targs)
         row["ours_deterministic_us"] = graph_replay_us(lambda *a: ours(*a, det=True), aligned, **targs)
         row["ours_with_ref_align_us"] = graph_replay_us(lambda x, ids, w: experts.run_experts(x, ids, w, e, config=cfg),
                                                         plain, **targs)
@@ -192,7 +198,10 @@ def bench_shape(name: str, shape: Shape, e: experts.ExpertTensors, dtype: str, b
         if baselines and m in (1, 64):
             eager = lambda x, ids, w: reference.routed_experts(spec, x, ids, w, w_ref)  # noqa: E731
             all_bytes = e.num_local * per_expert
-            row["eager_us"] = graph_replay_us(eager, plain[:2], **timing_args(all_bytes / bw * 1e6 * 3))
+            try:
+                row["eager_us"] = graph_replay_us(eager, plain[:2], **timing_args(all_bytes / bw * 1e6 * 3))
+            except Exception as exc:
+                row["eager_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
             if inductor_ok:
                 try:
                     t0 = time.time()
@@ -205,8 +214,28 @@ def bench_shape(name: str, shape: Shape, e: experts.ExpertTensors, dtype: str, b
         RESULTS["rows"].append(row)
         log(f"bench {name:14s} {dtype:8s} M={m:3d} touched {touched:6.1f} floor {floor_us:8.1f} us | ours "
             f"{row['ours_us']:8.1f} us {100 * row['ours_frac']:5.1f}% ({source}) det {row['ours_deterministic_us']:8.1f}"
-            f" +align {row['ours_with_ref_align_us']:8.1f} nopdl {row.get('ours_no_pdl_us', float('nan')):7.1f} | grouped_mm {row.get('grouped_mm_us', float('nan')):8.1f}"
+            f" +align {row['ours_with_ref_align_us']:8.1f} pdl {row.get('ours_pdl_us', float('nan')):7.1f}"
+            f" xq-given {row.get('ours_x_fp8_given_us', float('nan')):7.1f} | grouped_mm {row.get('grouped_mm_us', float('nan')):8.1f}"
             f" | eager {row.get('eager_us', float('nan')):9.1f} inductor {row.get('inductor_us', float('nan')):9.1f}")
+
+
+def profile_point(name: str, shape: Shape, e: experts.ExpertTensors, dtype: str, m: int):
+    """Kernel times of one call (torch.profiler, eager launches, averaged over input sets)."""
+    sets = tune_experts.input_sets(shape, e, m, N_SETS, seed=7)
+    for s in sets:
+        experts.run_experts(s.x, s.ids, s.weights, e)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for s in sets:
+            experts.run_experts(s.x, s.ids, s.weights, e)
+        torch.cuda.synchronize()
+    per_kernel = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel[ev.name] = per_kernel.get(ev.name, 0.0) + ev.time_range.elapsed_us() / len(sets)
+    RESULTS.setdefault("profiles", []).append(dict(shape=name, dtype=dtype, M=m, kernel_us=per_kernel))
+    log(f"profile {name} {dtype} M={m}: " + ", ".join(f"{k[:40]} {v:.1f} us" for k, v in
+                                                     sorted(per_kernel.items(), key=lambda kv: -kv[1])))
 
 
 def save(out_dir: str):
@@ -239,6 +268,8 @@ def main():
     p.add_argument("--bench", action="store_true")
     p.add_argument("--baselines", action="store_true")
     p.add_argument("--inductor-shapes", default="mixtral,dsv3-ep8")
+    p.add_argument("--inductor-budget-s", type=float, default=200, help="no Inductor compile after this")
+    p.add_argument("--profile", action="store_true", help="kernel times at M = 1 and 64")
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--dtypes", default="bfloat16,fp8")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -261,7 +292,15 @@ def main():
             if args.check:
                 check_shape(name, shape, e, dtype)
             if args.bench:
-                bench_shape(name, shape, e, dtype, bw, args.baselines, name in args.inductor_shapes.split(","))
+                inductor_ok = (name in args.inductor_shapes.split(",") and dtype == "bfloat16"
+                               and time.time() - t_start < args.inductor_budget_s)
+                bench_shape(name, shape, e, dtype, bw, args.baselines, inductor_ok)
+            if args.profile:
+                for m in (1, 64):
+                    try:
+                        profile_point(name, shape, e, dtype, m)
+                    except Exception as exc:  # the profile explains numbers; it must not lose them
+                        log(f"profile {name} {dtype} M={m} failed: {type(exc).__name__}: {exc}")
             log(f"-- {name} {dtype} done in {time.time() - t0:.0f} s (total {time.time() - t_start:.0f} s)")
             save(args.out)
             del e
