@@ -79,7 +79,7 @@ def router_config(M: int, E: int, H: int, dot_fp32: bool, sm_count: int, fused: 
     bm = max(16, triton.next_power_of_2(M)) if fused else (16 if M <= 16 else 64)
     be = block_e or min(max(16, triton.next_power_of_2(E)), 128)
     bk = block_k or (32 if dot_fp32 else 64)
-    e_blocks, m_blocks = triton.cdiv(E, be), triton.cdiv(M, bm)
+    e_blocks, m_blocks = triton.cdiv(E, be), triton.cdiv(max(M, 1), bm)
     k_blocks = triton.cdiv(H, bk)
     wanted = max(1, programs_per_sm * sm_count // (e_blocks * m_blocks))
     per_program = triton.cdiv(k_blocks, min(wanted, k_blocks))
