@@ -188,15 +188,15 @@ def main():
     spec, wsets = shapes["dsv3"], wsets_by_shape["dsv3"]
     for M in (1, 16, 64):
         inputs = input_sets(spec, M, wsets)
-        for block_k in (64, 128, 256):
-            for per_sm in (1, 2, 4):
-                us = timing.graph_replay_us(ours(spec, block_k=block_k, programs_per_sm=per_sm), inputs)
-                result["sweep"].append(dict(M=M, block_k=block_k, programs_per_sm=per_sm, us=us))
+        for block_k, per_sm, warps in ((64, 1, 4), (64, 2, 4), (64, 4, 4), (128, 1, 4), (128, 2, 4), (256, 1, 4),
+                                       (64, 2, 8), (128, 1, 8), (128, 2, 8)):
+            us = timing.graph_replay_us(ours(spec, block_k=block_k, programs_per_sm=per_sm, num_warps=warps), inputs)
+            result["sweep"].append(dict(M=M, block_k=block_k, programs_per_sm=per_sm, num_warps=warps, us=us))
         result["kernel_times"][M] = kernel_times_us(ours(spec), inputs[0])
         normed_inputs = [(preamble.reference.rms_norm(x, nw, spec.rms_norm_eps), rw, nw, b, e)
                          for x, rw, nw, b, e in inputs]
         result["router_only"][M] = timing.graph_replay_us(router_only_fn(spec), normed_inputs)
-        print(f"[sweep] M={M}: best {min((s['us'], s['block_k'], s['programs_per_sm']) for s in result['sweep'] if s['M'] == M)}"
+        print(f"[sweep] M={M}: {[(s['block_k'], s['programs_per_sm'], s['num_warps'], round(s['us'], 2)) for s in result['sweep'] if s['M'] == M]}"
               f", router GEMM alone {result['router_only'][M]:.2f} us, kernels {result['kernel_times'][M]}", flush=True)
     save(args.out, result)
 

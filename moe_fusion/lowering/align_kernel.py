@@ -22,7 +22,7 @@ import triton.language as tl
 from . import reference
 
 MAX_SELECTION_TILE = 4096  # tokens x padded local experts held in registers at once
-FILL_BLOCK = 1024
+FILL_BLOCK = tl.constexpr(1024)
 
 
 @triton.jit

@@ -54,6 +54,7 @@ class RouterConfig:
     block_k: int  # hidden elements per loop step
     grid: tuple  # (k-chunks, expert blocks, row blocks)
     k_per_program: int
+    num_warps: int = 4
 
 
 @dataclass
@@ -74,7 +75,7 @@ def _sm_count(device_index: Optional[int]) -> int:
 
 def router_config(M: int, E: int, H: int, dot_fp32: bool, sm_count: int, fused: bool,
                   block_e: Optional[int] = None, block_k: Optional[int] = None,
-                  programs_per_sm: int = 2) -> RouterConfig:
+                  programs_per_sm: int = 2, num_warps: int = 4) -> RouterConfig:
     """Tiles and split so that about ``programs_per_sm`` programs per SM stream the router weight."""
     bm = max(16, triton.next_power_of_2(M)) if fused else (16 if M <= 16 else 64)
     be = block_e or min(max(16, triton.next_power_of_2(E)), 128)
@@ -84,7 +85,7 @@ def router_config(M: int, E: int, H: int, dot_fp32: bool, sm_count: int, fused: 
     wanted = max(1, programs_per_sm * sm_count // (e_blocks * m_blocks))
     per_program = triton.cdiv(k_blocks, min(wanted, k_blocks))
     splits = triton.cdiv(k_blocks, per_program)  # no program without work
-    return RouterConfig(bm, be, bk, (splits, e_blocks, m_blocks), per_program * bk)
+    return RouterConfig(bm, be, bk, (splits, e_blocks, m_blocks), per_program * bk, num_warps)
 
 
 def _dot_fp32(spec: MoESpec, normed_dtype: torch.dtype, router_dtype: torch.dtype) -> bool:
@@ -181,11 +182,13 @@ def fused_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights, block_m: int,
             expert_map if expert_map is not None else ids, sorted_ids, tile_expert, num_tiles, L, block_m,
             tile_expert.numel(), BM=cfg.block_m, BE=cfg.block_e, BK=cfg.block_k, DOT_FP32=dot_fp32,
             **topk_kernel.route_meta(spec, normed_dtype), **_align_constexprs(spec, expert_map),
+            num_warps=cfg.num_warps,
         )
         return PreambleOut(normed, x_fp8, x_scale, ids, weights, sorted_ids, tile_expert, num_tiles)
 
     _router_kernel[cfg.grid](*gemm_args, M, spec.num_experts, spec.hidden_size, cfg.k_per_program,
-                             BM=cfg.block_m, BE=cfg.block_e, BK=cfg.block_k, DOT_FP32=dot_fp32)
+                             BM=cfg.block_m, BE=cfg.block_e, BK=cfg.block_k, DOT_FP32=dot_fp32,
+                             num_warps=cfg.num_warps)
     if plan.route == "kernel":
         topk_kernel.select_experts(spec, logits, bias, normed_dtype, ids, weights)
     else:
