@@ -19,7 +19,9 @@ import triton.language as tl
 from ..spec import FP8_BLOCK, FP8_DTYPE, FP8_MAX
 from .reference import FP8_MIN_SCALE
 
-MAX_CHUNK_GROUPS = 16  # 16 groups of 128 = 2048 elements of a row in registers at once
+# A row of up to 64 groups of 128 (8192 elements) in one chunk: one load round trip per pass,
+# which is what a decode-sized launch waits on.
+MAX_CHUNK_GROUPS = 64
 
 _TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -123,6 +125,6 @@ def norm_quant(
         HAS_NORM=norm_weight is not None, QUANT=quant, ZERO_WORKSPACE=zero, GROUPS=groups,
         IN_DTYPE=_TL[x.dtype], OUT_DTYPE=_TL[out_dtype],
         ZERO_BLOCK=128 if not zero else min(triton.next_power_of_2(logits_workspace.shape[1]), 1024),
-        num_warps=4,
+        num_warps=max(4, min(8, groups // 4)),
     )
     return normed, x_fp8, x_scale
