@@ -1,0 +1,261 @@
+"""GPU checks and benchmark of the fused expert block (issue 5), in one script.
+
+    python benchmarks/gpu_experts.py [--check] [--bench] [--baselines] [--tune-budget-s S] --out DIR
+
+--check      the kernels at real shapes against the reference (bf16: fp32 reference, rel err
+             <= 1e-2; fp8: the reference's exact fp8 emulation), atomic and deterministic,
+             buffers poisoned with NaN; fp8 weight quantisation bitwise against the reference.
+--bench      time of the expert block (CUDA graphs, random routings rotated across input sets)
+             and its fraction of the copy bandwidth measured in the same run:
+             touched-weight bytes (distinct local experts hit x bytes per expert, scales
+             included) / time / copy bandwidth; side by side with torch._grouped_mm (bf16) and,
+             with --baselines, eager and Inductor of reference.routed_experts.
+Writes DIR/experts_bench.json and prints a summary table last.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from moe_fusion.lowering import expert_configs, experts, reference, tune_experts
+from moe_fusion.lowering.tune_experts import SHAPES, InputSet, Shape
+from moe_fusion.spec import MoESpec, MoEWeights
+from moe_fusion.tools.timing import copy_bandwidth_bytes_per_s, graph_replay_us
+
+M_VALUES = tune_experts.M_VALUES
+N_SETS = 8  # rotated routings: consecutive calls hit different experts, so L2 holds no weights
+RESULTS = {"rows": [], "checks": []}
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+# --------------------------------------------------------------------------- reference on touched experts
+def reference_touched(s: InputSet, e: experts.ExpertTensors) -> torch.Tensor:
+    """reference.routed_experts restricted to the experts the routing hits (the full reference
+    would need an fp32 copy of every expert): bf16 in fp32 arithmetic, fp8 by the exact emulation."""
+    local = s.ids.long()
+    if e.expert_map is not None:
+        local = e.expert_map.long()[local]
+    out = torch.zeros(s.x.shape, dtype=torch.float32, device=s.x.device)
+    for le in local[local >= 0].unique().tolist():
+        rows, slots = (local == le).nonzero(as_tuple=True)
+        if e.fp8:
+            wg, wu, wd = (reference.dequantize_fp8_blocks(q[le], sc[le]) for q, sc in
+                          ((e.w_gate, e.w_gate_scale), (e.w_up, e.w_up_scale), (e.w_down, e.w_down_scale)))
+            y = reference._fp8_gated_mlp(s.x[rows], wg, wu, wd)
+        else:
+            y = reference.gated_mlp(s.x[rows].float(), e.w_gate[le].float(), e.w_up[le].float(), e.w_down[le].float())
+        out.index_add_(0, rows, y.float() * s.weights[rows, slots, None])
+    return out
+
+
+def poisoned(shape, dtype, device):
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def check_shape(name: str, shape: Shape, e: experts.ExpertTensors, dtype: str):
+    tol = 1e-3 if dtype == "fp8" else 1e-2
+    saved, experts._buffer = experts._buffer, poisoned
+    try:
+        for m in (1, 5, 64):
+            for s in tune_experts.input_sets(shape, e, m, 1, seed=100):
+                ref = reference_touched(s, e)
+                variants = [("atomic", {}), ("deterministic", {"deterministic": True})]
+                if e.fp8:
+                    x_fp8, x_scale = reference.quantize_fp8_groups(s.x)
+                    variants.append(("x_fp8 given", {"x_fp8": x_fp8, "x_scale": x_scale}))
+                for label, kw in variants:
+                    out = experts.run_experts(s.x, s.ids, s.weights, e, **kw)
+                    torch.cuda.synchronize()
+                    written = not out.isnan().any().item()
+                    err = ((out - ref).norm() / ref.norm().clamp(min=1e-30)).item() if written else float("nan")
+                    ok = written and err <= tol
+                    if label == "deterministic":
+                        again = experts.run_experts(s.x, s.ids, s.weights, e, deterministic=True)
+                        ok = ok and torch.equal(out, again)
+                    RESULTS["checks"].append(dict(shape=name, dtype=dtype, M=m, mode=label, rel_err=err, tol=tol, ok=ok))
+                    log(f"check {name:14s} {dtype:8s} M={m:3d} {label:14s} rel_err {err:.2e} (tol {tol}) "
+                        f"{'ok' if ok else 'FAIL'}")
+    finally:
+        experts._buffer = saved
+
+
+def check_fp8_quantisation(e_bf16: experts.ExpertTensors):
+    w = e_bf16.w_gate[:2]
+    q, s = experts.quantize_fp8_blocks(w)
+    q_ref, s_ref = reference.quantize_fp8_blocks(w)
+    ok = torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s, s_ref)
+    RESULTS["checks"].append(dict(shape="fp8 weight quantisation", ok=ok))
+    log(f"check fp8 weight quantisation bitwise vs reference: {'ok' if ok else 'FAIL'}")
+
+
+# --------------------------------------------------------------------------- baselines
+def grouped_mm_experts(x, ids, weights, e: experts.ExpertTensors):
+    """The HF/torchtitan grouped_mm expert path: sort pairs by expert, offsets, two grouped GEMMs."""
+    k = ids.shape[1]
+    local = ids.long().flatten()
+    if e.expert_map is not None:
+        local = e.expert_map.long()[local]
+    E = e.num_local
+    key = torch.where(local >= 0, local, E)
+    order = key.argsort()
+    token = order // k
+    counts = torch.bincount(key, minlength=E + 1)[:E]
+    offs = counts.cumsum(0).to(torch.int32)
+    xs = x[token]
+    g = torch._grouped_mm(xs, e.w_gate.transpose(1, 2), offs=offs)
+    u = torch._grouped_mm(xs, e.w_up.transpose(1, 2), offs=offs)
+    y = torch._grouped_mm(F.silu(g) * u, e.w_down.transpose(1, 2), offs=offs)
+    wsorted = weights.reshape(-1)[order]
+    y = torch.where((key[order] < E)[:, None], y.float() * wsorted[:, None], 0.0)
+    return torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, token, y)
+
+
+def reference_spec(shape: Shape, dtype: str) -> MoESpec:
+    return MoESpec(hidden_size=shape.hidden, num_experts=shape.experts, num_local_experts=shape.local_experts,
+                   top_k=shape.top_k, intermediate_size=shape.inter, dtype="bfloat16",
+                   quant="fp8_block" if dtype == "fp8" else "none")
+
+
+def reference_weights(e: experts.ExpertTensors, shape: Shape) -> MoEWeights:
+    return MoEWeights(router_weight=torch.empty(shape.experts, shape.hidden, device="cuda"),
+                      w_gate=e.w_gate, w_up=e.w_up, w_down=e.w_down, w_gate_scale=e.w_gate_scale,
+                      w_up_scale=e.w_up_scale, w_down_scale=e.w_down_scale, expert_map=e.expert_map)
+
+
+# --------------------------------------------------------------------------- benchmark
+def timing_args(expected_us: float):
+    """Fewer replays for slow calls: about 0.3 s of replays per measurement."""
+    replays = max(1, min(20, int(3e5 / max(expected_us * N_SETS * 5, 1))))
+    return dict(replays=replays, batches=5 if replays > 2 else 3)
+
+
+def bench_shape(name: str, shape: Shape, e: experts.ExpertTensors, dtype: str, bw: float, baselines: bool,
+                inductor_ok: bool):
+    per_expert = tune_experts.expert_bytes(e)
+    dev_name, sms = experts.device_facts(torch.device("cuda"))
+    key = tune_experts._key(shape, dtype)
+    spec, w_ref = reference_spec(shape, dtype), reference_weights(e, shape)
+    compiled = None
+    for m in M_VALUES:
+        sets = tune_experts.input_sets(shape, e, m, N_SETS)
+        touched = statistics.mean(s.touched for s in sets)
+        nbytes = touched * per_expert
+        floor_us = nbytes / bw * 1e6
+        cfg, source = expert_configs.lookup(key, m, dev_name, sms)
+        row = dict(shape=name, dtype=dtype, M=m, touched_experts=touched, touched_bytes=nbytes,
+                   floor_us=floor_us, config=cfg.to_dict(), config_source=source)
+        targs = timing_args(floor_us * 1.2)
+        aligned = [(s.x, s.ids, s.weights, reference.align_pairs(s.ids, e.expert_map, e.num_local, cfg.block_m))
+                   for s in sets]
+        plain = [(s.x, s.ids, s.weights) for s in sets]
+
+        def ours(x, ids, w, al, det=False):
+            return experts.run_experts(x, ids, w, e, alignment=al, config=cfg, deterministic=det)
+
+        row["ours_us"] = graph_replay_us(ours, aligned, **targs)
+        row["ours_frac"] = nbytes / (row["ours_us"] * 1e-6) / bw
+        if m in (1, 4):
+            experts.USE_PDL = False
+            row["ours_no_pdl_us"] = graph_replay_us(ours, aligned, **targs)
+            experts.USE_PDL = True
+        row["ours_deterministic_us"] = graph_replay_us(lambda *a: ours(*a, det=True), aligned, **targs)
+        row["ours_with_ref_align_us"] = graph_replay_us(lambda x, ids, w: experts.run_experts(x, ids, w, e, config=cfg),
+                                                        plain, **targs)
+        if not e.fp8:
+            try:
+                row["grouped_mm_us"] = graph_replay_us(lambda x, ids, w: grouped_mm_experts(x, ids, w, e), plain, **targs)
+                row["grouped_mm_frac"] = nbytes / (row["grouped_mm_us"] * 1e-6) / bw
+            except Exception as exc:
+                row["grouped_mm_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        if baselines and m in (1, 64):
+            eager = lambda x, ids, w: reference.routed_experts(spec, x, ids, w, w_ref)  # noqa: E731
+            all_bytes = e.num_local * per_expert
+            row["eager_us"] = graph_replay_us(eager, plain[:2], **timing_args(all_bytes / bw * 1e6 * 3))
+            if inductor_ok:
+                try:
+                    t0 = time.time()
+                    compiled = compiled or torch.compile(eager, dynamic=True)
+                    compiled(*plain[0])
+                    row["inductor_compile_s"] = time.time() - t0
+                    row["inductor_us"] = graph_replay_us(compiled, plain[:2], **timing_args(all_bytes / bw * 1e6))
+                except Exception as exc:
+                    row["inductor_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        RESULTS["rows"].append(row)
+        log(f"bench {name:14s} {dtype:8s} M={m:3d} touched {touched:6.1f} floor {floor_us:8.1f} us | ours "
+            f"{row['ours_us']:8.1f} us {100 * row['ours_frac']:5.1f}% ({source}) det {row['ours_deterministic_us']:8.1f}"
+            f" +align {row['ours_with_ref_align_us']:8.1f} nopdl {row.get('ours_no_pdl_us', float('nan')):7.1f} | grouped_mm {row.get('grouped_mm_us', float('nan')):8.1f}"
+            f" | eager {row.get('eager_us', float('nan')):9.1f} inductor {row.get('inductor_us', float('nan')):9.1f}")
+
+
+def save(out_dir: str):
+    with open(os.path.join(out_dir, "experts_bench.json"), "w") as f:
+        json.dump(RESULTS, f, indent=1)
+
+
+def summary():
+    log("\n== summary: expert block, us and % of copy bandwidth (touched weights) ==")
+    log(f"{'shape':14s} {'dtype':8s} " + " ".join(f"{'M=' + str(m):>14s}" for m in M_VALUES))
+    rows = RESULTS["rows"]
+    for name in SHAPES:
+        for dtype in ("bfloat16", "fp8"):
+            sel = {r["M"]: r for r in rows if r["shape"] == name and r["dtype"] == dtype}
+            if sel:
+                log(f"{name:14s} {dtype:8s} " + " ".join(
+                    f"{sel[m]['ours_us']:7.1f} {100 * sel[m]['ours_frac']:4.0f}%" if m in sel else f"{'':14s}"
+                    for m in M_VALUES))
+    failed = [c for c in RESULTS["checks"] if not c["ok"]]
+    log(f"checks: {len(RESULTS['checks']) - len(failed)} ok, {len(failed)} failed")
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--check", action="store_true")
+    p.add_argument("--bench", action="store_true")
+    p.add_argument("--baselines", action="store_true")
+    p.add_argument("--inductor-shapes", default="mixtral,dsv3-ep8")
+    p.add_argument("--shapes", default=",".join(SHAPES))
+    p.add_argument("--dtypes", default="bfloat16,fp8")
+    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = p.parse_args()
+    t_start = time.time()
+    bw = copy_bandwidth_bytes_per_s()
+    RESULTS.update(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                   date=datetime.datetime.now().isoformat(timespec="seconds"), copy_bandwidth_bytes_per_s=bw)
+    log(f"{RESULTS['device']} torch {torch.__version__} triton {triton.__version__} copy bw {bw / 1e12:.2f} TB/s")
+    for name in args.shapes.split(","):
+        shape = SHAPES[name]
+        bf16 = tune_experts.random_experts(shape, "bfloat16")
+        for dtype in args.dtypes.split(","):
+            e = bf16 if dtype == "bfloat16" else experts.quantize_expert_tensors_fp8(bf16)
+            if dtype == "fp8":
+                if args.check and name == "qwen3-30b-a3b":
+                    check_fp8_quantisation(bf16)
+            t0 = time.time()
+            if args.check:
+                check_shape(name, shape, e, dtype)
+            if args.bench:
+                bench_shape(name, shape, e, dtype, bw, args.baselines, name in args.inductor_shapes.split(","))
+            log(f"-- {name} {dtype} done in {time.time() - t0:.0f} s (total {time.time() - t_start:.0f} s)")
+            save(args.out)
+            del e
+        del bf16
+        torch.cuda.empty_cache()
+    save(args.out)
+    summary()
+    return 0 if all(c["ok"] for c in RESULTS["checks"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,460 @@
+"""The routed-expert block on the GPU: two grouped-GEMM launches (plus one finalize launch in
+deterministic mode) over the aligned token list of reference.align_pairs.
+
+    GEMM1  h[pair] = SiLU(x Wg^T) * (x Wu^T)              expert_gemm1_kernel (also zeroes out)
+    GEMM2  out[token] += weight[pair] * h[pair] Wd^T       expert_gemm2_kernel (atomics, split-K)
+    or     y[split, pair] = weight * h Wd^T; out = sum y   + moe_finalize_kernel (deterministic)
+
+bf16/fp16 weights, or fp8 e4m3 weights in 128x128 blocks with 1x128 activation groups (x comes
+pre-quantised from the preamble, or is quantised by GEMM1 as it loads it; h is quantised by GEMM2
+as it loads it). Semantics: reference.routed_experts. Tile shapes: expert_configs.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import triton
+
+from ..spec import FP8_BLOCK, FP8_DTYPE, MoESpec, MoEWeights
+from . import expert_configs, reference
+from .expert_configs import ExpertConfig, ProblemKey
+from .expert_gemm1_kernel import expert_gemm1_kernel
+from .expert_gemm2_kernel import expert_gemm2_kernel
+from . import expert_tiles
+from .fp8_weight_quant_kernel import fp8_weight_quant_kernel
+from .moe_finalize_kernel import moe_finalize_kernel
+
+INT32_MAX = 2**31 - 1
+A_MODEL_DTYPE = expert_tiles.A_MODEL_DTYPE.value
+A_FP8_GIVEN = expert_tiles.A_FP8_GIVEN.value
+A_FP8_QUANTIZE = expert_tiles.A_FP8_QUANTIZE.value
+MODEL_DTYPES = (torch.bfloat16, torch.float16)
+ZERO_BLOCK = 1024
+FINALIZE_BLOCK_N = 1024
+INTERPRETER_SMS = 4  # "SM count" under TRITON_INTERPRET=1: a few programs, so the loops loop
+# Programmatic dependent launch of GEMM2 (CUDA only): it starts while GEMM1 finishes and pulls its
+# first weight tile into L2 (at most PREFETCH_BYTES per program) before waiting for GEMM1.
+USE_PDL = True
+PREFETCH_BYTES = 64 * 1024
+
+
+class Unsupported(Exception):
+    """The expert kernels cannot take this spec or these tensors; str(self) says why."""
+
+
+Alignment = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # sorted_pair_ids, tile_expert, num_tiles
+
+
+@dataclass
+class ExpertTensors:
+    """One set of gated-MLP experts in canonical layout: w_gate/w_up [E, I, H], w_down [E, H, I]."""
+
+    w_gate: torch.Tensor
+    w_up: torch.Tensor
+    w_down: torch.Tensor
+    w_gate_scale: Optional[torch.Tensor] = None
+    w_up_scale: Optional[torch.Tensor] = None
+    w_down_scale: Optional[torch.Tensor] = None
+    expert_map: Optional[torch.Tensor] = None  # global id -> local id or -1
+    num_global_experts: int = 0  # 0: as many as local ones
+
+    @property
+    def fp8(self) -> bool:
+        return self.w_gate.dtype == FP8_DTYPE
+
+    @property
+    def num_local(self) -> int:
+        return self.w_gate.shape[0]
+
+    @property
+    def num_global(self) -> int:
+        return self.num_global_experts or self.num_local
+
+    @staticmethod
+    def of(spec: MoESpec, w: MoEWeights) -> "ExpertTensors":
+        return ExpertTensors(w.w_gate, w.w_up, w.w_down, w.w_gate_scale, w.w_up_scale, w.w_down_scale,
+                             w.expert_map if spec.expert_parallel else None, spec.num_experts)
+
+
+# --------------------------------------------------------------------------- entry points
+def fused_experts(
+    spec: MoESpec,
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w: MoEWeights,
+    *,
+    x_fp8: Optional[torch.Tensor] = None,
+    x_scale: Optional[torch.Tensor] = None,
+    alignment: Optional[Alignment] = None,
+    deterministic: bool = False,
+    config: Optional[ExpertConfig] = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """reference.routed_experts on the expert kernels: sum over the top-k of weight * expert(x),
+    local experts only, as ``out_dtype`` [M, H] (fp32 by default, like the reference).
+
+    x [M, H] is the (normed) model-dtype input; for fp8 specs x_fp8/x_scale are its 1x128-group
+    quantisation from the preamble (GEMM1 quantises x itself when they are not given). alignment
+    is reference.align_pairs' output for ``config.block_m``; computed here when not given.
+    deterministic: per-pair partial rows + a fixed-order finalize instead of fp32 atomics.
+    Raises Unsupported when the spec or tensors are outside what the kernels take.
+    """
+    if spec.quant not in ("none", "fp8_block"):
+        raise Unsupported(f"quantization {spec.quant!r}")
+    if x.dtype != spec.torch_dtype:
+        raise Unsupported(f"x is {x.dtype}, the spec says {spec.dtype}")
+    return run_experts(
+        x, topk_ids, topk_weights, ExpertTensors.of(spec, w), x_fp8=x_fp8, x_scale=x_scale,
+        weight_on_input=spec.weight_on == "input", alignment=alignment, deterministic=deterministic,
+        config=config, out_dtype=out_dtype,
+    )
+
+
+def shared_experts(
+    spec: MoESpec, x: torch.Tensor, w: MoEWeights, *, deterministic: bool = False,
+    out_dtype: torch.float32 = torch.float32,
+) -> torch.Tensor:
+    """reference.shared_experts computed separately on the expert kernels: the shared MLP
+    (width shared_intermediate_size) as one expert that every token selects with weight 1, or
+    with its sigmoid gate."""
+    if not spec.has_shared_experts:
+        raise Unsupported("the spec has no shared experts")
+    M = x.shape[0]
+    ids = torch.zeros((M, 1), dtype=torch.int32, device=x.device)
+    experts = ExpertTensors(w.shared_gate.unsqueeze(0), w.shared_up.unsqueeze(0), w.shared_down.unsqueeze(0))
+    return run_experts(x, ids, shared_gate_weights(spec, x, w).unsqueeze(1), experts,
+                       deterministic=deterministic, out_dtype=out_dtype)
+
+
+def shared_gate_weights(spec: MoESpec, x: torch.Tensor, w: MoEWeights) -> torch.Tensor:
+    """Per-token weight of the shared expert(s): 1, or sigmoid(x @ shared_expert_gate^T) (fp32 [M])."""
+    if not spec.shared_gate:
+        return torch.ones(x.shape[0], dtype=torch.float32, device=x.device)
+    gate = torch.nn.functional.linear(x, w.shared_expert_gate.to(x.dtype))
+    return torch.sigmoid(gate).float().squeeze(1)
+
+
+def append_shared_experts(spec: MoESpec, w: MoEWeights) -> Tuple[MoESpec, MoEWeights, int]:
+    """Shared experts as extra routed experts of the same kernels (one-time weight copy).
+
+    A shared MLP of width Is = n*I is the sum of n experts of width I (SiLU*up is elementwise in
+    I), so it becomes n extra local experts, ids num_experts..num_experts+n-1, selected by every
+    token (see with_shared_routing). For fp8 specs the shared weights are block-quantised here
+    (as in DeepSeek-V3's fp8 checkpoints), so the shared part then differs from the reference's
+    bf16 shared MLP by fp8 rounding. Returns the expert-block spec, its weights, and n.
+    """
+    if not spec.has_shared_experts:
+        raise Unsupported("the spec has no shared experts")
+    I, Is = spec.intermediate_size, spec.shared_intermediate_size
+    if Is % I:
+        raise Unsupported(f"shared width {Is} is not a multiple of the expert width {I}: compute it separately")
+    n = Is // I
+    chunks = lambda t, dim: torch.stack(t.split(I, dim=dim))  # noqa: E731
+    extra = ExpertTensors(chunks(w.shared_gate, 0), chunks(w.shared_up, 0), chunks(w.shared_down, 1))
+    if spec.fp8:
+        extra = quantize_expert_tensors_fp8(extra)
+    cat = lambda a, b: None if a is None else torch.cat([a, b.to(a.dtype)])  # noqa: E731
+    merged = MoEWeights(
+        router_weight=w.router_weight,
+        w_gate=cat(w.w_gate, extra.w_gate), w_up=cat(w.w_up, extra.w_up), w_down=cat(w.w_down, extra.w_down),
+        w_gate_scale=cat(w.w_gate_scale, extra.w_gate_scale), w_up_scale=cat(w.w_up_scale, extra.w_up_scale),
+        w_down_scale=cat(w.w_down_scale, extra.w_down_scale),
+    )
+    if spec.expert_parallel:
+        local_ids = torch.arange(spec.num_local_experts, spec.num_local_experts + n, dtype=torch.int32,
+                                 device=w.expert_map.device)
+        merged.expert_map = torch.cat([w.expert_map.to(torch.int32), local_ids])
+    block_spec = MoESpec(
+        hidden_size=spec.hidden_size, num_experts=spec.num_experts + n,
+        num_local_experts=spec.num_local_experts + n, top_k=spec.top_k + n, intermediate_size=I,
+        weight_on=spec.weight_on, dtype=spec.dtype, quant=spec.quant,
+    )
+    return block_spec, merged, n
+
+
+def with_shared_routing(spec: MoESpec, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                        w: MoEWeights, n_shared: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """topk_ids/weights extended by the n_shared appended experts (ids and weights for append_shared_experts)."""
+    M = x.shape[0]
+    ids = torch.arange(spec.num_experts, spec.num_experts + n_shared, dtype=torch.int32, device=x.device)
+    gate = shared_gate_weights(spec, x, w).unsqueeze(1).expand(M, n_shared)
+    return (torch.cat([topk_ids.to(torch.int32), ids.expand(M, n_shared)], dim=1),
+            torch.cat([topk_weights.float(), gate], dim=1))
+
+
+def quantize_expert_weights_fp8(spec: MoESpec, w: MoEWeights) -> Tuple[MoESpec, MoEWeights]:
+    """The one-time weight quantisation for fp8 experts on a bf16/fp16 model: the same layer with
+    e4m3 w_gate/w_up/w_down in 128x128 blocks and fp32 scales (bitwise reference.quantize_fp8_blocks)."""
+    if spec.fp8:
+        return spec, w
+    q = quantize_expert_tensors_fp8(ExpertTensors(w.w_gate, w.w_up, w.w_down))
+    quantized = MoEWeights(**{f: getattr(w, f) for f in w.__dataclass_fields__})
+    quantized.w_gate, quantized.w_up, quantized.w_down = q.w_gate, q.w_up, q.w_down
+    quantized.w_gate_scale, quantized.w_up_scale, quantized.w_down_scale = q.w_gate_scale, q.w_up_scale, q.w_down_scale
+    return spec.replace(quant="fp8_block"), quantized
+
+
+def quantize_expert_tensors_fp8(e: ExpertTensors) -> ExpertTensors:
+    qg, sg = quantize_fp8_blocks(e.w_gate)
+    qu, su = quantize_fp8_blocks(e.w_up)
+    qd, sd = quantize_fp8_blocks(e.w_down)
+    return ExpertTensors(qg, qu, qd, sg, su, sd, e.expert_map, e.num_global_experts)
+
+
+def quantize_fp8_blocks(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """w [E, N, K] -> (e4m3 [E, N, K], fp32 scale [E, ceil(N/128), ceil(K/128)]) on the GPU kernel."""
+    if not _kernels_can_run(w):
+        return reference.quantize_fp8_blocks(w)
+    E, N, K = w.shape
+    nb, kb = triton.cdiv(N, FP8_BLOCK), triton.cdiv(K, FP8_BLOCK)
+    q = torch.empty((E, N, K), dtype=FP8_DTYPE, device=w.device)
+    scale = torch.empty((E, nb, kb), dtype=torch.float32, device=w.device)
+    if E * nb * kb:
+        fp8_weight_quant_kernel[(E * nb * kb,)](w, q, scale, N, K, nb, kb, *w.stride(), BLOCK=FP8_BLOCK,
+                                                 num_warps=8)
+    return q, scale
+
+
+# --------------------------------------------------------------------------- configs
+def device_facts(device: torch.device) -> Tuple[str, int]:
+    """(name used by the config table, SM count)."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return props.name, props.multi_processor_count
+    return "interpreter", INTERPRETER_SMS
+
+
+def problem_key(experts: ExpertTensors, hidden: int, top_k: int) -> ProblemKey:
+    dtype = "fp8" if experts.fp8 else str(experts.w_gate.dtype).replace("torch.", "")
+    return ProblemKey(dtype, hidden, experts.w_gate.shape[1], experts.num_local, experts.num_global, top_k)
+
+
+def expert_config(spec: MoESpec, m: int, device: torch.device) -> ExpertConfig:
+    """The tile configuration fused_experts uses for m tokens (its block_m is the alignment's)."""
+    dtype = "fp8" if spec.fp8 else spec.dtype
+    key = ProblemKey(dtype, spec.hidden_size, spec.intermediate_size, spec.num_local_experts, spec.num_experts,
+                     spec.top_k)
+    name, sms = device_facts(device)
+    return expert_configs.lookup(key, m, name, sms)[0]
+
+
+# --------------------------------------------------------------------------- launches
+def run_experts(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    experts: ExpertTensors,
+    *,
+    x_fp8: Optional[torch.Tensor] = None,
+    x_scale: Optional[torch.Tensor] = None,
+    weight_on_input: bool = False,
+    alignment: Optional[Alignment] = None,
+    deterministic: bool = False,
+    config: Optional[ExpertConfig] = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """sum_k topk_weights[:, k] * expert_{topk_ids[:, k]}(x) over local experts, on the kernels."""
+    M, H = x.shape
+    top_k = topk_ids.shape[1]
+    I = experts.w_gate.shape[1]
+    _check(x, topk_ids, topk_weights, experts, H, I)
+    name, num_sms = device_facts(x.device)
+    if config is None:
+        config = expert_configs.lookup(problem_key(experts, H, top_k), M, name, num_sms)[0]
+    problem = expert_configs.validate(config, experts.fp8)
+    if problem:
+        raise Unsupported(f"config {config}: {problem}")
+    block_m = config.block_m
+    if alignment is None:
+        alignment = reference.align_pairs(topk_ids, experts.expert_map, experts.num_local, block_m)
+    sorted_pair_ids, tile_expert, num_tiles = alignment
+    max_tiles = tile_expert.numel()
+    if sorted_pair_ids.numel() != max_tiles * block_m:
+        raise Unsupported(f"alignment is for block_m {sorted_pair_ids.numel() // max(max_tiles, 1)}, "
+                          f"the config uses {block_m}")
+    num_pairs = topk_ids.numel()
+    split_k = config.gemm2.split_k
+    _check_int32(num_pairs, H, I, split_k)
+    pair_weights = topk_weights.reshape(-1).float()
+
+    a_mode = A_MODEL_DTYPE
+    if experts.fp8:
+        a_mode = A_FP8_GIVEN if (x_fp8 is not None and not weight_on_input) else A_FP8_QUANTIZE
+    if a_mode == A_FP8_GIVEN:
+        if x_fp8.shape != x.shape or x_scale is None or tuple(x_scale.shape) != (M, triton.cdiv(H, FP8_BLOCK)):
+            raise Unsupported("x_fp8 / x_scale do not match x [M, H] in 1x128 groups")
+        a, a_scale = x_fp8, x_scale
+    else:
+        a, a_scale = x, pair_weights  # the scale pointer is unused: any tensor
+
+    launch = ExpertLaunch(
+        x=x, a=a, a_scale=a_scale, a_mode=a_mode, pair_weights=pair_weights, topk_ids=topk_ids, experts=experts,
+        alignment=alignment, weight_on_input=weight_on_input, num_sms=num_sms, use_pdl=USE_PDL and x.is_cuda,
+    )
+    launch.allocate(split_k, deterministic, out_dtype)
+    launch.gemm1(config)
+    launch.gemm2(config)
+    return launch.finalize()
+
+
+@dataclass
+class ExpertLaunch:
+    """The operands and buffers of one expert-block call, and its launches one by one (the tuner
+    times GEMM1 and GEMM2 separately through this)."""
+
+    x: torch.Tensor
+    a: torch.Tensor  # GEMM1's A operand: x, or its fp8 quantisation
+    a_scale: torch.Tensor
+    a_mode: int
+    pair_weights: torch.Tensor  # [num_pairs] fp32
+    topk_ids: torch.Tensor
+    experts: ExpertTensors
+    alignment: Alignment
+    weight_on_input: bool
+    num_sms: int
+    use_pdl: bool = False
+
+    def allocate(self, split_k: int, deterministic: bool, out_dtype: torch.dtype) -> None:
+        M, H = self.x.shape
+        num_pairs, I = self.topk_ids.numel(), self.experts.w_gate.shape[1]
+        dev = self.x.device
+        self.split_k, self.deterministic, self.out_dtype = split_k, deterministic, out_dtype
+        self.h = _buffer((num_pairs, I), self.x.dtype, dev)
+        if deterministic:
+            self.partial = _buffer((split_k, num_pairs, H), torch.float32, dev)
+            self.out = _buffer((M, H), out_dtype, dev)
+        else:
+            self.partial = _buffer((M, H), torch.float32, dev)  # fp32 atomic accumulator
+        self.scales = _scales(self.experts)
+
+    def gemm1(self, config: ExpertConfig) -> None:
+        M, H = self.x.shape
+        num_pairs, I = self.topk_ids.numel(), self.experts.w_gate.shape[1]
+        sorted_pair_ids, tile_expert, num_tiles = self.alignment
+        g = config.gemm1
+        items = tile_expert.numel() * triton.cdiv(I, g.block_n)
+        grid = max(1, min(items, self.num_sms * g.programs_per_sm))
+        zero_numel = 0 if self.deterministic else M * H  # GEMM2's atomic accumulator
+        e, (sg, su, _) = self.experts, self.scales
+        expert_gemm1_kernel[(grid,)](
+            self.a, self.a_scale, self.pair_weights,
+            e.w_gate, e.w_up, sg, su,
+            self.h, self.partial,
+            sorted_pair_ids, tile_expert, num_tiles,
+            num_pairs, self.topk_ids.shape[1], I, H, zero_numel,
+            *self.a.stride(), *_stride2(self.a_scale),
+            *e.w_gate.stride(), *e.w_up.stride(),
+            *sg.stride(), *su.stride(),
+            self.h.stride(0),
+            BLOCK_M=config.block_m, BLOCK_N=g.block_n, BLOCK_K=g.block_k, A_MODE=self.a_mode,
+            WEIGHT_ON_INPUT=self.weight_on_input, EVEN_N=I % g.block_n == 0, EVEN_K=H % g.block_k == 0,
+            ZERO_BLOCK=ZERO_BLOCK, USE_PDL=self.use_pdl, num_warps=g.num_warps, num_stages=g.num_stages,
+        )
+
+    def gemm2(self, config: ExpertConfig) -> None:
+        H = self.x.shape[1]
+        num_pairs, I = self.topk_ids.numel(), self.experts.w_gate.shape[1]
+        sorted_pair_ids, tile_expert, num_tiles = self.alignment
+        g = config.gemm2
+        if g.split_k != self.split_k:
+            raise ValueError("buffers were allocated for another split_k")
+        k_per_split = triton.cdiv(triton.cdiv(I, g.split_k), g.block_k) * g.block_k
+        items = tile_expert.numel() * triton.cdiv(H, g.block_n) * g.split_k
+        grid = max(1, min(items, self.num_sms * g.programs_per_sm))
+        sd = self.scales[2]
+        prefetch_lines = 0
+        if self.use_pdl:
+            line_elems = 128 // self.experts.w_down.element_size()
+            lines = min(triton.cdiv(k_per_split, line_elems), PREFETCH_BYTES // 128 // g.block_n)
+            prefetch_lines = triton.next_power_of_2(lines) if lines > 0 else 0
+        extra = {"launch_pdl": True} if self.use_pdl else {}
+        expert_gemm2_kernel[(grid,)](
+            self.h, self.pair_weights,
+            self.experts.w_down, sd,
+            self.partial,
+            sorted_pair_ids, tile_expert, num_tiles,
+            num_pairs, self.topk_ids.shape[1], H, I, g.split_k, k_per_split,
+            *self.h.stride(),
+            *self.experts.w_down.stride(),
+            *sd.stride(),
+            num_pairs * H if self.deterministic else 0, H,
+            BLOCK_M=config.block_m, BLOCK_N=g.block_n, BLOCK_K=g.block_k,
+            A_MODE=A_MODEL_DTYPE if self.a_mode == A_MODEL_DTYPE else A_FP8_QUANTIZE,
+            APPLY_WEIGHT=not self.weight_on_input, DETERMINISTIC=self.deterministic,
+            EVEN_N=H % g.block_n == 0, EVEN_K=I % g.block_k == 0,
+            USE_PDL=self.use_pdl, PREFETCH_LINES=prefetch_lines,
+            num_warps=g.num_warps, num_stages=g.num_stages, **extra,
+        )
+
+    def finalize(self) -> torch.Tensor:
+        if not self.deterministic:
+            return self.partial if self.out_dtype == torch.float32 else self.partial.to(self.out_dtype)
+        M, H = self.x.shape
+        top_k = self.topk_ids.shape[1]
+        ids = self.topk_ids.to(torch.int32).contiguous()
+        emap = self.experts.expert_map
+        moe_finalize_kernel[(M, triton.cdiv(H, FINALIZE_BLOCK_N))](
+            self.partial, self.out, ids, emap if emap is not None else ids,
+            H, M * top_k * H, H, self.out.stride(0),
+            TOP_K=top_k, SPLIT_K=self.split_k, HAS_EXPERT_MAP=emap is not None, BLOCK_N=FINALIZE_BLOCK_N,
+            num_warps=4,
+        )
+        return self.out
+
+
+def _buffer(shape, dtype, device) -> torch.Tensor:
+    """Every intermediate and output buffer (tests replace this to poison them)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _scales(e: ExpertTensors):
+    if e.fp8:
+        return e.w_gate_scale, e.w_up_scale, e.w_down_scale
+    dummy = torch.empty((1, 1, 1), dtype=torch.float32, device=e.w_gate.device)  # unused by the kernels
+    return dummy, dummy, dummy
+
+
+def _stride2(t: torch.Tensor):
+    return t.stride() if t.dim() == 2 else (0, 0)
+
+
+def _kernels_can_run(t: torch.Tensor) -> bool:
+    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _check(x, topk_ids, topk_weights, e: ExpertTensors, H: int, I: int) -> None:
+    if not _kernels_can_run(x):
+        raise Unsupported(f"tensors on {x.device}: the kernels run on CUDA (or under TRITON_INTERPRET=1)")
+    if x.dim() != 2:
+        raise Unsupported(f"x must be [M, H], got {tuple(x.shape)}")
+    if x.dtype not in MODEL_DTYPES:
+        raise Unsupported(f"model dtype {x.dtype}: the expert kernels take bf16/fp16 activations")
+    M = x.shape[0]
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != M or tuple(topk_weights.shape) != tuple(topk_ids.shape):
+        raise Unsupported(f"topk_ids {tuple(topk_ids.shape)} / topk_weights {tuple(topk_weights.shape)} "
+                          f"do not match M = {M}")
+    E = e.num_local
+    for name, t, shape in (("w_gate", e.w_gate, (E, I, H)), ("w_up", e.w_up, (E, I, H)), ("w_down", e.w_down, (E, H, I))):
+        if tuple(t.shape) != shape:
+            raise Unsupported(f"{name} has shape {tuple(t.shape)}, expected {shape}")
+        if t.dtype != (FP8_DTYPE if e.fp8 else x.dtype):
+            raise Unsupported(f"{name} is {t.dtype}; expected {FP8_DTYPE if e.fp8 else x.dtype}")
+        if t.device != x.device:
+            raise Unsupported(f"{name} is on {t.device}, x on {x.device}")
+        if t[0].numel() and sum((s - 1) * st for s, st in zip(t.shape[1:], t.stride()[1:])) > INT32_MAX:
+            raise Unsupported(f"one expert of {name} spans more than 2**31 elements")
+    if e.fp8:
+        for name, t in (("w_gate_scale", e.w_gate_scale), ("w_up_scale", e.w_up_scale), ("w_down_scale", e.w_down_scale)):
+            if t is None or t.dtype != torch.float32 or t.dim() != 3:
+                raise Unsupported(f"fp8 experts need fp32 {name} [E, N/128, K/128]")
+    if e.expert_map is not None and e.expert_map.numel() != e.num_global:
+        raise Unsupported(f"expert_map has {e.expert_map.numel()} entries for {e.num_global} experts")
+
+
+def _check_int32(num_pairs: int, H: int, I: int, split_k: int) -> None:
+    if max(num_pairs * I, split_k * num_pairs * H) > INT32_MAX:
+        raise Unsupported(f"{num_pairs} pairs x {max(H, I)} exceeds int32 index math")

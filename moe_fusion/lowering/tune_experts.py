@@ -1,0 +1,245 @@
+"""Regenerate the expert kernels' tile table by timing candidates on this GPU:
+
+    python -m moe_fusion.lowering.tune_experts [--shapes dsv3,dsv3-ep8,qwen3-30b-a3b,mixtral]
+        [--dtypes bfloat16,fp8] [--m 1,2,4,8,16,32,64] [--out moe_fusion/lowering/expert_configs.json]
+
+For each (shape, dtype, M bucket) GEMM1 and GEMM2 are timed separately (CUDA-graph replays over
+rotated random routings, never zeros) for each token tile block_m; the fastest pair is written
+under this device's name, merged into the existing table. Weights are random, all experts of
+a shape are allocated once per shape (dsv3 bf16: 22.5 GB).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from ..spec import FP8_BLOCK
+from . import expert_configs, experts, reference
+from .expert_configs import ExpertConfig, GemmTiles, ProblemKey
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int
+    inter: int
+    experts: int  # global (router) experts
+    local_experts: int
+    top_k: int
+
+
+SHAPES: Dict[str, Shape] = {
+    "dsv3": Shape(7168, 2048, 256, 256, 8),
+    "dsv3-ep8": Shape(7168, 2048, 256, 32, 8),
+    "qwen3-30b-a3b": Shape(2048, 768, 128, 128, 8),
+    "mixtral": Shape(4096, 14336, 8, 8, 2),
+}
+M_VALUES = (1, 2, 4, 8, 16, 32, 64)
+
+
+# --------------------------------------------------------------------------- random problems
+def random_experts(shape: Shape, dtype: str, device="cuda", seed: int = 0,
+                   model_dtype=torch.bfloat16) -> experts.ExpertTensors:
+    """Random experts (std 1/sqrt(fan-in)); fp8 ones block-quantised from bf16 by the kernel.
+    EP: this rank owns the contiguous block of global experts [0, local_experts)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    E, H, I = shape.local_experts, shape.hidden, shape.inter
+
+    def mat(*dims):
+        t = torch.empty(dims, dtype=model_dtype, device=device)
+        for e in range(dims[0]):  # per expert: no full-size fp32 temporary
+            t[e] = torch.randn(dims[1:], generator=g, device=device, dtype=torch.float32) / dims[-1] ** 0.5
+        return t
+
+    e = experts.ExpertTensors(mat(E, I, H), mat(E, I, H), mat(E, H, I), num_global_experts=shape.experts)
+    if shape.local_experts != shape.experts:
+        emap = torch.full((shape.experts,), -1, dtype=torch.int32, device=device)
+        emap[:E] = torch.arange(E, dtype=torch.int32, device=device)
+        e.expert_map = emap
+    if dtype == "fp8":
+        q = experts.quantize_expert_tensors_fp8(e)
+        del e
+        return q
+    return e
+
+
+def random_routing(shape: Shape, m: int, device="cuda", generator=None):
+    """Distinct uniformly random experts per token, positive weights summing to 1 per token."""
+    scores = torch.rand(m, shape.experts, device=device, generator=generator)
+    ids = scores.topk(shape.top_k, dim=-1).indices.to(torch.int32)
+    w = torch.rand(m, shape.top_k, device=device, generator=generator) + 0.1
+    return ids, w / w.sum(-1, keepdim=True)
+
+
+def touched_experts(ids: torch.Tensor, e: experts.ExpertTensors) -> int:
+    local = ids.long().flatten()
+    if e.expert_map is not None:
+        local = e.expert_map.long()[local]
+    return int(local[local >= 0].unique().numel())
+
+
+def expert_bytes(e: experts.ExpertTensors) -> int:
+    """Bytes of one expert's weights, scales included."""
+    total = 0
+    for t in (e.w_gate, e.w_up, e.w_down, e.w_gate_scale, e.w_up_scale, e.w_down_scale):
+        if t is not None:
+            total += t[0].numel() * t.element_size()
+    return total
+
+
+@dataclass
+class InputSet:
+    x: torch.Tensor
+    ids: torch.Tensor
+    weights: torch.Tensor
+    touched: int
+
+
+def input_sets(shape: Shape, e: experts.ExpertTensors, m: int, n_sets: int, seed: int = 1,
+               dtype=torch.bfloat16) -> List[InputSet]:
+    device = e.w_gate.device
+    g = torch.Generator(device=device).manual_seed(seed + m)
+    sets = []
+    for _ in range(n_sets):
+        x = torch.randn(m, shape.hidden, device=device, generator=g).to(dtype)
+        ids, w = random_routing(shape, m, device=device, generator=g)
+        sets.append(InputSet(x, ids, w, touched_experts(ids, e)))
+    return sets
+
+
+def make_launch(s: InputSet, e: experts.ExpertTensors, config: ExpertConfig, deterministic=False):
+    """An ExpertLaunch with its alignment and buffers ready (fp8: x quantised by GEMM1 as it loads)."""
+    name, sms = experts.device_facts(s.x.device)
+    alignment = reference.align_pairs(s.ids, e.expert_map, e.num_local, config.block_m)
+    a_mode = experts.A_FP8_QUANTIZE if e.fp8 else experts.A_MODEL_DTYPE
+    launch = experts.ExpertLaunch(
+        x=s.x, a=s.x, a_scale=s.weights, a_mode=a_mode, pair_weights=s.weights.reshape(-1).float(),
+        topk_ids=s.ids, experts=e, alignment=alignment, weight_on_input=False, num_sms=sms,
+        use_pdl=experts.USE_PDL,
+    )
+    launch.allocate(config.gemm2.split_k, deterministic, torch.float32)
+    return launch
+
+
+# --------------------------------------------------------------------------- candidates
+def candidate_block_m(shape: Shape, m: int) -> List[int]:
+    key = _key(shape, "bfloat16")
+    pairs_per_expert = m * shape.top_k * (shape.local_experts / shape.experts) / max(
+        1.0, expert_configs.expected_active_experts(key, m))
+    if pairs_per_expert <= 8:
+        return [16]
+    return [16, 32] if pairs_per_expert <= 24 else [16, 32, 64]
+
+
+def gemm1_candidates(shape: Shape, fp8: bool, m: int, sms: int) -> List[GemmTiles]:
+    active = max(1.0, expert_configs.expected_active_experts(_key(shape, "bfloat16"), m))
+    ns = [bn for bn in (16, 32, 64, 128) if active * shape.inter / bn >= 0.5 * sms] or [16]
+    ks = [(128, 4), (128, 6)] if fp8 else [(128, 4), (256, 3), (64, 6)]
+    return [GemmTiles(bn, bk, 4, st, pp) for bn in ns[-3:] for bk, st in ks for pp in (1, 2)]
+
+
+def gemm2_candidates(shape: Shape, fp8: bool, m: int, sms: int) -> List[GemmTiles]:
+    active = max(1.0, expert_configs.expected_active_experts(_key(shape, "bfloat16"), m))
+    out = []
+    for bn in (32, 64, 128):
+        for split in (1, 2, 4, 8):
+            if split > 1 and active * shape.hidden / bn * split / 2 >= 2 * sms:
+                break  # the previous split already gave every SM a couple of tiles
+            if shape.inter // split < 256:
+                break
+            for bk, st in ([(128, 4)] if fp8 else [(128, 4), (256, 3)]):
+                out.append(GemmTiles(bn, bk, 4, st, 2, split))
+    return out
+
+
+def _key(shape: Shape, dtype: str) -> ProblemKey:
+    return ProblemKey(dtype, shape.hidden, shape.inter, shape.local_experts, shape.experts, shape.top_k)
+
+
+# --------------------------------------------------------------------------- timing
+def time_us(fn, launches: Sequence, replays: int = 5, batches: int = 3) -> float:
+    from ..tools.timing import graph_replay_us
+
+    return graph_replay_us(fn, [(l,) for l in launches], replays=replays, batches=batches)
+
+
+def tune_point(shape: Shape, e: experts.ExpertTensors, dtype: str, m: int, sets: List[InputSet],
+               log=print) -> ExpertConfig:
+    _, sms = experts.device_facts(torch.device("cuda"))
+    best = None
+    for block_m in candidate_block_m(shape, m):
+        g1_best = g2_best = None
+        base = ExpertConfig(block_m, GemmTiles(16, 128), GemmTiles(32, 128))
+        launches = [make_launch(s, e, base) for s in sets]
+        for launch in launches:  # GEMM2 is timed on real h, not on an uninitialised buffer
+            launch.gemm1(base)
+        for g1 in gemm1_candidates(shape, dtype == "fp8", m, sms):
+            cfg = ExpertConfig(block_m, g1, base.gemm2)
+            t = _try(lambda l: l.gemm1(cfg), launches)
+            log(f"    gemm1 {g1}: {t} us")
+            if t is not None and (g1_best is None or t < g1_best[0]):
+                g1_best = (t, g1)
+        for g2 in gemm2_candidates(shape, dtype == "fp8", m, sms):
+            cfg = ExpertConfig(block_m, base.gemm1, g2)
+            for l in launches:
+                l.split_k = g2.split_k  # atomic mode: the accumulator does not depend on split_k
+            t = _try(lambda l: l.gemm2(cfg), launches)
+            log(f"    gemm2 {g2}: {t} us")
+            if t is not None and (g2_best is None or t < g2_best[0]):
+                g2_best = (t, g2)
+        total = g1_best[0] + g2_best[0]
+        log(f"  block_m {block_m}: gemm1 {g1_best[0]:.1f} us {g1_best[1]}, gemm2 {g2_best[0]:.1f} us {g2_best[1]}")
+        if best is None or total < best[0]:
+            best = (total, ExpertConfig(block_m, g1_best[1], g2_best[1]))
+    return best[1]
+
+
+def _try(fn, launches) -> Optional[float]:
+    try:
+        return time_us(fn, launches)
+    except Exception as exc:  # a candidate that does not compile (shared memory) is skipped
+        print(f"    skipped: {type(exc).__name__}: {str(exc)[:120]}")
+        return None
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default=",".join(SHAPES))
+    p.add_argument("--dtypes", default="bfloat16,fp8")
+    p.add_argument("--m", default=",".join(map(str, M_VALUES)))
+    p.add_argument("--out", default=expert_configs.TABLE_PATH)
+    p.add_argument("--sets", type=int, default=6, help="rotated routings per timing")
+    p.add_argument("--budget-s", type=float, default=0, help="stop starting new points after this many seconds")
+    args = p.parse_args(argv)
+    device_name, _ = experts.device_facts(torch.device("cuda"))
+    table = json.load(open(args.out)) if os.path.exists(args.out) else {}
+    start = time.time()
+    for shape_name in args.shapes.split(","):
+        shape = SHAPES[shape_name]
+        for dtype in args.dtypes.split(","):
+            e = random_experts(shape, dtype)
+            for m in map(int, args.m.split(",")):
+                if args.budget_s and time.time() - start > args.budget_s:
+                    print(f"budget spent: stopping before {shape_name} {dtype} M={m}")
+                    break
+                t0 = time.time()
+                sets = input_sets(shape, e, m, args.sets)
+                print(f"{shape_name} {dtype} M={m}:", flush=True)
+                cfg = tune_point(shape, e, dtype, m, sets)
+                entry = table.setdefault(device_name, {}).setdefault(_key(shape, dtype).name(), {})
+                entry[str(expert_configs.m_bucket(m))] = cfg.to_dict()
+                print(f"  -> {cfg}  ({time.time() - t0:.0f} s)", flush=True)
+                with open(args.out, "w") as f:
+                    json.dump(table, f, indent=1, sort_keys=True)
+            del e
+            torch.cuda.empty_cache()
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

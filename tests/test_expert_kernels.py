@@ -1,0 +1,268 @@
+"""The expert kernels (GEMM1, GEMM2, finalize, fp8 weight quantisation) under TRITON_INTERPRET=1
+against reference.routed_experts, on small odd shapes.
+
+fp16 stands in for bf16 here (the interpreter's bf16 dot is wrong); bf16 numerics are checked on
+the GPU by benchmarks/gpu_experts.py. Every buffer the kernels write is poisoned with NaN first.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from moe_fusion.lowering import expert_configs, experts, reference  # noqa: E402
+from moe_fusion.lowering.expert_configs import ExpertConfig, GemmTiles, ProblemKey  # noqa: E402
+from moe_fusion.spec import FP8_DTYPE, MoESpec, MoEWeights  # noqa: E402
+
+from moe_cases import random_weights  # noqa: E402
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                                reason="needs TRITON_INTERPRET=1 or a CUDA device")
+
+# Small tiles so that the loops over items, K blocks and splits all run more than once.
+SMALL = ExpertConfig(16, GemmTiles(16, 32, programs_per_sm=1), GemmTiles(32, 32, split_k=2, programs_per_sm=1))
+# fp8: the kernels make the emulation's fp8 products and scales; only the fp32 summation order
+# differs (a rounding flip of h before its re-quantisation would show as ~1e-3).
+FP8_TOL = 1e-4
+SMALL_FP8 = ExpertConfig(16, GemmTiles(32, 128, programs_per_sm=1), GemmTiles(32, 128, split_k=2, programs_per_sm=1))
+
+
+@pytest.fixture(autouse=True)
+def _poisoned_buffers(monkeypatch):
+    def poisoned(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(experts, "_buffer", poisoned)
+
+
+def _spec(**changes) -> MoESpec:
+    base = dict(hidden_size=72, num_experts=6, top_k=2, intermediate_size=40, dtype="float16")
+    base.update(changes)
+    return MoESpec(**base)
+
+
+def _routing(spec: MoESpec, M: int, experts_allowed=None):
+    """Distinct random experts per token (from experts_allowed if given), random positive weights."""
+    pool = torch.tensor(experts_allowed) if experts_allowed is not None else torch.arange(spec.num_experts)
+    ids = torch.stack([pool[torch.randperm(len(pool))[: spec.top_k]] for _ in range(M)]).to(torch.int32)
+    return ids, 0.1 + torch.rand(M, spec.top_k)
+
+
+def _fp32_weights(w: MoEWeights) -> MoEWeights:
+    return MoEWeights(**{f: (t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() and
+                             t.dtype != FP8_DTYPE else t) for f, t in vars(w).items()})
+
+
+def _reference(spec, x, ids, weights, w):
+    """fp32 reference for fp16 specs (the kernels keep gate/up in fp32); the exact fp8 emulation for fp8."""
+    if spec.fp8:
+        return reference.routed_experts(spec, x, ids, weights, w)
+    return reference.routed_experts(spec.replace(dtype="float32"), x.float(), ids, weights, _fp32_weights(w))
+
+
+def _rel_err(out, ref):
+    assert not out.isnan().any(), "an output element was never written"
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("M", [1, 5, 19])
+def test_fp16_matches_reference(M, deterministic):
+    spec = _spec()
+    w = random_weights(spec, seed=M)
+    x = torch.randn(M, spec.hidden_size).half()
+    ids, weights = _routing(spec, M)
+    out = experts.fused_experts(spec, x, ids, weights, w, config=SMALL, deterministic=deterministic)
+    assert out.dtype == torch.float32 and out.shape == x.shape
+    assert _rel_err(out, _reference(spec, x, ids, weights, w)) < 3e-3
+
+
+def test_empty_experts_and_all_tokens_on_one_expert():
+    spec = _spec(num_experts=8, top_k=1)
+    w = random_weights(spec)
+    M = 23  # more than one token tile on the one expert
+    x = torch.randn(M, spec.hidden_size).half()
+    ids = torch.full((M, 1), 5, dtype=torch.int32)
+    weights = torch.rand(M, 1) + 0.5
+    for deterministic in (False, True):
+        out = experts.fused_experts(spec, x, ids, weights, w, config=SMALL, deterministic=deterministic)
+        assert _rel_err(out, _reference(spec, x, ids, weights, w)) < 3e-3
+
+
+def test_odd_sizes_single_split_and_model_dtype_output():
+    spec = _spec(hidden_size=50, intermediate_size=24, num_experts=5, top_k=3)
+    w = random_weights(spec, seed=3)
+    x = torch.randn(7, 50).half()
+    ids, weights = _routing(spec, 7, experts_allowed=[0, 2, 3])  # experts 1 and 4 get no tokens
+    cfg = ExpertConfig(16, GemmTiles(16, 16, programs_per_sm=2), GemmTiles(16, 16, split_k=1, programs_per_sm=3))
+    ref = _reference(spec, x, ids, weights, w)
+    for deterministic in (False, True):
+        out = experts.fused_experts(spec, x, ids, weights, w, config=cfg, deterministic=deterministic,
+                                    out_dtype=torch.float16)
+        assert out.dtype == torch.float16
+        assert _rel_err(out, ref) < 3e-3
+
+
+def test_deterministic_is_bitwise_repeatable_and_close_to_atomic():
+    spec = _spec()
+    w = random_weights(spec, seed=7)
+    x = torch.randn(9, spec.hidden_size).half()
+    ids, weights = _routing(spec, 9)
+    a = experts.fused_experts(spec, x, ids, weights, w, config=SMALL, deterministic=True)
+    b = experts.fused_experts(spec, x, ids, weights, w, config=SMALL, deterministic=True)
+    c = experts.fused_experts(spec, x, ids, weights, w, config=SMALL, deterministic=False)
+    assert torch.equal(a, b)
+    torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_expert_parallel_partial_sum(deterministic):
+    spec = _spec(num_experts=12, num_local_experts=3, top_k=4)
+    w = random_weights(spec, seed=11)  # local experts are global 0, 4, 8
+    M = 10
+    x = torch.randn(M, spec.hidden_size).half()
+    ids, weights = _routing(spec, M)
+    ids[0] = torch.tensor([1, 2, 3, 5], dtype=torch.int32)  # a token with no local expert at all
+    out = experts.fused_experts(spec, x, ids, weights, w, config=SMALL, deterministic=deterministic)
+    ref = _reference(spec, x, ids, weights, w)
+    assert _rel_err(out, ref) < 3e-3
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+
+
+def test_weight_on_input():
+    spec = _spec(top_k=1, weight_on="input")
+    w = random_weights(spec, seed=5)
+    x = torch.randn(6, spec.hidden_size).half()
+    ids, weights = _routing(spec, 6)
+    out = experts.fused_experts(spec, x, ids, weights, w, config=SMALL)
+    assert _rel_err(out, _reference(spec, x, ids, weights, w)) < 3e-3
+
+
+def test_given_alignment_is_used_and_checked():
+    spec = _spec()
+    w = random_weights(spec)
+    x = torch.randn(4, spec.hidden_size).half()
+    ids, weights = _routing(spec, 4)
+    alignment = reference.align_pairs(ids, None, spec.num_local_experts, SMALL.block_m)
+    out = experts.fused_experts(spec, x, ids, weights, w, config=SMALL, alignment=alignment)
+    assert _rel_err(out, _reference(spec, x, ids, weights, w)) < 3e-3
+    wrong = reference.align_pairs(ids, None, spec.num_local_experts, 32)
+    with pytest.raises(experts.Unsupported, match="block_m"):
+        experts.fused_experts(spec, x, ids, weights, w, config=SMALL, alignment=wrong)
+
+
+# --------------------------------------------------------------------------- fp8
+def _fp8_case(seed, M, **changes):
+    spec = _spec(quant="fp8_block", hidden_size=200, intermediate_size=136, **changes)
+    w = random_weights(spec, seed=seed)
+    x = torch.randn(M, spec.hidden_size).half()
+    return spec, w, x
+
+
+@pytest.mark.parametrize("given_x_fp8", [False, True])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_fp8_matches_reference_emulation(given_x_fp8, deterministic):
+    spec, w, x = _fp8_case(seed=2, M=6)
+    ids, weights = _routing(spec, 6)
+    extra = {}
+    if given_x_fp8:
+        extra["x_fp8"], extra["x_scale"] = reference.quantize_fp8_groups(x)
+    out = experts.fused_experts(spec, x, ids, weights, w, config=SMALL_FP8, deterministic=deterministic, **extra)
+    # Same fp8 products and scales as the emulation: only the fp32 summation order differs.
+    assert _rel_err(out, _reference(spec, x, ids, weights, w)) < FP8_TOL
+
+
+def test_fp8_expert_parallel():
+    spec, w, x = _fp8_case(seed=4, M=8, num_experts=8, num_local_experts=2)
+    ids, weights = _routing(spec, 8)
+    out = experts.fused_experts(spec, x, ids, weights, w, config=SMALL_FP8)
+    assert _rel_err(out, _reference(spec, x, ids, weights, w)) < FP8_TOL
+
+
+def test_fp8_weight_quantisation_kernel_matches_reference():
+    w = torch.randn(3, 200, 136).half() * 3
+    w = w.transpose(1, 2)  # strided input [3, 136, 200]
+    q, scale = experts.quantize_fp8_blocks(w)
+    q_ref, scale_ref = reference.quantize_fp8_blocks(w)
+    assert torch.equal(scale, scale_ref)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
+def test_quantize_expert_weights_fp8_gives_an_fp8_layer():
+    spec = _spec()
+    w = random_weights(spec)
+    spec8, w8 = experts.quantize_expert_weights_fp8(spec, w)
+    assert spec8.fp8 and w8.w_gate.dtype == FP8_DTYPE
+    w8.check(spec8)
+    x = torch.randn(5, spec.hidden_size).half()
+    ids, weights = _routing(spec, 5)
+    out = experts.fused_experts(spec8, x, ids, weights, w8, config=SMALL_FP8)
+    assert _rel_err(out, _reference(spec8, x, ids, weights, w8)) < FP8_TOL
+    # and the fp8 layer stays close to the bf16 one
+    assert _rel_err(out, _reference(spec, x, ids, weights, w)) < 0.1
+
+
+# --------------------------------------------------------------------------- shared experts
+@pytest.mark.parametrize("shared_gate", [False, True])
+def test_shared_experts_separately(shared_gate):
+    spec = _spec(shared_intermediate_size=80, shared_gate=shared_gate)
+    w = random_weights(spec, seed=9)
+    x = torch.randn(5, spec.hidden_size).half()
+    out = experts.shared_experts(spec, x, w)
+    ref = reference.shared_experts(spec.replace(dtype="float32"), x.float(), _fp32_weights(w))
+    assert _rel_err(out, ref) < 5e-3
+
+
+@pytest.mark.parametrize("expert_parallel", [False, True])
+def test_shared_experts_appended_as_routed_experts(expert_parallel):
+    changes = dict(num_experts=8, num_local_experts=4) if expert_parallel else {}
+    spec = _spec(shared_intermediate_size=80, shared_gate=True, **changes)  # two chunks of I = 40
+    w = random_weights(spec, seed=13)
+    x = torch.randn(6, spec.hidden_size).half()
+    ids, weights = _routing(spec, 6)
+    block_spec, merged, n = experts.append_shared_experts(spec, w)
+    assert n == 2 and merged.w_gate.shape[0] == spec.num_local_experts + 2
+    ids2, weights2 = experts.with_shared_routing(spec, x, ids, weights, w, n)
+    out = experts.fused_experts(block_spec, x, ids2, weights2, merged, config=SMALL)
+    s32, w32 = spec.replace(dtype="float32"), _fp32_weights(w)
+    ref = reference.routed_experts(s32, x.float(), ids, weights, w32) + reference.shared_experts(s32, x.float(), w32)
+    assert _rel_err(out, ref) < 5e-3
+
+
+# --------------------------------------------------------------------------- what is refused
+def test_unsupported_inputs_are_refused_with_a_reason():
+    spec = _spec()
+    w = random_weights(spec)
+    ids, weights = _routing(spec, 3)
+    with pytest.raises(experts.Unsupported, match="spec says"):
+        experts.fused_experts(spec, torch.randn(3, spec.hidden_size), ids, weights, w)
+    s32 = spec.replace(dtype="float32")
+    with pytest.raises(experts.Unsupported, match="bf16/fp16"):
+        experts.fused_experts(s32, torch.randn(3, spec.hidden_size), ids, weights, _fp32_weights(w))
+    with pytest.raises(experts.Unsupported, match="do not match"):
+        experts.fused_experts(spec, torch.randn(4, spec.hidden_size).half(), ids, weights, w)
+    bad = ExpertConfig(16, GemmTiles(16, 64), GemmTiles(16, 128))
+    spec8, w8 = experts.quantize_expert_weights_fp8(spec, w)
+    with pytest.raises(experts.Unsupported, match="block_k must be 128"):
+        experts.fused_experts(spec8, torch.randn(3, spec.hidden_size).half(), ids, weights, w8, config=bad)
+
+
+# --------------------------------------------------------------------------- configs
+def test_shipped_table_entries_are_valid_configs():
+    for device, shapes in expert_configs._table().items():
+        for name, buckets in shapes.items():
+            for bucket, entry in buckets.items():
+                cfg = ExpertConfig.from_dict(entry)
+                assert expert_configs.validate(cfg, name.startswith("fp8")) is None, (device, name, bucket)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_heuristic_configs_are_valid_and_fill_the_gpu(fp8):
+    for E_local, E in ((256, 256), (32, 256), (128, 128), (8, 8)):
+        key = ProblemKey("fp8" if fp8 else "bfloat16", 7168, 2048, E_local, E, 8)
+        for m in expert_configs.M_BUCKETS:
+            cfg = expert_configs.heuristic(key, m, num_sms=132)
+            assert expert_configs.validate(cfg, fp8) is None
+    one_expert = expert_configs.heuristic(ProblemKey("bfloat16", 7168, 2048, 32, 256, 8), 1, num_sms=132)
+    assert 2048 // one_expert.gemm1.block_n >= 128  # a single active expert still spans the SMs
