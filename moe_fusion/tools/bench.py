@@ -24,6 +24,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence
 
@@ -371,7 +372,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def bench_shape(cfg: Config, shape: str, dtype: str, copy_bw: float, rows: list, counter: list) -> None:
+def bench_shape(cfg: Config, shape: str, dtype: str, copy_bw: float, rows: list, counter: list,
+                after_part: Callable[[], None] = lambda: None) -> None:
     spec = shape_spec(cfg, shape, dtype)
     if cfg.on_gpu:
         free, _ = torch.cuda.mem_get_info()
@@ -405,6 +407,7 @@ def bench_shape(cfg: Config, shape: str, dtype: str, copy_bw: float, rows: list,
                     rows.append(row)
                     progress(_progress_line(counter, row))
                 del inputs
+            after_part()
     finally:
         bench.close()
 
@@ -421,11 +424,13 @@ def _measure_into(row, cfg, part, spec, fn, inputs, expected, variant, failed, b
         if variant in ("inductor", "backend") or isinstance(e, torch.OutOfMemoryError):
             failed[variant] = note
         row["note"] = note
+        progress(f"{variant} failed on {row['shape']} {row['dtype']} {part} M={row['m']}:\n{traceback.format_exc()}")
         if cfg.on_gpu:
             torch.cuda.empty_cache()
-        return
-    finally:
         budget.charge(variant, time.perf_counter() - t0)
+        return
+    # Compilation is not charged: the budget is there to stop slow timings, not compiles.
+    budget.charge(variant, time.perf_counter() - t0 - result.first_call_s)
     row["us"], row["kernels"], row["first_call_s"] = result.us, result.kernels, result.first_call_s
     if result.note:
         row["note"] = result.note
@@ -477,7 +482,8 @@ def _recompile_limit_name() -> str:
     return "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
 
 
-def measure(cfg: Config) -> dict:
+def measure(cfg: Config, checkpoint: Optional[Callable[[dict], None]] = None) -> dict:
+    """All rows of the configured run; ``checkpoint`` gets the result so far after each (shape, dtype, part)."""
     torch.manual_seed(cfg.seed)
     if cfg.on_gpu:
         progress(f"moe-fusion bench on {torch.cuda.get_device_name()}: measuring the copy bandwidth")
@@ -488,11 +494,17 @@ def measure(cfg: Config) -> dict:
     rows: list = []
     counter = [0]
     t0 = time.perf_counter()
-    # fp8 baselines recompile per M (their slot count is static); keep Dynamo from giving up on them.
+
+    def save_partial():
+        if checkpoint is not None:
+            checkpoint(dict(meta=dict(run_metadata(cfg, copy_bw), partial=True), rows=rows))
+
+    # A compiled variant that hits Dynamo's recompile limit silently runs eagerly: raise the limit
+    # well above what the bench needs (static M=1, dynamic M, per part; fp8 guards on the slot count).
     with torch.no_grad(), torch._dynamo.config.patch(**{_recompile_limit_name(): 64}):
         for shape in cfg.shapes:
             for dtype in cfg.dtypes:
-                bench_shape(cfg, shape, dtype, copy_bw, rows, counter)
+                bench_shape(cfg, shape, dtype, copy_bw, rows, counter, after_part=save_partial)
                 progress(f"{shape} {dtype} done, {time.perf_counter() - t0:.0f} s elapsed")
     return dict(meta=run_metadata(cfg, copy_bw), rows=rows)
 
@@ -505,7 +517,8 @@ def run(args) -> int:
             print("moe-fusion bench: no CUDA device here, nothing measured "
                   "(--cpu runs a tiny smoke version on the CPU)", file=sys.stderr)
             return 0
-        result = measure(make_config(args))
+        # The JSON is rewritten after each part, so a run cut short still leaves what it finished.
+        result = measure(make_config(args), checkpoint=(lambda r: bench_report.write_json(r, args.json)) if args.json else None)
     bench_report.emit(result, json_path=args.json, markdown_path=args.markdown, plot_path=args.plot,
                       summary_ms=[int(m) for m in _split(args.summary_m)] if args.summary_m else None)
     return 0

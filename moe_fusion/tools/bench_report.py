@@ -30,11 +30,15 @@ def merge(results: List[dict]) -> dict:
     return dict(meta=meta, rows=list(rows.values()))
 
 
+def write_json(result: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+
+
 def emit(result: dict, json_path=None, markdown_path=None, plot_path=None, summary_ms=None) -> None:
     print(text_table(result))
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(result, json_path)
         print(f"wrote {json_path}", file=sys.stderr)
     if markdown_path:
         with open(markdown_path, "w") as f:
