@@ -119,7 +119,8 @@ def _note_lines(notes: List[tuple]) -> List[str]:
 def summary_table(result: dict, ms: List[int]) -> str:
     rows = result["rows"]
     variants = _variants(rows)
-    lines = ["", "summary: µs per call (fraction of copy bandwidth)",
+    bw = result["meta"].get("copy_bandwidth_bytes_per_s") or 0.0
+    lines = ["", f"summary: µs per call (fraction of the {bw / 1e12:.2f} TB/s copy bandwidth)",
              f"{'shape':<14} {'dtype':<5} {'part':<8} {'M':>3} {'floor':>7} " + " ".join(f"{v:>16}" for v in variants)]
     for (shape, dtype, part), by_m in _groups(rows).items():
         for m in ms:
