@@ -148,8 +148,8 @@ def markdown_table(result: dict) -> str:
     meta = result["meta"]
     out = [f"# {_header(result)}", "",
            "Cells: µs per call / kernels per call / fraction of the copy bandwidth (touched weight bytes / "
-           "time / copy bandwidth). Floor: touched weight bytes / copy bandwidth. "
-           f"Command: `moe-fusion bench {' '.join(meta.get('argv', []))}`", "",
+           "time / copy bandwidth). Floor: touched weight bytes / copy bandwidth. Commands: "
+           + ", ".join(f"`moe-fusion bench {' '.join(m.get('argv', []))}`" for m in meta.get("merged_from", [meta])), "",
            "| shape | dtype | part | M | experts hit | floor µs | " + " | ".join(variants) + " | notes |",
            "|---|---|---|---:|---:|---:|" + "---:|" * len(variants) + "---|"]
     for (shape, dtype, part), by_m in _groups(rows).items():
