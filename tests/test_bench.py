@@ -90,7 +90,7 @@ def _check_rows(result, shapes, dtypes, parts, ms, variants, gpu):
 def test_cpu_smoke_run_writes_the_expected_rows(tmp_path, capsys):
     out = tmp_path / "bench.json"
     md = tmp_path / "bench.md"
-    argv = CUSTOM + ["--cpu", "--m", "1,3", "--dtype", "bf16,fp8", "--seconds-per-point", "0.01",
+    argv = CUSTOM + ["--cpu", "--m", "1,3", "--dtype", "bf16,fp8", "--seconds-per-point", "0.01", "--sets", "2",
                      "--json", str(out), "--markdown", str(md), "--summary-m", "3"]
     assert bench.main(argv) == 0
     result = json.loads(out.read_text())
