@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import datetime
 import gc
-import json
 import math
 import platform
 import statistics
