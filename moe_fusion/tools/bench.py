@@ -15,6 +15,7 @@ dynamic). ``moe_fusion`` calls the custom ops (preamble, whole layer) or
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import datetime
 import gc
@@ -278,8 +279,8 @@ def distinct_local_experts(spec: MoESpec, topk_idx: torch.Tensor, expert_map: Op
 class ShapeBench:
     """The layer of one (shape, dtype), its weights shared by every variant and part."""
 
-    def __init__(self, cfg: Config, shape: str, dtype: str, spec: MoESpec):
-        self.cfg, self.shape, self.dtype, self.spec = cfg, shape, dtype, spec
+    def __init__(self, cfg: Config, spec: MoESpec):
+        self.cfg, self.spec = cfg, spec
         self.layer = bench_layers.build_layer(spec, cfg.device, seed=cfg.seed)
         self.weights = bench_layers.canonical_weights(self.layer)
         self.preamble_copies: list = []
@@ -293,8 +294,6 @@ class ShapeBench:
         return max(self.cfg.sets, min(MAX_PREAMBLE_COPIES, wanted))
 
     def preamble_modules(self, count: int) -> list:
-        import copy
-
         while len(self.preamble_copies) < count - 1:
             self.preamble_copies.append(copy.deepcopy(self.layer.preamble))
         return [self.layer.preamble, *self.preamble_copies][:count]
@@ -415,7 +414,7 @@ def bench_shape(cfg: Config, shape: str, dtype: str, copy_bw: float, rows: list,
                     rows.extend(_row(shape, dtype, part, m, v, spec, note=note) for v in cfg.variants)
             return
     progress(f"{shape} {dtype}: building weights ({bench_layers.layer_weight_bytes(spec) / 1e9:.2f} GB)")
-    bench = ShapeBench(cfg, shape, dtype, spec)
+    bench = ShapeBench(cfg, spec)
     try:
         for part in cfg.parts:
             fns = {v: (bench.moe_fusion_fn(part) if v == "moe_fusion" else baseline_fn(v, part)) for v in cfg.variants}
