@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import List, NamedTuple, Optional
+from typing import Callable, List, NamedTuple, Optional
 
 import torch
 import triton
@@ -148,8 +148,13 @@ def _check(spec: MoESpec, x: torch.Tensor, w: MoEWeights) -> None:
 
 
 def fused_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights, block_m: int,
-                   expert_map: Optional[torch.Tensor] = None, plan: Optional[PreamblePlan] = None) -> PreambleOut:
-    """RMSNorm + router + routing + fp8 quantisation + alignment of x [M, H] (see the module doc)."""
+                   expert_map: Optional[torch.Tensor] = None, plan: Optional[PreamblePlan] = None,
+                   after_norm: Optional[Callable[[torch.Tensor], None]] = None) -> PreambleOut:
+    """RMSNorm + router + routing + fp8 quantisation + alignment of x [M, H] (see the module doc).
+
+    after_norm(normed) is called once the norm is queued and before the router is: the point
+    where work that needs only the normed states (the shared expert) can fork to another stream.
+    """
     _check(spec, x, w)
     if block_m < 1:
         raise Unsupported(f"block_m must be >= 1, got {block_m}")
@@ -164,6 +169,8 @@ def fused_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights, block_m: int,
     logits = torch.empty((max(M, 1), spec.num_experts), dtype=torch.float32, device=device)
     ticket = torch.empty((1,), dtype=torch.int32, device=device)
     normed, x_fp8, x_scale = norm_quant(x, norm_weight, spec.rms_norm_eps, spec.fp8, logits, ticket, normed_dtype)
+    if after_norm is not None:
+        after_norm(normed)
     ids = torch.empty((M, spec.top_k), dtype=torch.int32, device=device)
     weights = torch.empty((M, spec.top_k), dtype=torch.float32, device=device)
     if M == 0:

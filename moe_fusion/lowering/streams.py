@@ -8,11 +8,9 @@ for the side stream) happens before any of those buffers can be freed or reused.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, TypeVar
+from typing import Callable, Dict
 
 import torch
-
-T = TypeVar("T")
 
 _side_streams: Dict[int, torch.cuda.Stream] = {}
 
@@ -24,14 +22,14 @@ def side_stream(device: torch.device) -> torch.cuda.Stream:
     return _side_streams[index]
 
 
-def overlapped(device: torch.device, side: Callable[[], None], main: Callable[[], T]) -> T:
-    """Run ``side()`` on the side stream while ``main()`` runs on the current stream; return main's
-    result once both are done (in stream order: later work on the current stream sees both)."""
-    current = torch.cuda.current_stream(device)
+def fork(device: torch.device, side: Callable[[], None]) -> None:
+    """Queue ``side()`` on the side stream, after everything queued so far on the current stream."""
     other = side_stream(device)
-    other.wait_stream(current)  # the side work's inputs were produced on the current stream
+    other.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(other):
         side()
-    result = main()
-    current.wait_stream(other)
-    return result
+
+
+def join(device: torch.device) -> None:
+    """Make later work on the current stream wait for everything forked so far."""
+    torch.cuda.current_stream(device).wait_stream(side_stream(device))
