@@ -16,7 +16,7 @@ from torch.fx import Node
 
 from .graph_utils import (
     CAST_OPS, VIEW_OPS, MatchFailure, aten, check_region, forward_through, is_getitem, is_op, is_param, op_name,
-    prims, region_between, require, shape, strip, val,
+    prims, region_between, require, same_shape, same_size, shape, strip, val,
 )
 from .router import RouterMatch
 
@@ -90,7 +90,7 @@ def _trace_weight(operand: Node, roles: Tuple[int, int], num_experts: int) -> Op
         elif is_op(node, *VIEW_OPS, *CAST_OPS):
             src = node.args[0]
             snd = len(shape(src))
-            if max(n_dim, k_dim) < nd - 2 or shape(node)[-2:] != shape(src)[-2:]:
+            if max(n_dim, k_dim) < nd - 2 or not same_shape(shape(node)[-2:], shape(src)[-2:]):
                 return None
             n_dim, k_dim = n_dim - nd + snd, k_dim - nd + snd
             node = src
@@ -159,20 +159,24 @@ def is_silu_of(node: Node, x: Node) -> bool:
 def _halves(gemm_out: Node):
     """The two halves of a fused gate_up GEMM output along the last dim: {node: (start, end)}."""
     halves = {}
-    width = shape(gemm_out)[-1]
     for user in forward_through(gemm_out):
-        if is_op(user, aten.split) and user.args[2] in (-1, len(shape(user.args[0])) - 1) \
-                and user.args[1] * 2 == width:
+        width = shape(user.args[0])[-1] if user.args and isinstance(user.args[0], Node) else None
+        last = len(shape(user.args[0])) - 1 if width is not None else None
+        if is_op(user, aten.split) and user.args[2] in (-1, last) and user.args[1] * 2 == width:
             size = user.args[1]
             for g in user.users:
                 if is_getitem(g):
                     halves[g] = (g.args[1] * size, (g.args[1] + 1) * size)
-        elif is_op(user, aten.slice) and user.args[1] in (-1, len(shape(user.args[0])) - 1):
+        elif is_op(user, aten.slice) and user.args[1] in (-1, last):
             step = user.args[4] if len(user.args) > 4 else 1
             start, end = user.args[2], min(user.args[3], width)
             if step == 1 and end - start == width // 2 and start in (0, width // 2):
                 halves[user] = (start, end)
     return halves
+
+
+def _consumers(node: Node) -> str:
+    return ", ".join(sorted({op_name(u) for u in forward_through(node)})) or "nothing"
 
 
 def _gate_product(g1_list, num_experts: int):
@@ -181,7 +185,8 @@ def _gate_product(g1_list, num_experts: int):
     if len(g1_list) == 1:
         gemm, weight = g1_list[0][0], g1_list[0][2]
         halves = _halves(gemm)
-        require(len(halves) == 2, STEP, gemm, "the first expert GEMM output is not split into gate and up halves")
+        require(len(halves) == 2, STEP, gemm, "the first expert GEMM output is not split into gate and up halves "
+                f"(it feeds {_consumers(gemm)}): not a bias-free gated-SiLU expert")
         (h0, r0), (h1, r1) = halves.items()
         for (ga, ra), (ua, ru) in (((h0, r0), (h1, r1)), ((h1, r1), (h0, r0))):
             for prod in _products_of(ga, ua):
@@ -246,7 +251,7 @@ def _routed_output(g2: Node, tokens_shape: tuple) -> Node:
                     continue
                 seen.add(user)
                 if is_op(user, aten.sum, aten.index_add, aten.scatter_add, aten.index_put) \
-                        and shape(user) == tokens_shape:
+                        and same_shape(shape(user), tokens_shape):
                     return user
                 if _allowed(user):
                     nxt.append(user)
@@ -264,7 +269,7 @@ def match_experts(router: RouterMatch) -> ExpertsMatch:
     g1_all = _expert_gemms_from(router.x, E)
     # First GEMMs contract over the hidden size; a second GEMM reachable from x (through the first)
     # contracts over the intermediate size and is found from the gated product instead.
-    g1_list = [g for g in g1_all if shape(g[1])[-1] == H and _is_direct(g, g1_all)]
+    g1_list = [g for g in g1_all if _contraction(g[2]) == H and _is_direct(g, g1_all)]
     require(g1_list, STEP, router.x, "the hidden states reach no GEMM against a [num_experts, ., .] parameter")
     product, (gate_w, gate_rows), (up_w, up_rows) = _gate_product(g1_list, E)
 
@@ -272,7 +277,7 @@ def match_experts(router: RouterMatch) -> ExpertsMatch:
     require(len(g2_list) == 1, STEP, product,
             f"the gated product feeds {len(g2_list)} expert GEMMs; expected exactly one down projection")
     g2, g2_data, down_w = g2_list[0]
-    I = shape(g2_data)[-1]
+    I = _contraction(down_w)
     require(shape(down_w[0])[0] == E, STEP, g2, "down projection does not have one matrix per expert")
 
     out = _routed_output(g2, _hidden_2d(router))
@@ -308,6 +313,11 @@ def _is_direct(g, all_gemms) -> bool:
     """A first GEMM is not downstream of another expert GEMM."""
     others = {o[0] for o in all_gemms if o[0] is not g[0]}
     return not (region_between([g[1]], set()) & others)
+
+
+def _contraction(found) -> int:
+    """K of an expert GEMM, from its (parameter, transposed) weight."""
+    return _canonical_shape(WeightRef(param=found[0], transposed=found[1]))[2]
 
 
 def _weight_ref(found, rows) -> WeightRef:

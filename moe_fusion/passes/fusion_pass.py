@@ -19,7 +19,7 @@ from ..spec import MoESpec, SpecError
 from .dense import NormMatch, SharedMatch, match_rms_norm, match_shared
 from .experts import ExpertsMatch, WeightRef, match_experts
 from .graph_utils import (
-    CAST_OPS, VIEW_OPS, MatchFailure, aten, dtype, forward_through, is_op, is_param, op_name, prims,
+    CAST_OPS, VIEW_OPS, MatchFailure, aten, dtype, forward_through, is_op, is_param, is_sym_arith, op_name, prims,
     region_between, shape, topo_sorted, val,
 )
 from .report import MATCHED, NOT_MATCHED, PARTIAL, GraphRecord, LayerRecord, MatchReport, publish
@@ -127,6 +127,9 @@ def _match_and_rewrite(graph: Graph, topk: Node, layer: LayerRecord, keep_graphs
     except MatchFailure as failure:
         layer.failures.append({"step": failure.step, "node": failure.node, "reason": failure.reason})
         experts = None
+    if router.blockers:
+        layer.failures[:0] = [{"step": b.step, "node": b.node, "reason": b.reason} for b in router.blockers]
+        return
     if experts is None:
         _rewrite_preamble(graph, router, layer, keep_graphs)
         return
@@ -341,7 +344,8 @@ def _erase_dead(graph: Graph, covered: Set[Node]):
     removed, kept = [], []
     for node in reversed(topo_sorted(covered)):
         if node.users:
-            kept.append(node.name)
+            if not is_sym_arith(node):
+                kept.append(node.name)
         else:
             removed.append(f"{node.name}: {op_name(node)}")
             graph.erase_node(node)

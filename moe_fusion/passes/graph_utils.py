@@ -74,6 +74,19 @@ def shape(node) -> tuple:
     return tuple(v.shape) if isinstance(v, torch.Tensor) else ()
 
 
+def same_size(a, b) -> bool:
+    """Sizes equal for every value of their symbols (never adds a guard, safe on unbacked sizes)."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return statically_known_true(a == b)
+
+
+def same_shape(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(same_size(x, y) for x, y in zip(a, b))
+
+
 def dtype(node) -> Optional[torch.dtype]:
     v = val(node)
     return v.dtype if isinstance(v, torch.Tensor) else None
@@ -174,6 +187,11 @@ def is_param(node, ndim: Optional[int] = None) -> bool:
             and (ndim is None or v.dim() == ndim))
 
 
+def is_sym_arith(node: Node) -> bool:
+    """Size arithmetic on SymInts (e.g. tokens * top_k), not tensor compute."""
+    return isinstance(val(node), (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool))
+
+
 def is_constant_leaf(node: Node) -> bool:
     """A node that needs no tensor input: fills, ranges, empties, sym-int arithmetic, 0-d scalars."""
     if node.op == "placeholder":
@@ -212,7 +230,7 @@ def check_region(region: Set[Node], allowed_inputs: Set[Node], allowed_ops: Call
             continue
         raise MatchFailure(step, inp, f"the {step} depends on an unexpected value {inp.name} ({op_name(inp) if inp.op == 'call_function' else inp.op})")
     for n in region:
-        if n.op == "call_function" and not allowed_ops(n):
+        if n.op == "call_function" and not is_sym_arith(n) and not allowed_ops(n):
             raise MatchFailure(step, n, f"op {op_name(n)} is not part of any known {step} form")
 
 

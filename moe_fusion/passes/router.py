@@ -4,7 +4,7 @@ scaling."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Set
+from typing import Dict, List, Optional, Set
 
 import torch
 from torch.fx import Node
@@ -29,6 +29,7 @@ class RouterMatch:
     correction_bias: Optional[Node] = None
     region: Set[Node] = field(default_factory=set)
     baked: Dict[str, float] = field(default_factory=dict)
+    blockers: List[MatchFailure] = field(default_factory=list)  # found, but not expressible as a MoESpec
 
     @property
     def num_experts(self) -> int:
@@ -52,18 +53,27 @@ def getitem_user(node: Node, index: int) -> Optional[Node]:
 
 
 # --------------------------------------------------------------------------- backwards from the top-k
-def _router_gemm(logits: Node):
-    """logits = x @ W.T (mm with a permuted [E, H] weight); returns (x source, W, fp32)."""
+def _router_gemm(logits: Node, blockers: List[MatchFailure]):
+    """logits = x @ W.T (mm with a permuted [E, H] weight); returns (x source, W, fp32, bias or None).
+
+    A router bias (addmm) is a blocker rather than a failure, so the experts are still examined
+    and the report says everything that keeps the layer from being fused."""
     mm = strip(logits)
-    require(not is_op(mm, aten.addmm), STEP, mm, "the router GEMM has a bias, which MoESpec cannot express")
-    require(is_op(mm, aten.mm), STEP, mm, f"router logits come from {op_name(mm) if isinstance(mm, Node) else mm}, not a GEMM")
-    a, b = mm.args
+    bias = None
+    if is_op(mm, aten.addmm):
+        blockers.append(MatchFailure(STEP, mm, "the router GEMM has a bias, which MoESpec cannot express"))
+        bias = strip(mm.args[0])
+        a, b = mm.args[1], mm.args[2]
+    else:
+        require(is_op(mm, aten.mm), STEP, mm,
+                f"router logits come from {op_name(mm) if isinstance(mm, Node) else mm}, not a GEMM")
+        a, b = mm.args
     wt = strip(b, casts=False)
     require(is_op(wt, aten.permute) and list(wt.args[1]) == [1, 0], STEP, wt, "router weight is not used transposed")
     w = strip(wt.args[0])
     require(is_param(w, 2), STEP, w, "router weight is not a 2-D model parameter")
     x = strip(a)
-    return x, w, dtype(mm) == torch.float32
+    return x, w, dtype(mm) == torch.float32, bias
 
 
 def _softmax_input(node: Node) -> Optional[Node]:
@@ -246,13 +256,22 @@ def _dense_weights(values: Node, ids: Node, fields: Dict[str, object]):
             return "sigmoid", scored[0], True
         if is_op(user, aten.sigmoid):
             return "sigmoid", user, False
-        if _softmax_input(user) is values:
-            return "softmax", user, False
+    for node in _nodes_after(values, depth=4):
+        if _softmax_input(node) is not None and strip(_softmax_input(node)) is values:
+            return "softmax", node, False
     raise MatchFailure(STEP, values, "top-k on raw logits, but the chosen logits are never scored")
 
 
+def _nodes_after(node: Node, depth: int):
+    frontier, seen = [node], []
+    for _ in range(depth):
+        frontier = [u for n in frontier for u in n.users if u not in seen]
+        seen.extend(frontier)
+    return seen
+
+
 ALLOWED_OPS = (
-    aten.mm, aten.permute, aten.sigmoid, aten._softmax, aten.softmax, aten.amax, aten.sub, aten.exp, aten.sum,
+    aten.mm, aten.addmm, aten.permute, aten.sigmoid, aten._softmax, aten.softmax, aten.amax, aten.sub, aten.exp, aten.sum,
     aten.div, aten.add, aten.mul, aten.topk, aten.gather, aten.where, aten.full, aten.scatter, aten.bitwise_not,
     aten.logical_not, aten.eq, aten.ne, aten.zeros_like, aten.ones_like, aten.full_like, aten.zeros, aten.ones,
 ) + VIEW_OPS + CAST_OPS
@@ -277,7 +296,8 @@ def match_router(topk: Node) -> RouterMatch:
         choice = _group_limit(choice, fields)
     scores, bias = _split_bias(choice)
     scoring, logits = _scores_of(scores)
-    x, w, fp32 = _router_gemm(logits)
+    blockers: List[MatchFailure] = []
+    x, w, fp32, router_bias = _router_gemm(logits, blockers)
     E, H = shape(w)
     require(in_shape[1] == E, STEP, topk, f"top-k over {in_shape[1]} values but the router has {E} experts")
     fields.update(hidden_size=int(H), num_experts=int(E), router_fp32=fp32, correction_bias=bias is not None)
@@ -296,10 +316,10 @@ def match_router(topk: Node) -> RouterMatch:
     weights = _weights_chain(weights, fields, baked)
 
     region = region_between([ids, weights], {x})
-    allowed_inputs = {x, w} | ({bias} if bias is not None else set())
+    allowed_inputs = {x, w} | {b for b in (bias, router_bias) if b is not None}
     check_region(region, allowed_inputs, _allowed, STEP)
     return RouterMatch(topk=topk, x=x, router_weight=w, ids=ids, weights=weights, dense=dense, fields=fields,
-                       correction_bias=bias, region=region, baked=baked)
+                       correction_bias=bias, region=region, baked=baked, blockers=blockers)
 
 
 def _gathered_weights(topk: Node, ids: Node, scores: Node, choice_differs: bool) -> Node:
