@@ -11,7 +11,7 @@ from torch.fx import Node
 from .experts import is_silu_of
 from .graph_utils import (
     CAST_OPS, VIEW_OPS, aten, check_region, forward_through, is_op, is_param, region_between, require, scalar_value,
-    shape, strip,
+    shape, strip, strip_upcasts,
 )
 
 
@@ -32,7 +32,7 @@ class SharedMatch:
 def _linear_weight(node: Node, x: Node) -> Optional[Node]:
     """W when node is x @ W.T for a 2-D parameter W (views and casts allowed), else None."""
     mm = strip(node)
-    if not is_op(mm, aten.mm) or strip(mm.args[0]) is not x:
+    if not is_op(mm, aten.mm) or strip_upcasts(mm.args[0]) is not x:
         return None
     wt = strip(mm.args[1], casts=False)
     if not (is_op(wt, aten.permute) and list(wt.args[1]) == [1, 0]):
@@ -121,7 +121,10 @@ class NormMatch:
 
 def match_rms_norm(out: Node) -> Optional[NormMatch]:
     """out = w * (h * rsqrt(mean(h^2, -1, keepdim) + eps)) with fp32 statistics (HF and nn.RMSNorm forms)."""
+    top = out
     out = strip(out, casts=False)
+    if is_op(out, *CAST_OPS):  # nn.RMSNorm scales in fp32 and casts last; HF casts, then scales
+        out = strip(out.args[0], casts=False)
     if not is_op(out, aten.mul):
         return None
     for w_arg, n_arg in ((out.args[0], out.args[1]), (out.args[1], out.args[0])):
@@ -149,7 +152,7 @@ def match_rms_norm(out: Node) -> Optional[NormMatch]:
             baked: Dict[str, float] = {}
             eps = scalar_value(add.args[1], "norm", baked, "rms_norm_eps")
             require(shape(w)[0] == shape(h)[-1], "norm", w, "norm weight does not match the hidden size")
-            region = region_between([out], {h})
+            region = region_between([top], {h})
             check_region(region, {w, h}, lambda n: is_op(n, aten.mul, aten.rsqrt, aten.add, aten.mean, aten.pow,
                                                        *VIEW_OPS, *CAST_OPS), "norm")
             return NormMatch(input=h, weight=w, eps=eps, region=region, baked=baked)

@@ -16,7 +16,7 @@ from torch.fx import Node
 
 from .graph_utils import (
     CAST_OPS, VIEW_OPS, MatchFailure, aten, check_region, forward_through, is_getitem, is_op, is_param, op_name,
-    prims, region_between, require, same_shape, same_size, shape, strip, val,
+    prims, region_between, require, same_shape, same_size, shape, strip, strip_layout, val,
 )
 from .router import RouterMatch
 
@@ -89,13 +89,37 @@ def _trace_weight(operand: Node, roles: Tuple[int, int], num_experts: int) -> Op
             node = src
         elif is_op(node, *VIEW_OPS, *CAST_OPS):
             src = node.args[0]
-            snd = len(shape(src))
-            if max(n_dim, k_dim) < nd - 2 or not same_shape(shape(node)[-2:], shape(src)[-2:]):
+            mapped = _view_source_dims(shape(src), shape(node), n_dim, k_dim)
+            if mapped is None:
                 return None
-            n_dim, k_dim = n_dim - nd + snd, k_dim - nd + snd
+            n_dim, k_dim = mapped
             node = src
         else:
             return None
+
+
+def _view_source_dims(src_shape: tuple, out_shape: tuple, n_dim: int, k_dim: int):
+    """Where the N and K dims of a view's output come from in its input. Dims are paired from
+    the right; an output dim that merges several input dims maps to the innermost one, which
+    is allowed for N (gpt-fast's einsum folds the top-k slot into N) but not for K."""
+    groups = {}
+    i, j = len(src_shape) - 1, len(out_shape) - 1
+    while j >= min(n_dim, k_dim) and i >= 0:
+        if same_size(src_shape[i], out_shape[j]):
+            groups[j], i, j = (i, 1), i - 1, j - 1
+            continue
+        if not all(isinstance(d, int) for d in (src_shape[i], out_shape[j])):
+            return None
+        product, inner, count = src_shape[i], i, 1
+        while product < out_shape[j] and i > 0 and isinstance(src_shape[i - 1], int):
+            i -= 1
+            product, count = product * src_shape[i], count + 1
+        if product != out_shape[j]:
+            return None
+        groups[j], i, j = (inner, count), i - 1, j - 1
+    if n_dim not in groups or k_dim not in groups or groups[k_dim][1] != 1:
+        return None
+    return groups[n_dim][0], groups[k_dim][0]
 
 
 def _gemm_weight(gemm: Node, num_experts: int):
@@ -137,22 +161,22 @@ def _expert_gemms_from(start: Node, num_experts: int, max_depth: int = 12) -> Li
 # --------------------------------------------------------------------------- the gated activation
 def is_silu_of(node: Node, x: Node) -> bool:
     """node computes silu(x): silu, x * sigmoid(x), or x / (1 + exp(-x)), with casts and views anywhere."""
-    node, x = strip(node), strip(x)
+    node, x = strip_layout(node), strip_layout(x)
     if is_op(node, aten.silu):
-        return strip(node.args[0]) is x
+        return strip_layout(node.args[0]) is x
     if is_op(node, aten.mul):
-        a, b = (strip(arg) for arg in node.args)
-        return (a is x and is_op(b, aten.sigmoid) and strip(b.args[0]) is x) or (
-            b is x and is_op(a, aten.sigmoid) and strip(a.args[0]) is x)
+        a, b = (strip_layout(arg) for arg in node.args)
+        return (a is x and is_op(b, aten.sigmoid) and strip_layout(b.args[0]) is x) or (
+            b is x and is_op(a, aten.sigmoid) and strip_layout(a.args[0]) is x)
     if is_op(node, aten.div):
-        num, den = strip(node.args[0]), strip(node.args[1])
+        num, den = strip_layout(node.args[0]), strip_layout(node.args[1])
         if num is not x or not is_op(den, aten.add):
             return False
-        e, one = strip(den.args[0]), den.args[1]
+        e, one = strip_layout(den.args[0]), den.args[1]
         if one != 1 or not is_op(e, aten.exp):
             return False
-        neg = strip(e.args[0])
-        return is_op(neg, aten.neg) and strip(neg.args[0]) is x
+        neg = strip_layout(e.args[0])
+        return is_op(neg, aten.neg) and strip_layout(neg.args[0]) is x
     return False
 
 
@@ -205,8 +229,8 @@ def _products_of(gate: Node, up: Node):
     """mul nodes computing silu(gate) * up (either operand order, casts and views allowed)."""
     for user in _mul_users(up):
         a, b = user.args
-        other = b if strip(a) is strip(up) else a
-        if is_silu_of(strip(other, casts=False), gate) or is_silu_of(other, gate):
+        other = b if strip_layout(a) is strip_layout(up) else a
+        if is_silu_of(other, gate):
             yield user
 
 
@@ -220,7 +244,7 @@ def _mul_users(node: Node):
             seen.add(u)
             if is_op(u, aten.mul):
                 yield u
-            elif is_op(u, *VIEW_OPS, *CAST_OPS):
+            elif is_op(u, *VIEW_OPS, *CAST_OPS, aten.permute, aten.transpose):
                 stack.append(u)
 
 
@@ -240,23 +264,20 @@ def _allowed(node: Node) -> bool:
             or node.target in (operator.mul, operator.add, operator.floordiv, operator.sub))
 
 
-def _routed_output(g2: Node, tokens_shape: tuple) -> Node:
-    """The first node after the second expert GEMM that is back at [tokens, hidden] after a reduction."""
+def _output_candidates(g2: Node, tokens_shape: tuple):
+    """Nodes after the second expert GEMM that are back at [tokens, hidden], nearest first."""
     frontier, seen = [g2], {g2}
     for _ in range(16):
         nxt = []
         for n in frontier:
             for user in n.users:
-                if user in seen:
+                if user in seen or not _allowed(user):
                     continue
                 seen.add(user)
-                if is_op(user, aten.sum, aten.index_add, aten.scatter_add, aten.index_put) \
-                        and same_shape(shape(user), tokens_shape):
-                    return user
-                if _allowed(user):
-                    nxt.append(user)
+                if same_shape(shape(user), tokens_shape) and not same_shape(shape(n), tokens_shape):
+                    yield user
+                nxt.append(user)
         frontier = nxt
-    raise MatchFailure(STEP, g2, "the expert outputs are never reduced back to one row per token")
 
 
 def _hidden_2d(router: RouterMatch) -> tuple:
@@ -280,14 +301,22 @@ def match_experts(router: RouterMatch) -> ExpertsMatch:
     I = _contraction(down_w)
     require(shape(down_w[0])[0] == E, STEP, g2, "down projection does not have one matrix per expert")
 
-    out = _routed_output(g2, _hidden_2d(router))
     sources = {router.x, router.ids, router.weights}
-    region = region_between([out], sources)
     params = {gate_w[0], up_w[0], down_w[0]} | sources
-    check_region(region, params, _allowed, STEP)
-    inputs = {i for n in region for i in n.all_input_nodes}
-    require(router.weights in inputs, STEP, out, "the routing weights are not applied to the expert outputs")
-    require(router.dense or router.ids in inputs, STEP, out, "the experts do not use the chosen expert ids")
+    failure = MatchFailure(STEP, g2, "the expert outputs are never reduced back to one row per token")
+    for out in _output_candidates(g2, _hidden_2d(router)):
+        region = region_between([out], sources)
+        try:
+            check_region(region, params, _allowed, STEP)
+            inputs = {i for n in region for i in n.all_input_nodes}
+            require(router.weights in inputs, STEP, out, "the routing weights are not applied to the expert outputs")
+            require(router.dense or router.ids in inputs, STEP, out, "the experts do not use the chosen expert ids")
+            _check_hidden_feeds_only_experts(region, router.x, [g[1] for g in g1_list])
+            break
+        except MatchFailure as err:
+            failure = err
+    else:
+        raise failure
     weight_on = "input" if _depends_on(g1_list[0][1], router.weights, sources) else "output"
 
     gate = _weight_ref(gate_w, gate_rows)
@@ -301,6 +330,18 @@ def match_experts(router: RouterMatch) -> ExpertsMatch:
     impl = op_name(g1_list[0][0])
     return ExpertsMatch(out=out, w_gate=gate, w_up=up, w_down=down, intermediate_size=int(I), weight_on=weight_on,
                         region=region, implementation=impl)
+
+
+def _check_hidden_feeds_only_experts(region: Set[Node], x: Node, g1_data: List[Node]) -> None:
+    """The hidden states may only reach the block output through the first expert GEMMs (a
+    residual add of x would otherwise be swallowed into the layer)."""
+    feeding = set(g1_data)
+    for data in g1_data:
+        feeding |= region_between([data], {x})
+    for n in region:
+        if x in n.all_input_nodes and n not in feeding:
+            raise MatchFailure(STEP, n, f"the hidden states reach the expert output through {op_name(n)}, "
+                                        "not only through the expert GEMMs")
 
 
 def _depends_on(node: Node, source: Node, sources: Set[Node]) -> bool:

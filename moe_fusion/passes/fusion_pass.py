@@ -122,6 +122,9 @@ def _match_and_rewrite(graph: Graph, topk: Node, layer: LayerRecord, keep_graphs
                                                   f"weights ({failure})") from None
         raise
     layer.baked.update(router.baked)
+    if not _selects_experts(topk):
+        raise MatchFailure("routing", topk, "this top-k is not MoE routing: its results never select expert weights "
+                                            "(no [num_experts, ., .] parameter is read with them)")
     try:
         experts = match_experts(router)
     except MatchFailure as failure:
@@ -172,9 +175,9 @@ def _foldable_norm(router: RouterMatch, covered: Set[Node]) -> Optional[NormMatc
     return norm
 
 
-def _glue(node: Node) -> bool:
-    """Ops allowed between the matched parts: reshapes, casts and the routed + shared add."""
-    return is_op(node, *VIEW_OPS, *CAST_OPS, aten.add)
+def _glue(node: Node, shared: Optional[SharedMatch]) -> bool:
+    """Nodes allowed between the matched parts: reshapes, casts and the routed + shared add."""
+    return is_op(node, *VIEW_OPS, *CAST_OPS) or (shared is not None and node is shared.out)
 
 
 def _rewrite_layer(graph: Graph, router: RouterMatch, experts: ExpertsMatch, layer: LayerRecord,
@@ -183,7 +186,7 @@ def _rewrite_layer(graph: Graph, router: RouterMatch, experts: ExpertsMatch, lay
     out = _layer_output(experts, shared)
     parts = router.region | experts.region | (shared.region if shared else set())
     covered = region_between([out], {router.x})
-    unexplained = [n for n in covered - parts if not _glue(n)]
+    unexplained = [n for n in covered - parts if not _glue(n, shared)]
     if unexplained:
         raise MatchFailure("layer", unexplained[0], "the layer output also depends on ops outside the matched "
                                                     f"router/experts/shared expert: {[n.name for n in unexplained[:5]]}")

@@ -102,6 +102,32 @@ def strip(node, views: bool = True, casts: bool = True):
     return node
 
 
+def strip_upcasts(node):
+    """Walk back through shape-only ops and casts to a wider float type (a router's .float()),
+    but not through a cast down to the model dtype, which is part of the value."""
+    while isinstance(node, Node):
+        if is_op(node, *VIEW_OPS):
+            node = node.args[0]
+        elif is_op(node, *CAST_OPS) and _widens(node.args[0], node):
+            node = node.args[0]
+        else:
+            return node
+    return node
+
+
+def _widens(src, dst) -> bool:
+    a, b = dtype(src), dtype(dst)
+    return a == b or (a is not None and b is not None and a.is_floating_point and b.is_floating_point
+                      and torch.finfo(b).bits > torch.finfo(a).bits)
+
+
+def strip_layout(node):
+    """Walk back through views, casts and permutes: the same values in another layout."""
+    while isinstance(node, Node) and is_op(node, *VIEW_OPS, *CAST_OPS, aten.permute, aten.transpose):
+        node = node.args[0]
+    return node
+
+
 def forward_through(node: Node, views: bool = True, casts: bool = True) -> List[Node]:
     """The users of ``node`` reached through shape-only ops and casts (the first non-transparent ones)."""
     out, stack, seen = [], [node], set()

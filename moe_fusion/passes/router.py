@@ -11,7 +11,7 @@ from torch.fx import Node
 
 from .graph_utils import (
     CAST_OPS, VIEW_OPS, MatchFailure, aten, check_region, dtype, is_getitem, is_neg_inf, is_op, is_param,
-    op_name, region_between, require, scalar_value, shape, strip,
+    op_name, region_between, require, scalar_value, shape, strip, strip_upcasts,
 )
 
 STEP = "router"
@@ -72,7 +72,7 @@ def _router_gemm(logits: Node, blockers: List[MatchFailure]):
     require(is_op(wt, aten.permute) and list(wt.args[1]) == [1, 0], STEP, wt, "router weight is not used transposed")
     w = strip(wt.args[0])
     require(is_param(w, 2), STEP, w, "router weight is not a 2-D model parameter")
-    x = strip(a)
+    x = strip_upcasts(a)
     return x, w, dtype(mm) == torch.float32, bias
 
 
