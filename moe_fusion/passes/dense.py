@@ -46,11 +46,15 @@ def _gated_mlp(node: Node, x: Node):
     mm = strip(node)
     if not is_op(mm, aten.mm):
         return None
-    wt = strip(mm.args[1], casts=False)
+    return _gated_mlp_parts(mm.args[0], mm.args[1], x)
+
+
+def _gated_mlp_parts(prod_arg: Node, down_arg: Node, x: Node):
+    wt = strip(down_arg, casts=False)
     if not (is_op(wt, aten.permute) and list(wt.args[1]) == [1, 0] and is_param(strip(wt.args[0]), 2)):
         return None
     down = strip(wt.args[0])
-    prod = strip(mm.args[0])
+    prod = strip(prod_arg)
     if not is_op(prod, aten.mul):
         return None
     for act, lin in ((prod.args[0], prod.args[1]), (prod.args[1], prod.args[0])):
@@ -90,6 +94,14 @@ SHARED_OPS = (aten.mm, aten.permute, aten.mul, aten.silu, aten.sigmoid, aten.neg
 def match_shared(routed_out: Node, x: Node) -> Optional[SharedMatch]:
     """routed + shared(x), where shared is a gated MLP of x (optionally sigmoid-gated)."""
     for add in forward_through(routed_out):
+        if is_op(add, aten.addmm) and strip(add.args[0]) is strip(routed_out):
+            # Inductor folds "routed + shared_down(h)" into addmm(routed, h, W.T).
+            mlp = _gated_mlp_parts(add.args[1], add.args[2], x)
+            if mlp is not None:
+                region = region_between([add.args[1], add.args[2]], {x})
+                check_region(region, {x, *mlp}, lambda n: is_op(n, *SHARED_OPS), "shared expert")
+                return SharedMatch(out=add, gate=mlp[0], up=mlp[1], down=mlp[2], expert_gate=None, region=region)
+            continue
         if not is_op(add, aten.add) or len(add.args) != 2:
             continue
         for mine, other in ((add.args[0], add.args[1]), (add.args[1], add.args[0])):

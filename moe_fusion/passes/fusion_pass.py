@@ -180,6 +180,7 @@ def _glue(node: Node, shared: Optional[SharedMatch]) -> bool:
     return is_op(node, *VIEW_OPS, *CAST_OPS) or (shared is not None and node is shared.out)
 
 
+
 def _rewrite_layer(graph: Graph, router: RouterMatch, experts: ExpertsMatch, layer: LayerRecord,
                    keep_graphs: bool) -> None:
     shared = match_shared(experts.out, router.x)

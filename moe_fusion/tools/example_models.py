@@ -43,7 +43,7 @@ class GptFastMoE(nn.Module):
 
 class DeepSeekStyleMoE(nn.Module):
     """A DeepSeek-V3-style layer written by hand: nn.RMSNorm in front, sigmoid scores with a
-    correction bias, group-limited top-k (group score = max), renormalize, scale, separate
+    correction bias (routing in fp32), group-limited top-k (group score = max), renormalize, scale, separate
     w1 / w3 / w2 expert weights run through torch._grouped_mm over tokens sorted by expert,
     and a shared expert."""
 
@@ -66,7 +66,7 @@ class DeepSeekStyleMoE(nn.Module):
 
     def forward(self, h):
         x = self.norm(h)
-        scores = torch.sigmoid(x @ self.router.t())
+        scores = torch.sigmoid(F.linear(x.float(), self.router.float()))  # fp32 routing, as DeepSeek does
         choice = scores + self.bias
         M, E = choice.shape
         groups = choice.view(M, self.n_group, E // self.n_group).amax(dim=-1)
