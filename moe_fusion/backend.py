@@ -9,6 +9,7 @@ default backend)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Optional
 
 import torch
@@ -43,7 +44,7 @@ def _with_existing(ours, existing):
     return _ChainedPass(existing, ours)
 
 
-def _capture_compile(gm, example_inputs, **kwargs):
+def _capture_compile(gm, example_inputs, graph_modules, **kwargs):
     """Inductor's inner compile without code generation: the post-grad passes (ours included)
     run and the rewritten ATen graph runs eagerly. Matching tests use it to skip codegen."""
     from torch._functorch.aot_autograd import make_boxed_func
@@ -54,6 +55,7 @@ def _capture_compile(gm, example_inputs, **kwargs):
     with V.set_fake_mode(fake_mode):
         _recursive_post_grad_passes(gm, kwargs.get("is_inference", False))
     gm.recompile()
+    graph_modules.append(gm)
     return make_boxed_func(gm.forward)
 
 
@@ -69,6 +71,7 @@ class MoEFusionBackend:
         self.codegen = codegen
         self.report = report if report is not None else MatchReport()
         self.fusion_pass = MoEFusionPass(self.report, keep_graphs=keep_graphs)
+        self.graph_modules = []  # codegen=False: the rewritten post-grad graphs, as they run
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs, **kwargs):
         from torch._inductor import config as inductor_config
@@ -80,7 +83,8 @@ class MoEFusionBackend:
             "post_grad_custom_post_pass": _with_existing(self.fusion_pass, inductor_config.post_grad_custom_post_pass),
             "fx_graph_cache": False,
         }
-        extra = {} if self.codegen else {"inner_compile": _capture_compile}
+        extra = {} if self.codegen else {
+            "inner_compile": functools.partial(_capture_compile, graph_modules=self.graph_modules)}
         token = set_example_inputs(list(example_inputs))
         try:
             with _autograd_cache_disabled():

@@ -48,13 +48,19 @@ class MoEFusionPass(CustomGraphPass):
 
     def __call__(self, graph: Graph) -> None:
         record = self.report.new_graph()
-        record.nodes_before = len(graph.nodes)
+        before = _signature(graph)
+        record.nodes_before = len(before)
         rewrite_moe_layers(graph, record, self.keep_graphs)
-        record.nodes_after = len(graph.nodes)
+        after = _signature(graph)
+        record.nodes_after, record.changed = len(after), after != before
         publish(record)
 
     def uuid(self) -> str:
         return _SOURCE_HASH
+
+
+def _signature(graph: Graph) -> List[str]:
+    return [n.format_node() or n.name for n in graph.nodes]
 
 
 # --------------------------------------------------------------------------- candidates

@@ -48,6 +48,7 @@ class GraphRecord:
     note: str = ""  # why a graph has no layer record at all (e.g. no top-k)
     nodes_before: int = 0
     nodes_after: int = 0
+    changed: bool = False  # whether the node list differs after the pass
 
     def to_dict(self) -> Dict:
         return asdict(self)

@@ -48,8 +48,9 @@ class DeepSeekStyleMoE(nn.Module):
     and a shared expert."""
 
     def __init__(self, hidden=HIDDEN, experts=16, intermediate=32, top_k=4, n_group=4, topk_group=2,
-                 scale=1.5, seed=0):
+                 scale=1.5, seed=0, grouped_mm=True):
         super().__init__()
+        self.grouped_mm = grouped_mm
         gen = torch.Generator().manual_seed(seed)
         self.top_k, self.n_group, self.topk_group, self.scale = top_k, n_group, topk_group, scale
         self.norm = nn.RMSNorm(hidden, eps=1e-6)
@@ -77,6 +78,14 @@ class DeepSeekStyleMoE(nn.Module):
         weights = scores.gather(1, ids)
         weights = weights / weights.sum(dim=-1, keepdim=True) * self.scale
 
+        routed = self._grouped(x, ids, weights) if self.grouped_mm else self._gathered(x, ids, weights)
+        shared = (F.silu(x @ self.shared_w1.t()) * (x @ self.shared_w3.t())) @ self.shared_w2.t()
+        return routed + shared
+
+
+    def _grouped(self, x, ids, weights):
+        """Tokens sorted by expert, one torch._grouped_mm per projection (bf16 only)."""
+        M, E = x.shape[0], self.w1.shape[0]
         flat = ids.flatten()
         order = flat.argsort()
         counts = torch.histc(flat.float(), bins=E, min=0, max=E - 1)
@@ -85,11 +94,15 @@ class DeepSeekStyleMoE(nn.Module):
         gate = torch._grouped_mm(xs, self.w1.transpose(1, 2), offs=offsets)
         up = torch._grouped_mm(xs, self.w3.transpose(1, 2), offs=offsets)
         ys = torch._grouped_mm(F.silu(gate) * up, self.w2.transpose(1, 2), offs=offsets)
-        out = torch.zeros(M * self.top_k, h.shape[-1], dtype=ys.dtype, device=ys.device)
+        out = torch.zeros(M * self.top_k, x.shape[-1], dtype=ys.dtype, device=ys.device)
         out[order] = ys
-        routed = (out.view(M, self.top_k, -1) * weights.unsqueeze(-1).to(ys.dtype)).sum(dim=1)
-        shared = (F.silu(x @ self.shared_w1.t()) * (x @ self.shared_w3.t())) @ self.shared_w2.t()
-        return routed + shared
+        return (out.view(M, self.top_k, -1) * weights.unsqueeze(-1).to(ys.dtype)).sum(dim=1)
+
+    def _gathered(self, x, ids, weights):
+        """Each token's expert matrices gathered by id and applied with einsum (any dtype)."""
+        h = F.silu(torch.einsum("ti,tkoi->tko", x, self.w1[ids])) * torch.einsum("ti,tkoi->tko", x, self.w3[ids])
+        out = torch.einsum("tko,tkio->tki", h, self.w2[ids])
+        return torch.einsum("tki,tk->ti", out, weights.to(out.dtype))
 
 
 class TwoKindsMoE(nn.Module):
@@ -97,7 +110,7 @@ class TwoKindsMoE(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.first = DeepSeekStyleMoE(seed=1)
+        self.first = DeepSeekStyleMoE(seed=1, grouped_mm=False)
         self.second = GptFastMoE(seed=2)
 
     def forward(self, h):
@@ -147,7 +160,7 @@ EXPECTED_LAYERS = {"gpt_fast": 1, "deepseek_style": 1, "two_kinds": 2, "dense_ml
 
 
 # torch._grouped_mm takes bf16 only.
-DEFAULT_DTYPES = {"deepseek_style": torch.bfloat16, "two_kinds": torch.bfloat16}
+DEFAULT_DTYPES = {"deepseek_style": torch.bfloat16}
 
 
 def build(name: str, dtype: torch.dtype = None) -> nn.Module:
