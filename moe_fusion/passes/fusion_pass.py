@@ -64,7 +64,7 @@ def _signature(graph: Graph) -> List[str]:
 
 
 # --------------------------------------------------------------------------- candidates
-def _reaches(start: Node, predicate, max_depth: int = 12) -> bool:
+def _reaches(start: Node, predicate, max_depth: int = 12, through=lambda n: True) -> bool:
     frontier, seen = [start], {start}
     for _ in range(max_depth):
         nxt = []
@@ -75,7 +75,8 @@ def _reaches(start: Node, predicate, max_depth: int = 12) -> bool:
                 if predicate(user):
                     return True
                 seen.add(user)
-                nxt.append(user)
+                if through(user):
+                    nxt.append(user)
         frontier = nxt
     return False
 
@@ -95,9 +96,15 @@ def _weight_source(node: Node) -> Node:
 
 
 def routing_candidates(graph: Graph) -> List[Node]:
-    """Top-k nodes that are not themselves feeding another top-k (group selection is part of a router)."""
+    """Top-k nodes that do not feed another top-k without a GEMM in between (a group selection
+    is part of its router; the next layer's router is behind GEMMs)."""
     topks = [n for n in graph.nodes if is_op(n, aten.topk)]
-    return [t for t in topks if not _reaches(t, lambda n: is_op(n, aten.topk) and n is not t, max_depth=10)]
+
+    def no_gemm(n: Node) -> bool:
+        return not (is_op(n, aten.mm, aten.addmm, aten.bmm, aten._grouped_mm) or "grouped_mm" in op_name(n))
+
+    return [t for t in topks
+            if not _reaches(t, lambda n: is_op(n, aten.topk) and n is not t, max_depth=30, through=no_gemm)]
 
 
 # --------------------------------------------------------------------------- the pass

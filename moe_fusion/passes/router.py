@@ -10,7 +10,7 @@ import torch
 from torch.fx import Node
 
 from .graph_utils import (
-    CAST_OPS, VIEW_OPS, MatchFailure, aten, check_region, dtype, is_getitem, is_neg_inf, is_op, is_param,
+    CAST_OPS, VIEW_OPS, MatchFailure, aten, prims, check_region, dtype, is_getitem, is_neg_inf, is_op, is_param,
     op_name, region_between, require, scalar_value, shape, strip, strip_upcasts,
 )
 
@@ -134,6 +134,32 @@ def _fill_value(base: Node):
     raise MatchFailure(STEP, base, "group mask does not start from a constant fill")
 
 
+def _constant(arg):
+    if isinstance(arg, (int, float, bool)):
+        return arg
+    node = strip(arg)
+    if is_op(node, aten.scalar_tensor):
+        return node.args[0]
+    if is_op(node, aten.full) and len(node.args[0]) == 0:
+        return node.args[1]
+    raise MatchFailure(STEP, node, "group mask values are not constants")
+
+
+def _group_marks(mask: Node):
+    """(value at chosen groups, value elsewhere, chosen-group ids) of a group mask built by
+    scatter(fill, 1, ids, value), or by Inductor's one-hot rewrite of it for a single chosen
+    group: where(ids.expand(M, G) == arange(G), value, fill)."""
+    if is_op(mask, aten.scatter):
+        require(mask.args[1] in (1, -1), STEP, mask, "group mask scatters along the wrong dim")
+        return bool(mask.args[3]), bool(_fill_value(mask.args[0])), mask.args[2]
+    if is_op(mask, aten.where) and is_op(strip(mask.args[0]), aten.eq):
+        eq = strip(mask.args[0])
+        a, b = strip(eq.args[0]), strip(eq.args[1])
+        ids = a if is_op(b, prims.iota, aten.arange) else b
+        return bool(_constant(mask.args[1])), bool(_constant(mask.args[2])), ids
+    raise MatchFailure(STEP, mask, "group mask is not built by a scatter of the chosen groups")
+
+
 def _group_limit(where: Node, fields: Dict[str, object]) -> Node:
     """Parse the group-limited mask around the final top-k; returns the un-masked choice scores."""
     cond, a, b = where.args
@@ -144,16 +170,12 @@ def _group_limit(where: Node, fields: Dict[str, object]) -> Node:
     else:
         raise MatchFailure(STEP, where, "top-k input is a select without a -inf branch")
     scatter, flips = _flips_to_scatter(cond)
-    require(is_op(scatter, aten.scatter), STEP, scatter, "group mask is not built by a scatter of the chosen groups")
-    require(scatter.args[1] in (1, -1), STEP, scatter, "group mask scatters along the wrong dim")
-    marked = bool(scatter.args[3])
-    base = bool(_fill_value(scatter.args[0]))
+    marked, base, gidx = _group_marks(scatter)
     require(marked != base, STEP, scatter, "group mask marks nothing")
     # cond is true for chosen groups iff the scatter wrote "true" there and the negations cancel.
     true_means_kept = marked != bool(flips % 2)
     require(true_means_kept != masked_when_true, STEP, where, "the -inf mask hides the chosen groups instead of the others")
 
-    gidx = scatter.args[2]
     require(is_getitem(gidx, 1) and is_op(gidx.args[0], aten.topk), STEP, gidx, "chosen groups do not come from a top-k")
     gtopk = gidx.args[0]
     topk_group, gdim, glargest = _topk_args(gtopk)
@@ -273,7 +295,7 @@ def _nodes_after(node: Node, depth: int):
 ALLOWED_OPS = (
     aten.mm, aten.addmm, aten.permute, aten.sigmoid, aten._softmax, aten.softmax, aten.amax, aten.sub, aten.exp, aten.sum,
     aten.div, aten.add, aten.mul, aten.topk, aten.gather, aten.where, aten.full, aten.scatter, aten.bitwise_not,
-    aten.logical_not, aten.eq, aten.ne, aten.zeros_like, aten.ones_like, aten.full_like, aten.zeros, aten.ones,
+    aten.logical_not, aten.eq, aten.ne, aten.scalar_tensor, aten.arange, prims.iota, aten.zeros_like, aten.ones_like, aten.full_like, aten.zeros, aten.ones,
 ) + VIEW_OPS + CAST_OPS
 
 
