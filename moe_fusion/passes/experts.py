@@ -11,12 +11,11 @@ import operator
 from dataclasses import dataclass, field
 from typing import List, Optional, Set, Tuple
 
-import torch
 from torch.fx import Node
 
 from .graph_utils import (
     CAST_OPS, VIEW_OPS, MatchFailure, aten, check_region, forward_through, is_getitem, is_op, is_param, op_name,
-    prims, region_between, require, same_shape, same_size, shape, strip, strip_layout, val,
+    prims, region_between, require, same_shape, same_size, shape, strip_layout,
 )
 from .router import RouterMatch
 
