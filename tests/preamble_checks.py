@@ -59,7 +59,9 @@ def assert_fp8_matches(normed: torch.Tensor, q: torch.Tensor, scale: torch.Tenso
     """Kernel quantisation of ``normed`` against torch's quantisation of the same values."""
     ref_q, ref_scale = reference.quantize_fp8_groups(normed)
     assert q.dtype == FP8_DTYPE and q.shape == ref_q.shape and scale.shape == ref_scale.shape
-    assert torch.equal(scale, ref_scale), f"scales differ: {(scale - ref_scale).abs().max().item()}"
+    # The kernel divides amax by 448 (as torch does on the CPU); torch on CUDA multiplies by 1/448
+    # instead, which can land one fp32 step away.
+    torch.testing.assert_close(scale, ref_scale, rtol=2.5e-7, atol=0)
     got, want = q.float(), ref_q.float()
     assert not got.isnan().any()
     ok = (got - want).abs() <= _fp8_step(want)

@@ -181,7 +181,7 @@ def fused_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights, block_m: int,
             bias, ids, weights, ids.stride(0), spec.renormalize_eps, spec.routed_scaling_factor,
             expert_map if expert_map is not None else ids, sorted_ids, tile_expert, num_tiles, L, block_m,
             tile_expert.numel(), BM=cfg.block_m, BE=cfg.block_e, BK=cfg.block_k, DOT_FP32=dot_fp32,
-            **topk_kernel.route_meta(spec, normed_dtype), **_align_constexprs(spec, expert_map),
+            **topk_kernel.route_meta(spec, normed_dtype, M), **_align_constexprs(spec, expert_map),
             num_warps=cfg.num_warps,
         )
         return PreambleOut(normed, x_fp8, x_scale, ids, weights, sorted_ids, tile_expert, num_tiles)
