@@ -112,3 +112,15 @@ def test_captured_in_a_cuda_graph(name):
         graph.replay()
         torch.cuda.synchronize()
         check_preamble(spec, x, w, out, 16)
+
+
+def test_without_alignment_the_rest_is_unchanged():
+    spec = SMALL["expert_parallel"]
+    w = preamble_weights(spec, DEVICE)
+    x = torch.randn(3, spec.hidden_size, device=DEVICE)
+    full = preamble.fused_preamble(spec, x, w, 4)
+    w.expert_map = None  # not needed without alignment
+    bare = preamble.fused_preamble(spec, x, w, 4, with_alignment=False)
+    assert all(t.numel() == 0 for t in bare[-3:])
+    for a, b in zip(full[:5], bare[:5]):
+        assert torch.equal(a, b)

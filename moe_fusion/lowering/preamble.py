@@ -148,12 +148,16 @@ def _check(spec: MoESpec, x: torch.Tensor, w: MoEWeights) -> None:
 
 
 def fused_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights, block_m: int,
-                   expert_map: Optional[torch.Tensor] = None, plan: Optional[PreamblePlan] = None) -> PreambleOut:
-    """RMSNorm + router + routing + fp8 quantisation + alignment of x [M, H] (see the module doc)."""
+                   expert_map: Optional[torch.Tensor] = None, plan: Optional[PreamblePlan] = None,
+                   with_alignment: bool = True) -> PreambleOut:
+    """RMSNorm + router + routing + fp8 quantisation + alignment of x [M, H] (see the module doc).
+
+    ``with_alignment=False`` skips the alignment (its three outputs are then empty), for callers
+    such as the moe_preamble op that only want ids and weights."""
     _check(spec, x, w)
     if block_m < 1:
         raise Unsupported(f"block_m must be >= 1, got {block_m}")
-    expert_map = _expert_map(spec, w, expert_map)
+    expert_map = _expert_map(spec, w, expert_map) if with_alignment else None
     x = x if x.stride(1) == 1 else x.contiguous()
     M, device = x.shape[0], x.device
     norm_weight = w.norm_weight.contiguous() if spec.rms_norm else None
@@ -166,23 +170,28 @@ def fused_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights, block_m: int,
     normed, x_fp8, x_scale = norm_quant(x, norm_weight, spec.rms_norm_eps, spec.fp8, logits, ticket, normed_dtype)
     ids = torch.empty((M, spec.top_k), dtype=torch.int32, device=device)
     weights = torch.empty((M, spec.top_k), dtype=torch.float32, device=device)
+    if M == 0 or not with_alignment:
+        no_alignment = tuple(torch.empty((0,), dtype=torch.int32, device=device) for _ in range(3))
+        aligned = reference.align_pairs(ids, expert_map, L, block_m) if with_alignment else no_alignment
     if M == 0:
-        sorted_ids, tile_expert, num_tiles = reference.align_pairs(ids, expert_map, L, block_m)
-        return PreambleOut(normed, x_fp8, x_scale, ids, weights, sorted_ids, tile_expert, num_tiles)
+        return PreambleOut(normed, x_fp8, x_scale, ids, weights, *aligned)
 
     bias = w.correction_bias.contiguous() if spec.correction_bias else logits
     rw, cfg = w.router_weight, plan.router
     dot_fp32 = _dot_fp32(spec, normed_dtype, rw.dtype)
     gemm_args = (normed, normed.stride(0), rw, rw.stride(0), rw.stride(1), logits, logits.stride(0))
     if plan.fused:
-        sorted_ids, tile_expert, num_tiles = align_kernel.alloc_align_outputs(M, spec.top_k, L, block_m, device)
+        if with_alignment:
+            sorted_ids, tile_expert, num_tiles = align_kernel.alloc_align_outputs(M, spec.top_k, L, block_m, device)
+        else:
+            sorted_ids, tile_expert, num_tiles = aligned
         _router_route_align_kernel[cfg.grid[:2]](
             *gemm_args, ticket, M, spec.num_experts, spec.hidden_size, cfg.k_per_program,
             bias, ids, weights, ids.stride(0), spec.renormalize_eps, spec.routed_scaling_factor,
             expert_map if expert_map is not None else ids, sorted_ids, tile_expert, num_tiles, L, block_m,
             tile_expert.numel(), BM=cfg.block_m, BE=cfg.block_e, BK=cfg.block_k, DOT_FP32=dot_fp32,
             **topk_kernel.route_meta(spec, normed_dtype, M), **_align_constexprs(spec, expert_map),
-            num_warps=cfg.num_warps,
+            ALIGN=with_alignment, num_warps=cfg.num_warps,
         )
         return PreambleOut(normed, x_fp8, x_scale, ids, weights, sorted_ids, tile_expert, num_tiles)
 
@@ -196,7 +205,9 @@ def fused_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights, block_m: int,
         ref_ids, ref_weights = reference.select_experts(spec, rounded, w.correction_bias if spec.correction_bias else None)
         ids.copy_(ref_ids)
         weights.copy_(ref_weights)
-    if plan.align == "kernel":
+    if not with_alignment:
+        sorted_ids, tile_expert, num_tiles = aligned
+    elif plan.align == "kernel":
         sorted_ids, tile_expert, num_tiles = align_kernel.align_pairs(ids, expert_map, L, block_m)
     else:
         sorted_ids, tile_expert, num_tiles = reference.align_pairs(ids, expert_map, L, block_m)
