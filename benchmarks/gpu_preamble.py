@@ -155,6 +155,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--skip-tests", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="dsv3 router tiling sweep and per-part times")
     ap.add_argument("--budget-s", type=float, default=400)
     ap.add_argument("--tests-timeout-s", type=int, default=170)
     args = ap.parse_args()
@@ -194,34 +195,14 @@ def main():
                   f"eager {row['eager_us']:.1f} us [{row['eager_kernels']}]", flush=True)
         save(args.out, result)
 
-    # dsv3: router tiling sweep, per-kernel device time, and the router GEMM alone.
-    spec, wsets = shapes["dsv3"], wsets_by_shape["dsv3"]
-    for M in (1, 16, 64):
-        inputs = input_sets(spec, M, wsets)
-        for block_k, per_sm, warps in ((64, 1, 4), (64, 2, 4), (128, 1, 4), (128, 2, 4), (64, 2, 8), (128, 2, 8)):
-            try:
-                us = timing.graph_replay_us(ours(spec, block_k=block_k, programs_per_sm=per_sm, num_warps=warps),
-                                            inputs)
-            except Exception as e:  # e.g. out of shared memory: recorded, not hidden
-                us = repr(e)[:120]
-            result["sweep"].append(dict(M=M, block_k=block_k, programs_per_sm=per_sm, num_warps=warps, us=us))
-        logits_sets = [(torch.randn(M, spec.num_experts, device="cuda"), b, e) for _, _, _, b, e in inputs]
-        result.setdefault("routing_alone", {})[M] = timing.graph_replay_us(
-            lambda lg, b, e: preamble.topk_kernel.select_experts(spec, lg, b, torch.bfloat16), logits_sets)
-        ids_sets = [(torch.stack([torch.randperm(spec.num_experts, device="cuda")[:spec.top_k] for _ in range(M)])
-                     .to(torch.int32),) for _ in range(8)]
-        result.setdefault("align_alone", {})[M] = timing.graph_replay_us(
-            lambda ids: preamble.align_kernel.align_pairs(ids, None, spec.num_local_experts, BLOCK_M), ids_sets)
-        result["kernel_times"][M] = kernel_times_us(ours(spec), inputs[0])
-        normed_inputs = [(preamble.reference.rms_norm(x, nw, spec.rms_norm_eps), rw, nw, b, e)
-                         for x, rw, nw, b, e in inputs]
-        result["router_only"][M] = timing.graph_replay_us(router_only_fn(spec), normed_inputs)
-        print(f"[sweep] M={M}: {[(s['block_k'], s['programs_per_sm'], s['num_warps'], s['us']) for s in result['sweep'] if s['M'] == M]}"
-              f", router GEMM alone {result['router_only'][M]:.2f} us, routing alone {result['routing_alone'][M]:.2f}"
-              f" us, align alone {result['align_alone'][M]:.2f} us, kernels {result['kernel_times'][M]}", flush=True)
+    # Where the time goes: device time per kernel (profiler, eager launches) for dsv3.
+    for M in (1, 4, 16, 64):
+        inputs = input_sets(shapes["dsv3"], M, wsets_by_shape["dsv3"][:1])
+        result["kernel_times"][M] = kernel_times_us(ours(shapes["dsv3"]), inputs[0])
+        print(f"[profile] dsv3 M={M}: {result['kernel_times'][M]}", flush=True)
     save(args.out, result)
 
-    # Inductor baseline last: compiles are slow; skip what does not fit the budget.
+    # Inductor baseline: compiles are slow; skip what does not fit the budget.
     for name, spec in shapes.items():
         if time.time() - t_start > args.budget_s - 60:
             print(f"[inductor] {name}: skipped, out of time", flush=True)
@@ -241,6 +222,36 @@ def main():
                 break
             print(f"[inductor] {name} M={row['M']}: {row['inductor_us']:.1f} us [{row['inductor_kernels']}]", flush=True)
         save(args.out, result)
+
+    # dsv3: router tiling sweep, per-kernel device time, and the router GEMM alone.
+    if not args.sweep:
+        print(markdown(result))
+        print(f"tests: {result['tests']}; total {time.time() - t_start:.0f}s")
+        return
+    spec, wsets = shapes["dsv3"], wsets_by_shape["dsv3"]
+    for M in (1, 16, 64):
+        inputs = input_sets(spec, M, wsets)
+        for block_k, per_sm, warps in ((64, 1, 4), (64, 2, 4), (128, 1, 4), (128, 2, 4), (64, 2, 8), (128, 2, 8)):
+            try:
+                us = timing.graph_replay_us(ours(spec, block_k=block_k, programs_per_sm=per_sm, num_warps=warps),
+                                            inputs)
+            except Exception as e:  # e.g. out of shared memory: recorded, not hidden
+                us = repr(e)[:120]
+            result["sweep"].append(dict(M=M, block_k=block_k, programs_per_sm=per_sm, num_warps=warps, us=us))
+        logits_sets = [(torch.randn(M, spec.num_experts, device="cuda"), b, e) for _, _, _, b, e in inputs]
+        result.setdefault("routing_alone", {})[M] = timing.graph_replay_us(
+            lambda lg, b, e: preamble.topk_kernel.select_experts(spec, lg, b, torch.bfloat16), logits_sets)
+        ids_sets = [(torch.stack([torch.randperm(spec.num_experts, device="cuda")[:spec.top_k] for _ in range(M)])
+                     .to(torch.int32),) for _ in range(8)]
+        result.setdefault("align_alone", {})[M] = timing.graph_replay_us(
+            lambda ids: preamble.align_kernel.align_pairs(ids, None, spec.num_local_experts, BLOCK_M), ids_sets)
+        normed_inputs = [(preamble.reference.rms_norm(x, nw, spec.rms_norm_eps), rw, nw, b, e)
+                         for x, rw, nw, b, e in inputs]
+        result["router_only"][M] = timing.graph_replay_us(router_only_fn(spec), normed_inputs)
+        print(f"[sweep] M={M}: {[(s['block_k'], s['programs_per_sm'], s['num_warps'], s['us']) for s in result['sweep'] if s['M'] == M]}"
+              f", router GEMM alone {result['router_only'][M]:.2f} us, routing alone {result['routing_alone'][M]:.2f}"
+              f" us, align alone {result['align_alone'][M]:.2f} us, kernels {result['kernel_times'][M]}", flush=True)
+    save(args.out, result)
 
     print(markdown(result))
     print(f"tests: {result['tests']}; total {time.time() - t_start:.0f}s")

@@ -103,6 +103,15 @@ def clean_rows(spec: MoESpec, logits: torch.Tensor, bias) -> torch.Tensor:
     return clean
 
 
+def near_rounding_boundary(normed: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
+    """Rows with a logit whose rounding to the model dtype a 1e-6 relative change of its fp32
+    value would flip: a model-dtype router rounds its logits, so a different fp32 summation order
+    can move such a logit by one bf16 step (seen on the H100 at M=300, 16 of 1640 weights)."""
+    exact = normed.double() @ router_weight.double().T
+    lo, hi = (exact * (1 - 1e-6)).to(normed.dtype), (exact * (1 + 1e-6)).to(normed.dtype)
+    return (lo != hi).any(-1)
+
+
 def assert_routing_matches(spec: MoESpec, normed: torch.Tensor, router_weight, bias, ids, weights,
                            min_clean: float = 0.5) -> None:
     """Kernel routing against the reference's routing of the same normed input."""
@@ -113,6 +122,8 @@ def assert_routing_matches(spec: MoESpec, normed: torch.Tensor, router_weight, b
     assert ((ids >= 0) & (ids < spec.num_experts)).all()
     assert not weights.isnan().any()
     clean = clean_rows(spec, logits.double(), None if bias is None else bias.double())
+    if not spec.router_fp32 and normed.dtype != torch.float32:
+        clean &= ~near_rounding_boundary(normed, router_weight)
     assert clean.float().mean() >= min_clean, "too few rows without near ties to test anything"
     assert torch.equal(ids[clean], ref_ids[clean])
     torch.testing.assert_close(weights[clean], ref_weights[clean].float(), rtol=1e-5, atol=1e-6)

@@ -28,6 +28,9 @@ from .norm_quant_kernel import norm_quant
 from .router_kernel import _router_kernel, _router_route_align_kernel
 
 FUSED_MAX_M = 64
+# The fused epilogue routes every row in one program; above this many rows x padded experts the
+# general path (routing spread over programs) was faster on the H100 (benchmarks/preamble_notes.md).
+FUSED_MAX_ROUTE_TILE = 1024
 ALIGN_KERNEL_MAX_M = 1024
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -103,7 +106,8 @@ def plan_preamble(spec: MoESpec, M: int, normed_dtype: torch.dtype, router_dtype
     align_ok = align_kernel.align_fits(spec.num_local_experts)
     if not align_ok:
         reasons.append(f"alignment: {spec.num_local_experts} local experts exceed the selection tile; torch alignment")
-    fused = route == "kernel" and align_ok and M <= FUSED_MAX_M
+    route_tile = M * triton.next_power_of_2(spec.n_group) * triton.next_power_of_2(spec.experts_per_group)
+    fused = route == "kernel" and align_ok and M <= FUSED_MAX_M and route_tile <= FUSED_MAX_ROUTE_TILE
     if fused:
         align = "fused"
     elif align_ok and M <= ALIGN_KERNEL_MAX_M:
@@ -112,8 +116,9 @@ def plan_preamble(spec: MoESpec, M: int, normed_dtype: torch.dtype, router_dtype
         align = "reference"
         if align_ok:
             reasons.append(f"alignment: M={M} > {ALIGN_KERNEL_MAX_M}, the sort-based torch alignment is faster")
-    if M > FUSED_MAX_M:
-        reasons.append(f"M={M} > {FUSED_MAX_M}: general multi-launch path")
+    if not fused and route == "kernel" and align_ok:
+        reasons.append(f"M={M} rows x padded experts = {route_tile} > {FUSED_MAX_ROUTE_TILE} or M > {FUSED_MAX_M}: "
+                       "general multi-launch path")
     sm = _sm_count(torch.device(device).index or 0) if torch.device(device).type == "cuda" else _sm_count(None)
     cfg = router_config(M, spec.num_experts, spec.hidden_size, _dot_fp32(spec, normed_dtype, router_dtype), sm,
                         fused, **router_overrides)
@@ -190,7 +195,7 @@ def fused_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights, block_m: int,
             bias, ids, weights, ids.stride(0), spec.renormalize_eps, spec.routed_scaling_factor,
             expert_map if expert_map is not None else ids, sorted_ids, tile_expert, num_tiles, L, block_m,
             tile_expert.numel(), BM=cfg.block_m, BE=cfg.block_e, BK=cfg.block_k, DOT_FP32=dot_fp32,
-            **topk_kernel.route_meta(spec, normed_dtype, M), **_align_constexprs(spec, expert_map),
+            **topk_kernel.route_meta(spec, normed_dtype, M), **_align_constexprs(spec, expert_map, M),
             ALIGN=with_alignment, num_warps=cfg.num_warps,
         )
         return PreambleOut(normed, x_fp8, x_scale, ids, weights, sorted_ids, tile_expert, num_tiles)
@@ -214,8 +219,8 @@ def fused_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights, block_m: int,
     return PreambleOut(normed, x_fp8, x_scale, ids, weights, sorted_ids, tile_expert, num_tiles)
 
 
-def _align_constexprs(spec: MoESpec, expert_map) -> dict:
-    meta = align_kernel.align_meta(spec.num_local_experts, spec.top_k, expert_map)
+def _align_constexprs(spec: MoESpec, expert_map, M: int) -> dict:
+    meta = align_kernel.align_meta(spec.num_local_experts, spec.top_k, expert_map, M)
     del meta["TOP_K"]  # shared with the routing constexprs
     return meta
 
