@@ -11,6 +11,9 @@ import torch
 from ..spec import FP8_DTYPE, MoESpec, MoEWeights
 from . import reference
 
+# Why the last call of an op left the kernels for the reference (for ``moe-fusion inspect``).
+last_fallback_reason = {}
+
 
 def moe_layer(spec: MoESpec, x: torch.Tensor, w: MoEWeights) -> torch.Tensor:
     _check_input(spec, x)
@@ -19,6 +22,14 @@ def moe_layer(spec: MoESpec, x: torch.Tensor, w: MoEWeights) -> torch.Tensor:
 
 def moe_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights):
     _check_input(spec, x)
+    if x.is_cuda:
+        from .preamble import Unsupported, fused_preamble  # Triton is imported only where it runs
+
+        try:
+            out = fused_preamble(spec, x, w, block_m=1, with_alignment=False)
+            return out.normed, out.x_fp8, out.x_scale, out.topk_ids, out.topk_weights
+        except Unsupported as reason:
+            last_fallback_reason["moe_preamble"] = str(reason)
     normed, ids, weights = reference.moe_preamble(spec, x, w)
     if spec.fp8:
         x_fp8, x_scale = reference.quantize_fp8_groups(normed)
