@@ -42,7 +42,7 @@ TARGET_US = {m: (8.0 if m <= 16 else 12.0) for m in MS}
 
 
 def run_tests(out_dir: str, timeout_s: int) -> str:
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
            "tests/test_preamble_kernels.py", "tests/test_preamble_fused.py"]
     t0 = time.time()
     try:
