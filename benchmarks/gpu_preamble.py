@@ -42,7 +42,7 @@ TARGET_US = {m: (8.0 if m <= 16 else 12.0) for m in MS}
 
 
 def run_tests(out_dir: str, timeout_s: int) -> str:
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
            "tests/test_preamble_kernels.py", "tests/test_preamble_fused.py"]
     t0 = time.time()
     try:
@@ -69,13 +69,18 @@ def input_sets(spec, M, wsets):
     return [(torch.randn(M, spec.hidden_size, generator=g).to(spec.torch_dtype).cuda(), *ws) for ws in wsets]
 
 
-def ours(spec, **plan_overrides):
+def ours(spec, general=False, **plan_overrides):
+    """fused_preamble as planned; ``general`` forces the multi-launch path (router, routing, align)."""
     def fn(x, rw, nw, bias, emap):
         w = MoEWeights(router_weight=rw, w_gate=None, w_up=None, w_down=None, norm_weight=nw, correction_bias=bias,
                        expert_map=emap)
         plan = None
-        if plan_overrides:
+        if plan_overrides or general:
             plan = preamble.plan_preamble(spec, x.shape[0], x.dtype, rw.dtype, x.device, **plan_overrides)
+            if general:
+                plan.fused, plan.align = False, "kernel"
+                plan.router = preamble.router_config(x.shape[0], spec.num_experts, spec.hidden_size, False,
+                                                     preamble._sm_count(0), False, **plan_overrides)
         return preamble.fused_preamble(spec, x, w, BLOCK_M, emap, plan=plan)
     return fn
 
@@ -135,11 +140,13 @@ def markdown(result) -> str:
              f"triton {result['triton']}, {result['date']}. Time per call in us under CUDA graphs (inputs and "
              f"router weights rotated past L2); kernels per call in brackets. Copy bandwidth "
              f"{result['copy_bw_TBps']:.2f} TB/s.", "",
-             "| shape | M | fused (us) | eager (us) | Inductor (us) | router weight / bw floor (us) | path |",
-             "|---|---|---|---|---|---|---|"]
+             "| shape | M | fused_preamble (us) | general path forced (us) | eager (us) | Inductor (us) | "
+             "router weight / bw floor (us) | planned path |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         ind = "-" if r.get("inductor_us") is None else f"{r['inductor_us']:.1f} [{r.get('inductor_kernels', '?')}]"
         lines.append(f"| {r['shape']} | {r['M']} | {r['fused_us']:.1f} [{r['fused_kernels']}] | "
+                     f"{r['general_us']:.1f} [{r['general_kernels']}] | "
                      f"{r['eager_us']:.1f} [{r['eager_kernels']}] | {ind} | {r['floor_us']:.2f} | {r['path']} |")
     return "\n".join(lines) + "\n"
 
@@ -148,6 +155,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--skip-tests", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="dsv3 router tiling sweep and per-part times")
     ap.add_argument("--budget-s", type=float, default=400)
     ap.add_argument("--tests-timeout-s", type=int, default=170)
     args = ap.parse_args()
@@ -176,31 +184,25 @@ def main():
                        router_weight_bytes=wbytes, floor_us=wbytes / bw * 1e6)
             row["fused_us"] = timing.graph_replay_us(ours(spec), inputs)
             row["fused_kernels"] = timing.kernels_per_call(ours(spec), inputs[0])
+            row["general_us"] = timing.graph_replay_us(ours(spec, general=True), inputs)
+            row["general_kernels"] = timing.kernels_per_call(ours(spec, general=True), inputs[0])
             row["eager_us"] = timing.graph_replay_us(reference_fn(spec), inputs)
             row["eager_kernels"] = timing.kernels_per_call(reference_fn(spec), inputs[0])
             row["bw_fraction"] = row["floor_us"] / row["fused_us"]
             result["rows"].append(row)
-            print(f"[bench] {name} M={M}: fused {row['fused_us']:.2f} us [{row['fused_kernels']}], "
+            print(f"[bench] {name} M={M}: fused {row['fused_us']:.2f} us [{row['fused_kernels']}], general "
+                  f"{row['general_us']:.2f} us [{row['general_kernels']}], "
                   f"eager {row['eager_us']:.1f} us [{row['eager_kernels']}]", flush=True)
         save(args.out, result)
 
-    # dsv3: router tiling sweep, per-kernel device time, and the router GEMM alone.
-    spec, wsets = shapes["dsv3"], wsets_by_shape["dsv3"]
-    for M in (1, 16, 64):
-        inputs = input_sets(spec, M, wsets)
-        for block_k, per_sm, warps in ((64, 1, 4), (64, 2, 4), (64, 4, 4), (128, 1, 4), (128, 2, 4), (256, 1, 4),
-                                       (64, 2, 8), (128, 1, 8), (128, 2, 8)):
-            us = timing.graph_replay_us(ours(spec, block_k=block_k, programs_per_sm=per_sm, num_warps=warps), inputs)
-            result["sweep"].append(dict(M=M, block_k=block_k, programs_per_sm=per_sm, num_warps=warps, us=us))
-        result["kernel_times"][M] = kernel_times_us(ours(spec), inputs[0])
-        normed_inputs = [(preamble.reference.rms_norm(x, nw, spec.rms_norm_eps), rw, nw, b, e)
-                         for x, rw, nw, b, e in inputs]
-        result["router_only"][M] = timing.graph_replay_us(router_only_fn(spec), normed_inputs)
-        print(f"[sweep] M={M}: {[(s['block_k'], s['programs_per_sm'], s['num_warps'], round(s['us'], 2)) for s in result['sweep'] if s['M'] == M]}"
-              f", router GEMM alone {result['router_only'][M]:.2f} us, kernels {result['kernel_times'][M]}", flush=True)
+    # Where the time goes: device time per kernel (profiler, eager launches) for dsv3.
+    for M in (1, 4, 16, 64):
+        inputs = input_sets(shapes["dsv3"], M, wsets_by_shape["dsv3"][:1])
+        result["kernel_times"][M] = kernel_times_us(ours(shapes["dsv3"]), inputs[0])
+        print(f"[profile] dsv3 M={M}: {result['kernel_times'][M]}", flush=True)
     save(args.out, result)
 
-    # Inductor baseline last: compiles are slow; skip what does not fit the budget.
+    # Inductor baseline: compiles are slow; skip what does not fit the budget.
     for name, spec in shapes.items():
         if time.time() - t_start > args.budget_s - 60:
             print(f"[inductor] {name}: skipped, out of time", flush=True)
@@ -220,6 +222,36 @@ def main():
                 break
             print(f"[inductor] {name} M={row['M']}: {row['inductor_us']:.1f} us [{row['inductor_kernels']}]", flush=True)
         save(args.out, result)
+
+    # dsv3: router tiling sweep, per-kernel device time, and the router GEMM alone.
+    if not args.sweep:
+        print(markdown(result))
+        print(f"tests: {result['tests']}; total {time.time() - t_start:.0f}s")
+        return
+    spec, wsets = shapes["dsv3"], wsets_by_shape["dsv3"]
+    for M in (1, 16, 64):
+        inputs = input_sets(spec, M, wsets)
+        for block_k, per_sm, warps in ((64, 1, 4), (64, 2, 4), (128, 1, 4), (128, 2, 4), (64, 2, 8), (128, 2, 8)):
+            try:
+                us = timing.graph_replay_us(ours(spec, block_k=block_k, programs_per_sm=per_sm, num_warps=warps),
+                                            inputs)
+            except Exception as e:  # e.g. out of shared memory: recorded, not hidden
+                us = repr(e)[:120]
+            result["sweep"].append(dict(M=M, block_k=block_k, programs_per_sm=per_sm, num_warps=warps, us=us))
+        logits_sets = [(torch.randn(M, spec.num_experts, device="cuda"), b, e) for _, _, _, b, e in inputs]
+        result.setdefault("routing_alone", {})[M] = timing.graph_replay_us(
+            lambda lg, b, e: preamble.topk_kernel.select_experts(spec, lg, b, torch.bfloat16), logits_sets)
+        ids_sets = [(torch.stack([torch.randperm(spec.num_experts, device="cuda")[:spec.top_k] for _ in range(M)])
+                     .to(torch.int32),) for _ in range(8)]
+        result.setdefault("align_alone", {})[M] = timing.graph_replay_us(
+            lambda ids: preamble.align_kernel.align_pairs(ids, None, spec.num_local_experts, BLOCK_M), ids_sets)
+        normed_inputs = [(preamble.reference.rms_norm(x, nw, spec.rms_norm_eps), rw, nw, b, e)
+                         for x, rw, nw, b, e in inputs]
+        result["router_only"][M] = timing.graph_replay_us(router_only_fn(spec), normed_inputs)
+        print(f"[sweep] M={M}: {[(s['block_k'], s['programs_per_sm'], s['num_warps'], s['us']) for s in result['sweep'] if s['M'] == M]}"
+              f", router GEMM alone {result['router_only'][M]:.2f} us, routing alone {result['routing_alone'][M]:.2f}"
+              f" us, align alone {result['align_alone'][M]:.2f} us, kernels {result['kernel_times'][M]}", flush=True)
+    save(args.out, result)
 
     print(markdown(result))
     print(f"tests: {result['tests']}; total {time.time() - t_start:.0f}s")

@@ -40,10 +40,13 @@ def poisoned_empty():
 def assert_normed_close(got: torch.Tensor, ref: torch.Tensor) -> None:
     assert got.dtype == ref.dtype and got.shape == ref.shape
     assert not got.isnan().any()
-    # fp32 keeps the statistic's last-bit differences (r is used twice); half types round them away
-    # except where x * r sits at a rounding boundary, which is rare.
-    steps = 4 if ref.dtype == torch.float32 else 1
-    step = steps * torch.finfo(ref.dtype).eps * ref.float().abs().clamp(min=torch.finfo(ref.dtype).tiny)
+    # The reference rounds twice (x * r to the dtype, then times the weight), so a last-bit
+    # difference in r (summation order; torch's CUDA rsqrt is approximate) can move a value by two
+    # steps of its dtype (seen on the H100 at dsv3 M=1500: 2^-6 at |x| < 2); fp32 keeps such
+    # differences as a few ulps.
+    steps = 4 if ref.dtype == torch.float32 else 2
+    magnitude = torch.maximum(got.float().abs(), ref.float().abs()).clamp(min=torch.finfo(ref.dtype).tiny)
+    step = steps * torch.finfo(ref.dtype).eps * magnitude
     diff = (got.float() - ref.float()).abs()
     assert (diff <= step * 1.01).all(), f"normed off by more than {steps} step(s): {diff.max().item()}"
     if ref.dtype != torch.float32:
@@ -59,7 +62,9 @@ def assert_fp8_matches(normed: torch.Tensor, q: torch.Tensor, scale: torch.Tenso
     """Kernel quantisation of ``normed`` against torch's quantisation of the same values."""
     ref_q, ref_scale = reference.quantize_fp8_groups(normed)
     assert q.dtype == FP8_DTYPE and q.shape == ref_q.shape and scale.shape == ref_scale.shape
-    assert torch.equal(scale, ref_scale), f"scales differ: {(scale - ref_scale).abs().max().item()}"
+    # The kernel divides amax by 448 (as torch does on the CPU); torch on CUDA multiplies by 1/448
+    # instead, which can land one fp32 step away.
+    torch.testing.assert_close(scale, ref_scale, rtol=2.5e-7, atol=0)
     got, want = q.float(), ref_q.float()
     assert not got.isnan().any()
     ok = (got - want).abs() <= _fp8_step(want)
@@ -101,6 +106,15 @@ def clean_rows(spec: MoESpec, logits: torch.Tensor, bias) -> torch.Tensor:
     return clean
 
 
+def near_rounding_boundary(normed: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
+    """Rows with a logit whose rounding to the model dtype a 1e-6 relative change of its fp32
+    value would flip: a model-dtype router rounds its logits, so a different fp32 summation order
+    can move such a logit by one bf16 step (seen on the H100 at M=300, 16 of 1640 weights)."""
+    exact = normed.double() @ router_weight.double().T
+    lo, hi = (exact * (1 - 1e-6)).to(normed.dtype), (exact * (1 + 1e-6)).to(normed.dtype)
+    return (lo != hi).any(-1)
+
+
 def assert_routing_matches(spec: MoESpec, normed: torch.Tensor, router_weight, bias, ids, weights,
                            min_clean: float = 0.5) -> None:
     """Kernel routing against the reference's routing of the same normed input."""
@@ -111,6 +125,8 @@ def assert_routing_matches(spec: MoESpec, normed: torch.Tensor, router_weight, b
     assert ((ids >= 0) & (ids < spec.num_experts)).all()
     assert not weights.isnan().any()
     clean = clean_rows(spec, logits.double(), None if bias is None else bias.double())
+    if not spec.router_fp32 and normed.dtype != torch.float32:
+        clean &= ~near_rounding_boundary(normed, router_weight)
     assert clean.float().mean() >= min_clean, "too few rows without near ties to test anything"
     assert torch.equal(ids[clean], ref_ids[clean])
     torch.testing.assert_close(weights[clean], ref_weights[clean].float(), rtol=1e-5, atol=1e-6)

@@ -112,3 +112,29 @@ def test_captured_in_a_cuda_graph(name):
         graph.replay()
         torch.cuda.synchronize()
         check_preamble(spec, x, w, out, 16)
+
+
+def test_without_alignment_the_rest_is_unchanged():
+    spec = SMALL["expert_parallel"]
+    w = preamble_weights(spec, DEVICE)
+    x = torch.randn(3, spec.hidden_size, device=DEVICE)
+    full = preamble.fused_preamble(spec, x, w, 4)
+    w.expert_map = None  # not needed without alignment
+    bare = preamble.fused_preamble(spec, x, w, 4, with_alignment=False)
+    assert all(t.numel() == 0 for t in bare[-3:])
+    for a, b in zip(full[:5], bare[:5]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_moe_preamble_op_uses_the_kernels_on_cuda():
+    from moe_fusion.lowering import dispatch, reference
+    from moe_fusion.ops import call_moe_preamble
+
+    spec = real_shapes()["dsv3"]
+    w = preamble_weights(spec, "cuda")
+    x = torch.randn(5, spec.hidden_size, device="cuda", dtype=spec.torch_dtype)
+    outputs = call_moe_preamble(spec, x, w)
+    assert ("moe_preamble", spec.to_json()) not in dispatch.fallback_reasons
+    aligned = reference.align_pairs(outputs[3], None, spec.num_local_experts, 16)
+    check_preamble(spec, x, w, preamble.PreambleOut(*outputs, *aligned), 16)

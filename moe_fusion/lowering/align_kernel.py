@@ -87,9 +87,10 @@ def _align_kernel(
                     max_tiles, TOKENS, L_PAD, TOP_K, HAS_MAP)
 
 
-def align_meta(num_local_experts: int, top_k: int, expert_map: Optional[torch.Tensor]) -> dict:
+def align_meta(num_local_experts: int, top_k: int, expert_map: Optional[torch.Tensor], M: int = 1 << 30) -> dict:
     l_pad = triton.next_power_of_2(num_local_experts)
-    return dict(TOKENS=max(1, min(64, MAX_SELECTION_TILE // l_pad)), L_PAD=l_pad, TOP_K=top_k,
+    tokens = min(64, triton.next_power_of_2(max(M, 1)), MAX_SELECTION_TILE // l_pad)
+    return dict(TOKENS=max(1, tokens), L_PAD=l_pad, TOP_K=top_k,
                 HAS_MAP=expert_map is not None)
 
 
@@ -108,7 +109,7 @@ def align_pairs(topk_ids: torch.Tensor, expert_map: Optional[torch.Tensor], num_
     """Same contract as ``reference.align_pairs``, in one program (for moderate M)."""
     M, top_k = topk_ids.shape
     sorted_ids, tile_expert, num_tiles = alloc_align_outputs(M, top_k, num_local_experts, block_m, topk_ids.device)
-    meta = align_meta(num_local_experts, top_k, expert_map)
+    meta = align_meta(num_local_experts, top_k, expert_map, M)
     _align_kernel[(1,)](
         topk_ids, topk_ids.stride(0), topk_ids if expert_map is None else expert_map, sorted_ids, tile_expert,
         num_tiles, M, num_local_experts, block_m, tile_expert.numel(), **meta,

@@ -28,6 +28,9 @@ from .norm_quant_kernel import norm_quant
 from .router_kernel import _router_kernel, _router_route_align_kernel
 
 FUSED_MAX_M = 64
+# The fused epilogue routes every row in one program; above this many rows x padded experts the
+# general path (routing spread over programs) was faster on the H100 (benchmarks/preamble_notes.md).
+FUSED_MAX_ROUTE_TILE = 1024
 ALIGN_KERNEL_MAX_M = 1024
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -103,7 +106,8 @@ def plan_preamble(spec: MoESpec, M: int, normed_dtype: torch.dtype, router_dtype
     align_ok = align_kernel.align_fits(spec.num_local_experts)
     if not align_ok:
         reasons.append(f"alignment: {spec.num_local_experts} local experts exceed the selection tile; torch alignment")
-    fused = route == "kernel" and align_ok and M <= FUSED_MAX_M
+    route_tile = M * triton.next_power_of_2(spec.n_group) * triton.next_power_of_2(spec.experts_per_group)
+    fused = route == "kernel" and align_ok and M <= FUSED_MAX_M and route_tile <= FUSED_MAX_ROUTE_TILE
     if fused:
         align = "fused"
     elif align_ok and M <= ALIGN_KERNEL_MAX_M:
@@ -112,8 +116,9 @@ def plan_preamble(spec: MoESpec, M: int, normed_dtype: torch.dtype, router_dtype
         align = "reference"
         if align_ok:
             reasons.append(f"alignment: M={M} > {ALIGN_KERNEL_MAX_M}, the sort-based torch alignment is faster")
-    if M > FUSED_MAX_M:
-        reasons.append(f"M={M} > {FUSED_MAX_M}: general multi-launch path")
+    if not fused and route == "kernel" and align_ok:
+        reasons.append(f"M={M} rows x padded experts = {route_tile} > {FUSED_MAX_ROUTE_TILE} or M > {FUSED_MAX_M}: "
+                       "general multi-launch path")
     sm = _sm_count(torch.device(device).index or 0) if torch.device(device).type == "cuda" else _sm_count(None)
     cfg = router_config(M, spec.num_experts, spec.hidden_size, _dot_fp32(spec, normed_dtype, router_dtype), sm,
                         fused, **router_overrides)
@@ -149,16 +154,18 @@ def _check(spec: MoESpec, x: torch.Tensor, w: MoEWeights) -> None:
 
 def fused_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights, block_m: int,
                    expert_map: Optional[torch.Tensor] = None, plan: Optional[PreamblePlan] = None,
+                   with_alignment: bool = True,
                    after_norm: Optional[Callable[[torch.Tensor], None]] = None) -> PreambleOut:
     """RMSNorm + router + routing + fp8 quantisation + alignment of x [M, H] (see the module doc).
 
-    after_norm(normed) is called once the norm is queued and before the router is: the point
-    where work that needs only the normed states (the shared expert) can fork to another stream.
-    """
+    ``with_alignment=False`` skips the alignment (its three outputs are then empty), for callers
+    such as the moe_preamble op that only want ids and weights. after_norm(normed) is called once
+    the norm is queued and before the router is: the point where work that needs only the normed
+    states (the shared expert) can fork to another stream."""
     _check(spec, x, w)
     if block_m < 1:
         raise Unsupported(f"block_m must be >= 1, got {block_m}")
-    expert_map = _expert_map(spec, w, expert_map)
+    expert_map = _expert_map(spec, w, expert_map) if with_alignment else None
     x = x if x.stride(1) == 1 else x.contiguous()
     M, device = x.shape[0], x.device
     norm_weight = w.norm_weight.contiguous() if spec.rms_norm else None
@@ -173,23 +180,28 @@ def fused_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights, block_m: int,
         after_norm(normed)
     ids = torch.empty((M, spec.top_k), dtype=torch.int32, device=device)
     weights = torch.empty((M, spec.top_k), dtype=torch.float32, device=device)
+    if M == 0 or not with_alignment:
+        no_alignment = tuple(torch.empty((0,), dtype=torch.int32, device=device) for _ in range(3))
+        aligned = reference.align_pairs(ids, expert_map, L, block_m) if with_alignment else no_alignment
     if M == 0:
-        sorted_ids, tile_expert, num_tiles = reference.align_pairs(ids, expert_map, L, block_m)
-        return PreambleOut(normed, x_fp8, x_scale, ids, weights, sorted_ids, tile_expert, num_tiles)
+        return PreambleOut(normed, x_fp8, x_scale, ids, weights, *aligned)
 
     bias = w.correction_bias.contiguous() if spec.correction_bias else logits
     rw, cfg = w.router_weight, plan.router
     dot_fp32 = _dot_fp32(spec, normed_dtype, rw.dtype)
     gemm_args = (normed, normed.stride(0), rw, rw.stride(0), rw.stride(1), logits, logits.stride(0))
     if plan.fused:
-        sorted_ids, tile_expert, num_tiles = align_kernel.alloc_align_outputs(M, spec.top_k, L, block_m, device)
+        if with_alignment:
+            sorted_ids, tile_expert, num_tiles = align_kernel.alloc_align_outputs(M, spec.top_k, L, block_m, device)
+        else:
+            sorted_ids, tile_expert, num_tiles = aligned
         _router_route_align_kernel[cfg.grid[:2]](
             *gemm_args, ticket, M, spec.num_experts, spec.hidden_size, cfg.k_per_program,
             bias, ids, weights, ids.stride(0), spec.renormalize_eps, spec.routed_scaling_factor,
             expert_map if expert_map is not None else ids, sorted_ids, tile_expert, num_tiles, L, block_m,
             tile_expert.numel(), BM=cfg.block_m, BE=cfg.block_e, BK=cfg.block_k, DOT_FP32=dot_fp32,
-            **topk_kernel.route_meta(spec, normed_dtype), **_align_constexprs(spec, expert_map),
-            num_warps=cfg.num_warps,
+            **topk_kernel.route_meta(spec, normed_dtype, M), **_align_constexprs(spec, expert_map, M),
+            ALIGN=with_alignment, num_warps=cfg.num_warps,
         )
         return PreambleOut(normed, x_fp8, x_scale, ids, weights, sorted_ids, tile_expert, num_tiles)
 
@@ -203,15 +215,17 @@ def fused_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights, block_m: int,
         ref_ids, ref_weights = reference.select_experts(spec, rounded, w.correction_bias if spec.correction_bias else None)
         ids.copy_(ref_ids)
         weights.copy_(ref_weights)
-    if plan.align == "kernel":
+    if not with_alignment:
+        sorted_ids, tile_expert, num_tiles = aligned
+    elif plan.align == "kernel":
         sorted_ids, tile_expert, num_tiles = align_kernel.align_pairs(ids, expert_map, L, block_m)
     else:
         sorted_ids, tile_expert, num_tiles = reference.align_pairs(ids, expert_map, L, block_m)
     return PreambleOut(normed, x_fp8, x_scale, ids, weights, sorted_ids, tile_expert, num_tiles)
 
 
-def _align_constexprs(spec: MoESpec, expert_map) -> dict:
-    meta = align_kernel.align_meta(spec.num_local_experts, spec.top_k, expert_map)
+def _align_constexprs(spec: MoESpec, expert_map, M: int) -> dict:
+    meta = align_kernel.align_meta(spec.num_local_experts, spec.top_k, expert_map, M)
     del meta["TOP_K"]  # shared with the routing constexprs
     return meta
 

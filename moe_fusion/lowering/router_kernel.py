@@ -71,7 +71,7 @@ def _router_route_align_kernel(
     EPG_PAD: tl.constexpr, TOP_K: tl.constexpr, K_PAD: tl.constexpr, TOPK_GROUP: tl.constexpr,
     SCORING: tl.constexpr, SCORE_BEFORE_TOPK: tl.constexpr, HAS_BIAS: tl.constexpr,
     GROUP_MAX: tl.constexpr, RENORMALIZE: tl.constexpr, ROUND_TO: tl.constexpr,
-    TOKENS: tl.constexpr, L_PAD: tl.constexpr, HAS_MAP: tl.constexpr,
+    TOKENS: tl.constexpr, L_PAD: tl.constexpr, HAS_MAP: tl.constexpr, ALIGN: tl.constexpr,
 ):
     """All M rows in one row block (M <= BM); grid (k-chunks, expert blocks)."""
     col0 = tl.program_id(1) * BE
@@ -90,6 +90,7 @@ def _router_route_align_kernel(
             route_rows(logits_ptr, stride_lm, bias_ptr, ids_ptr, weights_ptr, stride_om, row0, M, renorm_eps,
                        routed_scale, ROWS, N_GROUP, G_PAD, EPG, EPG_PAD, TOP_K, K_PAD, TOPK_GROUP, SCORING,
                        SCORE_BEFORE_TOPK, HAS_BIAS, GROUP_MAX, RENORMALIZE, ROUND_TO, True)
-        tl.debug_barrier()  # the alignment reads the ids other threads just wrote
-        align_pairs_cta(ids_ptr, stride_om, map_ptr, sorted_ptr, tile_expert_ptr, num_tiles_ptr, M, L, block_m,
-                        max_tiles, TOKENS, L_PAD, TOP_K, HAS_MAP)
+        if ALIGN:
+            tl.debug_barrier()  # the alignment reads the ids other threads just wrote
+            align_pairs_cta(ids_ptr, stride_om, map_ptr, sorted_ptr, tile_expert_ptr, num_tiles_ptr, M, L, block_m,
+                            max_tiles, TOKENS, L_PAD, TOP_K, HAS_MAP)
