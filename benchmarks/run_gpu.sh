@@ -10,7 +10,9 @@
 #   BENCH_ARGS: extra flags for every bench call (e.g. "--variant-budget 30")
 #   RUN_BUDGET_S [510]: wall seconds for the whole script; the bench calls are cut to fit and keep
 #     what they finished (their JSON is rewritten after every part)
-#   RUN_GPU_TESTS [1]: 0 skips the GPU tests
+#   RUN_GPU_TESTS [1]: 0 skips the GPU tests; GPU_TESTS [tests/]: which test files
+#   E2E_S [0]: seconds for benchmarks/e2e_decode.py (HF DeepSeek-V3-style decode step), 0 skips it;
+#     E2E_ARGS [--config real --layers 2 --batch 1,4,16]
 set -u
 START=$(date +%s)
 OUT=${OUT:-benchmarks/out}
@@ -39,7 +41,7 @@ $PY -c 'import sys, torch, triton; print("python", sys.version.split()[0], "| to
 
 if [ "${RUN_GPU_TESTS:-1}" = 1 ]; then
   echo "== GPU tests (log: $OUT/gpu_tests.log)"
-  timeout -k 10 $(( $(left) / 3 )) $PY -m pytest -q -m gpu tests/ -p no:cacheprovider >"$OUT/gpu_tests.log" 2>&1
+  timeout -k 10 $(( $(left) / 3 )) $PY -m pytest -q -m gpu ${GPU_TESTS:-tests/} -p no:cacheprovider >"$OUT/gpu_tests.log" 2>&1
   echo "pytest exit code $?"
   tail -n 15 "$OUT/gpu_tests.log"
 fi
@@ -52,6 +54,14 @@ bench() {  # bench SECONDS ARGS...: one bench call, cut at SECONDS, logged to be
   echo "exit code $rc$( [ $rc = 124 ] && echo ' (cut at its time limit: partial results kept)')" | tee -a "$OUT/bench.log"
   grep -E '^\[ *[0-9]+\].*(failed|skipped)' "$OUT/bench.log" | tail -n 5
 }
+
+E2E_S=${E2E_S:-0}
+if [ "$E2E_S" -gt 0 ]; then
+  echo "== e2e decode (up to ${E2E_S} s, log: $OUT/e2e.log)"
+  timeout -k 10 "$E2E_S" $PY benchmarks/e2e_decode.py ${E2E_ARGS:---config real --layers 2 --batch 1,4,16} \
+    --json "$OUT/e2e.json" 2>"$OUT/e2e.log" | tee "$OUT/e2e.md"
+  tail -n 5 "$OUT/e2e.log"
+fi
 
 JSONS=""
 if [ -n "$SHAPES" ]; then
