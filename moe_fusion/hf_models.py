@@ -43,6 +43,7 @@ TINY_CONFIGS: Dict[str, Dict[str, Any]] = {
         v_head_dim=16,
         head_dim=8,
         rope_scaling=None,
+        num_key_value_heads=4,  # MLA has no grouped KV heads; fewer KV than query heads breaks attention
     ),
     "qwen3_moe": dict(
         _COMMON,
@@ -117,17 +118,20 @@ def make_config(model_type: str, experts_implementation: str = "grouped_mm", **o
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Fresh random weights everywhere (never zeros): matrices ~ N(0, 1/fan_in), vectors near 1
     (norm weights) and non-zero correction biases, so routing is not decided by ties."""
-    gen = torch.Generator().manual_seed(seed)
+    generators = {}
     with torch.no_grad():
         for name, p in list(model.named_parameters()) + list(model.named_buffers()):
             if not p.is_floating_point() or "inv_freq" in name:
                 continue
+            if p.device not in generators:  # drawn where the weights live: real-size models are GBs
+                generators[p.device] = torch.Generator(device=p.device).manual_seed(seed)
+            gen, device = generators[p.device], p.device
             if p.dim() == 1:
-                values = 1.0 + 0.1 * torch.randn(p.shape, generator=gen)
+                values = 1.0 + 0.1 * torch.randn(p.shape, generator=gen, device=device)
                 if "bias" in name:
-                    values = 0.1 * torch.randn(p.shape, generator=gen)
+                    values = 0.1 * torch.randn(p.shape, generator=gen, device=device)
             else:
-                values = torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5
+                values = torch.randn(p.shape, generator=gen, device=device) / p.shape[-1] ** 0.5
             p.copy_(values.to(p.dtype))
     return model
 
@@ -137,13 +141,23 @@ def build_model(
     dtype: torch.dtype = torch.float32,
     experts_implementation: str = "grouped_mm",
     seed: int = 0,
+    device: str = "cpu",
     **overrides,
 ) -> torch.nn.Module:
-    """A tiny ``<Family>ForCausalLM`` with random weights, in eval mode."""
+    """A ``<Family>ForCausalLM`` (tiny unless overridden) with random weights, in eval mode.
+
+    Built directly on ``device`` in ``dtype``, so a real-size model never exists in fp32 or on the host.
+    """
     import transformers
 
     config = make_config(model_type, experts_implementation, **overrides)
-    model = getattr(transformers, _CAUSAL_LM[model_type][1])(config)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = getattr(transformers, _CAUSAL_LM[model_type][1])(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
     return randomize_(model, seed).to(dtype).eval()
 
 

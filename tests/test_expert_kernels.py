@@ -6,8 +6,6 @@ the GPU by benchmarks/gpu_experts.py. Every buffer the kernels write is poisoned
 """
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
 

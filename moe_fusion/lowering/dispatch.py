@@ -1,24 +1,68 @@
-"""Where an op call goes: the planned Triton kernels when they take the spec on this device,
-otherwise the reference (always correct, sync-free, slower).
+"""Where an op call goes: the Triton kernels when they take the spec on this device, otherwise
+the reference (always correct, sync-free, slower), with the reason recorded.
 
-The kernel issues register their implementations here; the decision and its reason are
-kept so ``moe-fusion inspect`` can show which path a layer takes.
+CPU tensors always take the reference (the kernels are tested on the CPU through the Triton
+interpreter, which is far too slow to serve a model).
 """
 from __future__ import annotations
+
+import logging
+from typing import Callable, Dict, Tuple
 
 import torch
 
 from ..spec import FP8_DTYPE, MoESpec, MoEWeights
 from . import reference
 
+log = logging.getLogger("moe_fusion.lowering")
+
+# (op, spec json) -> why it runs the reference; read by `moe-fusion inspect` and tests.
+fallback_reasons: Dict[Tuple[str, str], str] = {}
+
+
+def _unsupported_errors() -> tuple:
+    from . import experts, preamble
+
+    return (experts.Unsupported, preamble.Unsupported)
+
+
+def _on_kernels(op: str, spec: MoESpec, x: torch.Tensor, kernels: Callable, fallback: Callable):
+    if not x.is_cuda:
+        return fallback()
+    try:
+        return kernels()
+    except _unsupported_errors() as reason:
+        key = (op, spec.to_json())
+        if key not in fallback_reasons:
+            fallback_reasons[key] = str(reason)
+            log.warning("moe_fusion: %s runs the reference path: %s", op, reason)
+        return fallback()
+
 
 def moe_layer(spec: MoESpec, x: torch.Tensor, w: MoEWeights) -> torch.Tensor:
     _check_input(spec, x)
-    return reference.moe_layer(spec, x, w)
+
+    def kernels():
+        from . import layer
+
+        return layer.moe_layer(spec, x, w)
+
+    return _on_kernels("moe_layer", spec, x, kernels, lambda: reference.moe_layer(spec, x, w))
 
 
 def moe_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights):
     _check_input(spec, x)
+
+    def kernels():
+        from . import preamble
+
+        out = preamble.fused_preamble(spec, x, w, block_m=1, with_alignment=False)
+        return out.normed, out.x_fp8, out.x_scale, out.topk_ids, out.topk_weights
+
+    return _on_kernels("moe_preamble", spec, x, kernels, lambda: _reference_preamble(spec, x, w))
+
+
+def _reference_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights):
     normed, ids, weights = reference.moe_preamble(spec, x, w)
     if spec.fp8:
         x_fp8, x_scale = reference.quantize_fp8_groups(normed)
@@ -34,7 +78,14 @@ def routed_experts(spec: MoESpec, x: torch.Tensor, topk_ids: torch.Tensor, topk_
                    w: MoEWeights) -> torch.Tensor:
     """The routed-expert block alone on normed x [M, H]: sum_k weight * expert(x); fp32 [M, H]."""
     _check_input(spec, x)
-    return reference.routed_experts(spec, x, topk_ids, topk_weights, w)
+
+    def kernels():
+        from . import experts
+
+        return experts.fused_experts(spec, x, topk_ids, topk_weights, w)
+
+    return _on_kernels("routed_experts", spec, x, kernels,
+                       lambda: reference.routed_experts(spec, x, topk_ids, topk_weights, w))
 
 
 def _check_input(spec: MoESpec, x: torch.Tensor) -> None:

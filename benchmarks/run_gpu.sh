@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# The one GPU script: versions, the GPU tests, then the decode-latency bench of every shape.
+# Results go to $OUT (gpu_tests.log, bench.log, <date>_<gpu>.{json,md,txt,png}); the last thing
+# printed is a compact summary table. Run from the repository root:
+#   OUT=/tmp/out bash benchmarks/run_gpu.sh
+# Environment overrides (defaults in brackets):
+#   BENCH_SHAPES [dsv3,dsv3-ep8,qwen3-30b-a3b,mixtral]  BENCH_PARTS [preamble,experts,layer]
+#   BENCH_M [1,2,4,8,16,32,64]  BENCH_VARIANTS [eager,inductor,moe_fusion]
+#   BENCH_FP8_SHAPES [dsv3] and BENCH_FP8_PARTS [experts]: the fp8 pass (empty shapes: none)
+#   BENCH_ARGS: extra flags for every bench call (e.g. "--variant-budget 30")
+#   RUN_BUDGET_S [510]: wall seconds for the whole script; the bench calls are cut to fit and keep
+#     what they finished (their JSON is rewritten after every part)
+#   RUN_GPU_TESTS [1]: 0 skips the GPU tests; GPU_TESTS [tests/]: which test files
+#   E2E_S [0]: seconds for benchmarks/e2e_decode.py (HF DeepSeek-V3-style decode step), 0 skips it;
+#     E2E_ARGS [--config real --layers 2 --batch 1,4,16]
+set -u
+START=$(date +%s)
+OUT=${OUT:-benchmarks/out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export PYTHONPATH=${PYTHONPATH:-$PWD} PYTHONUNBUFFERED=1
+SHAPES=${BENCH_SHAPES-dsv3,dsv3-ep8,qwen3-30b-a3b,mixtral}
+PARTS=${BENCH_PARTS-preamble,experts,layer}
+MS=${BENCH_M-1,2,4,8,16,32,64}
+VARIANTS=${BENCH_VARIANTS-eager,inductor,moe_fusion}
+FP8_SHAPES=${BENCH_FP8_SHAPES-dsv3}
+FP8_PARTS=${BENCH_FP8_PARTS-experts}
+EXTRA=${BENCH_ARGS-}
+BUDGET=${RUN_BUDGET_S:-510}
+FP8_SHARE=${BENCH_FP8_SHARE_S:-100}  # seconds kept back for the fp8 pass
+MERGE_RESERVE=25                     # seconds kept back for merging and plotting
+
+left() { echo $(( BUDGET - ($(date +%s) - START) )); }
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr -c 'A-Za-z0-9\n' '-' | tr -s '-' | sed 's/-$//')
+TAG="$(date -u +%Y-%m-%d)_${GPU:-gpu}"
+PARTIAL=$(mktemp -d)
+
+echo "== versions"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv
+$PY -c 'import sys, torch, triton; print("python", sys.version.split()[0], "| torch", torch.__version__, "| cuda", torch.version.cuda, "| triton", triton.__version__, "| device", torch.cuda.get_device_name() if torch.cuda.is_available() else "none")'
+
+if [ "${RUN_GPU_TESTS:-1}" = 1 ]; then
+  echo "== GPU tests (log: $OUT/gpu_tests.log)"
+  timeout -k 10 $(( $(left) / 3 )) $PY -m pytest -q -m gpu ${GPU_TESTS:-tests/} -p no:cacheprovider >"$OUT/gpu_tests.log" 2>&1
+  echo "pytest exit code $?"
+  tail -n 15 "$OUT/gpu_tests.log"
+fi
+
+bench() {  # bench SECONDS ARGS...: one bench call, cut at SECONDS, logged to bench.log
+  local seconds=$1; shift
+  echo "== moe-fusion bench $* (up to ${seconds} s)" | tee -a "$OUT/bench.log"
+  timeout -k 10 "$seconds" $PY -m moe_fusion.tools.bench "$@" $EXTRA >>"$OUT/bench.log" 2>&1
+  local rc=$?
+  echo "exit code $rc$( [ $rc = 124 ] && echo ' (cut at its time limit: partial results kept)')" | tee -a "$OUT/bench.log"
+  grep -E '^\[ *[0-9]+\].*(failed|skipped)' "$OUT/bench.log" | tail -n 5
+}
+
+E2E_S=${E2E_S:-0}
+if [ "$E2E_S" -gt 0 ]; then
+  echo "== e2e decode (up to ${E2E_S} s, log: $OUT/e2e.log)"
+  timeout -k 10 "$E2E_S" $PY benchmarks/e2e_decode.py ${E2E_ARGS:---config real --layers 2 --batch 1,4,16} \
+    --json "$OUT/e2e.json" 2>"$OUT/e2e.log" | tee "$OUT/e2e.md"
+  tail -n 5 "$OUT/e2e.log"
+fi
+
+JSONS=""
+if [ -n "$SHAPES" ]; then
+  T=$(( $(left) - MERGE_RESERVE - ( ${#FP8_SHAPES} > 0 ? FP8_SHARE : 0 ) ))
+  bench "$T" --shape "$SHAPES" --parts "$PARTS" --m "$MS" --dtype bf16 --variants "$VARIANTS" --json "$PARTIAL/bf16.json"
+  [ -s "$PARTIAL/bf16.json" ] && JSONS="$PARTIAL/bf16.json"
+fi
+if [ -n "$FP8_SHAPES" ] && [ -n "$FP8_PARTS" ]; then
+  T=$(( $(left) - MERGE_RESERVE ))
+  bench "$T" --shape "$FP8_SHAPES" --parts "$FP8_PARTS" --m "$MS" --dtype fp8 --variants "$VARIANTS" --json "$PARTIAL/fp8.json"
+  [ -s "$PARTIAL/fp8.json" ] && JSONS="${JSONS:+$JSONS,}$PARTIAL/fp8.json"
+fi
+
+if [ -z "$JSONS" ]; then
+  echo "no bench results: see $OUT/bench.log"; tail -n 30 "$OUT/bench.log"; exit 1
+fi
+echo "== results: $OUT/$TAG.{json,md,txt,png}"
+$PY -m moe_fusion.tools.bench --from-json "$JSONS" --json "$OUT/$TAG.json" --markdown "$OUT/$TAG.md" \
+  --plot "$OUT/$TAG.png" --summary-m 1,8,64 >"$OUT/$TAG.txt" 2>>"$OUT/bench.log"
+# The full table is in $TAG.txt; the compact summary (its tail) goes last.
+sed -n '/^summary:/,$p' "$OUT/$TAG.txt"
+echo "(total $(( $(date +%s) - START )) s)"

@@ -1,0 +1,117 @@
+"""Expert alignment in one program: token-expert pairs grouped by local expert, each expert's run
+padded to ``block_m``, exactly the format of ``reference.align_pairs``.
+
+Works on a selection matrix [tokens, local experts] instead of sorting: a token picks an expert
+at most once, so a pair's rank inside its expert is the number of earlier tokens that picked the
+same expert, an exclusive prefix sum down the matrix's column. Tokens go in chunks of ``TOKENS``
+rows with a running per-expert count, so one program handles any M (the cost is O(M * L * top_k),
+which is why the planner sends large M elsewhere).
+
+``align_pairs_cta`` is a Triton helper shared by the standalone kernel here and the router
+kernel's fused epilogue; it reads topk_ids from memory, so the caller must put a barrier
+between writing them and calling it.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference
+
+MAX_SELECTION_TILE = 4096  # tokens x padded local experts held in registers at once
+FILL_BLOCK = tl.constexpr(1024)
+
+
+@triton.jit
+def _selection(ids_ptr, stride_im, map_ptr, t0, M, TOKENS: tl.constexpr, L_PAD: tl.constexpr,
+               TOP_K: tl.constexpr, HAS_MAP: tl.constexpr):
+    """Slot (0..top_k-1) through which token t picked local expert e, or -1: [TOKENS, L_PAD] int32."""
+    t = t0 + tl.arange(0, TOKENS)
+    e = tl.arange(0, L_PAD)
+    slot = tl.full((TOKENS, L_PAD), -1, tl.int32)
+    for k in tl.static_range(TOP_K):
+        expert = tl.load(ids_ptr + t * stride_im + k, mask=t < M, other=-1)
+        if HAS_MAP:
+            expert = tl.load(map_ptr + expert, mask=expert >= 0, other=-1)
+        slot = tl.where(e[None, :] == expert[:, None], k, slot)
+    return slot
+
+
+@triton.jit
+def align_pairs_cta(
+    ids_ptr, stride_im, map_ptr, sorted_ptr, tile_expert_ptr, num_tiles_ptr, M, L, block_m, max_tiles,
+    TOKENS: tl.constexpr, L_PAD: tl.constexpr, TOP_K: tl.constexpr, HAS_MAP: tl.constexpr,
+):
+    num_pairs = M * TOP_K
+    e = tl.arange(0, L_PAD)
+    counts = tl.zeros((L_PAD,), dtype=tl.int32)
+    for t0 in range(0, M, TOKENS):
+        slot = _selection(ids_ptr, stride_im, map_ptr, t0, M, TOKENS, L_PAD, TOP_K, HAS_MAP)
+        counts += tl.sum((slot >= 0).to(tl.int32), axis=0)
+    tiles = (counts + block_m - 1) // block_m
+    tile_start = tl.cumsum(tiles, axis=0) - tiles
+    pair_start = tile_start * block_m
+    num_tiles = tl.sum(tiles, axis=0)
+    tl.store(num_tiles_ptr, num_tiles)
+
+    # Padding first, everywhere; the pairs and tile experts overwrite it after the barrier.
+    f = tl.arange(0, FILL_BLOCK)
+    for s0 in range(0, max_tiles * block_m, FILL_BLOCK):
+        tl.store(sorted_ptr + s0 + f, tl.full((FILL_BLOCK,), 0, tl.int32) + num_pairs,
+                 mask=s0 + f < max_tiles * block_m)
+    for s0 in range(0, max_tiles, FILL_BLOCK):
+        tl.store(tile_expert_ptr + s0 + f, tl.full((FILL_BLOCK,), -1, tl.int32), mask=s0 + f < max_tiles)
+    tl.debug_barrier()
+
+    for j in range(0, (M + block_m - 1) // block_m):  # an expert has at most M pairs
+        tl.store(tile_expert_ptr + tile_start + j, e, mask=(j < tiles) & (e < L))
+    before = tl.zeros((L_PAD,), dtype=tl.int32)  # pairs of earlier chunks, per expert
+    for t0 in range(0, M, TOKENS):
+        slot = _selection(ids_ptr, stride_im, map_ptr, t0, M, TOKENS, L_PAD, TOP_K, HAS_MAP)
+        picked = (slot >= 0).to(tl.int32)
+        rank = tl.cumsum(picked, axis=0) - picked + before[None, :]
+        t = t0 + tl.arange(0, TOKENS)
+        tl.store(sorted_ptr + pair_start[None, :] + rank, t[:, None] * TOP_K + slot, mask=slot >= 0)
+        before += tl.sum(picked, axis=0)
+
+
+@triton.jit
+def _align_kernel(
+    ids_ptr, stride_im, map_ptr, sorted_ptr, tile_expert_ptr, num_tiles_ptr, M, L, block_m, max_tiles,
+    TOKENS: tl.constexpr, L_PAD: tl.constexpr, TOP_K: tl.constexpr, HAS_MAP: tl.constexpr,
+):
+    align_pairs_cta(ids_ptr, stride_im, map_ptr, sorted_ptr, tile_expert_ptr, num_tiles_ptr, M, L, block_m,
+                    max_tiles, TOKENS, L_PAD, TOP_K, HAS_MAP)
+
+
+def align_meta(num_local_experts: int, top_k: int, expert_map: Optional[torch.Tensor], M: int = 1 << 30) -> dict:
+    l_pad = triton.next_power_of_2(num_local_experts)
+    tokens = min(64, triton.next_power_of_2(max(M, 1)), MAX_SELECTION_TILE // l_pad)
+    return dict(TOKENS=max(1, tokens), L_PAD=l_pad, TOP_K=top_k,
+                HAS_MAP=expert_map is not None)
+
+
+def align_fits(num_local_experts: int) -> bool:
+    return triton.next_power_of_2(num_local_experts) <= MAX_SELECTION_TILE
+
+
+def alloc_align_outputs(M: int, top_k: int, num_local_experts: int, block_m: int, device):
+    max_tiles = reference.max_aligned_tiles(M * top_k, num_local_experts, block_m)
+    return (torch.empty(max_tiles * block_m, dtype=torch.int32, device=device),
+            torch.empty(max_tiles, dtype=torch.int32, device=device),
+            torch.empty(1, dtype=torch.int32, device=device))
+
+
+def align_pairs(topk_ids: torch.Tensor, expert_map: Optional[torch.Tensor], num_local_experts: int, block_m: int):
+    """Same contract as ``reference.align_pairs``, in one program (for moderate M)."""
+    M, top_k = topk_ids.shape
+    sorted_ids, tile_expert, num_tiles = alloc_align_outputs(M, top_k, num_local_experts, block_m, topk_ids.device)
+    meta = align_meta(num_local_experts, top_k, expert_map, M)
+    _align_kernel[(1,)](
+        topk_ids, topk_ids.stride(0), topk_ids if expert_map is None else expert_map, sorted_ids, tile_expert,
+        num_tiles, M, num_local_experts, block_m, tile_expert.numel(), **meta,
+    )
+    return sorted_ids, tile_expert, num_tiles

@@ -1,0 +1,244 @@
+"""The fused MoE preamble: x [M, H] -> everything the expert block needs.
+
+Decode (M <= FUSED_MAX_M), two launches, no host synchronisation:
+  1. norm_quant_kernel: RMSNorm, fp8 activation groups, and zeroing of the router workspace;
+  2. router_kernel (fused): split-K router GEMM whose last program routes and aligns.
+General path (any M), more launches: norm_quant, split-K router GEMM, a row-parallel routing
+kernel, then the one-program alignment kernel up to ALIGN_KERNEL_MAX_M tokens and
+``reference.align_pairs`` (sync-free torch) above. Where a kernel's register tile cannot hold a
+spec's experts, that stage runs the reference instead; ``plan_preamble`` says which and why.
+
+The norm is not folded into the router GEMM (r * ((x * w) @ W^T)): the reference rounds
+x * r to the model dtype before the weight and the router see it, and the folded form moves
+bf16 logits by ~1e-3 relative, enough to change top-k picks. Computing the norm first keeps
+ids equal to the reference's.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Callable, List, NamedTuple, Optional
+
+import torch
+import triton
+
+from ..spec import FP8_DTYPE, MoESpec, MoEWeights
+from . import align_kernel, reference, topk_kernel
+from .norm_quant_kernel import norm_quant
+from .router_kernel import _router_kernel, _router_route_align_kernel
+
+FUSED_MAX_M = 64
+# The fused epilogue routes every row in one program; above this many rows x padded experts the
+# general path (routing spread over programs) was faster on the H100 (benchmarks/preamble_notes.md).
+FUSED_MAX_ROUTE_TILE = 1024
+ALIGN_KERNEL_MAX_M = 1024
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class Unsupported(ValueError):
+    """The preamble kernels cannot take these inputs (the reason says why)."""
+
+
+class PreambleOut(NamedTuple):
+    normed: torch.Tensor  # [M, H], weight * rms_norm(x) (x itself, copied, without a norm)
+    x_fp8: torch.Tensor  # [M, H] e4m3, or empty when the experts are not fp8
+    x_scale: torch.Tensor  # [M, ceil(H/128)] fp32, or empty
+    topk_ids: torch.Tensor  # [M, top_k] int32, global expert ids
+    topk_weights: torch.Tensor  # [M, top_k] fp32
+    sorted_pair_ids: torch.Tensor  # reference.align_pairs format
+    tile_expert: torch.Tensor
+    num_tiles: torch.Tensor
+
+
+@dataclass
+class RouterConfig:
+    block_m: int  # rows per program
+    block_e: int  # experts per program
+    block_k: int  # hidden elements per loop step
+    grid: tuple  # (k-chunks, expert blocks, row blocks)
+    k_per_program: int
+    num_warps: int = 4
+
+
+@dataclass
+class PreamblePlan:
+    fused: bool  # one launch after the norm: router + routing + alignment
+    route: str  # "kernel" | "reference"
+    align: str  # "fused" | "kernel" | "reference"
+    router: RouterConfig
+    reasons: List[str] = field(default_factory=list)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: Optional[int]) -> int:
+    if device_index is None:  # the interpreter on CPU: a few programs still exercise the split
+        return 4
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def router_config(M: int, E: int, H: int, dot_fp32: bool, sm_count: int, fused: bool,
+                  block_e: Optional[int] = None, block_k: Optional[int] = None,
+                  programs_per_sm: int = 2, num_warps: int = 4) -> RouterConfig:
+    """Tiles and split so that about ``programs_per_sm`` programs per SM stream the router weight."""
+    bm = max(16, triton.next_power_of_2(M)) if fused else (16 if M <= 16 else 64)
+    be = block_e or min(max(16, triton.next_power_of_2(E)), 128)
+    bk = block_k or (32 if dot_fp32 else 64)
+    e_blocks, m_blocks = triton.cdiv(E, be), triton.cdiv(max(M, 1), bm)
+    k_blocks = triton.cdiv(H, bk)
+    wanted = max(1, programs_per_sm * sm_count // (e_blocks * m_blocks))
+    per_program = triton.cdiv(k_blocks, min(wanted, k_blocks))
+    splits = triton.cdiv(k_blocks, per_program)  # no program without work
+    return RouterConfig(bm, be, bk, (splits, e_blocks, m_blocks), per_program * bk, num_warps)
+
+
+def _dot_fp32(spec: MoESpec, normed_dtype: torch.dtype, router_dtype: torch.dtype) -> bool:
+    return normed_dtype == torch.float32 or (spec.router_fp32 and router_dtype != normed_dtype)
+
+
+def plan_preamble(spec: MoESpec, M: int, normed_dtype: torch.dtype, router_dtype: torch.dtype,
+                  device: torch.device, **router_overrides) -> PreamblePlan:
+    reasons = []
+    route = "kernel"
+    if not topk_kernel.route_fits(spec):
+        route = "reference"
+        reasons.append(f"routing: {spec.num_experts} experts in {spec.n_group} groups exceed the routing tile "
+                       f"({topk_kernel.MAX_ROUTE_TILE}); torch routing")
+    align_ok = align_kernel.align_fits(spec.num_local_experts)
+    if not align_ok:
+        reasons.append(f"alignment: {spec.num_local_experts} local experts exceed the selection tile; torch alignment")
+    route_tile = M * triton.next_power_of_2(spec.n_group) * triton.next_power_of_2(spec.experts_per_group)
+    fused = route == "kernel" and align_ok and M <= FUSED_MAX_M and route_tile <= FUSED_MAX_ROUTE_TILE
+    if fused:
+        align = "fused"
+    elif align_ok and M <= ALIGN_KERNEL_MAX_M:
+        align = "kernel"
+    else:
+        align = "reference"
+        if align_ok:
+            reasons.append(f"alignment: M={M} > {ALIGN_KERNEL_MAX_M}, the sort-based torch alignment is faster")
+    if not fused and route == "kernel" and align_ok:
+        reasons.append(f"M={M} rows x padded experts = {route_tile} > {FUSED_MAX_ROUTE_TILE} or M > {FUSED_MAX_M}: "
+                       "general multi-launch path")
+    sm = _sm_count(torch.device(device).index or 0) if torch.device(device).type == "cuda" else _sm_count(None)
+    cfg = router_config(M, spec.num_experts, spec.hidden_size, _dot_fp32(spec, normed_dtype, router_dtype), sm,
+                        fused, **router_overrides)
+    return PreamblePlan(fused, route, align, cfg, reasons)
+
+
+def _expert_map(spec: MoESpec, w: MoEWeights, expert_map: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    expert_map = expert_map if expert_map is not None else w.expert_map
+    if expert_map is None:
+        if spec.expert_parallel:
+            raise Unsupported(f"spec has {spec.num_local_experts} of {spec.num_experts} experts local "
+                              "but no expert_map was given")
+        return None
+    if tuple(expert_map.shape) != (spec.num_experts,):
+        raise Unsupported(f"expert_map has shape {tuple(expert_map.shape)}, expected ({spec.num_experts},)")
+    return expert_map.to(torch.int32).contiguous()
+
+
+def _check(spec: MoESpec, x: torch.Tensor, w: MoEWeights) -> None:
+    if x.dim() != 2 or x.shape[1] != spec.hidden_size:
+        raise Unsupported(f"expected hidden states [M, {spec.hidden_size}], got {tuple(x.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise Unsupported(f"hidden states of dtype {x.dtype}; the kernels take {SUPPORTED_DTYPES}")
+    if tuple(w.router_weight.shape) != (spec.num_experts, spec.hidden_size):
+        raise Unsupported(f"router_weight has shape {tuple(w.router_weight.shape)}")
+    if w.router_weight.dtype not in SUPPORTED_DTYPES:
+        raise Unsupported(f"router_weight of dtype {w.router_weight.dtype}")
+    if spec.rms_norm and (w.norm_weight is None or tuple(w.norm_weight.shape) != (spec.hidden_size,)):
+        raise Unsupported("spec has an RMSNorm but norm_weight is missing or misshapen")
+    if spec.correction_bias and (w.correction_bias is None or tuple(w.correction_bias.shape) != (spec.num_experts,)):
+        raise Unsupported("spec has a correction bias but correction_bias is missing or misshapen")
+
+
+def fused_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights, block_m: int,
+                   expert_map: Optional[torch.Tensor] = None, plan: Optional[PreamblePlan] = None,
+                   with_alignment: bool = True,
+                   after_norm: Optional[Callable[[torch.Tensor], None]] = None) -> PreambleOut:
+    """RMSNorm + router + routing + fp8 quantisation + alignment of x [M, H] (see the module doc).
+
+    ``with_alignment=False`` skips the alignment (its three outputs are then empty), for callers
+    such as the moe_preamble op that only want ids and weights. after_norm(normed) is called once
+    the norm is queued and before the router is: the point where work that needs only the normed
+    states (the shared expert) can fork to another stream."""
+    _check(spec, x, w)
+    if block_m < 1:
+        raise Unsupported(f"block_m must be >= 1, got {block_m}")
+    expert_map = _expert_map(spec, w, expert_map) if with_alignment else None
+    x = x if x.stride(1) == 1 else x.contiguous()
+    M, device = x.shape[0], x.device
+    norm_weight = w.norm_weight.contiguous() if spec.rms_norm else None
+    normed_dtype = torch.promote_types(norm_weight.dtype, x.dtype) if spec.rms_norm else x.dtype
+    plan = plan or plan_preamble(spec, M, normed_dtype, w.router_weight.dtype, device)
+    L = spec.num_local_experts
+
+    logits = torch.empty((max(M, 1), spec.num_experts), dtype=torch.float32, device=device)
+    ticket = torch.empty((1,), dtype=torch.int32, device=device)
+    normed, x_fp8, x_scale = norm_quant(x, norm_weight, spec.rms_norm_eps, spec.fp8, logits, ticket, normed_dtype)
+    if after_norm is not None:
+        after_norm(normed)
+    ids = torch.empty((M, spec.top_k), dtype=torch.int32, device=device)
+    weights = torch.empty((M, spec.top_k), dtype=torch.float32, device=device)
+    if M == 0 or not with_alignment:
+        no_alignment = tuple(torch.empty((0,), dtype=torch.int32, device=device) for _ in range(3))
+        aligned = reference.align_pairs(ids, expert_map, L, block_m) if with_alignment else no_alignment
+    if M == 0:
+        return PreambleOut(normed, x_fp8, x_scale, ids, weights, *aligned)
+
+    bias = w.correction_bias.contiguous() if spec.correction_bias else logits
+    rw, cfg = w.router_weight, plan.router
+    dot_fp32 = _dot_fp32(spec, normed_dtype, rw.dtype)
+    gemm_args = (normed, normed.stride(0), rw, rw.stride(0), rw.stride(1), logits, logits.stride(0))
+    if plan.fused:
+        if with_alignment:
+            sorted_ids, tile_expert, num_tiles = align_kernel.alloc_align_outputs(M, spec.top_k, L, block_m, device)
+        else:
+            sorted_ids, tile_expert, num_tiles = aligned
+        _router_route_align_kernel[cfg.grid[:2]](
+            *gemm_args, ticket, M, spec.num_experts, spec.hidden_size, cfg.k_per_program,
+            bias, ids, weights, ids.stride(0), spec.renormalize_eps, spec.routed_scaling_factor,
+            expert_map if expert_map is not None else ids, sorted_ids, tile_expert, num_tiles, L, block_m,
+            tile_expert.numel(), BM=cfg.block_m, BE=cfg.block_e, BK=cfg.block_k, DOT_FP32=dot_fp32,
+            **topk_kernel.route_meta(spec, normed_dtype, M), **_align_constexprs(spec, expert_map, M),
+            ALIGN=with_alignment, num_warps=cfg.num_warps,
+        )
+        return PreambleOut(normed, x_fp8, x_scale, ids, weights, sorted_ids, tile_expert, num_tiles)
+
+    _router_kernel[cfg.grid](*gemm_args, M, spec.num_experts, spec.hidden_size, cfg.k_per_program,
+                             BM=cfg.block_m, BE=cfg.block_e, BK=cfg.block_k, DOT_FP32=dot_fp32,
+                             num_warps=cfg.num_warps)
+    if plan.route == "kernel":
+        topk_kernel.select_experts(spec, logits, bias, normed_dtype, ids, weights)
+    else:
+        rounded = logits if spec.router_fp32 or normed_dtype == torch.float32 else logits.to(normed_dtype).float()
+        ref_ids, ref_weights = reference.select_experts(spec, rounded, w.correction_bias if spec.correction_bias else None)
+        ids.copy_(ref_ids)
+        weights.copy_(ref_weights)
+    if not with_alignment:
+        sorted_ids, tile_expert, num_tiles = aligned
+    elif plan.align == "kernel":
+        sorted_ids, tile_expert, num_tiles = align_kernel.align_pairs(ids, expert_map, L, block_m)
+    else:
+        sorted_ids, tile_expert, num_tiles = reference.align_pairs(ids, expert_map, L, block_m)
+    return PreambleOut(normed, x_fp8, x_scale, ids, weights, sorted_ids, tile_expert, num_tiles)
+
+
+def _align_constexprs(spec: MoESpec, expert_map, M: int) -> dict:
+    meta = align_kernel.align_meta(spec.num_local_experts, spec.top_k, expert_map, M)
+    del meta["TOP_K"]  # shared with the routing constexprs
+    return meta
+
+
+def reference_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights, block_m: int,
+                       expert_map: Optional[torch.Tensor] = None) -> PreambleOut:
+    """The same outputs from plain PyTorch (reference.py): the baseline and the test oracle."""
+    expert_map = expert_map if expert_map is not None else w.expert_map
+    normed, ids, weights = reference.moe_preamble(spec, x, w)
+    if spec.fp8:
+        x_fp8, x_scale = reference.quantize_fp8_groups(normed)
+    else:
+        x_fp8 = x.new_empty((0,), dtype=FP8_DTYPE)
+        x_scale = x.new_empty((0,), dtype=torch.float32)
+    aligned = reference.align_pairs(ids, expert_map, spec.num_local_experts, block_m)
+    return PreambleOut(normed, x_fp8, x_scale, ids, weights.float(), *aligned)

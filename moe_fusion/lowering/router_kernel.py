@@ -1,0 +1,96 @@
+"""Router GEMM (split-K over the hidden size), optionally with the whole rest of the preamble in
+the same launch: the program that finishes last runs routing and alignment.
+
+Decode is bound by reading the router weight once (dsv3: 256 x 7168 bf16, 3.7 MB), so the
+weight is split over (k-chunk, expert-block) programs, about two per SM, all of it in flight at
+once. Partial logits are added with fp32 atomics into a zeroed [M, E] workspace; each program
+then takes a ticket (an atomic counter, also zeroed beforehand) and the one that draws the last
+ticket sees every partial sum and runs ``topk_kernel.route_rows`` and
+``align_kernel.align_pairs_cta``: no second launch, no host synchronisation.
+
+Precision is the reference's: with ``router_fp32`` and half-precision operands the products are
+exact in fp32, so a half-precision dot with fp32 accumulation is the upcast GEMM; fp32 operands
+use an IEEE fp32 dot (no tf32); a model-dtype router casts the weight to the model dtype and
+its logits are rounded to it in the epilogue.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .align_kernel import align_pairs_cta
+from .topk_kernel import route_rows
+
+
+@triton.jit
+def _partial_logits(a_ptr, stride_am, w_ptr, stride_we, stride_wk, M, E, H, row0, col0, k_lo, k_hi,
+                    BM: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, DOT_FP32: tl.constexpr):
+    rows = row0 + tl.arange(0, BM)
+    cols = col0 + tl.arange(0, BE)
+    kk = tl.arange(0, BK)
+    acc = tl.zeros((BM, BE), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BK):
+        k = k0 + kk
+        a = tl.load(a_ptr + rows[:, None] * stride_am + k[None, :], mask=(rows[:, None] < M) & (k[None, :] < H),
+                    other=0.0)
+        b = tl.load(w_ptr + cols[:, None] * stride_we + k[None, :] * stride_wk,
+                    mask=(cols[:, None] < E) & (k[None, :] < H), other=0.0)
+        if DOT_FP32:
+            acc += tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision="ieee")
+        else:
+            acc += tl.dot(a, tl.trans(b.to(a.dtype)))
+    return acc
+
+
+@triton.jit
+def _router_kernel(
+    a_ptr, stride_am, w_ptr, stride_we, stride_wk, logits_ptr, stride_lm, M, E, H, k_per_program,
+    BM: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """Split-K partial logits added into logits [M, E]; grid (k-chunks, expert blocks, row blocks)."""
+    row0 = tl.program_id(2) * BM
+    col0 = tl.program_id(1) * BE
+    k_lo = tl.program_id(0) * k_per_program
+    acc = _partial_logits(a_ptr, stride_am, w_ptr, stride_we, stride_wk, M, E, H, row0, col0, k_lo,
+                          k_lo + k_per_program, BM, BE, BK, DOT_FP32)
+    rows = row0 + tl.arange(0, BM)
+    cols = col0 + tl.arange(0, BE)
+    tl.atomic_add(logits_ptr + rows[:, None] * stride_lm + cols[None, :], acc,
+                  mask=(rows[:, None] < M) & (cols[None, :] < E), sem="relaxed")
+
+
+@triton.jit
+def _router_route_align_kernel(
+    a_ptr, stride_am, w_ptr, stride_we, stride_wk, logits_ptr, stride_lm, ticket_ptr, M, E, H, k_per_program,
+    # routing
+    bias_ptr, ids_ptr, weights_ptr, stride_om, renorm_eps, routed_scale,
+    # alignment
+    map_ptr, sorted_ptr, tile_expert_ptr, num_tiles_ptr, L, block_m, max_tiles,
+    BM: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, DOT_FP32: tl.constexpr,
+    ROWS: tl.constexpr, N_GROUP: tl.constexpr, G_PAD: tl.constexpr, EPG: tl.constexpr,
+    EPG_PAD: tl.constexpr, TOP_K: tl.constexpr, K_PAD: tl.constexpr, TOPK_GROUP: tl.constexpr,
+    SCORING: tl.constexpr, SCORE_BEFORE_TOPK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    GROUP_MAX: tl.constexpr, RENORMALIZE: tl.constexpr, ROUND_TO: tl.constexpr,
+    TOKENS: tl.constexpr, L_PAD: tl.constexpr, HAS_MAP: tl.constexpr, ALIGN: tl.constexpr,
+):
+    """All M rows in one row block (M <= BM); grid (k-chunks, expert blocks)."""
+    col0 = tl.program_id(1) * BE
+    k_lo = tl.program_id(0) * k_per_program
+    acc = _partial_logits(a_ptr, stride_am, w_ptr, stride_we, stride_wk, M, E, H, 0, col0, k_lo,
+                          k_lo + k_per_program, BM, BE, BK, DOT_FP32)
+    rows = tl.arange(0, BM)
+    cols = col0 + tl.arange(0, BE)
+    tl.atomic_add(logits_ptr + rows[:, None] * stride_lm + cols[None, :], acc,
+                  mask=(rows[:, None] < M) & (cols[None, :] < E), sem="relaxed")
+    # Every thread's adds are issued before the one release below that publishes them.
+    tl.debug_barrier()
+    ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
+    if ticket == tl.num_programs(0) * tl.num_programs(1) - 1:
+        for row0 in range(0, M, ROWS):
+            route_rows(logits_ptr, stride_lm, bias_ptr, ids_ptr, weights_ptr, stride_om, row0, M, renorm_eps,
+                       routed_scale, ROWS, N_GROUP, G_PAD, EPG, EPG_PAD, TOP_K, K_PAD, TOPK_GROUP, SCORING,
+                       SCORE_BEFORE_TOPK, HAS_BIAS, GROUP_MAX, RENORMALIZE, ROUND_TO, True)
+        if ALIGN:
+            tl.debug_barrier()  # the alignment reads the ids other threads just wrote
+            align_pairs_cta(ids_ptr, stride_om, map_ptr, sorted_ptr, tile_expert_ptr, num_tiles_ptr, M, L, block_m,
+                            max_tiles, TOKENS, L_PAD, TOP_K, HAS_MAP)

@@ -1,0 +1,134 @@
+"""The whole layer on the kernels (preamble + expert block + shared expert) against the reference.
+
+CPU: the kernels through the Triton interpreter at small fp16 shapes, shared expert inline.
+GPU: bf16/fp8 at DeepSeek-V3 sizes, shared expert on the side stream and inline, deterministic
+and atomic, eager and under CUDA-graph capture and torch.compile(mode="reduce-overhead").
+The expected output is computed in float64 from the routing the kernels chose (so a bf16 near-tie
+that flips an expert is not mistaken for a wrong kernel); the preamble tests check the routing.
+"""
+import dataclasses
+
+import pytest
+import torch
+
+from moe_fusion.lowering import layer, preamble, reference
+from moe_fusion.ops import call_moe_layer
+from moe_fusion.spec import FP8_DTYPE, MoEWeights
+
+from moe_cases import dsv3_like, random_weights
+
+
+def _double(w: MoEWeights) -> MoEWeights:
+    return MoEWeights(**{f: (t.double() if isinstance(t, torch.Tensor) and t.is_floating_point()
+                             and t.dtype != FP8_DTYPE else t) for f, t in vars(w).items()})
+
+
+def _expected(spec, x, w, block_m):
+    pre = preamble.fused_preamble(spec, x, w, block_m=block_m)
+    w64 = _double(w)
+    normed = pre.normed.double()
+    out = reference.routed_experts(spec.replace(dtype="float32"), normed, pre.topk_ids, pre.topk_weights.double(), w64)
+    if spec.has_shared_experts:
+        out = out + reference.shared_experts(spec, normed, w64)
+    return out
+
+
+def _rel_err(got, expected):
+    assert torch.isfinite(got).all(), "an output element was not written (or is not finite)"
+    return float((got.double() - expected).norm() / expected.norm())
+
+
+def _with_options(monkeypatch, **values):
+    for k, v in values.items():
+        monkeypatch.setattr(layer.options, k, v)
+
+
+@pytest.mark.parametrize("M", [1, 5])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_layer_on_interpreter(M, deterministic, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter variant runs where there is no GPU")
+    _with_options(monkeypatch, deterministic=deterministic)
+    spec = dsv3_like(dtype="float16", hidden_size=48, intermediate_size=24, shared_intermediate_size=24)
+    w = random_weights(spec)
+    x = torch.randn(M, spec.hidden_size).half()
+    plan = layer.plan_layer(spec, M, x.device)
+    assert plan.shared_expert == "inline"
+    got = layer.moe_layer(spec, x, w, plan)
+    assert got.dtype == torch.float16
+    assert _rel_err(got, _expected(spec, x, w, plan.expert_config.block_m)) < 2e-3
+
+
+GPU_SPECS = {
+    "dsv3-ep8": dsv3_like(hidden_size=7168, num_experts=256, n_group=8, topk_group=4, top_k=8, intermediate_size=2048,
+                      shared_intermediate_size=2048, dtype="bfloat16", num_local_experts=32),
+    "dsv3-ep8-fp8": dsv3_like(hidden_size=7168, num_experts=256, n_group=8, topk_group=4, top_k=8,
+                              intermediate_size=2048, shared_intermediate_size=2048, dtype="bfloat16",
+                              num_local_experts=32, quant="fp8_block"),
+    "qwen2-like-gated-shared": dsv3_like(hidden_size=2048, num_experts=60, n_group=1, topk_group=1, top_k=4,
+                                         intermediate_size=1408, shared_intermediate_size=5632, shared_gate=True,
+                                         scoring="softmax", correction_bias=False, router_fp32=False,
+                                         renormalize=False, renormalize_eps=0.0, routed_scaling_factor=1.0,
+                                         dtype="bfloat16"),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(GPU_SPECS))
+@pytest.mark.parametrize("shared_expert", ["stream", "inline"])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_layer_on_gpu(name, shared_expert, deterministic, monkeypatch):
+    _with_options(monkeypatch, deterministic=deterministic, shared_expert=shared_expert)
+    spec = GPU_SPECS[name]
+    w = random_weights(spec, device="cuda")
+    tolerance = 3e-2 if spec.fp8 else 1e-2
+    for M in (1, 4, 33):
+        x = torch.randn(M, spec.hidden_size, device="cuda", dtype=torch.bfloat16)
+        plan = layer.plan_layer(spec, M, x.device)
+        got = layer.moe_layer(spec, x, w, plan)
+        torch.cuda.synchronize()
+        assert _rel_err(got, _expected(spec, x, w, plan.expert_config.block_m)) < tolerance, (M, plan)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_layer_op_under_cuda_graphs(deterministic, monkeypatch):
+    """The op captured in a CUDA graph and replayed on new inputs; deterministic replays are bitwise equal."""
+    _with_options(monkeypatch, deterministic=deterministic, shared_expert="stream")
+    spec = GPU_SPECS["dsv3-ep8"]
+    w = random_weights(spec, device="cuda")
+    x = torch.randn(4, spec.hidden_size, device="cuda", dtype=torch.bfloat16)
+    call_moe_layer(spec, x, w)  # warm-up: compile kernels, cuBLAS workspaces, side stream
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call_moe_layer(spec, x, w)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    first = out.clone()
+    plan = layer.plan_layer(spec, 4, x.device)
+    assert _rel_err(first, _expected(spec, x, w, plan.expert_config.block_m)) < 1e-2
+    for _ in range(20):
+        graph.replay()
+    torch.cuda.synchronize()
+    if deterministic:
+        assert torch.equal(out, first)
+    else:
+        torch.testing.assert_close(out, first, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.gpu
+def test_layer_op_in_reduce_overhead_compile():
+    spec = GPU_SPECS["dsv3-ep8"]
+    w = random_weights(spec, device="cuda")
+
+    def moe(x):
+        return call_moe_layer(spec, x, w) * 1.0
+
+    compiled = torch.compile(moe, mode="reduce-overhead", dynamic=False)
+    for M in (1, 4, 4, 4):
+        x = torch.randn(M, spec.hidden_size, device="cuda", dtype=torch.bfloat16)
+        got = compiled(x).clone()
+        plan = layer.plan_layer(spec, M, x.device)
+        assert _rel_err(got, _expected(spec, x, w, plan.expert_config.block_m)) < 1e-2

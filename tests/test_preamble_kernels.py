@@ -1,0 +1,107 @@
+"""Each preamble kernel alone against reference.py: under TRITON_INTERPRET=1 on the CPU (small
+shapes, fp32/fp16: bf16 dot and casts are wrong in the interpreter), compiled on a GPU."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from moe_fusion.lowering import align_kernel, reference, topk_kernel  # noqa: E402
+from moe_fusion.lowering.norm_quant_kernel import norm_quant  # noqa: E402
+from moe_fusion.spec import MoESpec  # noqa: E402
+from preamble_checks import (  # noqa: E402
+    assert_fp8_matches, assert_normed_close, clean_rows, poisoned_empty,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("M,H,dtype", [(1, 64, torch.float32), (3, 200, torch.float16), (2, 8300, torch.float16)])
+@pytest.mark.parametrize("with_norm", [True, False])
+def test_norm_quant(M, H, dtype, with_norm):
+    x = (3 * torch.randn(M, H)).to(dtype).to(DEVICE)
+    weight = (1 + 0.1 * torch.randn(H)).to(dtype).to(DEVICE) if with_norm else None
+    workspace = torch.full((M, 37), 5.0, device=DEVICE)
+    ticket = torch.full((1,), 9, dtype=torch.int32, device=DEVICE)
+    with poisoned_empty():
+        normed, q, scale = norm_quant(x, weight, 1e-6, True, workspace, ticket)
+    assert_normed_close(normed, reference.rms_norm(x, weight, 1e-6) if with_norm else x)
+    assert_fp8_matches(normed, q, scale)
+    assert (workspace == 0).all() and ticket.item() == 0
+
+
+def test_norm_without_quant_returns_empty_fp8():
+    x = torch.randn(2, 64, device=DEVICE)
+    normed, q, scale = norm_quant(x, None, 1e-6, False)
+    assert torch.equal(normed, x) and normed.data_ptr() != x.data_ptr()
+    assert q.numel() == 0 and scale.numel() == 0
+
+
+ROUTING_SPECS = {
+    "dsv3_like": dict(num_experts=16, top_k=4, scoring="sigmoid", correction_bias=True, n_group=4, topk_group=2,
+                      renormalize=True, renormalize_eps=1e-20, routed_scaling_factor=2.5, router_fp32=True),
+    "groups_not_pow2_max": dict(num_experts=24, top_k=3, scoring="sigmoid", n_group=3, topk_group=2,
+                                group_score="max", renormalize=True),
+    "one_group_top1_softmax": dict(num_experts=10, top_k=1, scoring="softmax"),
+    "softmax_after_topk": dict(num_experts=12, top_k=3, scoring="softmax", score_before_topk=False, renormalize=True),
+    "raw_logits": dict(num_experts=7, top_k=2, scoring="none"),
+    "many_groups": dict(num_experts=32, top_k=8, scoring="sigmoid", n_group=8, topk_group=4,
+                        renormalize=True, routed_scaling_factor=2.5),
+}
+
+
+@pytest.mark.parametrize("name", list(ROUTING_SPECS))
+@pytest.mark.parametrize("M", [1, 19])
+def test_select_experts(name, M):
+    spec = MoESpec(hidden_size=8, intermediate_size=8, **ROUTING_SPECS[name])
+    logits = torch.randn(M, spec.num_experts, device=DEVICE)
+    bias = 0.1 * torch.randn(spec.num_experts, device=DEVICE) if spec.correction_bias else None
+    with poisoned_empty():
+        ids, weights = topk_kernel.select_experts(spec, logits, bias, torch.float32)
+    ref_ids, ref_weights = reference.select_experts(spec, logits, bias)
+    clean = clean_rows(spec, logits.double(), None if bias is None else bias.double())
+    assert clean.any()
+    assert torch.equal(ids[clean], ref_ids[clean])
+    torch.testing.assert_close(weights[clean], ref_weights[clean], rtol=1e-5, atol=1e-6)
+
+
+def test_group_top2_sum_counts_a_tied_maximum_twice():
+    # Group 0's top two are equal (3 + 3 = 6 beats group 1's 3.5 + 2); dropping every copy of the
+    # maximum would score group 0 as 3 + 0 and pick group 1 instead.
+    spec = MoESpec(hidden_size=8, intermediate_size=8, num_experts=8, top_k=2, scoring="none", n_group=2,
+                   topk_group=1)
+    logits = torch.tensor([[3.0, 3.0, 0.0, -1.0, 3.5, 2.0, 0.0, 0.0]], device=DEVICE)
+    ids, weights = topk_kernel.select_experts(spec, logits, None, torch.float32)
+    assert ids.tolist() == [[0, 1]]  # equal values: the lower index first
+    assert weights.tolist() == [[3.0, 3.0]]
+
+
+def test_select_experts_rounds_model_dtype_logits():
+    spec = MoESpec(hidden_size=8, intermediate_size=8, num_experts=16, top_k=2, scoring="softmax", renormalize=True)
+    logits = torch.randn(5, 16, device=DEVICE)
+    ids, weights = topk_kernel.select_experts(spec, logits, None, torch.float16)
+    rounded = logits.half().float()
+    ref_ids, ref_weights = reference.select_experts(spec, rounded)
+    clean = clean_rows(spec, rounded.double(), None)
+    assert torch.equal(ids[clean], ref_ids[clean])
+    torch.testing.assert_close(weights[clean], ref_weights[clean], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("M,k,E,L,block_m", [
+    (1, 1, 4, 4, 16), (5, 3, 10, 10, 4), (37, 8, 256, 32, 16), (70, 4, 12, 12, 3), (9, 2, 8, 3, 1), (300, 2, 6, 6, 64),
+])
+def test_align_pairs(M, k, E, L, block_m):
+    topk_ids = torch.stack([torch.randperm(E)[:k] for _ in range(M)]).to(torch.int32).to(DEVICE)
+    expert_map = None
+    if L != E:
+        expert_map = torch.full((E,), -1, dtype=torch.int32)
+        expert_map[torch.randperm(E)[:L]] = torch.arange(L, dtype=torch.int32)
+        expert_map = expert_map.to(DEVICE)
+    with poisoned_empty():
+        got = align_kernel.align_pairs(topk_ids, expert_map, L, block_m)
+    want = reference.align_pairs(topk_ids, expert_map, L, block_m)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
