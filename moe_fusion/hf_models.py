@@ -126,13 +126,13 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             if p.device not in generators:  # drawn where the weights live: real-size models are GBs
                 generators[p.device] = torch.Generator(device=p.device).manual_seed(seed)
             gen, device = generators[p.device], p.device
+            # Drawn in the parameter's own dtype: an fp32 temporary of a real-size expert stack is 28 GB.
+            values = torch.randn(p.shape, generator=gen, device=device, dtype=p.dtype)
             if p.dim() == 1:
-                values = 1.0 + 0.1 * torch.randn(p.shape, generator=gen, device=device)
-                if "bias" in name:
-                    values = 0.1 * torch.randn(p.shape, generator=gen, device=device)
+                values = 0.1 * values if "bias" in name else 1.0 + 0.1 * values
             else:
-                values = torch.randn(p.shape, generator=gen, device=device) / p.shape[-1] ** 0.5
-            p.copy_(values.to(p.dtype))
+                values /= p.shape[-1] ** 0.5
+            p.copy_(values)
     return model
 
 

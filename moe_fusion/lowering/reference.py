@@ -144,9 +144,9 @@ def _expert_weights(spec: MoESpec, w: MoEWeights, e: int, dtype: torch.dtype):
 def _fp8_gated_mlp(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor) -> torch.Tensor:
     """The fp8 expert: fp8 activations x fp8 weights with fp32 accumulation; the SiLU*up
     product is rounded to the model dtype before it is quantised again (as the kernels do)."""
-    xq = fp8_round_trip(x)
+    xq = fp8_round_trip(x).to(wg.dtype)  # dequantised weights may be float64 (a float64 reference)
     h = (F.silu(xq @ wg.T) * (xq @ wu.T)).to(x.dtype)
-    return fp8_round_trip(h) @ wd.T
+    return fp8_round_trip(h).to(wd.dtype) @ wd.T
 
 
 def local_expert_ids(spec: MoESpec, topk_ids: torch.Tensor, expert_map: Optional[torch.Tensor]) -> torch.Tensor:
