@@ -24,8 +24,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Small tiles so that the loops over items, K blocks and splits all run more than once.
 SMALL = ExpertConfig(16, GemmTiles(16, 32, programs_per_sm=1), GemmTiles(32, 32, split_k=2, programs_per_sm=1))
 # fp8: the kernels make the emulation's fp8 products and scales; only the fp32 summation order
-# differs (a rounding flip of h before its re-quantisation would show as ~1e-3).
-FP8_TOL = 1e-4
+# differs. On the GPU, SiLU's fast exp can flip the bf16/fp16 rounding of an h element and so its
+# fp8 re-quantisation by one step: up to ~6e-4 seen at real shapes (benchmarks/results).
+FP8_TOL = 1e-4 if DEVICE == "cpu" else 1e-3
 SMALL_FP8 = ExpertConfig(16, GemmTiles(32, 128, programs_per_sm=1), GemmTiles(32, 128, split_k=2, programs_per_sm=1))
 
 
