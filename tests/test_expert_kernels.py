@@ -17,8 +17,8 @@ from moe_cases import random_weights  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                                 reason="needs TRITON_INTERPRET=1 or a CUDA device")
-# The interpreter on the CPU; compiled kernels where there is a GPU (same checks, same tolerances:
-# the fp8 arithmetic follows torch on each device).
+# The interpreter on the CPU; compiled kernels where there is a GPU (same checks; the fp8
+# arithmetic follows torch on each device).
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # Small tiles so that the loops over items, K blocks and splits all run more than once.
