@@ -5,9 +5,13 @@ deterministic mode) over the aligned token list of reference.align_pairs.
     GEMM2  out[token] += weight[pair] * h[pair] Wd^T       expert_gemm2_kernel (atomics, split-K)
     or     y[split, pair] = weight * h Wd^T; out = sum y   + moe_finalize_kernel (deterministic)
 
-bf16/fp16 weights, or fp8 e4m3 weights in 128x128 blocks with 1x128 activation groups (x comes
-pre-quantised from the preamble, or is quantised by GEMM1 as it loads it; h is quantised by GEMM2
-as it loads it). Semantics: reference.routed_experts. Tile shapes: expert_configs.
+bf16/fp16 weights, or fp8 e4m3 weights in 128x128 blocks with 1x128 activation groups: x comes
+quantised from the preamble (or fp8_act_quant_kernel quantises it first), and fp8_act_quant_kernel
+quantises h between the GEMMs, so neither GEMM quantises inside its K loop. Grids are persistent
+(at most programs_per_sm x SMs programs looping up to the real tile count). Semantics:
+reference.routed_experts (fp8: bitwise the reference's quantisation on the same device). Tile
+shapes: expert_configs (a tuned table per device, a heuristic elsewhere). Measured results and
+their story: benchmarks/experts_notes.md.
 """
 from __future__ import annotations
 
@@ -99,7 +103,7 @@ def fused_experts(
     local experts only, as ``out_dtype`` [M, H] (fp32 by default, like the reference).
 
     x [M, H] is the (normed) model-dtype input; for fp8 specs x_fp8/x_scale are its 1x128-group
-    quantisation from the preamble (GEMM1 quantises x itself when they are not given). alignment
+    quantisation from the preamble (fp8_act_quant_kernel quantises x when they are not given). alignment
     is reference.align_pairs' output for ``config.block_m``; computed here when not given.
     deterministic: per-pair partial rows + a fixed-order finalize instead of fp32 atomics.
     Raises Unsupported when the spec or tensors are outside what the kernels take.

@@ -19,7 +19,6 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ..spec import FP8_BLOCK
 from . import expert_configs, experts, reference
 from .expert_configs import ExpertConfig, GemmTiles, ProblemKey
 
