@@ -15,7 +15,7 @@ from torch.fx import Node
 
 from .graph_utils import (
     CAST_OPS, VIEW_OPS, MatchFailure, aten, check_region, forward_through, is_getitem, is_op, is_param, op_name,
-    prims, region_between, require, same_shape, same_size, shape, strip_layout,
+    prims, region_between, require, same_shape, same_size, shape, strip_layout, users_breadth_first,
 )
 from .router import RouterMatch
 
@@ -138,24 +138,16 @@ def _gemm_weight(gemm: Node, num_experts: int):
 
 
 def _expert_gemms_from(start: Node, num_experts: int, max_depth: int = 12) -> List[Tuple[Node, Node, Tuple[Node, bool]]]:
-    """Expert GEMMs whose data operand is reached forward from ``start``."""
-    found, frontier, seen = [], [start], {start}
-    for _ in range(max_depth):
-        nxt = []
-        for n in frontier:
-            for user in n.users:
-                if user in seen:
-                    continue
-                seen.add(user)
-                if _is_gemm(user):
-                    gw = _gemm_weight(user, num_experts)
-                    if gw is not None and user not in [f[0] for f in found]:
-                        found.append((user, gw[0], gw[1]))
-                        continue
-                nxt.append(user)
-        frontier = nxt
-    return found
+    """Expert GEMMs whose data operand is reached forward from ``start`` (the walk stops at them)."""
+    def expert_gemm(n: Node):
+        return _gemm_weight(n, num_experts) if _is_gemm(n) else None
 
+    found = []
+    for n in users_breadth_first(start, max_depth, lambda n: expert_gemm(n) is None):
+        weight = expert_gemm(n)
+        if weight is not None:
+            found.append((n, weight[0], weight[1]))
+    return found
 
 # --------------------------------------------------------------------------- the gated activation
 def is_silu_of(node: Node, x: Node) -> bool:

@@ -20,7 +20,7 @@ from .dense import NormMatch, SharedMatch, match_rms_norm, match_shared
 from .experts import ExpertsMatch, WeightRef, match_experts
 from .graph_utils import (
     CAST_OPS, VIEW_OPS, MatchFailure, aten, dtype, forward_through, is_op, is_param, is_sym_arith, op_name, prims,
-    region_between, shape, topo_sorted, val,
+    region_between, shape, topo_sorted, users_breadth_first, val,
 )
 from .report import MATCHED, NOT_MATCHED, PARTIAL, GraphRecord, LayerRecord, MatchReport, publish
 from .router import RouterMatch, match_router
@@ -65,20 +65,7 @@ def _signature(graph: Graph) -> List[str]:
 
 # --------------------------------------------------------------------------- candidates
 def _reaches(start: Node, predicate, max_depth: int = 12, through=lambda n: True) -> bool:
-    frontier, seen = [start], {start}
-    for _ in range(max_depth):
-        nxt = []
-        for n in frontier:
-            for user in n.users:
-                if user in seen:
-                    continue
-                if predicate(user):
-                    return True
-                seen.add(user)
-                if through(user):
-                    nxt.append(user)
-        frontier = nxt
-    return False
+    return any(predicate(n) for n in users_breadth_first(start, max_depth, through))
 
 
 def _selects_experts(topk: Node) -> bool:

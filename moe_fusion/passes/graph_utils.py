@@ -128,6 +128,23 @@ def strip_layout(node):
     return node
 
 
+def users_breadth_first(start: Node, max_depth: int, expand: Callable[[Node], bool] = lambda n: True):
+    """Yield the nodes reached forward from ``start`` (each once, nearest first) up to ``max_depth``
+    user hops; the walk goes on past a node only where ``expand(node)`` holds."""
+    frontier, seen = [start], {start}
+    for _ in range(max_depth):
+        following = []
+        for n in frontier:
+            for user in n.users:
+                if user in seen:
+                    continue
+                seen.add(user)
+                yield user
+                if expand(user):
+                    following.append(user)
+        frontier = following
+
+
 def forward_through(node: Node, views: bool = True, casts: bool = True) -> List[Node]:
     """The users of ``node`` reached through shape-only ops and casts (the first non-transparent ones)."""
     out, stack, seen = [], [node], set()
