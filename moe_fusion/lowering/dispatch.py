@@ -67,6 +67,9 @@ def _reference_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights):
     normed, ids, weights = reference.moe_preamble(spec, x, w)
     if spec.fp8:
         x_fp8, x_scale = reference.quantize_fp8_groups(normed)
+        # quantize_fp8_groups returns a view into 128-padded rows when H % 128 != 0; the op's fake
+        # (and so every compiled graph) promises contiguous outputs.
+        x_fp8 = x_fp8.contiguous()
     else:
         x_fp8 = x.new_empty((0,), dtype=FP8_DTYPE)
         x_scale = x.new_empty((0,), dtype=torch.float32)
