@@ -40,7 +40,7 @@ def _on_kernels(op: str, spec: MoESpec, x: torch.Tensor, kernels: Callable, fall
 
 
 def moe_layer(spec: MoESpec, x: torch.Tensor, w: MoEWeights) -> torch.Tensor:
-    _check_input(spec, x)
+    _check_input(spec, x, w)
 
     def kernels():
         from . import layer
@@ -51,7 +51,7 @@ def moe_layer(spec: MoESpec, x: torch.Tensor, w: MoEWeights) -> torch.Tensor:
 
 
 def moe_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights):
-    _check_input(spec, x)
+    _check_input(spec, x, w)
 
     def kernels():
         from . import experts, preamble
@@ -81,7 +81,7 @@ def _reference_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights):
 def routed_experts(spec: MoESpec, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                    w: MoEWeights) -> torch.Tensor:
     """The routed-expert block alone on normed x [M, H]: sum_k weight * expert(x); fp32 [M, H]."""
-    _check_input(spec, x)
+    _check_input(spec, x, w)
 
     def kernels():
         from . import experts
@@ -92,6 +92,11 @@ def routed_experts(spec: MoESpec, x: torch.Tensor, topk_ids: torch.Tensor, topk_
                        lambda: reference.routed_experts(spec, x, topk_ids, topk_weights, w))
 
 
-def _check_input(spec: MoESpec, x: torch.Tensor) -> None:
+def _check_input(spec: MoESpec, x: torch.Tensor, w: MoEWeights) -> None:
     if x.dim() != 2 or x.shape[1] != spec.hidden_size:
         raise ValueError(f"moe_fusion: expected hidden states [M, {spec.hidden_size}], got {tuple(x.shape)}")
+    # A tensor on another device would reach a kernel as a bad pointer, and the reference mixes
+    # meta and CPU tensors without complaint into an uninitialised result.
+    for name, t in vars(w).items():
+        if isinstance(t, torch.Tensor) and t.device != x.device:
+            raise ValueError(f"moe_fusion: {name} is on {t.device}, the hidden states on {x.device}")
