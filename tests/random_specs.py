@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from moe_fusion.lowering import reference
-from moe_fusion.spec import FP8_DTYPE, MoESpec, MoEWeights
+from moe_fusion.spec import MoESpec, MoEWeights
 
 # Cases and rows each test module ran, printed by its summary test (the CI log shows them).
 STATS = collections.Counter()
@@ -300,7 +300,3 @@ def gemm_error_bound(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     K = a.shape[1]
     magnitude = (a.double().abs() @ w.double().abs().T).amax(-1)
     return 4 * math.sqrt(K) * 2.0 ** -24 * magnitude
-
-
-def fp8_dtype_ok(t: torch.Tensor) -> bool:
-    return t.dtype == FP8_DTYPE

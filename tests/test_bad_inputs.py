@@ -2,7 +2,6 @@
 reference, a clean fallback to the reference with the reason in dispatch.fallback_reasons, or a
 clear error before any kernel launch. Kernels run under TRITON_INTERPRET=1 on the CPU."""
 import os
-import types
 
 import torch
 
@@ -15,7 +14,7 @@ from moe_fusion.lowering import dispatch, experts, layer, preamble, reference, t
 from moe_fusion.ops import call_moe_layer, call_moe_preamble  # noqa: E402
 from moe_fusion.spec import MoESpec, MoEWeights  # noqa: E402
 from moe_cases import dsv3_like, random_weights  # noqa: E402
-from random_specs import check_routing  # noqa: E402
+from random_specs import check_routing, gemm_error_bound  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                                 reason="needs TRITON_INTERPRET=1 or a CUDA device")
@@ -203,7 +202,6 @@ def test_too_many_experts_for_the_routing_tile_route_in_torch():
     x = torch.randn(3, 16, generator=g)
     out = preamble.fused_preamble(spec, x.to(DEVICE), _to(w, DEVICE), block_m=16)
     logits = reference.router_logits(spec, out.normed.cpu(), w.router_weight)
-    from random_specs import gemm_error_bound
     check_routing(spec, logits, None, out.topk_ids.cpu(), out.topk_weights.cpu(),
                   delta=gemm_error_bound(out.normed.cpu(), w.router_weight))
 

@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from moe_fusion.lowering import align_kernel, preamble, reference, topk_kernel  # noqa: E402
-from moe_fusion.spec import MoESpec  # noqa: E402
+from moe_fusion.spec import MoESpec, MoEWeights  # noqa: E402
 from preamble_checks import assert_alignment_matches, assert_fp8_matches, assert_normed_close, poisoned_empty  # noqa: E402
 from random_specs import (  # noqa: E402
     STATS, check_routing, gemm_error_bound, input_kind, random_expert_map, random_hidden, random_layer_weights,
@@ -66,7 +66,7 @@ def test_random_fused_preamble(seed):
     w = random_layer_weights(spec, seed, kind, experts=False)
     x = random_hidden(spec, M, seed, kind)
     block_m = [1, 4, 16, 64][seed % 4]
-    w_dev = w
+    w_dev = MoEWeights(**{f: (t.to(DEVICE) if isinstance(t, torch.Tensor) else t) for f, t in vars(w).items()})
     with poisoned_empty():
         out = preamble.fused_preamble(spec, x.to(DEVICE), w_dev, block_m)
     out = type(out)(*(t.cpu() for t in out))
