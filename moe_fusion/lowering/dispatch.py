@@ -40,7 +40,7 @@ def _on_kernels(op: str, spec: MoESpec, x: torch.Tensor, kernels: Callable, fall
 
 
 def moe_layer(spec: MoESpec, x: torch.Tensor, w: MoEWeights) -> torch.Tensor:
-    _check_input(spec, x)
+    _check_input(spec, x, w)
 
     def kernels():
         from . import layer
@@ -51,7 +51,7 @@ def moe_layer(spec: MoESpec, x: torch.Tensor, w: MoEWeights) -> torch.Tensor:
 
 
 def moe_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights):
-    _check_input(spec, x)
+    _check_input(spec, x, w)
 
     def kernels():
         from . import preamble
@@ -66,6 +66,9 @@ def _reference_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights):
     normed, ids, weights = reference.moe_preamble(spec, x, w)
     if spec.fp8:
         x_fp8, x_scale = reference.quantize_fp8_groups(normed)
+        # quantize_fp8_groups returns a view into 128-padded rows when H % 128 != 0; the op's fake
+        # (and so every compiled graph) promises contiguous outputs.
+        x_fp8 = x_fp8.contiguous()
     else:
         x_fp8 = x.new_empty((0,), dtype=FP8_DTYPE)
         x_scale = x.new_empty((0,), dtype=torch.float32)
@@ -77,7 +80,7 @@ def _reference_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights):
 def routed_experts(spec: MoESpec, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                    w: MoEWeights) -> torch.Tensor:
     """The routed-expert block alone on normed x [M, H]: sum_k weight * expert(x); fp32 [M, H]."""
-    _check_input(spec, x)
+    _check_input(spec, x, w)
 
     def kernels():
         from . import experts
@@ -88,6 +91,11 @@ def routed_experts(spec: MoESpec, x: torch.Tensor, topk_ids: torch.Tensor, topk_
                        lambda: reference.routed_experts(spec, x, topk_ids, topk_weights, w))
 
 
-def _check_input(spec: MoESpec, x: torch.Tensor) -> None:
+def _check_input(spec: MoESpec, x: torch.Tensor, w: MoEWeights) -> None:
     if x.dim() != 2 or x.shape[1] != spec.hidden_size:
         raise ValueError(f"moe_fusion: expected hidden states [M, {spec.hidden_size}], got {tuple(x.shape)}")
+    # A tensor on another device would reach a kernel as a bad pointer, and the reference mixes
+    # meta and CPU tensors without complaint into an uninitialised result.
+    for name, t in vars(w).items():
+        if isinstance(t, torch.Tensor) and t.device != x.device:
+            raise ValueError(f"moe_fusion: {name} is on {t.device}, the hidden states on {x.device}")

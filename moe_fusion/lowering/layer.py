@@ -59,8 +59,11 @@ def moe_layer(spec: MoESpec, x: torch.Tensor, w: MoEWeights, plan: Optional[Laye
     """reference.moe_layer on the kernels; raises preamble/experts.Unsupported before any launch
     it cannot make."""
     plan = plan or plan_layer(spec, x.shape[0], x.device)
-    if spec.has_shared_experts and w.shared_gate.dtype != x.dtype:
-        raise experts.Unsupported(f"shared expert weights are {w.shared_gate.dtype}, hidden states {x.dtype}")
+    if spec.has_shared_experts:  # cuBLAS into preallocated buffers: one dtype throughout
+        for name in ("shared_gate", "shared_up", "shared_down") + (("shared_expert_gate",) if spec.shared_gate else ()):
+            if getattr(w, name).dtype != x.dtype:
+                raise experts.Unsupported(f"shared expert weight {name} is {getattr(w, name).dtype}, "
+                                          f"hidden states {x.dtype}")
     shared_buffers = None
     after_norm = None
     if plan.shared_expert != "none":
