@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from ..spec import FP8_BLOCK, FP8_DTYPE, FP8_MAX
+from .expert_tiles import to_e4m3
 from .reference import FP8_MIN_SCALE
 
 # A row of up to 64 groups of 128 (8192 elements) in one chunk: one load round trip per pass,
@@ -81,7 +82,7 @@ def _norm_quant_kernel(
             v = normed.to(tl.float32)
             scale = tl.maximum(_div_rn(tl.max(tl.abs(v), axis=1), tl.full((GROUPS,), 448.0, tl.float32)), 1e-10)
             q = _div_rn(v, scale[:, None])
-            q = tl.minimum(tl.maximum(q, -448.0), 448.0).to(tl.float8e4nv)
+            q = to_e4m3(tl.minimum(tl.maximum(q, -448.0), 448.0))
             tl.store(q_ptr + row * stride_qm + offs, q, mask=in_row)
             g = tl.arange(0, GROUPS)
             tl.store(scale_ptr + row * stride_sm + c0 // 128 + g, scale, mask=c0 + g * 128 < H)
