@@ -6,8 +6,6 @@ and atomic, eager and under CUDA-graph capture and torch.compile(mode="reduce-ov
 The expected output is computed in float64 from the routing the kernels chose (so a bf16 near-tie
 that flips an expert is not mistaken for a wrong kernel); the preamble tests check the routing.
 """
-import dataclasses
-
 import pytest
 import torch
 

@@ -11,7 +11,7 @@ from typing import Callable, Dict, Tuple
 
 import torch
 
-from ..spec import FP8_DTYPE, MoESpec, MoEWeights
+from ..spec import MoESpec, MoEWeights
 from . import reference
 
 log = logging.getLogger("moe_fusion.lowering")
@@ -63,18 +63,9 @@ def moe_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights):
 
 
 def _reference_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights):
-    normed, ids, weights = reference.moe_preamble(spec, x, w)
-    if spec.fp8:
-        x_fp8, x_scale = reference.quantize_fp8_groups(normed)
-        # quantize_fp8_groups returns a view into 128-padded rows when H % 128 != 0; the op's fake
-        # (and so every compiled graph) promises contiguous outputs.
-        x_fp8 = x_fp8.contiguous()
-    else:
-        x_fp8 = x.new_empty((0,), dtype=FP8_DTYPE)
-        x_scale = x.new_empty((0,), dtype=torch.float32)
+    normed, *rest = reference.preamble_outputs(spec, x, w)
     # The op's outputs may not alias its inputs: without a norm, "normed" is x itself.
-    normed = normed.clone() if normed is x else normed
-    return normed, x_fp8, x_scale, ids, weights.float()
+    return (normed.clone() if normed is x else normed, *rest)
 
 
 def routed_experts(spec: MoESpec, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,

@@ -64,13 +64,12 @@ def moe_layer(spec: MoESpec, x: torch.Tensor, w: MoEWeights, plan: Optional[Laye
             if getattr(w, name).dtype != x.dtype:
                 raise experts.Unsupported(f"shared expert weight {name} is {getattr(w, name).dtype}, "
                                           f"hidden states {x.dtype}")
-    shared_buffers = None
-    after_norm = None
-    if plan.shared_expert != "none":
-        shared_buffers = SharedExpertBuffers.allocate(spec, x)
-        if plan.shared_expert == "stream":
-            def after_norm(normed):
-                streams.fork(x.device, lambda: shared_expert_into(spec, normed, w, shared_buffers))
+    shared_buffers = SharedExpertBuffers.allocate(spec, x) if plan.shared_expert != "none" else None
+
+    def fork_shared_expert(normed: torch.Tensor) -> None:
+        streams.fork(x.device, lambda: shared_expert_into(spec, normed, w, shared_buffers))
+
+    after_norm = fork_shared_expert if plan.shared_expert == "stream" else None
 
     pre = preamble.fused_preamble(spec, x, w, block_m=plan.expert_config.block_m, after_norm=after_norm)
     quantized = spec.fp8 and pre.x_fp8.numel() > 0

@@ -22,7 +22,7 @@ from typing import Callable, List, NamedTuple, Optional
 import torch
 import triton
 
-from ..spec import FP8_DTYPE, MoESpec, MoEWeights
+from ..spec import MoESpec, MoEWeights
 from . import align_kernel, reference, topk_kernel
 from .norm_quant_kernel import norm_quant
 from .router_kernel import _router_kernel, _router_route_align_kernel
@@ -234,11 +234,6 @@ def reference_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights, block_m: i
                        expert_map: Optional[torch.Tensor] = None) -> PreambleOut:
     """The same outputs from plain PyTorch (reference.py): the baseline and the test oracle."""
     expert_map = expert_map if expert_map is not None else w.expert_map
-    normed, ids, weights = reference.moe_preamble(spec, x, w)
-    if spec.fp8:
-        x_fp8, x_scale = reference.quantize_fp8_groups(normed)
-    else:
-        x_fp8 = x.new_empty((0,), dtype=FP8_DTYPE)
-        x_scale = x.new_empty((0,), dtype=torch.float32)
-    aligned = reference.align_pairs(ids, expert_map, spec.num_local_experts, block_m)
-    return PreambleOut(normed, x_fp8, x_scale, ids, weights.float(), *aligned)
+    outputs = reference.preamble_outputs(spec, x, w)
+    aligned = reference.align_pairs(outputs[3], expert_map, spec.num_local_experts, block_m)
+    return PreambleOut(*outputs, *aligned)

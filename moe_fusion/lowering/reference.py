@@ -96,7 +96,7 @@ def quantize_fp8_groups(x: torch.Tensor, group: int = FP8_BLOCK) -> Tuple[torch.
     padded = F.pad(x.float(), (0, groups * group - K)).view(M, groups, group)
     scale = (padded.abs().amax(dim=-1) / FP8_MAX).clamp(min=FP8_MIN_SCALE)
     q = (padded / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return q.view(M, groups * group)[:, :K], scale
+    return q.view(M, groups * group)[:, :K].contiguous(), scale
 
 
 def dequantize_fp8_groups(q: torch.Tensor, scale: torch.Tensor, group: int = FP8_BLOCK) -> torch.Tensor:
@@ -200,6 +200,18 @@ def moe_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights):
     logits = router_logits(spec, normed, w.router_weight)
     ids, weights = select_experts(spec, logits, w.correction_bias if spec.correction_bias else None)
     return normed, ids, weights
+
+
+def preamble_outputs(spec: MoESpec, x: torch.Tensor, w: MoEWeights):
+    """What the moe_preamble op returns: (normed, x_fp8, x_scale, topk_ids, topk_weights fp32);
+    x_fp8 and x_scale are empty unless the experts are fp8."""
+    normed, ids, weights = moe_preamble(spec, x, w)
+    if spec.fp8:
+        x_fp8, x_scale = quantize_fp8_groups(normed)
+    else:
+        x_fp8 = x.new_empty((0,), dtype=FP8_DTYPE)
+        x_scale = x.new_empty((0,), dtype=torch.float32)
+    return normed, x_fp8, x_scale, ids, weights.float()
 
 
 def moe_layer(spec: MoESpec, x: torch.Tensor, w: MoEWeights) -> torch.Tensor:

@@ -113,6 +113,10 @@ def route_rows(
         if SCORING == 0:
             weights = weights / tl.sum(weights, axis=1)[:, None]
     weights = tl.where(k_ok, weights, 0.0)
+    # torch's top-k ranks NaN above every number, so the reference picks a NaN logit's expert and
+    # that row's weights go NaN; the max above skips NaN, so such rows are poisoned explicitly.
+    row_has_nan = tl.max((logits != logits).to(tl.int32), axis=1) > 0
+    weights = tl.where(row_has_nan[:, None], float("nan"), weights)
     if RENORMALIZE:
         weights = weights / (tl.sum(weights, axis=1)[:, None] + renorm_eps)
     weights = weights * routed_scale
