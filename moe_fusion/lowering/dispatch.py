@@ -13,17 +13,12 @@ import torch
 
 from ..spec import MoESpec, MoEWeights
 from . import reference
+from .unsupported import Unsupported
 
 log = logging.getLogger("moe_fusion.lowering")
 
-# (op, spec json) -> why it runs the reference; read by `moe-fusion inspect` and tests.
+# (op, spec json) -> why that op runs the reference instead of the kernels.
 fallback_reasons: Dict[Tuple[str, str], str] = {}
-
-
-def _unsupported_errors() -> tuple:
-    from . import experts, preamble
-
-    return (experts.Unsupported, preamble.Unsupported)
 
 
 def _on_kernels(op: str, spec: MoESpec, x: torch.Tensor, kernels: Callable, fallback: Callable):
@@ -31,7 +26,7 @@ def _on_kernels(op: str, spec: MoESpec, x: torch.Tensor, kernels: Callable, fall
         return fallback()
     try:
         return kernels()
-    except _unsupported_errors() as reason:
+    except Unsupported as reason:
         key = (op, spec.to_json())
         if key not in fallback_reasons:
             fallback_reasons[key] = str(reason)

@@ -23,6 +23,7 @@ import torch
 import triton
 
 from ..spec import FP8_BLOCK, FP8_DTYPE, MoESpec, MoEWeights
+from .unsupported import Unsupported
 from . import expert_configs, reference
 from .expert_configs import ExpertConfig, ProblemKey
 from .expert_gemm1_kernel import expert_gemm1_kernel
@@ -44,10 +45,6 @@ INTERPRETER_SMS = 4  # "SM count" under TRITON_INTERPRET=1: a few programs, so t
 # Off by default: measured on the H100 (run 3) it gained nothing and cost 4% at dsv3 M = 1.
 USE_PDL = False
 PREFETCH_BYTES = 64 * 1024
-
-
-class Unsupported(Exception):
-    """The expert kernels cannot take this spec or these tensors; str(self) says why."""
 
 
 Alignment = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # sorted_pair_ids, tile_expert, num_tiles

@@ -23,6 +23,7 @@ import torch
 import triton
 
 from ..spec import MoESpec, MoEWeights
+from .unsupported import Unsupported
 from . import align_kernel, reference, topk_kernel
 from .norm_quant_kernel import norm_quant
 from .router_kernel import _router_kernel, _router_route_align_kernel
@@ -33,10 +34,6 @@ FUSED_MAX_M = 64
 FUSED_MAX_ROUTE_TILE = 1024
 ALIGN_KERNEL_MAX_M = 1024
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-class Unsupported(ValueError):
-    """The preamble kernels cannot take these inputs (the reason says why)."""
 
 
 class PreambleOut(NamedTuple):
