@@ -225,19 +225,8 @@ def _products_of(gate: Node, up: Node):
             yield user
 
 
-def _mul_users(node: Node):
-    stack, seen = [node], set()
-    while stack:
-        n = stack.pop()
-        for u in n.users:
-            if u in seen:
-                continue
-            seen.add(u)
-            if is_op(u, aten.mul):
-                yield u
-            elif is_op(u, *VIEW_OPS, *CAST_OPS, aten.permute, aten.transpose):
-                stack.append(u)
-
+def _mul_users(node: Node) -> List[Node]:
+    return [u for u in forward_through(node, permutes=True) if is_op(u, aten.mul)]
 
 # --------------------------------------------------------------------------- the whole block
 ALLOWED_OPS = (

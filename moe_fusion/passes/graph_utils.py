@@ -145,7 +145,7 @@ def users_breadth_first(start: Node, max_depth: int, expand: Callable[[Node], bo
         frontier = following
 
 
-def forward_through(node: Node, views: bool = True, casts: bool = True) -> List[Node]:
+def forward_through(node: Node, views: bool = True, casts: bool = True, permutes: bool = False) -> List[Node]:
     """The users of ``node`` reached through shape-only ops and casts (the first non-transparent ones)."""
     out, stack, seen = [], [node], set()
     while stack:
@@ -154,7 +154,8 @@ def forward_through(node: Node, views: bool = True, casts: bool = True) -> List[
             if user in seen:
                 continue
             seen.add(user)
-            if (views and is_op(user, *VIEW_OPS)) or (casts and is_op(user, *CAST_OPS)):
+            if ((views and is_op(user, *VIEW_OPS)) or (casts and is_op(user, *CAST_OPS))
+                    or (permutes and is_op(user, aten.permute, aten.transpose))):
                 stack.append(user)
             else:
                 out.append(user)
