@@ -5,16 +5,13 @@ import os
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
 
-import pytest  # noqa: E402
-
-from moe_fusion.lowering import dispatch, experts, layer, preamble, reference, topk_kernel  # noqa: E402
-from moe_fusion.ops import call_moe_layer, call_moe_preamble  # noqa: E402
-from moe_fusion.spec import MoESpec, MoEWeights  # noqa: E402
-from moe_cases import dsv3_like, random_weights  # noqa: E402
-from random_specs import check_routing, gemm_error_bound  # noqa: E402
+from moe_fusion.lowering import dispatch, experts, layer, preamble, reference, topk_kernel
+from moe_fusion.ops import call_moe_layer, call_moe_preamble
+from moe_fusion.spec import MoESpec, MoEWeights
+from moe_cases import dsv3_like, random_weights
+from random_specs import check_routing, gemm_error_bound
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                                 reason="needs TRITON_INTERPRET=1 or a CUDA device")

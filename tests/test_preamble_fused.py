@@ -1,18 +1,14 @@
 """fused_preamble (all kernels together, decode and general paths) against reference.py:
 small shapes under TRITON_INTERPRET=1 on the CPU, the benchmark's real shapes in bf16 on a GPU."""
-import os
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
 
-import pytest  # noqa: E402
-
-from moe_cases import dsv3_like  # noqa: E402
-from moe_fusion.lowering import preamble  # noqa: E402
-from moe_fusion.spec import MoESpec  # noqa: E402
-from preamble_checks import check_preamble, poisoned_empty, preamble_weights, real_shapes  # noqa: E402
+from moe_cases import dsv3_like
+from moe_fusion.lowering import preamble
+from moe_fusion.spec import MoESpec
+from preamble_checks import check_preamble, poisoned_empty, preamble_weights, real_shapes
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

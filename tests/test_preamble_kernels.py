@@ -1,18 +1,14 @@
 """Each preamble kernel alone against reference.py: under TRITON_INTERPRET=1 on the CPU (small
 shapes, fp32/fp16: bf16 dot and casts are wrong in the interpreter), compiled on a GPU."""
-import os
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
 
-import pytest  # noqa: E402
-
-from moe_fusion.lowering import align_kernel, reference, topk_kernel  # noqa: E402
-from moe_fusion.lowering.norm_quant_kernel import norm_quant  # noqa: E402
-from moe_fusion.spec import MoESpec  # noqa: E402
-from preamble_checks import (  # noqa: E402
+from moe_fusion.lowering import align_kernel, reference, topk_kernel
+from moe_fusion.lowering.norm_quant_kernel import norm_quant
+from moe_fusion.spec import MoESpec
+from preamble_checks import (
     assert_fp8_matches, assert_normed_close, clean_rows, poisoned_empty,
 )
 

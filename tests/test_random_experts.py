@@ -7,15 +7,12 @@ import random
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
 
-import pytest  # noqa: E402
-
-from moe_fusion.lowering import experts, layer, preamble, reference  # noqa: E402
-from moe_fusion.lowering.expert_configs import ExpertConfig, GemmTiles  # noqa: E402
-from moe_fusion.spec import FP8_DTYPE, MoEWeights  # noqa: E402
-from random_specs import STATS, input_kind, random_hidden, random_layer_weights, random_m, random_spec  # noqa: E402
+from moe_fusion.lowering import experts, layer, preamble, reference
+from moe_fusion.lowering.expert_configs import ExpertConfig, GemmTiles
+from moe_fusion.spec import FP8_DTYPE, MoEWeights
+from random_specs import STATS, input_kind, random_hidden, random_layer_weights, random_m, random_spec
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                                 reason="needs TRITON_INTERPRET=1 or a CUDA device")

@@ -3,19 +3,15 @@ against reference.py: the routing kernel on random logits, the whole fused pream
 router, routing, alignment; decode and general paths) on random specs and inputs, and the
 alignment kernel on random ids. Seeds are fixed: a failure names the case that reproduces it.
 Tie handling: random_specs.check_routing."""
-import os
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
 
-import pytest  # noqa: E402
-
-from moe_fusion.lowering import align_kernel, preamble, reference, topk_kernel  # noqa: E402
-from moe_fusion.spec import MoESpec, MoEWeights  # noqa: E402
-from preamble_checks import assert_alignment_matches, assert_fp8_matches, assert_normed_close, poisoned_empty  # noqa: E402
-from random_specs import (  # noqa: E402
+from moe_fusion.lowering import align_kernel, preamble, reference, topk_kernel
+from moe_fusion.spec import MoESpec, MoEWeights
+from preamble_checks import assert_alignment_matches, assert_fp8_matches, assert_normed_close, poisoned_empty
+from random_specs import (
     STATS, check_routing, gemm_error_bound, input_kind, random_expert_map, random_hidden, random_layer_weights,
     random_logits, random_m, random_spec,
 )
