@@ -4,7 +4,8 @@ A decode step is the model's forward on one new token per sequence (batch B -> M
 through every MoE layer). The KV cache is left out (use_cache=False): the step then measures
 exactly the per-token work the MoE fusion changes, and no cache object complicates compilation.
 Greedy generation (recomputing the prefix each step) checks that the compiled models produce
-the same tokens as eager.
+the same tokens as eager. Both compiled variants use the same torch.compile mode (default
+"reduce-overhead": CUDA graphs per batch size, as a decode server runs them).
 
     python benchmarks/e2e_decode.py --config real --layers 2 --batch 1,4,16 --json out.json
 """
@@ -60,6 +61,7 @@ def main() -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--batch", default="1,4,16")
     parser.add_argument("--new-tokens", type=int, default=8)
+    parser.add_argument("--mode", default="reduce-overhead", help='torch.compile mode ("default": no CUDA graphs)')
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
@@ -70,10 +72,15 @@ def main() -> int:
     print(f"built {args.config} model, {args.layers} MoE layers, {dtype}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e9:.1f} B params in {time.time() - t0:.0f} s",
           file=sys.stderr)
+    # The backend by function, not by name: the name needs the package's entry point (pip
+    # install), and this script also runs from a plain checkout on PYTHONPATH.
+    from moe_fusion.backend import moe_fusion_backend
+
+    mode = None if args.mode == "default" else args.mode
     variants = {
         "eager": model,
-        "inductor": torch.compile(model),
-        "moe_fusion": torch.compile(model, backend="moe_fusion"),
+        "inductor": torch.compile(model, mode=mode),
+        "moe_fusion": torch.compile(model, backend=moe_fusion_backend, mode=mode),
     }
     rows = []
     vocab = model.config.vocab_size
@@ -94,7 +101,7 @@ def main() -> int:
     from moe_fusion import last_report
 
     report = last_report()
-    print(f"\n{args.config} DeepSeek-V3-style, {args.layers} layers, {args.dtype}, device "
+    print(f"\n{args.config} DeepSeek-V3-style, {args.layers} layers, {args.dtype}, mode {args.mode}, device "
           f"{torch.cuda.get_device_name()}, torch {torch.__version__}; matched layers: "
           f"{report.count('matched')}")
     print("| batch | eager µs | Inductor µs | moe_fusion µs | speedup vs Inductor | tokens equal (Inductor / moe_fusion) |")
@@ -105,7 +112,7 @@ def main() -> int:
               f"{r['moe_fusion_tokens_equal_eager']:.2f} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"config": args.config, "layers": args.layers, "dtype": args.dtype, "rows": rows,
+            json.dump({"config": args.config, "layers": args.layers, "dtype": args.dtype, "mode": args.mode, "rows": rows,
                        "device": torch.cuda.get_device_name(), "torch": torch.__version__}, f, indent=1)
     return 0
 

@@ -1,6 +1,7 @@
 """The ``moe_fusion`` torch.compile backend: Inductor with the MoE fusion pass installed.
 
     torch.compile(model, backend="moe_fusion")          # the default backend instance
+    torch.compile(model, backend="moe_fusion", mode="reduce-overhead")  # + CUDA graphs, as Inductor
     backend = MoEFusionBackend(); torch.compile(model, backend=backend); backend.report
     moe_fusion.install()                                 # keep backend="inductor", add the pass
 
@@ -73,13 +74,16 @@ class MoEFusionBackend:
         self.fusion_pass = MoEFusionPass(self.report, keep_graphs=keep_graphs)
         self.graph_modules = []  # codegen=False: the rewritten post-grad graphs, as they run
 
-    def __call__(self, gm: torch.fx.GraphModule, example_inputs, **kwargs):
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs, mode: Optional[str] = None,
+                 options: Optional[dict] = None):
+        """``mode`` and ``options`` mean what they mean for backend="inductor"."""
         from torch._inductor import config as inductor_config
         from torch._inductor.compile_fx import compile_fx
 
         from . import ops  # noqa: F401  (registers the ops the pass emits)
 
         patches = {
+            **inductor_mode_patches(mode, options),
             "post_grad_custom_post_pass": _with_existing(self.fusion_pass, inductor_config.post_grad_custom_post_pass),
             "fx_graph_cache": False,
         }
@@ -91,6 +95,13 @@ class MoEFusionBackend:
                 return compile_fx(gm, example_inputs, config_patches=patches, **extra)
         finally:
             reset_example_inputs(token)
+
+
+def inductor_mode_patches(mode: Optional[str], options: Optional[dict]) -> dict:
+    """The Inductor config torch.compile(mode=..., options=...) selects for backend="inductor"."""
+    from torch._inductor import list_mode_options
+
+    return {**(list_mode_options(mode) if mode else {}), **(options or {})}
 
 
 @contextlib.contextmanager
@@ -107,9 +118,10 @@ def _autograd_cache_disabled():
 _default_backend = MoEFusionBackend()
 
 
-def moe_fusion_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
+def moe_fusion_backend(gm: torch.fx.GraphModule, example_inputs, mode: Optional[str] = None,
+                       options: Optional[dict] = None):
     """The entry point behind backend="moe_fusion"."""
-    return _default_backend(gm, example_inputs, **kwargs)
+    return _default_backend(gm, example_inputs, mode=mode, options=options)
 
 
 def last_report() -> MatchReport:

@@ -9,6 +9,10 @@ from torch._dynamo.utils import counters
 from moe_fusion import MoEFusionBackend
 
 BATCH_SIZES = (1, 3, 8)
+# HF models are built with eager attention for these tests: torch 2.11's SDPA guards on an
+# unbacked batch size (Eq(u0, 1)), which breaks the graph and recompiles per batch size there.
+# The attention kernel is not what the pass is tested on; the MoE layers are the same code.
+TEST_ATTENTION = {"attn_implementation": "eager"}
 # ||out - ref|| / ||ref|| against eager PyTorch (METHOD.md: fp32 far under 1e-3; bf16/fp16 operands 1e-3..1e-2).
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 

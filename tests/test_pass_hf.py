@@ -8,7 +8,7 @@ import torch
 import hf_blocks
 from moe_fusion import hf_models
 from moe_fusion.spec import MoESpec
-from pass_helpers import compile_and_compare, count_ops, token_ids
+from pass_helpers import TEST_ATTENTION, compile_and_compare, count_ops, token_ids
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -76,7 +76,7 @@ CASES = [
 @pytest.mark.parametrize("model_type,impl,dtype,overrides", CASES,
                          ids=[f"{m}-{i}-{str(d)[6:]}-{o}" for m, i, d, o in CASES])
 def test_hf_model_layers_matched_and_rewritten(model_type, impl, dtype, overrides):
-    model = hf_models.build_model(model_type, dtype=dtype, experts_implementation=impl, **overrides)
+    model = hf_models.build_model(model_type, dtype=dtype, experts_implementation=impl, **TEST_ATTENTION, **overrides)
     backend = compile_and_compare(model, token_ids(model.config.vocab_size), dtype)
     n_layers = hf_models.count_moe_layers(model)
     assert backend.report.matched == n_layers == 2
@@ -97,6 +97,6 @@ FULL_COMPILE = [
 @pytest.mark.parametrize("model_type,dtype", FULL_COMPILE, ids=[f"{m}-{str(d)[6:]}" for m, d in FULL_COMPILE])
 def test_inductor_compiled_logits_match_eager(model_type, dtype):
     """Through Inductor's code generation: the rewritten graph compiles and runs."""
-    model = hf_models.build_model(model_type, dtype=dtype)
+    model = hf_models.build_model(model_type, dtype=dtype, **TEST_ATTENTION)
     backend = compile_and_compare(model, token_ids(model.config.vocab_size), dtype, codegen=True)
     assert backend.report.matched == hf_models.count_moe_layers(model)

@@ -4,7 +4,7 @@ import torch
 
 from moe_fusion import hf_models
 from moe_fusion.tools import example_models
-from pass_helpers import compile_and_compare, hidden_states, token_ids
+from pass_helpers import TEST_ATTENTION, compile_and_compare, hidden_states, token_ids
 
 
 def _unchanged(backend):
@@ -13,7 +13,7 @@ def _unchanged(backend):
 
 
 def test_gpt_oss_is_not_matched():
-    model = hf_models.build_model("gpt_oss")
+    model = hf_models.build_model("gpt_oss", **TEST_ATTENTION)
     backend = compile_and_compare(model, token_ids(model.config.vocab_size), torch.float32)
     _unchanged(backend)
     layers = backend.report.layers
