@@ -36,6 +36,7 @@ import datetime
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -316,6 +317,11 @@ def _trimmed(text: str) -> str:
                      + lines[-SANITIZER_LOG_LINES:])
 
 
+def sanitizer_binary() -> Optional[str]:
+    return shutil.which("compute-sanitizer") or next(
+        (p for p in ("/usr/local/cuda/bin/compute-sanitizer",) if os.path.exists(p)), None)
+
+
 def run_sanitizers(tools: List[str], out_dir: str, deadline: float) -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTORCH_NO_CUDA_MEMORY_CACHING="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
@@ -328,8 +334,13 @@ def run_sanitizers(tools: List[str], out_dir: str, deadline: float) -> dict:
         f.write(f"==== plain run (warms Triton's cache): exit status {code}\n{_trimmed(text)}\n")
     log(f"[sanitizer] plain driver run: exit status {code} in {result['plain']['seconds']} s; "
         + (text.strip().splitlines() or ["no output"])[-1][:300])
+    binary = sanitizer_binary()
     for i, tool in enumerate(tools):
         left = deadline - time.time()
+        if binary is None:
+            result[tool] = dict(verdict="not run: compute-sanitizer not found", errors=None)
+            log(f"[sanitizer] {tool}: compute-sanitizer not found")
+            continue
         if left < 15:
             result[tool] = dict(verdict="not run: out of time budget", errors=None)
             log(f"[sanitizer] {tool}: not run (budget)")
@@ -337,7 +348,7 @@ def run_sanitizers(tools: List[str], out_dir: str, deadline: float) -> dict:
         t0 = time.time()
         # Later tools keep a share of what is left, so one slow tool cannot starve the rest.
         timeout = left / (len(tools) - i) * (1.5 if i < len(tools) - 1 else 1.0)
-        cmd = ["compute-sanitizer", "--tool", tool, "--report-api-errors", "no", "--print-limit", "40",
+        cmd = [binary, "--tool", tool, "--report-api-errors", "no", "--print-limit", "40",
                sys.executable, DRIVER]
         code, text = _run(cmd, env, min(timeout, left))
         parsed = parse_sanitizer_log(tool, text)
