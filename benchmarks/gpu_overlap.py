@@ -207,8 +207,10 @@ def markdown(result: dict) -> str:
     first = next((r for r in result["rows"] if "profile" in r), None)
     if first:
         for section, prof in first["profile"].items():
-            lines += ["", f"Kernels of one pre+shared stream call, {first['dtype']} M={first['M']}, {section} "
-                      f"(µs from the first kernel; the chrome trace is overlap_trace.json):", ""]
+            what = ("launched one by one from Python, so launch latency, not the GPU, sets the pace"
+                    if section == "eager call" else "what the timings above measure")
+            lines += ["", f"Kernels of one pre+shared stream call, {first['dtype']} M={first['M']}, {section} ({what}; "
+                      f"µs from the first kernel; the chrome trace is overlap_trace.json):", ""]
             if "kernels" not in prof:
                 lines.append(prof.get("error", "no kernels"))
                 continue

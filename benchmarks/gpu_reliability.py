@@ -32,6 +32,7 @@ through the Triton interpreter where there is no GPU, and no sanitizer (it needs
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import json
 import os
@@ -60,10 +61,11 @@ from layer_cases import expected_output, layer_options, layer_weights, recorded_
 from moe_fusion.lowering import experts, layer, preamble  # noqa: E402
 from moe_fusion.spec import MoESpec, MoEWeights  # noqa: E402
 from moe_fusion.tools.bench_layers import SHAPES  # noqa: E402
+from kernel_driver import KERNELS  # noqa: E402
 from preamble_checks import check_preamble  # noqa: E402
 
 DRIVER = os.path.join(HERE, "kernel_driver.py")
-TOOLS = ("memcheck", "racecheck", "initcheck", "synccheck")
+TOOLS = ("memcheck", "initcheck", "synccheck", "racecheck")  # racecheck, the slowest, gets what is left
 EXPECTED_TOL = {"bfloat16": 1e-2, "float16": 2e-3}  # vs float64, as tests/test_layer.py
 ATOL_REL = 1e-2  # largest normwise change of a float part between replays of one input
 DETERMINISTIC_PARTS = ("normed", "x_fp8", "x_scale", "experts_alone")  # bitwise in deterministic mode
@@ -271,35 +273,61 @@ def run_replays(args, device: torch.device) -> dict:
 # ----------------------------------------------------------------------------- sanitizers
 def parse_sanitizer_log(tool: str, text: str) -> dict:
     """Error and warning counts from compute-sanitizer's summary lines (racecheck has its own), and
-    where the first errors were (the "at ..." lines of its reports)."""
+    the reports per kernel (the "at KERNEL+0xOFFSET" line each report starts with), split into the
+    project's kernels (kernel_driver.KERNELS) and the others (PyTorch's, cuBLAS's)."""
     races = re.findall(r"RACECHECK SUMMARY: (\d+) hazards? displayed \((\d+) errors?, (\d+) warnings?\)", text)
     summaries = [int(n) for n in re.findall(r"ERROR SUMMARY: (\d+) errors?", text)]
     if tool == "racecheck" and races:
         errors, warnings = sum(int(r[1]) for r in races), sum(int(r[2]) for r in races)
     else:
         errors, warnings = sum(summaries), 0
-    where = list(dict.fromkeys(m.strip() for m in re.findall(r"=+\s+at (.+)", text)))[:10]
+    located = collections.Counter(re.sub(r"\+0x[0-9a-f]+$", "", m.strip())
+                                  for m in re.findall(r"^=+\s+at (.+)$", text, re.M))
+    ours = {k: n for k, n in located.items() if any(name in k for name in KERNELS)}
     return dict(summary_found=bool(races or summaries), errors=errors, warnings=warnings,
-                driver_ok="DRIVER OK" in text, where=where)
+                driver_ok="DRIVER OK" in text, reports_in_project_kernels=ours,
+                reports_elsewhere={k[:160]: n for k, n in located.items() if k not in ours})
 
 
-def sanitizer_verdict(parsed: dict, returncode: Optional[int]) -> Optional[str]:
-    """Why the tool's run does not count as clean, or None."""
+def sanitizer_verdict(tool: str, parsed: dict, returncode: Optional[int]) -> Optional[str]:
+    """Why the tool's run does not count as clean, or None.
+
+    initcheck only: reports in kernels that are not the project's do not fail the run, when every
+    error was printed and attributed. On the H100 initcheck flags PyTorch's SiLU/mul reading the
+    output of cuBLAS's (nvjet) GEMMs in the shared expert: the values are right (the driver checks
+    the layer against float64), so the GEMM's writes are ones initcheck does not track (its TMA
+    stores, we believe); the project cannot change either library."""
     if returncode is None:
         return "timed out"
     if not parsed["summary_found"]:
         return "no summary line: the sanitizer did not finish"
-    if parsed["errors"]:
-        return f"{parsed['errors']} errors"
     if returncode != 0 or not parsed["driver_ok"]:
         return f"the driver failed (exit status {returncode})"
+    if not parsed["errors"]:
+        return None
+    attributed = sum(parsed["reports_in_project_kernels"].values()) + sum(parsed["reports_elsewhere"].values())
+    if tool != "initcheck" or parsed["reports_in_project_kernels"] or attributed < parsed["errors"]:
+        return f"{parsed['errors']} errors"
     return None
 
 
-def _run(cmd: List[str], env: dict, timeout_s: float):
-    """(exit status or None on timeout, output); a timed-out run's process group is ended."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+def sanitizer_env() -> dict:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTORCH_NO_CUDA_MEMORY_CACHING="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def _start(cmd: List[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
+
+
+def _run(cmd: List[str], env: dict, timeout_s: float):
+    return _finish(_start(cmd, env), timeout_s)
+
+
+def _finish(proc: subprocess.Popen, timeout_s: float):
+    """(exit status or None on timeout, output); a timed-out run's process group is ended."""
     try:
         out, _ = proc.communicate(timeout=max(timeout_s, 1))
         return proc.returncode, out
@@ -322,42 +350,55 @@ def sanitizer_binary() -> Optional[str]:
         (p for p in ("/usr/local/cuda/bin/compute-sanitizer",) if os.path.exists(p)), None)
 
 
-def run_sanitizers(tools: List[str], out_dir: str, deadline: float) -> dict:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTORCH_NO_CUDA_MEMORY_CACHING="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+def start_plain_driver() -> subprocess.Popen:
+    """The driver without a sanitizer: it compiles every kernel into Triton's cache, which the
+    instrumented runs then load (compiling under a sanitizer is slow). main starts it before the
+    replays, so the compiles overlap them."""
+    return _start([sys.executable, DRIVER], sanitizer_env())
+
+
+def run_sanitizers(tools: List[str], out_dir: str, deadline: float, plain: subprocess.Popen) -> dict:
+    env = sanitizer_env()
     sanitizer_log = os.path.join(out_dir, "sanitizer.log")
     result = {}
     t0 = time.time()
-    code, text = _run([sys.executable, DRIVER], env, deadline - time.time())
-    result["plain"] = dict(exit_status=code, driver_ok="DRIVER OK" in text, seconds=round(time.time() - t0, 1))
+    code, text = _finish(plain, deadline - time.time())
+    result["plain"] = dict(exit_status=code, driver_ok="DRIVER OK" in text, waited_s=round(time.time() - t0, 1))
     with open(sanitizer_log, "w") as f:
         f.write(f"==== plain run (warms Triton's cache): exit status {code}\n{_trimmed(text)}\n")
-    log(f"[sanitizer] plain driver run: exit status {code} in {result['plain']['seconds']} s; "
+    log(f"[sanitizer] plain driver run: exit status {code} (waited {result['plain']['waited_s']} s for it); "
         + (text.strip().splitlines() or ["no output"])[-1][:300])
     binary = sanitizer_binary()
     for i, tool in enumerate(tools):
         left = deadline - time.time()
         if binary is None:
-            result[tool] = dict(verdict="not run: compute-sanitizer not found", errors=None)
+            result[tool] = dict(verdict="not run: compute-sanitizer not found", passed=False)
             log(f"[sanitizer] {tool}: compute-sanitizer not found")
             continue
         if left < 15:
-            result[tool] = dict(verdict="not run: out of time budget", errors=None)
+            result[tool] = dict(verdict="not run: out of time budget", passed=False)
             log(f"[sanitizer] {tool}: not run (budget)")
             continue
         t0 = time.time()
         # Later tools keep a share of what is left, so one slow tool cannot starve the rest.
         timeout = left / (len(tools) - i) * (1.5 if i < len(tools) - 1 else 1.0)
-        cmd = [binary, "--tool", tool, "--report-api-errors", "no", "--print-limit", "40",
-               sys.executable, DRIVER]
+        # Every report printed (without host backtraces), so that each is attributed to a kernel.
+        cmd = [binary, "--tool", tool, "--report-api-errors", "no", "--show-backtrace", "no",
+               "--print-limit", "1000000", sys.executable, DRIVER]
         code, text = _run(cmd, env, min(timeout, left))
         parsed = parse_sanitizer_log(tool, text)
-        verdict = sanitizer_verdict(parsed, code)
-        result[tool] = dict(parsed, exit_status=code, verdict=verdict or "clean", seconds=round(time.time() - t0, 1))
+        verdict = sanitizer_verdict(tool, parsed, code)
+        if verdict is None and parsed["errors"]:
+            label = f"clean in the project's kernels ({parsed['errors']} reports, all in other libraries' kernels)"
+        else:
+            label = verdict or "clean"
+        result[tool] = dict(parsed, exit_status=code, passed=verdict is None, verdict=label,
+                            seconds=round(time.time() - t0, 1))
         with open(sanitizer_log, "a") as f:
-            f.write(f"\n==== compute-sanitizer --tool {tool}: {verdict or 'clean'}\n{_trimmed(text)}\n")
-        log(f"[sanitizer] {tool}: {verdict or 'clean'} ({parsed['errors']} errors, {parsed['warnings']} warnings, "
-            f"{result[tool]['seconds']} s){' at ' + '; '.join(parsed['where'][:3]) if parsed['where'] else ''}")
+            f.write(f"\n==== compute-sanitizer --tool {tool}: {label}\n{_trimmed(text)}\n")
+        log(f"[sanitizer] {tool}: {label} ({parsed['errors']} errors, {parsed['warnings']} warnings, "
+            f"{result[tool]['seconds']} s); reports in the project's kernels: {parsed['reports_in_project_kernels']}; "
+            f"elsewhere: {parsed['reports_elsewhere']}")
     return result
 
 
@@ -368,7 +409,7 @@ def failures_of(result: dict, tools: List[str]) -> List[str]:
         out += [f"replays {mode}: {f}" for f in r["failures"]]
     sanitizer = result.get("sanitizer", {})
     out += [f"sanitizer {t}: {sanitizer[t]['verdict']}" for t in tools
-            if t in sanitizer and sanitizer[t]["verdict"] != "clean"]
+            if t in sanitizer and not sanitizer[t]["passed"]]
     return out
 
 
@@ -383,8 +424,7 @@ def summary_lines(result: dict, tools: List[str]) -> List[str]:
     for tool in tools:
         s = result.get("sanitizer", {}).get(tool)
         if s:
-            lines.append(f"  {tool:13s} {s['verdict']}" + (f" (ERROR SUMMARY {s['errors']})" if s.get("errors")
-                                                           is not None and s.get("summary_found") else ""))
+            lines.append(f"  {tool:13s} {s['verdict']}")
     failures = failures_of(result, tools)
     lines.append("FAILED: " + "; ".join(failures) if failures else "ALL CHECKS PASSED")
     return lines
@@ -414,12 +454,13 @@ def main(argv=None) -> int:
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   command=" ".join(sys.argv))
     log(f"[reliability] {result['device']}, torch {result['torch']}, triton {result['triton']}")
+    plain = start_plain_driver() if tools else None
     if not args.skip_replays:
         result["replays"] = run_replays(args, device)
         if device.type == "cuda":  # the dsv3 weights are gone; give their memory back before the sanitizers
             torch.cuda.empty_cache()
     if tools:
-        result["sanitizer"] = run_sanitizers(tools, args.out, deadline)
+        result["sanitizer"] = run_sanitizers(tools, args.out, deadline, plain)
     result["failures"] = failures_of(result, tools)
     with open(os.path.join(args.out, "reliability.json"), "w") as f:
         json.dump(result, f, indent=1)

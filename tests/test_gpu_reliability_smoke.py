@@ -54,18 +54,33 @@ DRIVER OK 8 cases
 
 
 def _verdict(tool, text, code=0):
-    return gpu_reliability.sanitizer_verdict(gpu_reliability.parse_sanitizer_log(tool, text), code)
+    return gpu_reliability.sanitizer_verdict(tool, gpu_reliability.parse_sanitizer_log(tool, text), code)
 
 
 def test_sanitizer_verdicts():
     assert _verdict("memcheck", MEMCHECK_CLEAN) is None
     assert _verdict("memcheck", MEMCHECK_ERRORS) == "3 errors"
-    assert gpu_reliability.parse_sanitizer_log("memcheck", MEMCHECK_ERRORS)["where"] == ["expert_gemm2_kernel+0x1a30"]
+    parsed = gpu_reliability.parse_sanitizer_log("memcheck", MEMCHECK_ERRORS)
+    assert parsed["reports_in_project_kernels"] == {"expert_gemm2_kernel": 1} and parsed["reports_elsewhere"] == {}
     assert _verdict("racecheck", RACECHECK) == "1 errors"
     assert _verdict("memcheck", MEMCHECK_CLEAN.replace("ERROR SUMMARY: 0 errors", "")).startswith("no summary")
     assert _verdict("memcheck", MEMCHECK_CLEAN, code=1).startswith("the driver failed")
     assert _verdict("memcheck", MEMCHECK_CLEAN.replace("DRIVER OK", "DRIVER FAILED")).startswith("the driver failed")
     assert _verdict("memcheck", MEMCHECK_CLEAN, code=None) == "timed out"
+
+
+def _initcheck_log(*kernels):
+    reports = "".join(f"========= Uninitialized __global__ memory read of size 2 bytes\n=========     at {k}+0xeb0\n"
+                      f"=========     by thread (64,0,0) in block (0,0,0)\n" for k in kernels)
+    return f"========= COMPUTE-SANITIZER\n{reports}DRIVER OK 8 cases\n========= ERROR SUMMARY: 3 errors\n"
+
+
+def test_initcheck_passes_only_when_every_report_is_in_another_library():
+    silu = "void at::native::vectorized_elementwise_kernel<(int)8, silu_kernel>(int, T2, T3)"
+    assert _verdict("initcheck", _initcheck_log(silu, silu, silu)) is None
+    assert _verdict("initcheck", _initcheck_log(silu, silu, "_norm_quant_kernel")) == "3 errors"
+    assert _verdict("initcheck", _initcheck_log(silu, silu)) == "3 errors"  # one report not printed
+    assert _verdict("memcheck", _initcheck_log(silu, silu, silu)) == "3 errors"
 
 
 @pytest.mark.parametrize("part", ["normed", "experts_alone"])
