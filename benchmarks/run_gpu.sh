@@ -13,6 +13,12 @@
 #   RUN_GPU_TESTS [1]: 0 skips the GPU tests; GPU_TESTS [tests/]: which test files
 #   E2E_S [0]: seconds for benchmarks/e2e_decode.py (HF DeepSeek-V3-style decode step), 0 skips it;
 #     E2E_ARGS [--config real --layers 2 --batch 1,4,16]
+#   OVERLAP_S [0]: seconds for benchmarks/gpu_overlap.py (shared expert vs preamble on two streams),
+#     0 skips it; OVERLAP_ARGS: extra flags. Writes overlap.{json,md}, overlap_trace.json
+#   RELIABILITY_S [0]: seconds for benchmarks/gpu_reliability.py (compute-sanitizer over every kernel,
+#     10k CUDA-graph replays of the dsv3 layer), 0 skips it; RELIABILITY_ARGS: extra flags (e.g.
+#     "--replays 2000"). Writes reliability.{json,log}, sanitizer.log
+#   (both log to bench.log; with BENCH_SHAPES and BENCH_FP8_SHAPES empty no bench runs)
 set -u
 START=$(date +%s)
 OUT=${OUT:-benchmarks/out}
@@ -63,6 +69,26 @@ if [ "$E2E_S" -gt 0 ]; then
   tail -n 5 "$OUT/e2e.log"
 fi
 
+OVERLAP_S=${OVERLAP_S:-0}
+if [ "$OVERLAP_S" -gt 0 ]; then
+  echo "== shared-expert overlap (up to ${OVERLAP_S} s): $OUT/overlap.{md,json}, overlap_trace.json" | tee -a "$OUT/bench.log"
+  timeout -k 10 "$OVERLAP_S" $PY benchmarks/gpu_overlap.py --out "$OUT" ${OVERLAP_ARGS:-} >>"$OUT/bench.log" 2>&1
+  echo "exit code $?"
+  [ -s "$OUT/overlap.md" ] && sed -n '3,20p' "$OUT/overlap.md" | grep '^|'
+fi
+
+RELIABILITY_S=${RELIABILITY_S:-0}
+if [ "$RELIABILITY_S" -gt 0 ]; then
+  echo "== reliability (up to ${RELIABILITY_S} s): $OUT/reliability.{json,log}, sanitizer.log" | tee -a "$OUT/bench.log"
+  timeout -k 10 "$RELIABILITY_S" $PY benchmarks/gpu_reliability.py --out "$OUT" --budget-s $(( RELIABILITY_S - 20 )) \
+    ${RELIABILITY_ARGS:-} >>"$OUT/bench.log" 2>&1
+  echo "exit code $?"
+  [ -s "$OUT/reliability.log" ] && sed -n '/^summary:/,$p' "$OUT/reliability.log"
+fi
+
+if [ -z "$SHAPES$FP8_SHAPES" ]; then
+  echo "(no bench requested; total $(( $(date +%s) - START )) s)"; exit 0
+fi
 JSONS=""
 if [ -n "$SHAPES" ]; then
   T=$(( $(left) - MERGE_RESERVE - ( ${#FP8_SHAPES} > 0 ? FP8_SHARE : 0 ) ))

@@ -1,0 +1,270 @@
+"""Shared expert on the side stream (issue 6): does the preamble hide behind the shared expert?
+
+    python benchmarks/gpu_overlap.py --out DIR [--m 1,4] [--dtypes bf16,fp8] [--smoke]
+
+For the dsv3-ep8 layer (the full dsv3 router, 32 local experts; bf16 or fp8 experts) at each M,
+under CUDA-graph replay (moe_fusion.tools.timing: median of batches, inputs rotated over 8 sets):
+  shared            the shared expert alone (shared_expert.shared_expert_into on normed states)
+  preamble          preamble.fused_preamble alone (norm [+ fp8 quantisation], router, routing, alignment)
+  pre+shared stream the preamble with the shared expert forked onto the side stream right after the
+                    norm (its after_norm hook, streams.fork), joined at the end: what the layer does
+  pre+shared inline the same on one stream, the shared expert after the preamble
+  layer stream / layer inline   the whole layer (layer.moe_layer), for context
+ratio = (pre+shared stream) / shared; the target is <= 1.1 (the preamble almost entirely hidden).
+
+Then one call of "pre+shared stream" is profiled, eagerly and as a graph replay: per kernel its name,
+stream and start/end relative to the first kernel, and how much of the shared expert's busy time
+overlaps the preamble's kernels. DIR gets overlap.json, overlap.md and overlap_trace.json (the chrome
+trace of the first dtype at the first M); the table is printed last. --smoke: a tiny layer, each
+variant called once (the Triton interpreter where there is no GPU), no timing.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Callable, Dict, List, Sequence, Tuple
+
+import torch
+
+if not torch.cuda.is_available():  # before the kernel modules are imported (triton.jit reads it)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+for path in (os.path.dirname(HERE), HERE):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+import triton  # noqa: E402
+
+from layer_cases import layer_options, layer_weights  # noqa: E402
+from moe_fusion.lowering import layer, preamble, streams  # noqa: E402
+from moe_fusion.lowering.shared_expert import SharedExpertBuffers, shared_expert_into  # noqa: E402
+from moe_fusion.spec import MoESpec, MoEWeights  # noqa: E402
+from moe_fusion.tools import timing  # noqa: E402
+from moe_fusion.tools.bench_layers import SHAPES  # noqa: E402
+
+DTYPES = {"bf16": "none", "fp8": "fp8_block"}
+N_SETS = 8
+TARGET_RATIO = 1.1
+PREAMBLE_KERNELS = ("_norm_quant_kernel", "_router_route_align_kernel", "_router_kernel", "_topk_kernel",
+                    "_align_kernel")
+VARIANTS = ("shared", "preamble", "pre+shared stream", "pre+shared inline", "layer stream", "layer inline")
+
+
+# ----------------------------------------------------------------------------- the timed calls
+def variant_fn(name: str, spec: MoESpec, w: MoEWeights, block_m: int) -> Callable:
+    """fn(x, normed) for one variant; every variant allocates its buffers on the current stream,
+    as the layer does (streams.py: the side stream never allocates)."""
+    def shared(x, normed):
+        shared_expert_into(spec, normed, w, SharedExpertBuffers.allocate(spec, normed))
+
+    def pre(x, normed):
+        preamble.fused_preamble(spec, x, w, block_m=block_m)
+
+    def pre_shared_stream(x, normed):
+        buffers = SharedExpertBuffers.allocate(spec, x)
+        fork = lambda n: streams.fork(x.device, lambda: shared_expert_into(spec, n, w, buffers))  # noqa: E731
+        preamble.fused_preamble(spec, x, w, block_m=block_m, after_norm=fork)
+        streams.join(x.device)
+
+    def pre_shared_inline(x, normed):
+        buffers = SharedExpertBuffers.allocate(spec, x)
+        shared_expert_into(spec, preamble.fused_preamble(spec, x, w, block_m=block_m).normed, w, buffers)
+
+    def whole_layer(strategy):
+        def fn(x, normed):
+            with layer_options(False, strategy):
+                layer.moe_layer(spec, x, w)
+        return fn
+
+    return {"shared": shared, "preamble": pre, "pre+shared stream": pre_shared_stream,
+            "pre+shared inline": pre_shared_inline, "layer stream": whole_layer("stream"),
+            "layer inline": whole_layer("inline")}[name]
+
+
+def input_sets(spec: MoESpec, M: int, device, n: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator(device=device).manual_seed(M)
+    return [tuple(torch.randn(M, spec.hidden_size, generator=g, device=device, dtype=spec.torch_dtype)
+                  for _ in range(2)) for _ in range(n)]
+
+
+# ----------------------------------------------------------------------------- trace analysis
+def merged(intervals: Sequence[Tuple[float, float]]) -> List[Tuple[float, float]]:
+    out: List[List[float]] = []
+    for start, end in sorted(intervals):
+        if out and start <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], end)
+        else:
+            out.append([start, end])
+    return [tuple(iv) for iv in out]
+
+
+def covered(intervals) -> float:
+    return sum(end - start for start, end in merged(intervals))
+
+
+def overlap(a, b) -> float:
+    """Time covered by both interval sets."""
+    a, b = merged(a), merged(b)
+    total, i, j = 0.0, 0, 0
+    while i < len(a) and j < len(b):
+        total += max(0.0, min(a[i][1], b[j][1]) - max(a[i][0], b[j][0]))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+def summarize_section(trace: dict, section: str) -> dict:
+    """The GPU kernels that ran inside the CPU range ``section`` of a chrome trace: each kernel
+    (name, stream, start/end µs from the first), and the overlap of the shared expert's kernels
+    (everything that is not a preamble kernel) with the preamble's."""
+    events = trace["traceEvents"]
+    marks = [e for e in events if e.get("name") == section and e.get("ph") == "X" and e.get("cat") != "gpu_user_annotation"]
+    if not marks:
+        return {"error": f"no range {section!r} in the trace"}
+    lo, hi = marks[0]["ts"], marks[0]["ts"] + marks[0]["dur"]
+    kernels = sorted((e for e in events if e.get("cat") == "kernel" and lo <= e["ts"] <= hi), key=lambda e: e["ts"])
+    if not kernels:
+        return {"error": f"no kernels inside {section!r}"}
+    t0 = kernels[0]["ts"]
+    rows = [dict(name=e["name"][:80], stream=e.get("args", {}).get("stream", e.get("tid")),
+                 start_us=round(e["ts"] - t0, 2), end_us=round(e["ts"] + e["dur"] - t0, 2)) for e in kernels]
+    is_pre = [any(k in r["name"] for k in PREAMBLE_KERNELS) for r in rows]
+    pre = [(r["start_us"], r["end_us"]) for r, p in zip(rows, is_pre) if p]
+    shared = [(r["start_us"], r["end_us"]) for r, p in zip(rows, is_pre) if not p]
+    return dict(kernels=rows, preamble_busy_us=round(covered(pre), 2), shared_busy_us=round(covered(shared), 2),
+                overlap_us=round(overlap(pre, shared), 2), span_us=round(max(r["end_us"] for r in rows), 2),
+                preamble_streams=sorted({r["stream"] for r, p in zip(rows, is_pre) if p}, key=str),
+                shared_streams=sorted({r["stream"] for r, p in zip(rows, is_pre) if not p}, key=str))
+
+
+def profile_overlap(fn: Callable, inputs: tuple, trace_path: str) -> Dict[str, dict]:
+    """One eager call and one graph replay of fn under the profiler, each synchronised in its own range."""
+    fn(*inputs)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn(*inputs)
+    graph.replay()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        with torch.profiler.record_function("eager call"):
+            fn(*inputs)
+            torch.cuda.synchronize()
+        with torch.profiler.record_function("graph replay"):
+            graph.replay()
+            torch.cuda.synchronize()
+    prof.export_chrome_trace(trace_path)
+    with open(trace_path) as f:
+        trace = json.load(f)
+    return {section: summarize_section(trace, section) for section in ("eager call", "graph replay")}
+
+
+# ----------------------------------------------------------------------------- run and report
+def measure(spec: MoESpec, w: MoEWeights, M: int, device: torch.device, trace_path: str) -> dict:
+    """One (dtype, M) row: µs per variant, the ratios, and the profile of one overlapped call. On the
+    CPU each variant that needs no second stream is called once instead (no timing)."""
+    block_m = layer.plan_layer(spec, M, device).expert_config.block_m
+    on_gpu = device.type == "cuda"
+    sets = input_sets(spec, M, device, N_SETS if on_gpu else 1)
+    row = dict(M=M, block_m=block_m, us={})
+    for name in VARIANTS:
+        fn = variant_fn(name, spec, w, block_m)
+        if on_gpu:
+            row["us"][name] = round(timing.graph_replay_us(fn, sets), 2)
+        elif "stream" not in name:  # the side stream needs CUDA
+            fn(*sets[0])
+    if on_gpu:
+        row["ratio_stream"] = round(row["us"]["pre+shared stream"] / row["us"]["shared"], 3)
+        row["ratio_inline"] = round(row["us"]["pre+shared inline"] / row["us"]["shared"], 3)
+        row["profile"] = profile_overlap(variant_fn("pre+shared stream", spec, w, block_m), sets[0], trace_path)
+    return row
+
+
+def markdown(result: dict) -> str:
+    lines = [f"Shared expert vs preamble overlap, {result['shape']}, "
+             f"{result['device']}, torch {result['torch']}, triton {result['triton']}, {result['date']}. "
+             f"µs per call under CUDA-graph replay (median of batches, {N_SETS} input sets rotated); "
+             f"ratio = (pre+shared stream) / shared, target <= {TARGET_RATIO}.", "",
+             "| experts | M | " + " | ".join(VARIANTS) + " | ratio stream | ratio inline | overlap (graph) |",
+             "|---" * (len(VARIANTS) + 5) + "|"]
+    for r in result["rows"]:
+        cells = [f"{r['us'][v]:.1f}" if r["us"].get(v) is not None else "-" for v in VARIANTS]
+        prof = r.get("profile", {}).get("graph replay", {})
+        ov = (f"{prof['overlap_us']:.1f} of {prof['preamble_busy_us']:.1f} µs preamble"
+              if "overlap_us" in prof else "-")
+        lines.append(f"| {r['dtype']} | {r['M']} | " + " | ".join(cells)
+                     + f" | {r.get('ratio_stream', '-')} | {r.get('ratio_inline', '-')} | {ov} |")
+    first = next((r for r in result["rows"] if "profile" in r), None)
+    if first:
+        for section, prof in first["profile"].items():
+            what = ("launched one by one from Python, so launch latency, not the GPU, sets the pace"
+                    if section == "eager call" else "what the timings above measure")
+            lines += ["", f"Kernels of one pre+shared stream call, {first['dtype']} M={first['M']}, {section} ({what}; "
+                      f"µs from the first kernel; the chrome trace is overlap_trace.json):", ""]
+            if "kernels" not in prof:
+                lines.append(prof.get("error", "no kernels"))
+                continue
+            lines += ["| kernel | stream | start | end |", "|---|---|---|---|"]
+            lines += [f"| {k['name'][:60]} | {k['stream']} | {k['start_us']:.1f} | {k['end_us']:.1f} |"
+                      for k in prof["kernels"]]
+            lines.append(f"\npreamble busy {prof['preamble_busy_us']} µs on streams {prof['preamble_streams']}, "
+                         f"shared expert busy {prof['shared_busy_us']} µs on streams {prof['shared_streams']}, "
+                         f"overlap {prof['overlap_us']} µs, span {prof['span_us']} µs.")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"))
+    ap.add_argument("--m", default="1,4")
+    ap.add_argument("--dtypes", default="bf16,fp8")
+    ap.add_argument("--smoke", action="store_true", help="a tiny layer; on the CPU each variant once, no timing")
+    args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shape = "tiny-ep" if args.smoke else "dsv3-ep8"  # dsv3-ep8: the full dsv3 router, 32 of 256 experts local
+    base = SHAPES[shape]
+    if device.type != "cuda":  # the interpreter's bf16 dot is wrong; fp16 stands in
+        base = base.replace(dtype="float16")
+    result = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu (Triton interpreter)",
+                  torch=torch.__version__, triton=triton.__version__,
+                  date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  shape=shape, spec=base.to_json(), rows=[])
+    t0 = time.time()
+    scratch = tempfile.mkdtemp()
+    for dtype in args.dtypes.split(","):
+        spec = base.replace(quant=DTYPES[dtype])
+        w = layer_weights(spec, device, seed=0)
+        for M in (int(m) for m in args.m.split(",")):
+            trace = os.path.join(scratch, f"{dtype}_{M}.json")
+            row = dict(dtype=dtype, **measure(spec, w, M, device, trace))
+            result["rows"].append(row)
+            if not os.path.exists(os.path.join(args.out, "overlap_trace.json")) and os.path.exists(trace):
+                shutil.copy(trace, os.path.join(args.out, "overlap_trace.json"))
+            prof = row.get("profile", {}).get("graph replay", {})
+            print(f"[overlap] {dtype} M={M}: {row['us']} ratio stream {row.get('ratio_stream')} inline "
+                  f"{row.get('ratio_inline')}; graph replay overlap {prof.get('overlap_us')} us of "
+                  f"{prof.get('preamble_busy_us')} us preamble ({time.time() - t0:.0f} s)", flush=True)
+        del w
+    shutil.rmtree(scratch)
+    with open(os.path.join(args.out, "overlap.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    text = markdown(result)
+    with open(os.path.join(args.out, "overlap.md"), "w") as f:
+        f.write(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

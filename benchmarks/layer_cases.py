@@ -1,0 +1,128 @@
+"""Shared pieces of the GPU reliability and overlap scripts (gpu_reliability.py, gpu_overlap.py,
+kernel_driver.py): random layer weights made on the device, the float64 expected output of a
+whole layer for the routing the kernels chose, and a recorder of the layer's parts.
+
+Weights are drawn on the device itself: the real dsv3 experts are 22.5 GB of bf16, which a CPU
+generator (tests/moe_cases.random_weights) would take minutes to make and copy.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, Iterator, Optional
+
+import torch
+
+from moe_fusion.lowering import experts, layer, preamble, reference
+from moe_fusion.spec import MoESpec, MoEWeights
+
+
+def layer_weights(spec: MoESpec, device, seed: int = 0) -> MoEWeights:
+    """Random weights (never zeros) in canonical form, as tests/moe_cases.random_weights lays them
+    out (rank 0 owns every (E / L)-th expert under expert parallelism); fp8 specs get their experts
+    block-quantised by experts.quantize_fp8_blocks (the project's kernel where kernels run)."""
+    device = torch.device(device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    dt = spec.torch_dtype
+    E, H, I, Is = spec.num_local_experts, spec.hidden_size, spec.intermediate_size, spec.shared_intermediate_size
+
+    def mat(*shape):  # drawn in the model dtype: no fp32 copy of the experts is ever made
+        return torch.randn(*shape, generator=g, device=device, dtype=dt).mul_(shape[-1] ** -0.5)
+
+    w = MoEWeights(router_weight=mat(spec.num_experts, H), w_gate=mat(E, I, H), w_up=mat(E, I, H),
+                   w_down=mat(E, H, I))
+    if spec.rms_norm:
+        w.norm_weight = (1 + 0.1 * torch.randn(H, generator=g, device=device)).to(dt)
+    if spec.correction_bias:
+        w.correction_bias = 0.1 * torch.randn(spec.num_experts, generator=g, device=device)
+    if spec.fp8:
+        for name in ("w_gate", "w_up", "w_down"):
+            q, scale = experts.quantize_fp8_blocks(getattr(w, name))
+            setattr(w, name, q)
+            setattr(w, name + "_scale", scale)
+    if spec.has_shared_experts:
+        w.shared_gate, w.shared_up, w.shared_down = mat(Is, H), mat(Is, H), mat(H, Is)
+    if spec.shared_gate:
+        w.shared_expert_gate = mat(1, H)
+    if spec.expert_parallel:
+        stride = spec.num_experts // spec.num_local_experts
+        expert_map = torch.full((spec.num_experts,), -1, dtype=torch.int32)
+        expert_map[torch.arange(spec.num_local_experts) * stride] = torch.arange(spec.num_local_experts,
+                                                                                 dtype=torch.int32)
+        w.expert_map = expert_map.to(device)
+    return w
+
+
+def _expert_fp64(spec: MoESpec, w: MoEWeights, e: int, x: torch.Tensor) -> torch.Tensor:
+    """Local expert e on rows x (model dtype), float64 arithmetic; fp8 experts through the
+    reference's emulation (x and the SiLU*up product quantised per 1x128 group, as the kernels do)."""
+    if spec.fp8:
+        wg, wu, wd = (reference.dequantize_fp8_blocks(q[e], s[e]).double() for q, s in
+                      ((w.w_gate, w.w_gate_scale), (w.w_up, w.w_up_scale), (w.w_down, w.w_down_scale)))
+        return reference._fp8_gated_mlp(x, wg, wu, wd).double()
+    return reference.gated_mlp(x.double(), w.w_gate[e].double(), w.w_up[e].double(), w.w_down[e].double())
+
+
+def expected_output(spec: MoESpec, w: MoEWeights, normed: torch.Tensor, topk_ids: torch.Tensor,
+                    topk_weights: torch.Tensor) -> torch.Tensor:
+    """float64 routed + shared output for the routing the kernels chose (so a near-tie that flips
+    an expert is not mistaken for a wrong kernel), computed over the local experts it hits only:
+    the full float64 reference of the real layer would need 90 GB."""
+    local = reference.local_expert_ids(spec, topk_ids, w.expert_map)
+    out = torch.zeros(normed.shape, dtype=torch.float64, device=normed.device)
+    for e in local[local >= 0].unique().tolist():
+        rows, slots = (local == e).nonzero(as_tuple=True)
+        y = _expert_fp64(spec, w, e, normed[rows])
+        out.index_add_(0, rows, y * topk_weights[rows, slots, None].double())
+    if spec.has_shared_experts:
+        out += reference.shared_experts(spec, normed.double(), w)
+    return out
+
+
+def rel_err(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """Normwise relative error; inf when an element is not finite (never written, or NaN)."""
+    if not torch.isfinite(got).all():
+        return float("inf")
+    return float((got.double() - expected).norm() / expected.norm())
+
+
+@contextlib.contextmanager
+def recorded_parts() -> Iterator[Dict[str, object]]:
+    """While active, layer.moe_layer's parts are kept: "preamble" (its PreambleOut), "routed" (a
+    copy of the expert block's fp32 output, taken before the shared expert is added into it in
+    place) and "shared" (the shared expert's output buffer). The layer is observed through the
+    functions it calls, so what is checked is the very call the layer makes; the copy is one
+    extra kernel on the main stream."""
+    parts: Dict[str, object] = {}
+    real_preamble, real_experts, real_shared = preamble.fused_preamble, experts.fused_experts, layer.shared_expert_into
+
+    def fused_preamble(*args, **kwargs):
+        parts["preamble"] = real_preamble(*args, **kwargs)
+        return parts["preamble"]
+
+    def fused_experts(*args, **kwargs):
+        out = real_experts(*args, **kwargs)
+        parts["routed"] = out.clone()
+        return out
+
+    def shared_expert_into(spec, x, w, buffers):
+        real_shared(spec, x, w, buffers)
+        parts["shared"] = buffers.out
+
+    preamble.fused_preamble, experts.fused_experts, layer.shared_expert_into = (
+        fused_preamble, fused_experts, shared_expert_into)
+    try:
+        yield parts
+    finally:
+        preamble.fused_preamble, experts.fused_experts, layer.shared_expert_into = (
+            real_preamble, real_experts, real_shared)
+
+
+@contextlib.contextmanager
+def layer_options(deterministic: bool, shared_expert: Optional[str]) -> Iterator[None]:
+    """layer.options set for the duration (process-wide, as MOE_FUSION_* would set them)."""
+    saved = (layer.options.deterministic, layer.options.shared_expert)
+    layer.options.deterministic, layer.options.shared_expert = deterministic, shared_expert
+    try:
+        yield
+    finally:
+        layer.options.deterministic, layer.options.shared_expert = saved

@@ -1,0 +1,44 @@
+"""benchmarks/gpu_overlap.py at its smallest on whatever device there is (the Triton interpreter on
+the CPU), and its trace analysis on a chrome trace laid out the way torch.profiler writes one."""
+import json
+import os
+import sys
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+sys.path.insert(0, BENCHMARKS)
+
+import gpu_overlap  # noqa: E402
+
+
+def test_overlap_smoke(tmp_path):
+    assert gpu_overlap.main(["--smoke", "--out", str(tmp_path), "--m", "1"]) == 0
+    result = json.loads((tmp_path / "overlap.json").read_text())
+    assert [(r["dtype"], r["M"]) for r in result["rows"]] == [("bf16", 1), ("fp8", 1)]
+    assert "| bf16 | 1 |" in (tmp_path / "overlap.md").read_text()
+
+
+def _kernel(name, stream, ts, dur):
+    return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur, "tid": stream, "args": {"stream": stream}}
+
+
+def test_trace_summary_measures_the_overlap_inside_its_range():
+    trace = {"traceEvents": [
+        {"ph": "X", "cat": "user_annotation", "name": "graph replay", "ts": 1000.0, "dur": 200.0},
+        _kernel("_norm_quant_kernel", 7, 1010.0, 2.0),
+        _kernel("nvjet_gemm_bf16", 20, 1012.0, 30.0),  # shared expert, side stream
+        _kernel("_router_route_align_kernel", 7, 1013.0, 10.0),
+        _kernel("silu_kernel", 20, 1042.0, 3.0),
+        _kernel("_norm_quant_kernel", 7, 1500.0, 2.0),  # outside the range: another call
+    ]}
+    s = gpu_overlap.summarize_section(trace, "graph replay")
+    assert len(s["kernels"]) == 4 and s["kernels"][0]["start_us"] == 0.0
+    assert s["preamble_busy_us"] == 12.0 and s["shared_busy_us"] == 33.0
+    assert s["overlap_us"] == 10.0 and s["span_us"] == 35.0
+    assert s["preamble_streams"] == [7] and s["shared_streams"] == [20]
+    assert "error" in gpu_overlap.summarize_section(trace, "eager call")
+
+
+def test_interval_overlap():
+    assert gpu_overlap.overlap([(0, 10), (5, 12)], [(11, 20), (30, 40)]) == 1
+    assert gpu_overlap.overlap([(0, 1)], [(2, 3)]) == 0
+    assert gpu_overlap.covered([(0, 10), (5, 12), (20, 21)]) == 13
