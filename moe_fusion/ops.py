@@ -7,7 +7,8 @@ the real implementations hand over to ``lowering``, which picks kernels or the r
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import functools
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -29,10 +30,28 @@ def _weights(
     )
 
 
+@functools.lru_cache(maxsize=256)
+def _spec_with(spec_json: str, scalar_fields: str, values: Tuple[float, ...]) -> MoESpec:
+    spec = MoESpec.from_json(spec_json)
+    return spec.replace(**dict(zip(scalar_fields.split(","), values))) if scalar_fields else spec
+
+
+def _call_spec(spec_json: str, scalar_fields: str, scalar_inputs: Sequence[Tensor]) -> MoESpec:
+    """The spec with the float fields that arrive as graph inputs (Dynamo does not specialize
+    floats) set to this call's values. Those inputs are 0-d CPU tensors: reading them does not
+    synchronize the GPU."""
+    values = tuple(float(t) for t in scalar_inputs)
+    if len(values) != len(scalar_fields.split(",") if scalar_fields else ()):
+        raise ValueError(f"scalar_fields {scalar_fields!r} do not match {len(values)} scalar inputs")
+    return _spec_with(spec_json, scalar_fields, values)
+
+
 @torch.library.custom_op("moe_fusion::moe_layer", mutates_args=())
 def moe_layer(
     x: Tensor,
     spec: str,
+    scalar_inputs: List[Tensor],
+    scalar_fields: str,
     router_weight: Tensor,
     w_gate: Tensor,
     w_up: Tensor,
@@ -48,16 +67,19 @@ def moe_layer(
     shared_expert_gate: Optional[Tensor] = None,
     expert_map: Optional[Tensor] = None,
 ) -> Tensor:
-    """A whole MoE layer on x [M, H] (pre-norm when the spec fuses the norm); returns [M, H]."""
+    """A whole MoE layer on x [M, H] (pre-norm when the spec fuses the norm); returns [M, H].
+
+    scalar_inputs: 0-d tensors whose values replace the spec fields named (comma-separated) in
+    scalar_fields for this call."""
     weights = _weights(
         router_weight, w_gate, w_up, w_down, norm_weight, correction_bias, w_gate_scale, w_up_scale,
         w_down_scale, shared_gate, shared_up, shared_down, shared_expert_gate, expert_map,
     )
-    return dispatch.moe_layer(MoESpec.from_json(spec), x, weights)
+    return dispatch.moe_layer(_call_spec(spec, scalar_fields, scalar_inputs), x, weights)
 
 
 @moe_layer.register_fake
-def _moe_layer_fake(x, spec, *tensors, **optional_tensors):
+def _moe_layer_fake(x, spec, scalar_inputs, scalar_fields, *tensors, **optional_tensors):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -65,6 +87,8 @@ def _moe_layer_fake(x, spec, *tensors, **optional_tensors):
 def moe_preamble(
     x: Tensor,
     spec: str,
+    scalar_inputs: List[Tensor],
+    scalar_fields: str,
     router_weight: Tensor,
     norm_weight: Optional[Tensor] = None,
     correction_bias: Optional[Tensor] = None,
@@ -73,14 +97,15 @@ def moe_preamble(
 
     Returns (normed [M, H], x_fp8 [M, H] e4m3, x_scale [M, H/128] fp32, topk_ids [M, k] int32,
     topk_weights [M, k] fp32). x_fp8 and x_scale are empty unless the spec's experts are fp8.
+    scalar_inputs / scalar_fields: as for moe_layer.
     """
     weights = MoEWeights(router_weight=router_weight, w_gate=None, w_up=None, w_down=None,
                          norm_weight=norm_weight, correction_bias=correction_bias)
-    return dispatch.moe_preamble(MoESpec.from_json(spec), x, weights)
+    return dispatch.moe_preamble(_call_spec(spec, scalar_fields, scalar_inputs), x, weights)
 
 
 @moe_preamble.register_fake
-def _moe_preamble_fake(x, spec, router_weight, norm_weight=None, correction_bias=None):
+def _moe_preamble_fake(x, spec, scalar_inputs, scalar_fields, router_weight, norm_weight=None, correction_bias=None):
     s = MoESpec.from_json(spec)
     M, H = x.shape
     normed = x.new_empty((M, H))
@@ -98,11 +123,11 @@ def _moe_preamble_fake(x, spec, router_weight, norm_weight=None, correction_bias
 def call_moe_layer(spec: MoESpec, x: Tensor, w: MoEWeights) -> Tensor:
     """Python-side convenience: the whole-layer op with a spec object and a MoEWeights."""
     return torch.ops.moe_fusion.moe_layer(
-        x, spec.to_json(), w.router_weight, w.w_gate, w.w_up, w.w_down, w.norm_weight, w.correction_bias,
+        x, spec.to_json(), [], "", w.router_weight, w.w_gate, w.w_up, w.w_down, w.norm_weight, w.correction_bias,
         w.w_gate_scale, w.w_up_scale, w.w_down_scale, w.shared_gate, w.shared_up, w.shared_down,
         w.shared_expert_gate, w.expert_map,
     )
 
 
 def call_moe_preamble(spec: MoESpec, x: Tensor, w: MoEWeights):
-    return torch.ops.moe_fusion.moe_preamble(x, spec.to_json(), w.router_weight, w.norm_weight, w.correction_bias)
+    return torch.ops.moe_fusion.moe_preamble(x, spec.to_json(), [], "", w.router_weight, w.norm_weight, w.correction_bias)

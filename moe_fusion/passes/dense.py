@@ -4,13 +4,13 @@ the RMSNorm in front of the layer."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Set
+from typing import Optional, Set
 
 from torch.fx import Node
 
 from .experts import is_silu_of
 from .graph_utils import (
-    CAST_OPS, VIEW_OPS, aten, check_region, forward_through, is_op, is_param, region_between, require, scalar_value,
+    CAST_OPS, VIEW_OPS, BakedScalars, aten, check_region, forward_through, is_op, is_param, region_between, require, scalar_value,
     shape, strip, strip_upcasts,
 )
 
@@ -128,7 +128,7 @@ class NormMatch:
     weight: Node
     eps: float
     region: Set[Node] = field(default_factory=set)
-    baked: Dict[str, float] = field(default_factory=dict)
+    baked: BakedScalars = field(default_factory=BakedScalars)
 
 
 def match_rms_norm(out: Node) -> Optional[NormMatch]:
@@ -161,7 +161,7 @@ def match_rms_norm(out: Node) -> Optional[NormMatch]:
             if not (is_op(sq, aten.pow) and sq.args[1] == 2 and strip(sq.args[0]) is h) and not (
                     is_op(sq, aten.mul) and strip(sq.args[0]) is h and strip(sq.args[1]) is h):
                 continue
-            baked: Dict[str, float] = {}
+            baked = BakedScalars()
             eps = scalar_value(add.args[1], "norm", baked, "rms_norm_eps")
             require(shape(w)[0] == shape(h)[-1], "norm", w, "norm weight does not match the hidden size")
             region = region_between([top], {h})

@@ -19,7 +19,7 @@ from ..spec import MoESpec, SpecError
 from .dense import NormMatch, SharedMatch, match_rms_norm, match_shared
 from .experts import ExpertsMatch, WeightRef, match_experts
 from .graph_utils import (
-    CAST_OPS, VIEW_OPS, MatchFailure, aten, dtype, forward_through, is_op, is_param, is_sym_arith, op_name, prims,
+    BakedScalars, CAST_OPS, VIEW_OPS, MatchFailure, aten, dtype, forward_through, is_op, is_param, is_sym_arith, op_name, prims,
     region_between, shape, topo_sorted, users_breadth_first, val,
 )
 from .report import MATCHED, NOT_MATCHED, PARTIAL, GraphRecord, LayerRecord, MatchReport, publish
@@ -211,7 +211,7 @@ def _rewrite_layer(graph: Graph, router: RouterMatch, experts: ExpertsMatch, lay
     with _Inserter(graph, out) as ins:
         x2d = ins.call(aten.view.default, layer_input, [-1, spec.hidden_size])
         args = [
-            x2d, spec.to_json(), router.router_weight,
+            x2d, spec.to_json(), *_scalar_args(router.baked, norm.baked if norm else None), router.router_weight,
             ins.weight(experts.w_gate), ins.weight(experts.w_up), ins.weight(experts.w_down),
             norm.weight if norm else None, router.correction_bias, None, None, None,
             shared.gate if shared else None, shared.up if shared else None, shared.down if shared else None,
@@ -245,6 +245,15 @@ def _rewrite_layer(graph: Graph, router: RouterMatch, experts: ExpertsMatch, lay
         layer.before, layer.after = before, _format(ins.added)
 
 
+def _scalar_args(*baked: Optional[BakedScalars]) -> list:
+    """The ops' (scalar_inputs, scalar_fields) for floats that are graph inputs."""
+    inputs = {}
+    for b in baked:
+        if b is not None:
+            inputs.update(b.inputs)
+    return [list(inputs.values()), ",".join(inputs)]
+
+
 def _rewrite_preamble(graph: Graph, router: RouterMatch, layer: LayerRecord, keep_graphs: bool) -> None:
     """Experts not understood: fuse the routing alone, hand the experts ids and weights as before."""
     fields = dict(router.fields)
@@ -256,8 +265,8 @@ def _rewrite_preamble(graph: Graph, router: RouterMatch, layer: LayerRecord, kee
     anchor = min((u for n in (router.ids, router.weights) for u in n.users), key=_position)
     with _Inserter(graph, anchor) as ins:
         x2d = ins.call(aten.view.default, router.x, [-1, spec.hidden_size])
-        pre = ins.call(torch.ops.moe_fusion.moe_preamble.default, x2d, spec.to_json(), router.router_weight, None,
-                       router.correction_bias)
+        pre = ins.call(torch.ops.moe_fusion.moe_preamble.default, x2d, spec.to_json(), *_scalar_args(router.baked),
+                       router.router_weight, None, router.correction_bias)
         ids32 = ins.getitem(pre, 3)
         weights = ins.getitem(pre, 4)
         ids = ins.call(prims.convert_element_type.default, ids32, dtype(router.ids))

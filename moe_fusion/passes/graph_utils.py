@@ -180,13 +180,27 @@ def reset_example_inputs(token) -> None:
     _scalar_inputs.reset(token)
 
 
+class BakedScalars(dict):
+    """Spec field -> compile-time value of a float that reached the graph as an input. ``inputs``
+    keeps each one's placeholder: the rewritten graph hands it to the op, which computes with the
+    value of each call, so a float the model changes later (no recompile) is never stale."""
+
+    def __init__(self):
+        super().__init__()
+        self.inputs: Dict[str, Node] = {}
+
+    def merge(self, other: "BakedScalars") -> None:
+        self.update(other)
+        self.inputs.update(other.inputs)
+
+
 def placeholder_index(node: Node) -> int:
     return [n for n in node.graph.nodes if n.op == "placeholder"].index(node)
 
 
-def scalar_value(arg, step: str, baked: Optional[Dict[str, float]] = None, name: str = "") -> float:
+def scalar_value(arg, step: str, baked: Optional[BakedScalars] = None, name: str = "") -> float:
     """A Python number for a scalar argument: a literal, a 0-d constant, or a 0-d graph input whose
-    compile-time value the backend knows (recorded in ``baked``)."""
+    compile-time value the backend knows (recorded in ``baked`` with its input)."""
     if isinstance(arg, (int, float)) and not isinstance(arg, bool):
         return float(arg)
     node = strip(arg) if isinstance(arg, Node) else None
@@ -213,6 +227,7 @@ def scalar_value(arg, step: str, baked: Optional[Dict[str, float]] = None, name:
             value = float(real.item())
         if baked is not None:
             baked[name] = value
+            baked.inputs[name] = node
         return value
     raise MatchFailure(step, node, f"scalar {name} is computed ({op_name(node)}), not a constant")
 

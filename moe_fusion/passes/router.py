@@ -10,7 +10,7 @@ import torch
 from torch.fx import Node
 
 from .graph_utils import (
-    CAST_OPS, VIEW_OPS, MatchFailure, aten, prims, check_region, dtype, is_getitem, is_neg_inf, is_op, is_param,
+    CAST_OPS, VIEW_OPS, BakedScalars, MatchFailure, aten, prims, check_region, dtype, is_getitem, is_neg_inf, is_op, is_param,
     op_name, region_between, require, scalar_value, shape, strip, strip_upcasts,
 )
 
@@ -28,7 +28,7 @@ class RouterMatch:
     fields: Dict[str, object]  # MoESpec fields of the routing part
     correction_bias: Optional[Node] = None
     region: Set[Node] = field(default_factory=set)
-    baked: Dict[str, float] = field(default_factory=dict)
+    baked: BakedScalars = field(default_factory=BakedScalars)
     blockers: List[MatchFailure] = field(default_factory=list)  # found, but not expressible as a MoESpec
 
     @property
@@ -212,7 +212,7 @@ def _split_bias(choice: Node):
 
 
 # --------------------------------------------------------------------------- forwards from the top-k
-def _weights_chain(w: Node, fields: Dict[str, object], baked: Dict[str, float]) -> Node:
+def _weights_chain(w: Node, fields: Dict[str, object], baked: BakedScalars) -> Node:
     """Follow renormalisation (w / (sum(w) [+ eps])), scaling (w * c) and casts; returns the final node."""
     fields.setdefault("renormalize", False)
     scaled = False
@@ -311,7 +311,7 @@ def match_router(topk: Node) -> RouterMatch:
     ids = getitem_user(topk, 1)
     require(ids is not None, STEP, topk, "top-k indices are unused")
     fields: Dict[str, object] = {"top_k": int(k)}
-    baked: Dict[str, float] = {}
+    baked = BakedScalars()
 
     choice = strip(topk.args[0], casts=False)
     if is_op(choice, aten.where):
