@@ -2,7 +2,8 @@
 
 Decode (M <= FUSED_MAX_M), two launches, no host synchronisation:
   1. norm_quant_kernel: RMSNorm, fp8 activation groups, and zeroing of the router workspace;
-  2. router_kernel (fused): split-K router GEMM whose last program routes and aligns.
+  2. router_kernel (fused): split-K router GEMM whose last program routes and aligns; on CUDA a
+     programmatic dependent launch (PDL) that streams its weight while the norm still runs.
 General path (any M), more launches: norm_quant, split-K router GEMM, a row-parallel routing
 kernel, then the one-program alignment kernel up to ALIGN_KERNEL_MAX_M tokens and
 ``reference.align_pairs`` (sync-free torch) above. Where a kernel's register tile cannot hold a
@@ -33,6 +34,9 @@ FUSED_MAX_M = 64
 # general path (routing spread over programs) was faster on the H100 (benchmarks/preamble_notes.md).
 FUSED_MAX_ROUTE_TILE = 1024
 ALIGN_KERNEL_MAX_M = 1024
+# Each kernel after the norm is a programmatic dependent launch (CUDA): it starts while the kernel
+# before it runs and waits (griddepcontrol.wait) before reading that kernel's outputs.
+USE_PDL = True
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -172,7 +176,9 @@ def fused_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights, block_m: int,
 
     logits = torch.empty((max(M, 1), spec.num_experts), dtype=torch.float32, device=device)
     ticket = torch.empty((1,), dtype=torch.int32, device=device)
-    normed, x_fp8, x_scale = norm_quant(x, norm_weight, spec.rms_norm_eps, spec.fp8, logits, ticket, normed_dtype)
+    pdl = USE_PDL and x.is_cuda and M > 0
+    normed, x_fp8, x_scale = norm_quant(x, norm_weight, spec.rms_norm_eps, spec.fp8, logits, ticket, normed_dtype,
+                                        pdl=pdl)
     if after_norm is not None:
         after_norm(normed)
     ids = torch.empty((M, spec.top_k), dtype=torch.int32, device=device)
@@ -198,15 +204,15 @@ def fused_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights, block_m: int,
             expert_map if expert_map is not None else ids, sorted_ids, tile_expert, num_tiles, L, block_m,
             tile_expert.numel(), BM=cfg.block_m, BE=cfg.block_e, BK=cfg.block_k, DOT_FP32=dot_fp32,
             **topk_kernel.route_meta(spec, normed_dtype, M), **_align_constexprs(spec, expert_map, M),
-            ALIGN=with_alignment, num_warps=cfg.num_warps,
+            ALIGN=with_alignment, PDL=pdl, num_warps=cfg.num_warps, **_launch_pdl(pdl),
         )
         return PreambleOut(normed, x_fp8, x_scale, ids, weights, sorted_ids, tile_expert, num_tiles)
 
     _router_kernel[cfg.grid](*gemm_args, M, spec.num_experts, spec.hidden_size, cfg.k_per_program,
-                             BM=cfg.block_m, BE=cfg.block_e, BK=cfg.block_k, DOT_FP32=dot_fp32,
-                             num_warps=cfg.num_warps)
+                             BM=cfg.block_m, BE=cfg.block_e, BK=cfg.block_k, DOT_FP32=dot_fp32, PDL=pdl,
+                             num_warps=cfg.num_warps, **_launch_pdl(pdl))
     if plan.route == "kernel":
-        topk_kernel.select_experts(spec, logits, bias, normed_dtype, ids, weights)
+        topk_kernel.select_experts(spec, logits, bias, normed_dtype, ids, weights, pdl=pdl)
     else:
         rounded = logits if spec.router_fp32 or normed_dtype == torch.float32 else logits.to(normed_dtype).float()
         ref_ids, ref_weights = reference.select_experts(spec, rounded, w.correction_bias if spec.correction_bias else None)
@@ -215,10 +221,14 @@ def fused_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights, block_m: int,
     if not with_alignment:
         sorted_ids, tile_expert, num_tiles = aligned
     elif plan.align == "kernel":
-        sorted_ids, tile_expert, num_tiles = align_kernel.align_pairs(ids, expert_map, L, block_m)
+        sorted_ids, tile_expert, num_tiles = align_kernel.align_pairs(ids, expert_map, L, block_m, pdl=pdl)
     else:
         sorted_ids, tile_expert, num_tiles = reference.align_pairs(ids, expert_map, L, block_m)
     return PreambleOut(normed, x_fp8, x_scale, ids, weights, sorted_ids, tile_expert, num_tiles)
+
+
+def _launch_pdl(pdl: bool) -> dict:
+    return {"launch_pdl": True} if pdl else {}
 
 
 def _align_constexprs(spec: MoESpec, expert_map, M: int) -> dict:
