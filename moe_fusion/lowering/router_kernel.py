@@ -27,6 +27,14 @@ from .topk_kernel import route_rows
 
 
 @triton.jit
+def _dot_step(acc, a_ptr, stride_am, b, rows, k, M, H, DOT_FP32: tl.constexpr):
+    a = tl.load(a_ptr + rows[:, None] * stride_am + k[None, :], mask=(rows[:, None] < M) & (k[None, :] < H), other=0.0)
+    if DOT_FP32:
+        return acc + tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision="ieee")
+    return acc + tl.dot(a, tl.trans(b.to(a.dtype)))
+
+
+@triton.jit
 def _partial_logits(a_ptr, stride_am, w_ptr, stride_we, stride_wk, M, E, H, row0, col0, k_lo, k_hi,
                     BM: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, DOT_FP32: tl.constexpr, PDL: tl.constexpr):
     rows = row0 + tl.arange(0, BM)
@@ -39,19 +47,11 @@ def _partial_logits(a_ptr, stride_am, w_ptr, stride_we, stride_wk, M, E, H, row0
                 other=0.0)
     if PDL:
         tl.extra.cuda.gdc_wait()
-    acc = tl.zeros((BM, BE), dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BK):
+    acc = _dot_step(tl.zeros((BM, BE), dtype=tl.float32), a_ptr, stride_am, b, rows, k_lo + kk, M, H, DOT_FP32)
+    for k0 in range(k_lo + BK, k_hi, BK):
         k = k0 + kk
-        a = tl.load(a_ptr + rows[:, None] * stride_am + k[None, :], mask=(rows[:, None] < M) & (k[None, :] < H),
-                    other=0.0)
-        k_next = k + BK
-        b_next = tl.load(w_rows + k_next[None, :] * stride_wk,
-                         mask=(cols[:, None] < E) & (k_next < tl.minimum(H, k_hi))[None, :], other=0.0)
-        if DOT_FP32:
-            acc += tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision="ieee")
-        else:
-            acc += tl.dot(a, tl.trans(b.to(a.dtype)))
-        b = b_next
+        b = tl.load(w_rows + k[None, :] * stride_wk, mask=(cols[:, None] < E) & (k < H)[None, :], other=0.0)
+        acc = _dot_step(acc, a_ptr, stride_am, b, rows, k, M, H, DOT_FP32)
     return acc
 
 
