@@ -139,6 +139,21 @@ def kernel_times_us(fn, inputs, calls=20):
     return {k: round(v, 2) for k, v in times.items()}
 
 
+def profile_dsv3(result):
+    """Device time per kernel (profiler, eager launches without PDL) of the planned, the general and
+    the one-launch paths, dsv3."""
+    spec = real_shapes()["dsv3"]
+    wsets = weight_sets(spec, 1)
+    for M in (1, 2, 4, 16, 64):
+        inputs = input_sets(spec, M, wsets)[0]
+        times = {"planned": kernel_times_us(ours(spec, pdl=False), inputs),
+                 "general": kernel_times_us(ours(spec, general=True, pdl=False), inputs)}
+        if fused_fits(spec, M):
+            times["one-launch"] = kernel_times_us(ours(spec, fused=True, pdl=False), inputs)
+        result["kernel_times"][M] = times
+        print(f"[profile] dsv3 M={M}: {times}", flush=True)
+
+
 def logit_rounding_diag():
     """Why bf16-router shapes fail at M = 1500 (GPU run v3): how far the kernel's and cuBLAS's logits
     are from the exactly rounded ones, and where weights differ from the reference."""
@@ -216,6 +231,7 @@ def main():
     ap.add_argument("--random-tests-timeout-s", type=int, default=0, help="also run tests/test_random_preamble.py")
     ap.add_argument("--no-baselines", action="store_true", help="skip the eager and Inductor baselines")
     ap.add_argument("--shapes", default="", help="comma-separated subset of the shapes")
+    ap.add_argument("--profile-only", action="store_true", help="only the per-kernel device times (dsv3)")
     ap.add_argument("--diag", action="store_true", help="bf16-router logit rounding diagnostics at M = 1500")
     args = ap.parse_args()
     t_start = time.time()
@@ -224,6 +240,11 @@ def main():
     result = dict(device=props.name, torch=torch.__version__, triton=triton.__version__,
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   block_m=BLOCK_M, rows=[], sweep=[], kernel_times={}, router_only={})
+    if args.profile_only:
+        profile_dsv3(result)
+        with open(os.path.join(args.out, "profile.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        return
     result["tests"] = "skipped" if args.skip_tests else run_tests(args.out, args.tests_timeout_s)
     if args.random_tests_timeout_s:
         result["random_tests"] = run_tests(args.out, args.random_tests_timeout_s, ("tests/test_random_preamble.py",),

@@ -31,8 +31,9 @@ from .router_kernel import _router_kernel, _router_route_align_kernel
 
 FUSED_MAX_M = 64
 # The fused epilogue routes every row in one program; above this many rows x padded experts the
-# general path (routing spread over programs) was faster on the H100 (benchmarks/preamble_notes.md).
-FUSED_MAX_ROUTE_TILE = 1024
+# general path (routing spread over programs) was faster on the H100 (benchmarks/preamble_notes.md;
+# v4 with PDL: general faster from dsv3 M = 2 and at every qwen3 M, equal at dsv3 M = 1).
+FUSED_MAX_ROUTE_TILE = 256
 ALIGN_KERNEL_MAX_M = 1024
 # Each kernel after the norm is a programmatic dependent launch (CUDA): it starts while the kernel
 # before it runs and waits (griddepcontrol.wait) before reading that kernel's outputs.

@@ -20,8 +20,10 @@ SCORING_CODES = {"softmax": 0, "sigmoid": 1, "none": 2}
 # Largest routing tile one program holds in registers (rows x padded experts).
 MAX_ROUTE_TILE = 4096
 # The standalone kernel spreads rows over programs: a pick's reduction chain costs about the same
-# for 1 row as for 16, but 16 rows cost 3.6x the time of 1 on the H100 (15.8 vs 4.4 us, dsv3, v2).
-ROWS_TILE = 1024
+# for 1 row as for 16, but 16 rows cost 3.6x the time of 1 on the H100 (15.8 vs 4.4 us, dsv3, v2),
+# and in v4 the general path grew 12.7 -> 17.4 us from M = 1 to 4 with 4 rows per program: one
+# padded row of 256 experts per program (dsv3), more rows only for small expert counts.
+ROWS_TILE = 256
 
 
 @triton.jit
