@@ -29,11 +29,12 @@ from . import align_kernel, reference, topk_kernel
 from .norm_quant_kernel import norm_quant
 from .router_kernel import _router_kernel, _router_route_align_kernel
 
-FUSED_MAX_M = 64
-# The fused epilogue routes every row in one program; above this many rows x padded experts the
-# general path (routing spread over programs) was faster on the H100 (benchmarks/preamble_notes.md;
-# v4 with PDL: general faster from dsv3 M = 2 and at every qwen3 M, equal at dsv3 M = 1).
-FUSED_MAX_ROUTE_TILE = 256
+# The fused epilogue routes every row in one program after the GEMM. With the general path's
+# launches chained by PDL (v4, H100, benchmarks/preamble_notes.md) it was faster only for one row
+# of a large expert set (dsv3 M = 1: 12.2 vs 12.6 us); at qwen3 / mixtral M = 1 (128 / 8 padded
+# experts) and at every M > 1 the general path was as fast or faster (mixtral M = 2: 5.2 vs 7.2 us).
+FUSED_MAX_M = 1
+FUSED_MIN_ROUTE_TILE = 256
 ALIGN_KERNEL_MAX_M = 1024
 # Each kernel after the norm is a programmatic dependent launch (CUDA): it starts while the kernel
 # before it runs and waits (griddepcontrol.wait) before reading that kernel's outputs.
@@ -109,7 +110,7 @@ def plan_preamble(spec: MoESpec, M: int, normed_dtype: torch.dtype, router_dtype
     if not align_ok:
         reasons.append(f"alignment: {spec.num_local_experts} local experts exceed the selection tile; torch alignment")
     route_tile = M * triton.next_power_of_2(spec.n_group) * triton.next_power_of_2(spec.experts_per_group)
-    fused = route == "kernel" and align_ok and M <= FUSED_MAX_M and route_tile <= FUSED_MAX_ROUTE_TILE
+    fused = route == "kernel" and align_ok and M <= FUSED_MAX_M and route_tile >= FUSED_MIN_ROUTE_TILE
     if fused:
         align = "fused"
     elif align_ok and M <= ALIGN_KERNEL_MAX_M:
@@ -119,7 +120,7 @@ def plan_preamble(spec: MoESpec, M: int, normed_dtype: torch.dtype, router_dtype
         if align_ok:
             reasons.append(f"alignment: M={M} > {ALIGN_KERNEL_MAX_M}, the sort-based torch alignment is faster")
     if not fused and route == "kernel" and align_ok:
-        reasons.append(f"M={M} rows x padded experts = {route_tile} > {FUSED_MAX_ROUTE_TILE} or M > {FUSED_MAX_M}: "
+        reasons.append(f"M={M} > {FUSED_MAX_M} or {route_tile} padded experts < {FUSED_MIN_ROUTE_TILE}: "
                        "general multi-launch path")
     sm = _sm_count(torch.device(device).index or 0) if torch.device(device).type == "cuda" else _sm_count(None)
     cfg = router_config(M, spec.num_experts, spec.hidden_size, _dot_fp32(spec, normed_dtype, router_dtype), sm,
