@@ -8,7 +8,7 @@ import pytest
 from moe_cases import dsv3_like
 from moe_fusion.lowering import preamble
 from moe_fusion.spec import MoESpec
-from preamble_checks import check_preamble, poisoned_empty, preamble_weights, real_shapes
+from preamble_checks import check_preamble, one_launch_plan, poisoned_empty, preamble_weights, real_shapes
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -34,8 +34,10 @@ def _run(spec, M, block_m, device=DEVICE, seed=0, plan=None):
 
 @pytest.mark.parametrize("name", list(SMALL))
 @pytest.mark.parametrize("M,block_m", [(1, 16), (7, 4)])
-def test_fused_path_matches_reference(name, M, block_m):
-    spec, x, w, out = _run(SMALL[name], M, block_m)
+@pytest.mark.parametrize("fused", [True, False])
+def test_fused_and_planned_paths_match_reference(name, M, block_m, fused):
+    spec = SMALL[name]
+    spec, x, w, out = _run(spec, M, block_m, plan=one_launch_plan(spec, M, DEVICE) if fused else None)
     check_preamble(spec, x, w, out, block_m)
 
 

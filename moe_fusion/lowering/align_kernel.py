@@ -5,7 +5,9 @@ Works on a selection matrix [tokens, local experts] instead of sorting: a token 
 at most once, so a pair's rank inside its expert is the number of earlier tokens that picked the
 same expert, an exclusive prefix sum down the matrix's column. Tokens go in chunks of ``TOKENS``
 rows with a running per-expert count, so one program handles any M (the cost is O(M * L * top_k),
-which is why the planner sends large M elsewhere).
+which is why the planner sends large M elsewhere); up to ``TOKENS`` tokens the matrix is built
+once. Padding slots are written directly (they are known from the counts alone), not filled first
+and overwritten after a barrier.
 
 ``align_pairs_cta`` is a Triton helper shared by the standalone kernel here and the router
 kernel's fused epilogue; it reads topk_ids from memory, so the caller must put a barrier
@@ -41,57 +43,82 @@ def _selection(ids_ptr, stride_im, map_ptr, t0, M, TOKENS: tl.constexpr, L_PAD: 
 
 
 @triton.jit
-def align_pairs_cta(
-    ids_ptr, stride_im, map_ptr, sorted_ptr, tile_expert_ptr, num_tiles_ptr, M, L, block_m, max_tiles,
-    TOKENS: tl.constexpr, L_PAD: tl.constexpr, TOP_K: tl.constexpr, HAS_MAP: tl.constexpr,
-):
-    num_pairs = M * TOP_K
-    e = tl.arange(0, L_PAD)
-    counts = tl.zeros((L_PAD,), dtype=tl.int32)
-    for t0 in range(0, M, TOKENS):
-        slot = _selection(ids_ptr, stride_im, map_ptr, t0, M, TOKENS, L_PAD, TOP_K, HAS_MAP)
-        counts += tl.sum((slot >= 0).to(tl.int32), axis=0)
+def _tiles_and_padding(counts, e, L, M, block_m, num_pairs, max_tiles, sorted_ptr, tile_expert_ptr, num_tiles_ptr):
+    """Everything but the pairs themselves: num_tiles, each tile's expert, the padding after each
+    expert's pairs and the unused tail. These slots never hold a pair, so the pairs can be stored
+    before or after without a barrier. Returns each expert's first slot."""
     tiles = (counts + block_m - 1) // block_m
     tile_start = tl.cumsum(tiles, axis=0) - tiles
     pair_start = tile_start * block_m
     num_tiles = tl.sum(tiles, axis=0)
     tl.store(num_tiles_ptr, num_tiles)
-
-    # Padding first, everywhere; the pairs and tile experts overwrite it after the barrier.
-    f = tl.arange(0, FILL_BLOCK)
-    for s0 in range(0, max_tiles * block_m, FILL_BLOCK):
-        tl.store(sorted_ptr + s0 + f, tl.full((FILL_BLOCK,), 0, tl.int32) + num_pairs,
-                 mask=s0 + f < max_tiles * block_m)
-    for s0 in range(0, max_tiles, FILL_BLOCK):
-        tl.store(tile_expert_ptr + s0 + f, tl.full((FILL_BLOCK,), -1, tl.int32), mask=s0 + f < max_tiles)
-    tl.debug_barrier()
-
     for j in range(0, (M + block_m - 1) // block_m):  # an expert has at most M pairs
         tl.store(tile_expert_ptr + tile_start + j, e, mask=(j < tiles) & (e < L))
-    before = tl.zeros((L_PAD,), dtype=tl.int32)  # pairs of earlier chunks, per expert
-    for t0 in range(0, M, TOKENS):
-        slot = _selection(ids_ptr, stride_im, map_ptr, t0, M, TOKENS, L_PAD, TOP_K, HAS_MAP)
-        picked = (slot >= 0).to(tl.int32)
-        rank = tl.cumsum(picked, axis=0) - picked + before[None, :]
-        t = t0 + tl.arange(0, TOKENS)
-        tl.store(sorted_ptr + pair_start[None, :] + rank, t[:, None] * TOP_K + slot, mask=slot >= 0)
-        before += tl.sum(picked, axis=0)
+    padding = tl.zeros_like(counts) + num_pairs
+    for j in range(0, block_m):  # an expert's last tile has fewer than block_m empty slots
+        tl.store(sorted_ptr + pair_start + counts + j, padding, mask=counts + j < tiles * block_m)
+    f = tl.arange(0, FILL_BLOCK)
+    for s0 in range(num_tiles * block_m, max_tiles * block_m, FILL_BLOCK):
+        tl.store(sorted_ptr + s0 + f, tl.full((FILL_BLOCK,), 0, tl.int32) + num_pairs, mask=s0 + f < max_tiles * block_m)
+    for s0 in range(num_tiles, max_tiles, FILL_BLOCK):
+        tl.store(tile_expert_ptr + s0 + f, tl.full((FILL_BLOCK,), -1, tl.int32), mask=s0 + f < max_tiles)
+    return pair_start
+
+
+@triton.jit
+def _store_pairs(slot, t0, before, pair_start, sorted_ptr, TOKENS: tl.constexpr, TOP_K: tl.constexpr):
+    """Pairs of tokens [t0, t0 + TOKENS) at their slots; ``before``: pairs of earlier tokens per expert."""
+    picked = (slot >= 0).to(tl.int32)
+    rank = tl.cumsum(picked, axis=0) - picked + before[None, :]
+    t = t0 + tl.arange(0, TOKENS)
+    tl.store(sorted_ptr + pair_start[None, :] + rank, t[:, None] * TOP_K + slot, mask=slot >= 0)
+    return before + tl.sum(picked, axis=0)
+
+
+@triton.jit
+def align_pairs_cta(
+    ids_ptr, stride_im, map_ptr, sorted_ptr, tile_expert_ptr, num_tiles_ptr, M, L, block_m, max_tiles,
+    TOKENS: tl.constexpr, L_PAD: tl.constexpr, TOP_K: tl.constexpr, HAS_MAP: tl.constexpr,
+    ONE_CHUNK: tl.constexpr,
+):
+    num_pairs = M * TOP_K
+    e = tl.arange(0, L_PAD)
+    if ONE_CHUNK:  # M <= TOKENS: the selection is built once and kept
+        slot = _selection(ids_ptr, stride_im, map_ptr, 0, M, TOKENS, L_PAD, TOP_K, HAS_MAP)
+        counts = tl.sum((slot >= 0).to(tl.int32), axis=0)
+        pair_start = _tiles_and_padding(counts, e, L, M, block_m, num_pairs, max_tiles, sorted_ptr,
+                                        tile_expert_ptr, num_tiles_ptr)
+        _store_pairs(slot, 0, tl.zeros((L_PAD,), dtype=tl.int32), pair_start, sorted_ptr, TOKENS, TOP_K)
+    else:
+        counts = tl.zeros((L_PAD,), dtype=tl.int32)
+        for t0 in range(0, M, TOKENS):
+            slot = _selection(ids_ptr, stride_im, map_ptr, t0, M, TOKENS, L_PAD, TOP_K, HAS_MAP)
+            counts += tl.sum((slot >= 0).to(tl.int32), axis=0)
+        pair_start = _tiles_and_padding(counts, e, L, M, block_m, num_pairs, max_tiles, sorted_ptr,
+                                        tile_expert_ptr, num_tiles_ptr)
+        before = tl.zeros((L_PAD,), dtype=tl.int32)  # pairs of earlier chunks, per expert
+        for t0 in range(0, M, TOKENS):
+            slot = _selection(ids_ptr, stride_im, map_ptr, t0, M, TOKENS, L_PAD, TOP_K, HAS_MAP)
+            before = _store_pairs(slot, t0, before, pair_start, sorted_ptr, TOKENS, TOP_K)
 
 
 @triton.jit
 def _align_kernel(
     ids_ptr, stride_im, map_ptr, sorted_ptr, tile_expert_ptr, num_tiles_ptr, M, L, block_m, max_tiles,
     TOKENS: tl.constexpr, L_PAD: tl.constexpr, TOP_K: tl.constexpr, HAS_MAP: tl.constexpr,
+    ONE_CHUNK: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:
+        tl.extra.cuda.gdc_wait()  # the ids come from the kernel before (a programmatic dependent launch)
     align_pairs_cta(ids_ptr, stride_im, map_ptr, sorted_ptr, tile_expert_ptr, num_tiles_ptr, M, L, block_m,
-                    max_tiles, TOKENS, L_PAD, TOP_K, HAS_MAP)
+                    max_tiles, TOKENS, L_PAD, TOP_K, HAS_MAP, ONE_CHUNK)
 
 
 def align_meta(num_local_experts: int, top_k: int, expert_map: Optional[torch.Tensor], M: int = 1 << 30) -> dict:
     l_pad = triton.next_power_of_2(num_local_experts)
     tokens = min(64, triton.next_power_of_2(max(M, 1)), MAX_SELECTION_TILE // l_pad)
     return dict(TOKENS=max(1, tokens), L_PAD=l_pad, TOP_K=top_k,
-                HAS_MAP=expert_map is not None)
+                HAS_MAP=expert_map is not None, ONE_CHUNK=M <= max(1, tokens))
 
 
 def align_fits(num_local_experts: int) -> bool:
@@ -105,13 +132,16 @@ def alloc_align_outputs(M: int, top_k: int, num_local_experts: int, block_m: int
             torch.empty(1, dtype=torch.int32, device=device))
 
 
-def align_pairs(topk_ids: torch.Tensor, expert_map: Optional[torch.Tensor], num_local_experts: int, block_m: int):
-    """Same contract as ``reference.align_pairs``, in one program (for moderate M)."""
+def align_pairs(topk_ids: torch.Tensor, expert_map: Optional[torch.Tensor], num_local_experts: int, block_m: int,
+                pdl: bool = False):
+    """Same contract as ``reference.align_pairs``, in one program (for moderate M); ``pdl``: launched as a
+    programmatic dependent of the kernel that writes topk_ids (CUDA only)."""
     M, top_k = topk_ids.shape
     sorted_ids, tile_expert, num_tiles = alloc_align_outputs(M, top_k, num_local_experts, block_m, topk_ids.device)
     meta = align_meta(num_local_experts, top_k, expert_map, M)
     _align_kernel[(1,)](
         topk_ids, topk_ids.stride(0), topk_ids if expert_map is None else expert_map, sorted_ids, tile_expert,
-        num_tiles, M, num_local_experts, block_m, tile_expert.numel(), **meta,
+        num_tiles, M, num_local_experts, block_m, tile_expert.numel(), **meta, PDL=pdl,
+        **({"launch_pdl": True} if pdl else {}),
     )
     return sorted_ids, tile_expert, num_tiles

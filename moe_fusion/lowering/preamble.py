@@ -2,7 +2,8 @@
 
 Decode (M <= FUSED_MAX_M), two launches, no host synchronisation:
   1. norm_quant_kernel: RMSNorm, fp8 activation groups, and zeroing of the router workspace;
-  2. router_kernel (fused): split-K router GEMM whose last program routes and aligns.
+  2. router_kernel (fused): split-K router GEMM whose last program routes and aligns; on CUDA a
+     programmatic dependent launch (PDL) that streams its weight while the norm still runs.
 General path (any M), more launches: norm_quant, split-K router GEMM, a row-parallel routing
 kernel, then the one-program alignment kernel up to ALIGN_KERNEL_MAX_M tokens and
 ``reference.align_pairs`` (sync-free torch) above. Where a kernel's register tile cannot hold a
@@ -28,11 +29,16 @@ from . import align_kernel, reference, topk_kernel
 from .norm_quant_kernel import norm_quant
 from .router_kernel import _router_kernel, _router_route_align_kernel
 
-FUSED_MAX_M = 64
-# The fused epilogue routes every row in one program; above this many rows x padded experts the
-# general path (routing spread over programs) was faster on the H100 (benchmarks/preamble_notes.md).
-FUSED_MAX_ROUTE_TILE = 1024
+# The fused epilogue routes every row in one program after the GEMM. With the general path's
+# launches chained by PDL (v4, H100, benchmarks/preamble_notes.md) it was faster only for one row
+# of a large expert set (dsv3 M = 1: 12.2 vs 12.6 us); at qwen3 / mixtral M = 1 (128 / 8 padded
+# experts) and at every M > 1 the general path was as fast or faster (mixtral M = 2: 5.2 vs 7.2 us).
+FUSED_MAX_M = 1
+FUSED_MIN_ROUTE_TILE = 256
 ALIGN_KERNEL_MAX_M = 1024
+# Each kernel after the norm is a programmatic dependent launch (CUDA): it starts while the kernel
+# before it runs and waits (griddepcontrol.wait) before reading that kernel's outputs.
+USE_PDL = True
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -104,7 +110,7 @@ def plan_preamble(spec: MoESpec, M: int, normed_dtype: torch.dtype, router_dtype
     if not align_ok:
         reasons.append(f"alignment: {spec.num_local_experts} local experts exceed the selection tile; torch alignment")
     route_tile = M * triton.next_power_of_2(spec.n_group) * triton.next_power_of_2(spec.experts_per_group)
-    fused = route == "kernel" and align_ok and M <= FUSED_MAX_M and route_tile <= FUSED_MAX_ROUTE_TILE
+    fused = route == "kernel" and align_ok and M <= FUSED_MAX_M and route_tile >= FUSED_MIN_ROUTE_TILE
     if fused:
         align = "fused"
     elif align_ok and M <= ALIGN_KERNEL_MAX_M:
@@ -114,7 +120,7 @@ def plan_preamble(spec: MoESpec, M: int, normed_dtype: torch.dtype, router_dtype
         if align_ok:
             reasons.append(f"alignment: M={M} > {ALIGN_KERNEL_MAX_M}, the sort-based torch alignment is faster")
     if not fused and route == "kernel" and align_ok:
-        reasons.append(f"M={M} rows x padded experts = {route_tile} > {FUSED_MAX_ROUTE_TILE} or M > {FUSED_MAX_M}: "
+        reasons.append(f"M={M} > {FUSED_MAX_M} or {route_tile} padded experts < {FUSED_MIN_ROUTE_TILE}: "
                        "general multi-launch path")
     sm = _sm_count(torch.device(device).index or 0) if torch.device(device).type == "cuda" else _sm_count(None)
     cfg = router_config(M, spec.num_experts, spec.hidden_size, _dot_fp32(spec, normed_dtype, router_dtype), sm,
@@ -172,7 +178,9 @@ def fused_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights, block_m: int,
 
     logits = torch.empty((max(M, 1), spec.num_experts), dtype=torch.float32, device=device)
     ticket = torch.empty((1,), dtype=torch.int32, device=device)
-    normed, x_fp8, x_scale = norm_quant(x, norm_weight, spec.rms_norm_eps, spec.fp8, logits, ticket, normed_dtype)
+    pdl = USE_PDL and x.is_cuda and M > 0
+    normed, x_fp8, x_scale = norm_quant(x, norm_weight, spec.rms_norm_eps, spec.fp8, logits, ticket, normed_dtype,
+                                        pdl=pdl)
     if after_norm is not None:
         after_norm(normed)
     ids = torch.empty((M, spec.top_k), dtype=torch.int32, device=device)
@@ -198,15 +206,15 @@ def fused_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights, block_m: int,
             expert_map if expert_map is not None else ids, sorted_ids, tile_expert, num_tiles, L, block_m,
             tile_expert.numel(), BM=cfg.block_m, BE=cfg.block_e, BK=cfg.block_k, DOT_FP32=dot_fp32,
             **topk_kernel.route_meta(spec, normed_dtype, M), **_align_constexprs(spec, expert_map, M),
-            ALIGN=with_alignment, num_warps=cfg.num_warps,
+            ALIGN=with_alignment, PDL=pdl, num_warps=cfg.num_warps, **_launch_pdl(pdl),
         )
         return PreambleOut(normed, x_fp8, x_scale, ids, weights, sorted_ids, tile_expert, num_tiles)
 
     _router_kernel[cfg.grid](*gemm_args, M, spec.num_experts, spec.hidden_size, cfg.k_per_program,
-                             BM=cfg.block_m, BE=cfg.block_e, BK=cfg.block_k, DOT_FP32=dot_fp32,
-                             num_warps=cfg.num_warps)
+                             BM=cfg.block_m, BE=cfg.block_e, BK=cfg.block_k, DOT_FP32=dot_fp32, PDL=pdl,
+                             num_warps=cfg.num_warps, **_launch_pdl(pdl))
     if plan.route == "kernel":
-        topk_kernel.select_experts(spec, logits, bias, normed_dtype, ids, weights)
+        topk_kernel.select_experts(spec, logits, bias, normed_dtype, ids, weights, pdl=pdl)
     else:
         rounded = logits if spec.router_fp32 or normed_dtype == torch.float32 else logits.to(normed_dtype).float()
         ref_ids, ref_weights = reference.select_experts(spec, rounded, w.correction_bias if spec.correction_bias else None)
@@ -215,10 +223,14 @@ def fused_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights, block_m: int,
     if not with_alignment:
         sorted_ids, tile_expert, num_tiles = aligned
     elif plan.align == "kernel":
-        sorted_ids, tile_expert, num_tiles = align_kernel.align_pairs(ids, expert_map, L, block_m)
+        sorted_ids, tile_expert, num_tiles = align_kernel.align_pairs(ids, expert_map, L, block_m, pdl=pdl)
     else:
         sorted_ids, tile_expert, num_tiles = reference.align_pairs(ids, expert_map, L, block_m)
     return PreambleOut(normed, x_fp8, x_scale, ids, weights, sorted_ids, tile_expert, num_tiles)
+
+
+def _launch_pdl(pdl: bool) -> dict:
+    return {"launch_pdl": True} if pdl else {}
 
 
 def _align_constexprs(spec: MoESpec, expert_map, M: int) -> dict:

@@ -12,6 +12,10 @@ Precision is the reference's: with ``router_fp32`` and half-precision operands t
 exact in fp32, so a half-precision dot with fp32 accumulation is the upcast GEMM; fp32 operands
 use an IEEE fp32 dot (no tf32); a model-dtype router casts the weight to the model dtype and
 its logits are rounded to it in the epilogue.
+
+With ``PDL`` the kernel is a programmatic dependent launch of the norm kernel: it starts while the
+norm runs, requests its first weight tile, and only then waits (griddepcontrol.wait: the norm grid
+complete, its writes visible) before reading the normed rows or touching the zeroed workspace.
 """
 from __future__ import annotations
 
@@ -23,36 +27,47 @@ from .topk_kernel import route_rows
 
 
 @triton.jit
+def _dot_step(acc, a_ptr, stride_am, b, rows, k, M, H, DOT_FP32: tl.constexpr):
+    a = tl.load(a_ptr + rows[:, None] * stride_am + k[None, :], mask=(rows[:, None] < M) & (k[None, :] < H), other=0.0)
+    if DOT_FP32:
+        return acc + tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision="ieee")
+    return acc + tl.dot(a, tl.trans(b.to(a.dtype)))
+
+
+@triton.jit
 def _partial_logits(a_ptr, stride_am, w_ptr, stride_we, stride_wk, M, E, H, row0, col0, k_lo, k_hi,
-                    BM: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, DOT_FP32: tl.constexpr):
+                    BM: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, DOT_FP32: tl.constexpr, PDL: tl.constexpr):
     rows = row0 + tl.arange(0, BM)
     cols = col0 + tl.arange(0, BE)
     kk = tl.arange(0, BK)
-    acc = tl.zeros((BM, BE), dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BK):
+    w_rows = w_ptr + cols[:, None] * stride_we
+    # The first weight tile is requested before waiting for the kernel that writes the activations
+    # (PDL): the router weight's HBM stream overlaps the norm kernel.
+    b = tl.load(w_rows + (k_lo + kk)[None, :] * stride_wk, mask=(cols[:, None] < E) & (k_lo + kk < H)[None, :],
+                other=0.0)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+    acc = _dot_step(tl.zeros((BM, BE), dtype=tl.float32), a_ptr, stride_am, b, rows, k_lo + kk, M, H, DOT_FP32)
+    for k0 in range(k_lo + BK, k_hi, BK):
         k = k0 + kk
-        a = tl.load(a_ptr + rows[:, None] * stride_am + k[None, :], mask=(rows[:, None] < M) & (k[None, :] < H),
-                    other=0.0)
-        b = tl.load(w_ptr + cols[:, None] * stride_we + k[None, :] * stride_wk,
-                    mask=(cols[:, None] < E) & (k[None, :] < H), other=0.0)
-        if DOT_FP32:
-            acc += tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision="ieee")
-        else:
-            acc += tl.dot(a, tl.trans(b.to(a.dtype)))
+        b = tl.load(w_rows + k[None, :] * stride_wk, mask=(cols[:, None] < E) & (k < H)[None, :], other=0.0)
+        acc = _dot_step(acc, a_ptr, stride_am, b, rows, k, M, H, DOT_FP32)
     return acc
 
 
 @triton.jit
 def _router_kernel(
     a_ptr, stride_am, w_ptr, stride_we, stride_wk, logits_ptr, stride_lm, M, E, H, k_per_program,
-    BM: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, DOT_FP32: tl.constexpr,
+    BM: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, DOT_FP32: tl.constexpr, PDL: tl.constexpr,
 ):
     """Split-K partial logits added into logits [M, E]; grid (k-chunks, expert blocks, row blocks)."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()  # the routing kernel waits for this grid to finish
     row0 = tl.program_id(2) * BM
     col0 = tl.program_id(1) * BE
     k_lo = tl.program_id(0) * k_per_program
     acc = _partial_logits(a_ptr, stride_am, w_ptr, stride_we, stride_wk, M, E, H, row0, col0, k_lo,
-                          k_lo + k_per_program, BM, BE, BK, DOT_FP32)
+                          k_lo + k_per_program, BM, BE, BK, DOT_FP32, PDL)
     rows = row0 + tl.arange(0, BM)
     cols = col0 + tl.arange(0, BE)
     tl.atomic_add(logits_ptr + rows[:, None] * stride_lm + cols[None, :], acc,
@@ -71,13 +86,14 @@ def _router_route_align_kernel(
     EPG_PAD: tl.constexpr, TOP_K: tl.constexpr, K_PAD: tl.constexpr, TOPK_GROUP: tl.constexpr,
     SCORING: tl.constexpr, SCORE_BEFORE_TOPK: tl.constexpr, HAS_BIAS: tl.constexpr,
     GROUP_MAX: tl.constexpr, RENORMALIZE: tl.constexpr, ROUND_TO: tl.constexpr,
-    TOKENS: tl.constexpr, L_PAD: tl.constexpr, HAS_MAP: tl.constexpr, ALIGN: tl.constexpr,
+    TOKENS: tl.constexpr, L_PAD: tl.constexpr, HAS_MAP: tl.constexpr, ONE_CHUNK: tl.constexpr,
+    ALIGN: tl.constexpr, PDL: tl.constexpr,
 ):
     """All M rows in one row block (M <= BM); grid (k-chunks, expert blocks)."""
     col0 = tl.program_id(1) * BE
     k_lo = tl.program_id(0) * k_per_program
     acc = _partial_logits(a_ptr, stride_am, w_ptr, stride_we, stride_wk, M, E, H, 0, col0, k_lo,
-                          k_lo + k_per_program, BM, BE, BK, DOT_FP32)
+                          k_lo + k_per_program, BM, BE, BK, DOT_FP32, PDL)
     rows = tl.arange(0, BM)
     cols = col0 + tl.arange(0, BE)
     tl.atomic_add(logits_ptr + rows[:, None] * stride_lm + cols[None, :], acc,
@@ -93,4 +109,4 @@ def _router_route_align_kernel(
         if ALIGN:
             tl.debug_barrier()  # the alignment reads the ids other threads just wrote
             align_pairs_cta(ids_ptr, stride_om, map_ptr, sorted_ptr, tile_expert_ptr, num_tiles_ptr, M, L, block_m,
-                            max_tiles, TOKENS, L_PAD, TOP_K, HAS_MAP)
+                            max_tiles, TOKENS, L_PAD, TOP_K, HAS_MAP, ONE_CHUNK)

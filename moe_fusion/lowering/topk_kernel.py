@@ -19,9 +19,11 @@ from ..spec import MoESpec
 SCORING_CODES = {"softmax": 0, "sigmoid": 1, "none": 2}
 # Largest routing tile one program holds in registers (rows x padded experts).
 MAX_ROUTE_TILE = 4096
-# The standalone kernel spreads rows over programs: a pick's max/argmin chain costs about the same
-# for 1 row as for 16, but 16 rows cost 3.6x the time of 1 on the H100 (15.8 vs 4.4 us, dsv3).
-ROWS_TILE = 1024
+# The standalone kernel spreads rows over programs: a pick's reduction chain costs about the same
+# for 1 row as for 16, but 16 rows cost 3.6x the time of 1 on the H100 (15.8 vs 4.4 us, dsv3, v2),
+# and in v4 the general path grew 12.7 -> 17.4 us from M = 1 to 4 with 4 rows per program: one
+# padded row of 256 experts per program (dsv3), more rows only for small expert counts.
+ROWS_TILE = 256
 
 
 @triton.jit
@@ -35,11 +37,23 @@ def _score(logits, valid, axis_max, SCORING: tl.constexpr):
         return logits
 
 
+# A pick is one max over int64 keys: the fp32 value's bits made monotone as a signed int in the high
+# word, the index's low 31 bits inverted in the low word, so the largest key is the largest value
+# and, among equal values, the lowest index. One reduction per pick instead of a max and an argmin.
+NO_KEY = tl.constexpr(-0x7FFFFFFFFFFFFFFF - 1)
+
+
 @triton.jit
-def _argmax_lowest(values, index, valid, BIG: tl.constexpr):
-    """Per row: the lowest index among the valid entries equal to the row's largest value (BIG if none)."""
-    best = tl.max(tl.where(valid, values, float("-inf")), axis=1)
-    return tl.min(tl.where(valid & (values == best[:, None]), index, BIG), axis=1)
+def _keys(values, index, valid):
+    bits = values.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats: reverse their order
+    key = (ordered.to(tl.int64) << 32) | (index ^ 0x7FFFFFFF).to(tl.int64)
+    return tl.where(valid, key, NO_KEY)
+
+
+@triton.jit
+def _index_of(key):
+    return (key & 0x7FFFFFFF).to(tl.int32) ^ 0x7FFFFFFF
 
 
 @triton.jit
@@ -56,8 +70,8 @@ def route_rows(
 
     Column c of the [ROWS, G_PAD * EPG_PAD] tile is expert (c / EPG_PAD) * EPG + c % EPG_PAD (powers
     of two: shifts and masks), so groups are contiguous column ranges and a reshape gives the
-    [ROWS, G_PAD, EPG_PAD] view the group scores need. The top-k loop stays 2-D: one fp32 max and
-    one int32 min per pick, each reduced along the row.
+    [ROWS, G_PAD, EPG_PAD] view the group scores need. The top-k loop stays 2-D: one int64 max
+    (``_keys``) per pick, reduced along the row. Returns the ids tile [ROWS, K_PAD].
     """
     E_PAD: tl.constexpr = G_PAD * EPG_PAD
     rows = row0 + tl.arange(0, ROWS)
@@ -90,12 +104,12 @@ def route_rows(
         choice = logits
 
     ids = tl.zeros((ROWS, K_PAD), dtype=tl.int32)
-    left = col_ok & (rows >= 0)[:, None]  # experts not picked yet
+    keys = _keys(choice, expert, col_ok & (rows >= 0)[:, None])
     for slot in tl.static_range(TOP_K):
-        picked = _argmax_lowest(choice, expert, left, 2 ** 30)
-        picked = tl.minimum(picked, N_GROUP * EPG - 1)  # only NaN logits leave no valid pick
+        best = tl.max(keys, axis=1)
+        picked = tl.minimum(_index_of(best), N_GROUP * EPG - 1)  # a row of only NaN has no key
         ids = tl.where(k[None, :] == slot, picked[:, None], ids)
-        left = left & (expert != picked[:, None])
+        keys = tl.where(keys == best[:, None], NO_KEY, keys)
 
     # Weights: recompute each chosen expert's score from its logit, the same way as above.
     k_ok = k[None, :] < TOP_K
@@ -114,7 +128,8 @@ def route_rows(
             weights = weights / tl.sum(weights, axis=1)[:, None]
     weights = tl.where(k_ok, weights, 0.0)
     # torch's top-k ranks NaN above every number, so the reference picks a NaN logit's expert and
-    # that row's weights go NaN; the max above skips NaN, so such rows are poisoned explicitly.
+    # that row's weights go NaN; the keys order NaN by its bits (a negative NaN last), so such rows
+    # are poisoned explicitly.
     row_has_nan = tl.max((logits != logits).to(tl.int32), axis=1) > 0
     weights = tl.where(row_has_nan[:, None], float("nan"), weights)
     if RENORMALIZE:
@@ -125,6 +140,7 @@ def route_rows(
     offs = rows[:, None] * stride_om + k[None, :]
     tl.store(ids_ptr + offs, ids, mask=out_mask)
     tl.store(weights_ptr + offs, weights, mask=out_mask)
+    return ids
 
 
 @triton.jit
@@ -135,17 +151,18 @@ def _keep_best_groups(choice, ROWS: tl.constexpr, N_GROUP: tl.constexpr, G_PAD: 
     top1 = tl.max(grouped, axis=2)
     if GROUP_MAX:
         group_score = top1
-    else:
-        is_top1 = grouped == top1[:, :, None]
-        n_top1 = tl.sum(is_top1.to(tl.int32), axis=2)
-        top2 = tl.where(n_top1 >= 2, top1, tl.max(tl.where(is_top1, float("-inf"), grouped), axis=2))
+    else:  # the runner-up: the best after one copy of the maximum (a tied maximum counts twice)
+        j = tl.arange(0, EPG_PAD)[None, None, :]
+        first = tl.max(_keys(grouped, j, grouped == grouped), axis=2)
+        top2 = tl.max(tl.where(j == _index_of(first)[:, :, None], float("-inf"), grouped), axis=2)
         group_score = top1 + top2
     g = tl.arange(0, G_PAD)[None, :]
-    g_ok = g < N_GROUP
+    group_keys = _keys(group_score, g, g < N_GROUP)
     keep = g < 0
     for _ in tl.static_range(TOPK_GROUP):
-        best = _argmax_lowest(group_score, g, g_ok & ~keep, G_PAD)
-        keep = keep | (g == best[:, None])
+        best = tl.max(group_keys, axis=1)
+        keep = keep | (g == _index_of(best)[:, None])
+        group_keys = tl.where(group_keys == best[:, None], NO_KEY, group_keys)
     kept = tl.where(keep[:, :, None], grouped, float("-inf"))
     return tl.reshape(kept, (ROWS, G_PAD * EPG_PAD))
 
@@ -156,8 +173,11 @@ def _topk_kernel(
     ROWS: tl.constexpr, N_GROUP: tl.constexpr, G_PAD: tl.constexpr, EPG: tl.constexpr,
     EPG_PAD: tl.constexpr, TOP_K: tl.constexpr, K_PAD: tl.constexpr, TOPK_GROUP: tl.constexpr,
     SCORING: tl.constexpr, SCORE_BEFORE_TOPK: tl.constexpr, HAS_BIAS: tl.constexpr,
-    GROUP_MAX: tl.constexpr, RENORMALIZE: tl.constexpr, ROUND_TO: tl.constexpr,
+    GROUP_MAX: tl.constexpr, RENORMALIZE: tl.constexpr, ROUND_TO: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:  # a programmatic dependent launch of the router GEMM; the alignment kernel follows it
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     route_rows(
         logits_ptr, stride_lm, bias_ptr, ids_ptr, weights_ptr, stride_om, tl.program_id(0) * ROWS, M,
         renorm_eps, routed_scale, ROWS, N_GROUP, G_PAD, EPG, EPG_PAD, TOP_K, K_PAD, TOPK_GROUP, SCORING,
@@ -188,8 +208,9 @@ def route_fits(spec: MoESpec) -> bool:
 
 
 def select_experts(spec: MoESpec, logits: torch.Tensor, correction_bias, model_dtype: torch.dtype, ids=None,
-                   weights=None):
-    """Standalone routing of fp32 logits [M, E] (one program per block of rows)."""
+                   weights=None, pdl: bool = False):
+    """Standalone routing of fp32 logits [M, E] (one program per block of rows); ``pdl``: launched as
+    a programmatic dependent of the kernel that writes the logits (CUDA only)."""
     M = logits.shape[0]
     ids = torch.empty((M, spec.top_k), dtype=torch.int32, device=logits.device) if ids is None else ids
     weights = torch.empty((M, spec.top_k), dtype=torch.float32, device=logits.device) if weights is None else weights
@@ -197,6 +218,6 @@ def select_experts(spec: MoESpec, logits: torch.Tensor, correction_bias, model_d
     bias = correction_bias if spec.correction_bias else logits
     _topk_kernel[(triton.cdiv(M, meta["ROWS"]),)](
         logits, logits.stride(0), bias, ids, weights, ids.stride(0), M, spec.renormalize_eps,
-        spec.routed_scaling_factor, **meta,
+        spec.routed_scaling_factor, **meta, PDL=pdl, **({"launch_pdl": True} if pdl else {}),
     )
     return ids, weights
