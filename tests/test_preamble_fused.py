@@ -57,6 +57,19 @@ def test_reference_fallbacks_of_the_general_path():
     check_preamble(*_run(spec, M, 2, plan=plan), block_m=2)
 
 
+@pytest.mark.parametrize("M", [1, 5])
+def test_deterministic_plan_has_one_program_per_logit(M):
+    """Deterministic mode: no split-K (each logit is one atomic add into zero), same routing."""
+    spec = SMALL["dsv3_fp32_fp8"]
+    plan = preamble.plan_preamble(spec, M, spec.torch_dtype, spec.torch_dtype, torch.device(DEVICE), deterministic=True)
+    assert plan.router.grid[0] == 1 and plan.router.k_per_program >= spec.hidden_size
+    w = preamble_weights(spec, DEVICE)
+    x = torch.randn(M, spec.hidden_size).to(spec.torch_dtype).to(DEVICE)
+    with poisoned_empty():
+        out = preamble.fused_preamble(spec, x, w, 4, deterministic=True)
+    check_preamble(spec, x, w, out, 4)
+
+
 def test_no_tokens():
     spec = SMALL["dsv3_fp32_fp8"]
     _, _, _, out = _run(spec, 0, 16)

@@ -49,9 +49,10 @@ def moe_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights):
     _check_input(spec, x, w)
 
     def kernels():
-        from . import preamble
+        from . import layer, preamble
 
-        out = preamble.fused_preamble(spec, x, w, block_m=1, with_alignment=False)
+        out = preamble.fused_preamble(spec, x, w, block_m=1, with_alignment=False,
+                                      deterministic=layer.options.deterministic)
         return out.normed, out.x_fp8, out.x_scale, out.topk_ids, out.topk_weights
 
     return _on_kernels("moe_preamble", spec, x, kernels, lambda: _reference_preamble(spec, x, w))

@@ -71,7 +71,8 @@ def moe_layer(spec: MoESpec, x: torch.Tensor, w: MoEWeights, plan: Optional[Laye
 
     after_norm = fork_shared_expert if plan.shared_expert == "stream" else None
 
-    pre = preamble.fused_preamble(spec, x, w, block_m=plan.expert_config.block_m, after_norm=after_norm)
+    pre = preamble.fused_preamble(spec, x, w, block_m=plan.expert_config.block_m, after_norm=after_norm,
+                                  deterministic=plan.deterministic)
     quantized = spec.fp8 and pre.x_fp8.numel() > 0
     out = experts.fused_experts(
         spec, pre.normed, pre.topk_ids, pre.topk_weights, w,

@@ -81,14 +81,17 @@ def _sm_count(device_index: Optional[int]) -> int:
 
 def router_config(M: int, E: int, H: int, dot_fp32: bool, sm_count: int, fused: bool,
                   block_e: Optional[int] = None, block_k: Optional[int] = None,
-                  programs_per_sm: int = 2, num_warps: int = 4) -> RouterConfig:
-    """Tiles and split so that about ``programs_per_sm`` programs per SM stream the router weight."""
+                  programs_per_sm: int = 2, num_warps: int = 4, split_k: bool = True) -> RouterConfig:
+    """Tiles and split so that about ``programs_per_sm`` programs per SM stream the router weight.
+
+    split_k=False gives every logit to one program (one atomic add into zero, so the same bits on
+    every run: the deterministic mode); narrow expert blocks then keep some parallelism."""
     bm = max(16, triton.next_power_of_2(M)) if fused else (16 if M <= 16 else 64)
-    be = block_e or min(max(16, triton.next_power_of_2(E)), 128)
+    be = block_e or (min(max(16, triton.next_power_of_2(E)), 128) if split_k else 16)
     bk = block_k or (32 if dot_fp32 else 64)
     e_blocks, m_blocks = triton.cdiv(E, be), triton.cdiv(max(M, 1), bm)
     k_blocks = triton.cdiv(H, bk)
-    wanted = max(1, programs_per_sm * sm_count // (e_blocks * m_blocks))
+    wanted = max(1, programs_per_sm * sm_count // (e_blocks * m_blocks)) if split_k else 1
     per_program = triton.cdiv(k_blocks, min(wanted, k_blocks))
     splits = triton.cdiv(k_blocks, per_program)  # no program without work
     return RouterConfig(bm, be, bk, (splits, e_blocks, m_blocks), per_program * bk, num_warps)
@@ -99,7 +102,7 @@ def _dot_fp32(spec: MoESpec, normed_dtype: torch.dtype, router_dtype: torch.dtyp
 
 
 def plan_preamble(spec: MoESpec, M: int, normed_dtype: torch.dtype, router_dtype: torch.dtype,
-                  device: torch.device, **router_overrides) -> PreamblePlan:
+                  device: torch.device, deterministic: bool = False, **router_overrides) -> PreamblePlan:
     reasons = []
     route = "kernel"
     if not topk_kernel.route_fits(spec):
@@ -124,7 +127,7 @@ def plan_preamble(spec: MoESpec, M: int, normed_dtype: torch.dtype, router_dtype
                        "general multi-launch path")
     sm = _sm_count(torch.device(device).index or 0) if torch.device(device).type == "cuda" else _sm_count(None)
     cfg = router_config(M, spec.num_experts, spec.hidden_size, _dot_fp32(spec, normed_dtype, router_dtype), sm,
-                        fused, **router_overrides)
+                        fused, split_k=not deterministic, **router_overrides)
     return PreamblePlan(fused, route, align, cfg, reasons)
 
 
@@ -158,13 +161,15 @@ def _check(spec: MoESpec, x: torch.Tensor, w: MoEWeights) -> None:
 def fused_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights, block_m: int,
                    expert_map: Optional[torch.Tensor] = None, plan: Optional[PreamblePlan] = None,
                    with_alignment: bool = True,
-                   after_norm: Optional[Callable[[torch.Tensor], None]] = None) -> PreambleOut:
+                   after_norm: Optional[Callable[[torch.Tensor], None]] = None,
+                   deterministic: bool = False) -> PreambleOut:
     """RMSNorm + router + routing + fp8 quantisation + alignment of x [M, H] (see the module doc).
 
     ``with_alignment=False`` skips the alignment (its three outputs are then empty), for callers
     such as the moe_preamble op that only want ids and weights. after_norm(normed) is called once
     the norm is queued and before the router is: the point where work that needs only the normed
-    states (the shared expert) can fork to another stream."""
+    states (the shared expert) can fork to another stream. ``deterministic``: the same bits on
+    every run (the router's split-K sums with fp32 atomics otherwise)."""
     _check(spec, x, w)
     if block_m < 1:
         raise Unsupported(f"block_m must be >= 1, got {block_m}")
@@ -173,7 +178,7 @@ def fused_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights, block_m: int,
     M, device = x.shape[0], x.device
     norm_weight = w.norm_weight.contiguous() if spec.rms_norm else None
     normed_dtype = torch.promote_types(norm_weight.dtype, x.dtype) if spec.rms_norm else x.dtype
-    plan = plan or plan_preamble(spec, M, normed_dtype, w.router_weight.dtype, device)
+    plan = plan or plan_preamble(spec, M, normed_dtype, w.router_weight.dtype, device, deterministic)
     L = spec.num_local_experts
 
     logits = torch.empty((max(M, 1), spec.num_experts), dtype=torch.float32, device=device)
