@@ -8,7 +8,9 @@ import torch
 import hf_blocks
 from moe_fusion import hf_models
 from moe_fusion.spec import MoESpec
-from pass_helpers import SDPA_TAKES_UNBACKED_BATCH, TEST_ATTENTION, compile_and_compare, count_ops, token_ids
+from pass_helpers import (
+    SDPA_TAKES_UNBACKED_BATCH, TEST_ATTENTION, compile_and_compare, count_ops, relative_error, token_ids,
+)
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -103,3 +105,20 @@ def test_inductor_compiled_logits_match_eager(model_type, dtype):
     model = hf_models.build_model(model_type, dtype=dtype, **TEST_ATTENTION)
     backend = compile_and_compare(model, token_ids(model.config.vocab_size), dtype, codegen=True)
     assert backend.report.matched == hf_models.count_moe_layers(model)
+
+
+def test_float_attributes_changed_after_compile_are_honored():
+    """Dynamo passes float attributes as graph inputs (no recompile when they change): the op must
+    compute with each call's value, not the one seen at compile time."""
+    model = hf_models.build_model("deepseek_v3", dtype=torch.float32, **TEST_ATTENTION)
+    backend = compile_and_compare(model, token_ids(model.config.vocab_size), torch.float32)
+    assert set(backend.report.layers[0].baked) >= {"routed_scaling_factor", "rms_norm_eps"}
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    for layer in model.model.layers:
+        layer.mlp.gate.routed_scaling_factor = 0.75
+        layer.post_attention_layernorm.variance_epsilon = 0.5
+    tokens = token_ids(model.config.vocab_size)(3)
+    with torch.no_grad():
+        expected, got = model(tokens).logits, compiled(tokens).logits
+    assert len(backend.graph_modules) == 1, "expected the compiled graph to be reused"
+    assert relative_error(got, expected) < 1e-4

@@ -25,7 +25,7 @@ class LayerRecord:
     added: List[str] = field(default_factory=list)
     kept: List[str] = field(default_factory=list)  # covered nodes left in place: used outside the layer
     failures: List[Dict[str, Optional[str]]] = field(default_factory=list)  # {step, node, reason}
-    baked: Dict[str, float] = field(default_factory=dict)  # constants read from graph inputs at compile time
+    baked: Dict[str, float] = field(default_factory=dict)  # float graph inputs: compile-time values (the op reads each call's)
     notes: List[str] = field(default_factory=list)
     extra_memory_bytes: int = 0  # weights re-laid out for the kernels (none: the op reads the parameters)
     graph: int = 0
@@ -109,7 +109,7 @@ def format_layer(i: int, layer: LayerRecord, graphs: bool = False) -> List[str]:
     if layer.weights:
         lines.append("    weights: " + ", ".join(f"{k}={v}" for k, v in layer.weights.items()))
     if layer.baked:
-        lines.append("    baked at compile time: " + ", ".join(f"{k}={v}" for k, v in layer.baked.items()))
+        lines.append("    float graph inputs (read per call; at compile time): " + ", ".join(f"{k}={v}" for k, v in layer.baked.items()))
     if layer.removed:
         lines.append(f"    replaced {len(layer.removed)} nodes with {len(layer.added)}: "
                      + ", ".join(layer.added))
