@@ -69,6 +69,36 @@ def token_tile(sorted_pair_ids_ptr, tile, num_pairs, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def work_tile(tile, num_routed, m_tiles, tile_expert_ptr, sorted_pair_ids_ptr, num_pairs, top_k, M,
+              BLOCK_M: tl.constexpr, N_SHARED: tl.constexpr):
+    """(expert, row, token, row_ok, shared) of one work tile.
+
+    The alignment's num_routed tiles come first: expert = local routed expert, row = pair id
+    (token * top_k + slot). With N_SHARED shared experts a dense tail follows, needing no
+    alignment: tile num_routed + s * m_tiles + j holds tokens j*BLOCK_M.. of shared expert s,
+    whose rows (in h, y and the pair weights) follow the routed pairs: num_pairs + s * M + token.
+    """
+    if N_SHARED == 0:
+        expert = tl.load(tile_expert_ptr + tile).to(tl.int64)
+        row, row_ok = token_tile(sorted_pair_ids_ptr, tile, num_pairs, BLOCK_M)
+        return expert, row, row // top_k, row_ok, False
+    else:
+        shared = tile >= num_routed
+        if shared:
+            dense = tile - num_routed
+            s = dense // m_tiles
+            token = (dense - s * m_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+            row_ok = token < M
+            row = num_pairs + s * M + token
+            expert = s.to(tl.int64)
+        else:
+            expert = tl.load(tile_expert_ptr + tile).to(tl.int64)
+            row, row_ok = token_tile(sorted_pair_ids_ptr, tile, num_pairs, BLOCK_M)
+            token = row // top_k
+        return expert, row, token, row_ok, shared
+
+
+@triton.jit
 def load_tile(ptrs, row_ok, col_ok, EVEN_ROWS: tl.constexpr, EVEN_COLS: tl.constexpr):
     """A 2-D tile whose rows/columns may run past the matrix; EVEN_* drop the masks that cannot fail."""
     if EVEN_ROWS and EVEN_COLS:
