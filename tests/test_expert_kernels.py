@@ -192,6 +192,37 @@ def test_fp8_activation_quantisation_kernel_matches_reference():
     assert torch.equal(launch.a_scale, s_ref)
 
 
+@pytest.mark.parametrize("block_n", [16, 32, 128])
+@pytest.mark.parametrize("n_shared", [0, 1])
+def test_fp8_h_quantised_in_gemm1_epilogue_is_bitwise_the_kernels(block_n, n_shared):
+    """The last program of each (tile, 128-column group) quantises h exactly as fp8_act_quant_kernel
+    would (I = 136: one full group, one of 8 columns), and leaves the tickets zero for the next launch."""
+    spec, w, x = _fp8_case(seed=10, M=7, shared_intermediate_size=136 * n_shared)
+    ids, weights = _routing(spec, 7)
+    cfg = ExpertConfig(16, GemmTiles(block_n, 128, programs_per_sm=1), SMALL_FP8.gemm2)
+    shared = experts.shared_tail(spec, w) if n_shared else None
+    launch = experts.ExpertLaunch(x=x, pair_weights=weights.reshape(-1).float(), topk_ids=ids,
+                                  experts=experts.ExpertTensors.of(spec, w),
+                                  alignment=reference.align_pairs(ids, None, spec.num_local_experts, 16),
+                                  weight_on_input=False, num_sms=4, shared=shared)
+    launch.allocate(cfg, False, torch.float32)
+    launch.quantize_input()
+    launch.gemm1(cfg)
+    assert launch.h_quantized
+    q_ref, s_ref = reference.quantize_fp8_groups(launch.h)  # every row is a real pair or shared row
+    assert torch.equal(launch.h_scale, s_ref)
+    assert torch.equal(launch.h_fp8.view(torch.uint8), q_ref.view(torch.uint8))
+    assert all(int(t.abs().sum()) == 0 for t in experts._tickets.values())
+
+
+def test_fp8_h_quantisation_kernel_path_still_selectable(monkeypatch):
+    monkeypatch.setattr(experts, "FUSED_H_QUANT", False)
+    spec, w, x = _fp8_case(seed=11, M=5)
+    ids, weights = _routing(spec, 5)
+    out = experts.fused_experts(spec, x, ids, weights, w, config=SMALL_FP8)
+    assert _rel_err(out, _reference(spec, x, ids, weights, w)) < FP8_TOL
+
+
 def test_fp8_weight_on_input():
     spec, w, x = _fp8_case(seed=8, M=6, top_k=1, weight_on="input")
     ids, weights = _routing(spec, 6)

@@ -15,13 +15,20 @@ are separate tensors (sw*), their h rows follow the routed pairs. With a sigmoid
 gate the programs of shared expert 0 also write the gate logit's partial dots, one per K block
 (gate_partial [K blocks, M]), which GEMM2 sums in a fixed order: no extra launch, no atomics.
 
+fp8 with QUANT_H: GEMM1 also quantises h for GEMM2, saving the fp8_act_quant_kernel launch between
+the GEMMs. The programs of one (tile, 128-column group) each store their h slice and draw a ticket
+(an atomic counter per group); the one that draws the last ticket reads the whole group back and
+writes fp8 h and its scale with the arithmetic of fp8_act_quant_kernel (bitwise the same), then
+resets the counter to zero for the next launch (the counters live in a persistent zeroed buffer,
+experts._ticket_buffer).
+
 The same launch zeroes GEMM2's fp32 accumulator (``zero_ptr``), saving a memset launch.
 Reference: reference.gated_mlp / reference._fp8_gated_mlp (the first two products and SiLU*up).
 """
 import triton
 import triton.language as tl
 
-from .expert_tiles import A_MODEL_DTYPE, load_tile, work_tile
+from .expert_tiles import A_MODEL_DTYPE, FP8_GROUP, group_scale, load_tile, quantize_with_scale, work_tile
 
 
 @triton.jit
@@ -40,12 +47,34 @@ def _gate_partials(gx_ptr, gw_ptr, partial_ptr, token, row_ok, n_block, n_blocks
 
 
 @triton.jit
+def _quantize_group_if_last(h_ptr, hq_ptr, hs_ptr, ticket_ptr, tile, n_block, row, row_ok, N,
+                            stride_hm, stride_hqm, stride_hsm, BLOCK_N: tl.constexpr):
+    """Called by every program after storing its h slice; the last one of its 128-column group
+    quantises the group (fp8_act_quant_kernel's arithmetic) and re-arms the group's counter."""
+    group = n_block * BLOCK_N // FP8_GROUP
+    slot = tile * tl.cdiv(N, FP8_GROUP) + group
+    slices = tl.cdiv(tl.minimum(FP8_GROUP, N - group * FP8_GROUP), BLOCK_N)
+    # Every thread's h stores are issued before the one release below that publishes them.
+    tl.debug_barrier()
+    if tl.atomic_add(ticket_ptr + slot, 1, sem="acq_rel") == slices - 1:
+        cols = group * FP8_GROUP + tl.arange(0, FP8_GROUP)
+        mask = row_ok[:, None] & (cols[None, :] < N)
+        # .cg: read the other programs' slices from L2, never from a stale L1 line.
+        h = tl.load(h_ptr + row[:, None] * stride_hm + cols[None, :], mask=mask, other=0.0,
+                    cache_modifier=".cg").to(tl.float32)
+        scale = group_scale(tl.max(tl.abs(h), axis=1))
+        tl.store(hq_ptr + row[:, None] * stride_hqm + cols[None, :], quantize_with_scale(h, scale[:, None]), mask=mask)
+        tl.store(hs_ptr + row * stride_hsm + group, scale, mask=row_ok)
+        tl.store(ticket_ptr + slot, 0)
+
+
+@triton.jit
 def expert_gemm1_kernel(
     x_ptr, x_scale_ptr, pair_weight_ptr,
     wg_ptr, wu_ptr, wg_scale_ptr, wu_scale_ptr,
     swg_ptr, swu_ptr, swg_scale_ptr, swu_scale_ptr,
     gx_ptr, gw_ptr, gate_partial_ptr,
-    h_ptr, zero_ptr,
+    h_ptr, zero_ptr, hq_ptr, hs_ptr, ticket_ptr,
     sorted_pair_ids_ptr, tile_expert_ptr, num_tiles_ptr,
     num_pairs, top_k, M, N, K, zero_numel,
     stride_xm, stride_xk, stride_xsm, stride_xsk,
@@ -53,11 +82,11 @@ def expert_gemm1_kernel(
     stride_sge, stride_sgn, stride_sgk, stride_sue, stride_sun, stride_suk,
     stride_swge, stride_swgn, stride_swgk, stride_swue, stride_swun, stride_swuk,
     stride_ssge, stride_ssgn, stride_ssgk, stride_ssue, stride_ssun, stride_ssuk,
-    stride_gxm, stride_gxk, stride_hm,
+    stride_gxm, stride_gxk, stride_hm, stride_hqm, stride_hsm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     A_MODE: tl.constexpr,
     WEIGHT_ON_INPUT: tl.constexpr,
-    N_SHARED: tl.constexpr, SHARED_GATE: tl.constexpr,
+    N_SHARED: tl.constexpr, SHARED_GATE: tl.constexpr, QUANT_H: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
     ZERO_BLOCK: tl.constexpr,
     USE_PDL: tl.constexpr,
@@ -132,6 +161,9 @@ def expert_gemm1_kernel(
         h = (acc_g * tl.sigmoid(acc_g) * acc_u).to(h_ptr.dtype.element_ty)
         h_ptrs = h_ptr + row[:, None] * stride_hm + offs_n[None, :]
         tl.store(h_ptrs, h, mask=row_ok[:, None] & n_ok[None, :])
+        if QUANT_H:
+            _quantize_group_if_last(h_ptr, hq_ptr, hs_ptr, ticket_ptr, tile, n_block, row, row_ok, N,
+                                    stride_hm, stride_hqm, stride_hsm, BLOCK_N)
         if SHARED_GATE:
             if shared:
                 if expert == 0:

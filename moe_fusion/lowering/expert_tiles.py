@@ -17,6 +17,7 @@ import triton.language as tl
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 FP8_MAX = tl.constexpr(448.0)
+FP8_GROUP = tl.constexpr(128)  # activation quantisation group (1 x 128)
 INV_FP8_MAX = tl.constexpr(1.0 / 448.0)  # rounded to fp32 where it meets an fp32 tensor, as torch's
 FP8_MIN_SCALE = tl.constexpr(1e-10)  # reference.FP8_MIN_SCALE
 SCALE_BY_RECIPROCAL = tl.constexpr(not _INTERPRETED)

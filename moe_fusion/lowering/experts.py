@@ -6,8 +6,9 @@ deterministic mode) over the aligned token list of reference.align_pairs.
     or     y[split, pair] = weight * h Wd^T; out = sum y   + moe_finalize_kernel (deterministic)
 
 bf16/fp16 weights, or fp8 e4m3 weights in 128x128 blocks with 1x128 activation groups: x comes
-quantised from the preamble (or fp8_act_quant_kernel quantises it first), and fp8_act_quant_kernel
-quantises h between the GEMMs, so neither GEMM quantises inside its K loop. Grids are persistent
+quantised from the preamble (or fp8_act_quant_kernel quantises it first), and GEMM1's epilogue
+quantises h (the last program of each 128-column group, FUSED_H_QUANT; otherwise an
+fp8_act_quant_kernel launch between the GEMMs), so neither GEMM quantises inside its K loop. Grids are persistent
 (at most programs_per_sm x SMs programs looping up to the real tile count). Semantics:
 reference.routed_experts (fp8: bitwise the reference's quantisation on the same device).
 Shared experts can ride along as a dense tail of both GEMMs (SharedTail, the layer's "fused"
@@ -50,6 +51,8 @@ INTERPRETER_SMS = 4  # "SM count" under TRITON_INTERPRET=1: a few programs, so t
 # Off by default: measured on the H100 (run 3) it gained nothing and cost 4% at dsv3 M = 1.
 USE_PDL = False
 PREFETCH_BYTES = 64 * 1024
+# fp8: h quantised in GEMM1's epilogue (one launch fewer); "kernel" keeps the separate launch.
+FUSED_H_QUANT = os.environ.get("MOE_FUSION_FP8_H_QUANT", "gemm1") != "kernel"
 
 log = logging.getLogger("moe_fusion.lowering")
 
@@ -380,6 +383,7 @@ class ExpertLaunch:
         self.scales = _scales(self.experts)
         self.shared_scales = _scales(self.shared.experts) if self.shared is not None else self.scales
         self.gate_partial = self.pair_weights  # unused unless the shared experts are gated (gemm1)
+        self.h_quantized = False
         self.a, self.a_scale, self.a_row_divisor = self.x, self.pair_weights, self.topk_ids.shape[1]
 
     def quantize_input(self, x_fp8: Optional[torch.Tensor] = None, x_scale: Optional[torch.Tensor] = None) -> None:
@@ -400,8 +404,8 @@ class ExpertLaunch:
             self.a_row_divisor = 1  # GEMM1 reads row `pair`, already scaled
 
     def quantize_h(self) -> None:
-        """fp8 experts: h -> (h_fp8, h_scale), GEMM2's A operand."""
-        if self.experts.fp8:
+        """fp8 experts: h -> (h_fp8, h_scale), GEMM2's A operand (unless GEMM1 did it)."""
+        if self.experts.fp8 and not self.h_quantized:
             self._quantize_rows(self.h, self.h_fp8, self.h_scale, 1, scale_rows=False, after_gemm=True)
 
     def _quantize_rows(self, src, q, scale, rows_per_token, scale_rows: bool, after_gemm: bool) -> None:
@@ -431,12 +435,15 @@ class ExpertLaunch:
         gate_w = self.shared.gate if gated else self.pair_weights
         if gated:  # one partial dot of the gate logit per K block of GEMM1, summed by GEMM2
             self.gate_partial = _buffer((triton.cdiv(H, g.block_k), M), torch.float32, self.x.device)
+        quant_h = e.fp8 and FUSED_H_QUANT and g.block_n <= FP8_BLOCK
+        hq, hs = (self.h_fp8, self.h_scale) if e.fp8 else (self.h, self.pair_weights)
+        tickets = _ticket_buffer(self.x.device, tiles * triton.cdiv(I, FP8_BLOCK)) if quant_h else self.pair_weights
         expert_gemm1_kernel[(grid,)](
             self.a, self.a_scale, self.pair_weights,
             e.w_gate, e.w_up, sg, su,
             se.w_gate, se.w_up, ssg, ssu,
             self.x, gate_w, self.gate_partial,
-            self.h, self.partial,
+            self.h, self.partial, hq, hs, tickets,
             sorted_pair_ids, tile_expert, num_tiles,
             num_pairs, self.a_row_divisor, M, I, H, zero_numel,
             *self.a.stride(), *_stride2(self.a_scale),
@@ -444,14 +451,15 @@ class ExpertLaunch:
             *sg.stride(), *su.stride(),
             *se.w_gate.stride(), *se.w_up.stride(),
             *ssg.stride(), *ssu.stride(),
-            *self.x.stride(), self.h.stride(0),
+            *self.x.stride(), self.h.stride(0), hq.stride(0), hs.stride(0),
             BLOCK_M=config.block_m, BLOCK_N=g.block_n, BLOCK_K=g.block_k,
             A_MODE=A_FP8 if e.fp8 else A_MODEL_DTYPE,
             WEIGHT_ON_INPUT=self.weight_on_input and not e.fp8,
-            N_SHARED=self.n_shared, SHARED_GATE=gated, EVEN_N=I % g.block_n == 0,
+            N_SHARED=self.n_shared, SHARED_GATE=gated, QUANT_H=quant_h, EVEN_N=I % g.block_n == 0,
             EVEN_K=H % g.block_k == 0, ZERO_BLOCK=ZERO_BLOCK, USE_PDL=self.use_pdl,
             num_warps=g.num_warps, num_stages=g.num_stages,
         )
+        self.h_quantized = quant_h
 
     def gemm2(self, config: ExpertConfig) -> None:
         H = self.x.shape[1]
@@ -512,6 +520,39 @@ class ExpertLaunch:
             num_warps=4,
         )
         return self.out
+
+
+# device -> zeroed int32 counters (GEMM1's h-quantisation tickets); every launch leaves them zero.
+_tickets: Dict[Tuple[torch.device, str], torch.Tensor] = {}
+_retired_tickets: list = []
+
+
+def _ticket_buffer(device: torch.device, numel: int) -> torch.Tensor:
+    """Zeroed counters that the kernels re-arm after use, so no launch zeroes them per call.
+
+    Eager launches get one set per (device, stream); CUDA graphs use one set per device, made by an
+    eager call before capture (a capture that finds none, or too few, zeroes fresh ones inside
+    the graph). Two launches running at the same time on different streams, or two graph replays
+    at the same time, must not share a set: eager ones do not; concurrent replays of graphs that
+    contain this layer are not supported. Buffers are never freed (a captured graph may use them).
+    """
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if capturing:
+        keys = [(device, "graph")]
+    else:
+        stream = str(torch.cuda.current_stream(device).cuda_stream) if device.type == "cuda" else "cpu"
+        keys = [(device, stream), (device, "graph")]
+    for key in keys:
+        old = _tickets.get(key)
+        if old is None or old.numel() < numel:
+            fresh = torch.zeros(max(numel, 2 * old.numel() if old is not None else 0), dtype=torch.int32,
+                                device=device)
+            if capturing:
+                return fresh
+            if old is not None:
+                _retired_tickets.append(old)
+            _tickets[key] = fresh
+    return _tickets[keys[0]]
 
 
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
