@@ -26,15 +26,18 @@ import triton
 from moe_fusion.lowering import experts, layer
 from moe_fusion.tools import bench, bench_layers, timing
 
-COPY_CEILING = 3.02e12  # the issue's copy bandwidth (what % columns are held to)
+COPY_CEILING = 3.02e12
+_TAG = os.environ.get("RESULT_TAG", "")  # the issue's copy bandwidth (what % columns are held to)
 
 
-def _variants(part: str, fp8: bool):
+def _variants(part: str, fp8: bool, strategies, hq_ab: bool):
     """(name, shared strategy or None, fused h quantisation)."""
     if part == "experts":
         return [("gemm1-hquant", None, True)] + ([("kernel-hquant", None, False)] if fp8 else [])
-    rows = [(s, s, True) for s in ("stream", "inline", "fused")]
-    return rows + ([("stream+kernel-hquant", "stream", False)] if fp8 else [])
+    if hq_ab:  # fused strategy, h quantised in GEMM1 or by its own launch, alternated twice
+        return [("fused", "fused", True), ("fused+kernel-hquant", "fused", False)] * 2 if fp8 else []
+    rows = [(s, s, True) for s in strategies]
+    return rows + ([("stream+kernel-hquant", "stream", False)] if fp8 and "stream" in strategies else [])
 
 
 def _profile(fn, inputs, path: str) -> None:
@@ -56,6 +59,8 @@ def main() -> None:
     p.add_argument("--m", default="1,2,4,16,64")
     p.add_argument("--parts", default="experts,layer")
     p.add_argument("--profile-m", type=int, default=0)
+    p.add_argument("--strategies", default="stream,inline,fused")
+    p.add_argument("--hq-ab", action="store_true", help="layer: fused strategy, h-quant in GEMM1 vs its own launch")
     p.add_argument("--seconds-per-point", type=float, default=0.15)
     p.add_argument("--cpu", action="store_true", help="plumbing smoke run (tiny shapes; the CPU runs the reference)")
     args = p.parse_args()
@@ -75,7 +80,8 @@ def main() -> None:
                     fn = sb.moe_fusion_fn(part)
                     for m in cfg.ms:
                         inp = sb.inputs(part, m)
-                        for name, strategy, fused_hq in _variants(part, spec.fp8):
+                        for name, strategy, fused_hq in _variants(part, spec.fp8, args.strategies.split(","),
+                                                                  args.hq_ab):
                             layer.options.shared_expert = strategy
                             experts.FUSED_H_QUANT = fused_hq
                             t = bench.time_point(cfg, fn, inp.op_sets)
@@ -88,14 +94,15 @@ def main() -> None:
                             _write(args.out, meta, rows)
                             if part == "layer" and m == args.profile_m and shape.endswith("ep8") and not args.cpu:
                                 _profile(fn, inp.op_sets[0],
-                                         os.path.join(args.out, f"profile_{shape}_{dtype}_M{m}_{name}.txt"))
+                                         os.path.join(args.out, f"profile_{shape}_{dtype}_M{m}_{name}.txt"
+                                                      .replace("+", "_")))
             finally:
                 layer.options.shared_expert, experts.FUSED_H_QUANT = None, True
                 sb.close()
 
 
 def _write(out: str, meta: dict, rows: list) -> None:
-    with open(os.path.join(out, "shared_strategies.json"), "w") as f:
+    with open(os.path.join(out, f"shared_strategies{_TAG}.json"), "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
     lines = [f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}; "
              "µs per call (CUDA-graph replay), % = touched bytes / time / 3.02 TB/s", "",
@@ -103,7 +110,7 @@ def _write(out: str, meta: dict, rows: list) -> None:
     for r in rows:
         lines.append(f"| {r['shape']} | {r['dtype']} | {r['part']} | {r['variant']} | {r['m']} | {r['us']:.1f} | "
                      f"{r['kernels']} | {r['pct']:.0f} |")
-    with open(os.path.join(out, "shared_strategies.md"), "w") as f:
+    with open(os.path.join(out, f"shared_strategies{_TAG}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
 

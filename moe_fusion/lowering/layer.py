@@ -25,6 +25,10 @@ from .expert_configs import ExpertConfig
 from .shared_expert import SharedExpertBuffers, shared_expert_into
 
 SHARED_STRATEGIES = ("stream", "inline", "fused")
+# The plan's own choice on CUDA: "fused" up to this M (bf16 experts), "stream" above. Measured on
+# the H100 at dsv3-ep8 (benchmarks/experts_notes.md, run 5): fused was 5-31% faster at M <= 16,
+# 5% slower at M = 64 (the dense tail reads the shared weights once per 16-token tile).
+FUSED_SHARED_MAX_M = 16
 log = logging.getLogger("moe_fusion.lowering")
 _refused_fused: set = set()
 
@@ -53,14 +57,19 @@ class LayerPlan:
 
 
 def plan_layer(spec: MoESpec, m: int, device: torch.device) -> LayerPlan:
-    return LayerPlan(experts.expert_config(spec, m, device), _shared_strategy(spec, device), options.deterministic)
+    return LayerPlan(experts.expert_config(spec, m, device), _shared_strategy(spec, m, device),
+                     options.deterministic)
 
 
-def _shared_strategy(spec: MoESpec, device: torch.device) -> str:
+def _shared_strategy(spec: MoESpec, m: int, device: torch.device) -> str:
     if not spec.has_shared_experts:
         return "none"
     # The side stream needs CUDA; the interpreter (CPU tensors) runs everything in order.
     separate = "stream" if device.type == "cuda" else "inline"
+    if options.shared_expert is None and device.type == "cuda":
+        # fp8 experts would compute the shared expert in fp8: only when asked for.
+        fits = not spec.fp8 and m <= FUSED_SHARED_MAX_M and experts.shared_tail_problem(spec) is None
+        return "fused" if fits else separate
     shared = options.shared_expert or separate
     if shared not in SHARED_STRATEGIES:
         raise ValueError(f"shared_expert strategy {shared!r}; expected one of {SHARED_STRATEGIES}")
