@@ -15,7 +15,8 @@ are separate tensors (sw*), their h rows follow the routed pairs. With a sigmoid
 gate the programs of shared expert 0 also write the gate logit's partial dots, one per K block
 (gate_partial [K blocks, M]), which GEMM2 sums in a fixed order: no extra launch, no atomics.
 
-fp8 with QUANT_H: GEMM1 also quantises h for GEMM2, saving the fp8_act_quant_kernel launch between
+fp8 with QUANT_H (experts.FUSED_H_QUANT, off by default: measured slower at M <= 2): GEMM1 also
+quantises h for GEMM2, saving the fp8_act_quant_kernel launch between
 the GEMMs. The programs of one (tile, 128-column group) each store their h slice and draw a ticket
 (an atomic counter per group); the one that draws the last ticket reads the whole group back and
 writes fp8 h and its scale with the arithmetic of fp8_act_quant_kernel (bitwise the same), then

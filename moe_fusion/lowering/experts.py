@@ -6,9 +6,9 @@ deterministic mode) over the aligned token list of reference.align_pairs.
     or     y[split, pair] = weight * h Wd^T; out = sum y   + moe_finalize_kernel (deterministic)
 
 bf16/fp16 weights, or fp8 e4m3 weights in 128x128 blocks with 1x128 activation groups: x comes
-quantised from the preamble (or fp8_act_quant_kernel quantises it first), and GEMM1's epilogue
-quantises h (the last program of each 128-column group, FUSED_H_QUANT; otherwise an
-fp8_act_quant_kernel launch between the GEMMs), so neither GEMM quantises inside its K loop. Grids are persistent
+quantised from the preamble (or fp8_act_quant_kernel quantises it first), and an fp8_act_quant_kernel
+launch between the GEMMs quantises h (or GEMM1's epilogue does, FUSED_H_QUANT), so neither GEMM
+quantises inside its K loop. Grids are persistent
 (at most programs_per_sm x SMs programs looping up to the real tile count). Semantics:
 reference.routed_experts (fp8: bitwise the reference's quantisation on the same device).
 Shared experts can ride along as a dense tail of both GEMMs (SharedTail, the layer's "fused"
@@ -51,8 +51,10 @@ INTERPRETER_SMS = 4  # "SM count" under TRITON_INTERPRET=1: a few programs, so t
 # Off by default: measured on the H100 (run 3) it gained nothing and cost 4% at dsv3 M = 1.
 USE_PDL = False
 PREFETCH_BYTES = 64 * 1024
-# fp8: h quantised in GEMM1's epilogue (one launch fewer); "kernel" keeps the separate launch.
-FUSED_H_QUANT = os.environ.get("MOE_FUSION_FP8_H_QUANT", "gemm1") != "kernel"
+# fp8: h quantised in GEMM1's epilogue (one launch fewer) with MOE_FUSION_FP8_H_QUANT=gemm1. Off by
+# default: on the H100 (run 5) it was 6-7 us slower at dsv3-ep8 M = 1-2 and 1 us faster at M = 4
+# (the ticket's barrier and acq_rel atomic after every GEMM1 item cost more than the launch saved).
+FUSED_H_QUANT = os.environ.get("MOE_FUSION_FP8_H_QUANT", "kernel") == "gemm1"
 
 log = logging.getLogger("moe_fusion.lowering")
 
