@@ -192,6 +192,40 @@ def test_fp8_activation_quantisation_kernel_matches_reference():
     assert torch.equal(launch.a_scale, s_ref)
 
 
+@pytest.mark.parametrize("block_n", [16, 32, 128])
+@pytest.mark.parametrize("n_shared", [0, 1])
+def test_fp8_h_quantised_in_gemm1_epilogue_is_bitwise_the_kernels(block_n, n_shared, monkeypatch):
+    """The last program of each (tile, 128-column group) quantises h exactly as fp8_act_quant_kernel
+    would (I = 136: one full group, one of 8 columns), and leaves the tickets zero for the next launch."""
+    monkeypatch.setattr(experts, "FUSED_H_QUANT", True)
+    spec, w, x = _fp8_case(seed=10, M=7, shared_intermediate_size=136 * n_shared)
+    ids, weights = _routing(spec, 7)
+    cfg = ExpertConfig(16, GemmTiles(block_n, 128, programs_per_sm=1), SMALL_FP8.gemm2)
+    shared = experts.shared_tail(spec, w) if n_shared else None
+    launch = experts.ExpertLaunch(x=x, pair_weights=weights.reshape(-1).float(), topk_ids=ids,
+                                  experts=experts.ExpertTensors.of(spec, w),
+                                  alignment=reference.align_pairs(ids, None, spec.num_local_experts, 16),
+                                  weight_on_input=False, num_sms=4, shared=shared)
+    launch.allocate(cfg, False, torch.float32)
+    launch.quantize_input()
+    launch.gemm1(cfg)
+    assert launch.h_quantized
+    q_ref, s_ref = reference.quantize_fp8_groups(launch.h)  # every row is a real pair or shared row
+    assert torch.equal(launch.h_scale, s_ref)
+    assert torch.equal(launch.h_fp8.view(torch.uint8), q_ref.view(torch.uint8))
+    assert all(int(t.abs().sum()) == 0 for t in experts._tickets.values())
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_fp8_with_h_quantised_in_gemm1_matches_reference(deterministic, monkeypatch):
+    monkeypatch.setattr(experts, "FUSED_H_QUANT", True)
+    spec, w, x = _fp8_case(seed=11, M=5, shared_intermediate_size=136)
+    ids, weights = _routing(spec, 5)
+    out = experts.fused_experts(spec, x, ids, weights, w, config=SMALL_FP8, deterministic=deterministic,
+                                shared=experts.shared_tail(spec, w))
+    assert _rel_err(out, _shared_reference(spec, x, ids, weights, w)) < FP8_TOL * 5
+
+
 def test_fp8_weight_on_input():
     spec, w, x = _fp8_case(seed=8, M=6, top_k=1, weight_on="input")
     ids, weights = _routing(spec, 6)
@@ -240,20 +274,75 @@ def test_shared_experts_separately(shared_gate):
     assert _rel_err(out, ref) < 5e-3
 
 
-@pytest.mark.parametrize("expert_parallel", [False, True])
-def test_shared_experts_appended_as_routed_experts(expert_parallel):
-    changes = dict(num_experts=8, num_local_experts=4) if expert_parallel else {}
-    spec = _spec(shared_intermediate_size=80, shared_gate=True, **changes)  # two chunks of I = 40
-    w = random_weights(spec, seed=13, device=DEVICE)
-    x = _x(6, spec.hidden_size)
-    ids, weights = _routing(spec, 6)
-    block_spec, merged, n = experts.append_shared_experts(spec, w)
-    assert n == 2 and merged.w_gate.shape[0] == spec.num_local_experts + 2
-    ids2, weights2 = experts.with_shared_routing(spec, x, ids, weights, w, n)
-    out = experts.fused_experts(block_spec, x, ids2, weights2, merged, config=SMALL)
+def _shared_reference(spec, x, ids, weights, w):
+    """Routed + shared experts: fp32 for fp16 specs; for fp8 the fp8 emulation of both (the shared
+    MLP chunked and block-quantised, reference.shared_experts_fp8)."""
+    if spec.fp8:
+        return reference.routed_experts(spec, x, ids, weights, w) + reference.shared_experts_fp8(spec, x, w)
     s32, w32 = spec.replace(dtype="float32"), _fp32_weights(w)
-    ref = reference.routed_experts(s32, x.float(), ids, weights, w32) + reference.shared_experts(s32, x.float(), w32)
-    assert _rel_err(out, ref) < 5e-3
+    return reference.routed_experts(s32, x.float(), ids, weights, w32) + reference.shared_experts(s32, x.float(), w32)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("shared_gate", [False, True])
+@pytest.mark.parametrize("M,n_shared,expert_parallel", [(1, 1, False), (19, 2, False), (7, 2, True)])
+def test_shared_experts_as_dense_tail(M, n_shared, expert_parallel, shared_gate, deterministic):
+    changes = dict(num_experts=8, num_local_experts=4) if expert_parallel else {}
+    spec = _spec(shared_intermediate_size=40 * n_shared, shared_gate=shared_gate, **changes)
+    w = random_weights(spec, seed=13 + M, device=DEVICE)
+    x = _x(M, spec.hidden_size)
+    ids, weights = _routing(spec, M)
+    tail = experts.shared_tail(spec, w)
+    assert tail.count == n_shared and tail.experts.w_down.data_ptr() == w.shared_down.data_ptr()  # views, no copy
+    out = experts.fused_experts(spec, x, ids, weights, w, config=SMALL, deterministic=deterministic, shared=tail)
+    assert _rel_err(out, _shared_reference(spec, x, ids, weights, w)) < 3e-3
+
+
+def test_dense_tail_with_no_local_routed_expert():
+    """EP: no token hits a local expert, so only the dense tail has work."""
+    spec = _spec(num_experts=8, num_local_experts=2, shared_intermediate_size=40, shared_gate=True)
+    w = random_weights(spec, seed=3, device=DEVICE)  # local experts are global 0 and 4
+    x = _x(5, spec.hidden_size)
+    ids, weights = _routing(spec, 5, experts_allowed=[1, 2, 3, 5, 6, 7])
+    for deterministic in (False, True):
+        out = experts.fused_experts(spec, x, ids, weights, w, config=SMALL, deterministic=deterministic,
+                                    shared=experts.shared_tail(spec, w))
+        assert _rel_err(out, _shared_reference(spec, x, ids, weights, w)) < 3e-3
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("shared_gate", [False, True])
+def test_fp8_shared_experts_as_dense_tail(shared_gate, deterministic):
+    spec, w, x = _fp8_case(seed=12, M=5, shared_intermediate_size=272, shared_gate=shared_gate)  # 2 chunks of 136
+    ids, weights = _routing(spec, 5)
+    x_fp8, x_scale = reference.quantize_fp8_groups(x)
+    tail = experts.shared_tail(spec, w)
+    assert tail.count == 2 and tail.experts.fp8
+    out = experts.fused_experts(spec, x, ids, weights, w, config=SMALL_FP8, deterministic=deterministic,
+                                shared=tail, x_fp8=x_fp8, x_scale=x_scale)
+    # The gate logit is a model-dtype dot in both; only summation orders differ.
+    assert _rel_err(out, _shared_reference(spec, x, ids, weights, w)) < FP8_TOL * 5
+
+
+def test_fp8_shared_copies_are_cached_per_weights_and_version():
+    spec, w, _ = _fp8_case(seed=14, M=1, shared_intermediate_size=136)
+    first = experts.shared_tail(spec, w).experts
+    assert experts.shared_tail(spec, w).experts is first
+    q, scale = reference.quantize_fp8_blocks(w.shared_gate.unsqueeze(0))
+    assert torch.equal(first.w_gate.view(torch.uint8), q.view(torch.uint8)) and torch.equal(first.w_gate_scale, scale)
+    w.shared_up.mul_(2)  # an in-place update bumps the version: new copies
+    second = experts.shared_tail(spec, w).experts
+    assert second is not first
+    assert torch.equal(second.w_up_scale, reference.quantize_fp8_blocks(w.shared_up.unsqueeze(0))[1])
+    other = random_weights(spec, seed=15, device=DEVICE)  # other tensors: their own copies
+    assert experts.shared_tail(spec, other).experts is not second
+
+
+def test_dense_tail_refuses_what_it_cannot_express():
+    assert experts.shared_tail_problem(_spec(shared_intermediate_size=60)) is not None  # 60 = 1.5 x 40
+    assert experts.shared_tail_problem(_spec(top_k=1, weight_on="input", shared_intermediate_size=40)) is not None
+    with pytest.raises(experts.Unsupported, match="multiple"):
+        experts.shared_tail(_spec(shared_intermediate_size=60), None)
 
 
 # --------------------------------------------------------------------------- what is refused

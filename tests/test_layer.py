@@ -1,7 +1,8 @@
 """The whole layer on the kernels (preamble + expert block + shared expert) against the reference.
 
-CPU: the kernels through the Triton interpreter at small fp16 shapes, shared expert inline.
-GPU: bf16/fp8 at DeepSeek-V3 sizes, shared expert on the side stream and inline, deterministic
+CPU: the kernels through the Triton interpreter at small fp16 (and fp8) shapes, shared expert
+inline or fused into the expert kernels.
+GPU: bf16/fp8 at DeepSeek-V3 sizes, shared expert on the side stream, inline and fused, deterministic
 and atomic, eager and under CUDA-graph capture and torch.compile(mode="reduce-overhead").
 The expected output is computed in float64 from the routing the kernels chose (so a bf16 near-tie
 that flips an expert is not mistaken for a wrong kernel); the preamble tests check the routing.
@@ -21,13 +22,15 @@ def _double(w: MoEWeights) -> MoEWeights:
                              and t.dtype != FP8_DTYPE else t) for f, t in vars(w).items()})
 
 
-def _expected(spec, x, w, block_m):
-    pre = preamble.fused_preamble(spec, x, w, block_m=block_m)
+def _expected(spec, x, w, plan):
+    pre = preamble.fused_preamble(spec, x, w, block_m=plan.expert_config.block_m)
     w64 = _double(w)
     normed = pre.normed.double()
     out = reference.routed_experts(spec.replace(dtype="float32"), normed, pre.topk_ids, pre.topk_weights.double(), w64)
     if spec.has_shared_experts:
-        out = out + reference.shared_experts(spec, normed, w64)
+        # The fused strategy computes the shared expert with fp8 experts in fp8 (README).
+        fp8_shared = spec.fp8 and plan.shared_expert == "fused"
+        out = out + (reference.shared_experts_fp8 if fp8_shared else reference.shared_experts)(spec, normed, w64)
     return out
 
 
@@ -54,7 +57,45 @@ def test_layer_on_interpreter(M, deterministic, monkeypatch):
     assert plan.shared_expert == "inline"
     got = layer.moe_layer(spec, x, w, plan)
     assert got.dtype == torch.float16
-    assert _rel_err(got, _expected(spec, x, w, plan.expert_config.block_m)) < 2e-3
+    assert _rel_err(got, _expected(spec, x, w, plan)) < 2e-3
+
+
+# (M, shared gate, shared experts, deterministic, fp8, expert parallel): fp16 stands in for bf16 on the
+# interpreter; every combination of M = 1 / odd M, gate, 1 or 2 shared experts, reduction, fp8 and EP appears.
+FUSED_CASES = [
+    (1, False, 1, False, False, False),
+    (5, True, 2, True, False, False),
+    (7, True, 1, False, False, True),
+    (1, True, 2, True, True, False),
+    (5, False, 1, False, True, True),
+]
+
+
+@pytest.mark.parametrize("M,gate,n_shared,deterministic,fp8,ep", FUSED_CASES)
+def test_fused_shared_experts_on_interpreter(M, gate, n_shared, deterministic, fp8, ep, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter variant runs where there is no GPU")
+    _with_options(monkeypatch, deterministic=deterministic, shared_expert="fused")
+    spec = dsv3_like(dtype="float16", hidden_size=48, intermediate_size=24, shared_intermediate_size=24 * n_shared,
+                     shared_gate=gate, quant="fp8_block" if fp8 else "none", **(dict(num_local_experts=4) if ep else {}))
+    w = random_weights(spec, seed=M)
+    x = torch.randn(M, spec.hidden_size).half()
+    plan = layer.plan_layer(spec, M, x.device)
+    assert plan.shared_expert == "fused"
+    got = layer.moe_layer(spec, x, w, plan)
+    assert got.dtype == torch.float16
+    assert _rel_err(got, _expected(spec, x, w, plan)) < 2e-3
+
+
+def test_fused_is_refused_where_the_kernels_cannot_take_the_shared_expert(monkeypatch, caplog):
+    _with_options(monkeypatch, shared_expert="fused")
+    spec = dsv3_like(dtype="float16", hidden_size=48, intermediate_size=24, shared_intermediate_size=36)
+    with caplog.at_level("WARNING", logger="moe_fusion.lowering"):
+        plan = layer.plan_layer(spec, 3, torch.device("cpu"))
+    assert plan.shared_expert == "inline" and "not a multiple" in caplog.text
+    _with_options(monkeypatch, shared_expert="sideways")
+    with pytest.raises(ValueError, match="fused"):
+        layer.plan_layer(spec, 3, torch.device("cpu"))
 
 
 GPU_SPECS = {
@@ -73,7 +114,7 @@ GPU_SPECS = {
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", list(GPU_SPECS))
-@pytest.mark.parametrize("shared_expert", ["stream", "inline"])
+@pytest.mark.parametrize("shared_expert", ["stream", "inline", "fused"])
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_layer_on_gpu(name, shared_expert, deterministic, monkeypatch):
     _with_options(monkeypatch, deterministic=deterministic, shared_expert=shared_expert)
@@ -85,15 +126,16 @@ def test_layer_on_gpu(name, shared_expert, deterministic, monkeypatch):
         plan = layer.plan_layer(spec, M, x.device)
         got = layer.moe_layer(spec, x, w, plan)
         torch.cuda.synchronize()
-        assert _rel_err(got, _expected(spec, x, w, plan.expert_config.block_m)) < tolerance, (M, plan)
+        assert _rel_err(got, _expected(spec, x, w, plan)) < tolerance, (M, plan)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("name,shared_expert", [("dsv3-ep8", "stream"), ("dsv3-ep8-fp8", "fused")])
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_layer_op_under_cuda_graphs(deterministic, monkeypatch):
+def test_layer_op_under_cuda_graphs(name, shared_expert, deterministic, monkeypatch):
     """The op captured in a CUDA graph and replayed on new inputs; deterministic replays are bitwise equal."""
-    _with_options(monkeypatch, deterministic=deterministic, shared_expert="stream")
-    spec = GPU_SPECS["dsv3-ep8"]
+    _with_options(monkeypatch, deterministic=deterministic, shared_expert=shared_expert)
+    spec = GPU_SPECS[name]
     w = random_weights(spec, device="cuda")
     x = torch.randn(4, spec.hidden_size, device="cuda", dtype=torch.bfloat16)
     call_moe_layer(spec, x, w)  # warm-up: compile kernels, cuBLAS workspaces, side stream
@@ -106,7 +148,7 @@ def test_layer_op_under_cuda_graphs(deterministic, monkeypatch):
     torch.cuda.synchronize()
     first = out.clone()
     plan = layer.plan_layer(spec, 4, x.device)
-    assert _rel_err(first, _expected(spec, x, w, plan.expert_config.block_m)) < 1e-2
+    assert _rel_err(first, _expected(spec, x, w, plan)) < (3e-2 if spec.fp8 else 1e-2)
     for _ in range(20):
         graph.replay()
     torch.cuda.synchronize()
@@ -141,4 +183,4 @@ def test_layer_op_in_reduce_overhead_compile():
         x = torch.randn(M, spec.hidden_size, device="cuda", dtype=torch.bfloat16)
         got = compiled(x).clone()
         plan = layer.plan_layer(spec, M, x.device)
-        assert _rel_err(got, _expected(spec, x, w, plan.expert_config.block_m)) < 1e-2
+        assert _rel_err(got, _expected(spec, x, w, plan)) < 1e-2

@@ -1,4 +1,4 @@
-"""Expert GEMM1: h[pair] = SiLU(x[token] @ Wg[e]^T) * (x[token] @ Wu[e]^T), for every
+"""Expert GEMM1: h[row] = SiLU(x[token] @ Wg[e]^T) * (x[token] @ Wu[e]^T), for every
 (token, expert) pair of the aligned token list (reference.align_pairs), in one launch.
 
 One work item = one (token tile, BLOCK_N slice of I): gate and up of that slice are computed in
@@ -9,29 +9,85 @@ by a persistent grid looping up to the real tile count, so no program is launche
 when the static tile bound exceeds the real one. At decode the kernel is bound by streaming Wg and
 Wu: BLOCK_N is chosen small when few experts are active, so every SM gets weight rows to read.
 
+Shared experts (N_SHARED > 0, the layer's "fused" strategy): N_SHARED extra experts that every
+token selects follow the routed tiles as a dense tail (expert_tiles.work_tile); their weights
+are separate tensors (sw*), their h rows follow the routed pairs. With a sigmoid shared-expert
+gate the programs of shared expert 0 also write the gate logit's partial dots, one per K block
+(gate_partial [K blocks, M]), which GEMM2 sums in a fixed order: no extra launch, no atomics.
+
+fp8 with QUANT_H (experts.FUSED_H_QUANT, off by default: measured slower at M <= 2): GEMM1 also
+quantises h for GEMM2, saving the fp8_act_quant_kernel launch between
+the GEMMs. The programs of one (tile, 128-column group) each store their h slice and draw a ticket
+(an atomic counter per group); the one that draws the last ticket reads the whole group back and
+writes fp8 h and its scale with the arithmetic of fp8_act_quant_kernel (bitwise the same), then
+resets the counter to zero for the next launch (the counters live in a persistent zeroed buffer,
+experts._ticket_buffer).
+
 The same launch zeroes GEMM2's fp32 accumulator (``zero_ptr``), saving a memset launch.
 Reference: reference.gated_mlp / reference._fp8_gated_mlp (the first two products and SiLU*up).
 """
 import triton
 import triton.language as tl
 
-from .expert_tiles import A_MODEL_DTYPE, load_tile, token_tile
+from .expert_tiles import A_MODEL_DTYPE, FP8_GROUP, group_scale, load_tile, quantize_with_scale, work_tile
+
+
+@triton.jit
+def _gate_partials(gx_ptr, gw_ptr, partial_ptr, token, row_ok, n_block, n_blocks, M, K, stride_gxm, stride_gxk,
+                   BLOCK_K: tl.constexpr):
+    """partial[part, token] = x[token, part's K block] . shared_expert_gate[that block], the parts
+    dealt round-robin over the programs of one token tile."""
+    offs_k = tl.arange(0, BLOCK_K)
+    for part in range(n_block, tl.cdiv(K, BLOCK_K), n_blocks):
+        k = part * BLOCK_K + offs_k
+        k_ok = k < K
+        x = tl.load(gx_ptr + token[:, None] * stride_gxm + k[None, :] * stride_gxk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        g = tl.load(gw_ptr + k, mask=k_ok, other=0.0)
+        tl.store(partial_ptr + part * M + token, tl.sum(x.to(tl.float32) * g.to(tl.float32)[None, :], axis=1),
+                 mask=row_ok)
+
+
+@triton.jit
+def _quantize_group_if_last(h_ptr, hq_ptr, hs_ptr, ticket_ptr, tile, n_block, row, row_ok, N,
+                            stride_hm, stride_hqm, stride_hsm, BLOCK_N: tl.constexpr):
+    """Called by every program after storing its h slice; the last one of its 128-column group
+    quantises the group (fp8_act_quant_kernel's arithmetic) and re-arms the group's counter."""
+    group = n_block * BLOCK_N // FP8_GROUP
+    slot = tile * tl.cdiv(N, FP8_GROUP) + group
+    slices = tl.cdiv(tl.minimum(FP8_GROUP, N - group * FP8_GROUP), BLOCK_N)
+    # Every thread's h stores are issued before the one release below that publishes them.
+    tl.debug_barrier()
+    if tl.atomic_add(ticket_ptr + slot, 1, sem="acq_rel") == slices - 1:
+        cols = group * FP8_GROUP + tl.arange(0, FP8_GROUP)
+        mask = row_ok[:, None] & (cols[None, :] < N)
+        # .cg: read the other programs' slices from L2, never from a stale L1 line.
+        h = tl.load(h_ptr + row[:, None] * stride_hm + cols[None, :], mask=mask, other=0.0,
+                    cache_modifier=".cg").to(tl.float32)
+        scale = group_scale(tl.max(tl.abs(h), axis=1))
+        tl.store(hq_ptr + row[:, None] * stride_hqm + cols[None, :], quantize_with_scale(h, scale[:, None]), mask=mask)
+        tl.store(hs_ptr + row * stride_hsm + group, scale, mask=row_ok)
+        tl.store(ticket_ptr + slot, 0)
 
 
 @triton.jit
 def expert_gemm1_kernel(
     x_ptr, x_scale_ptr, pair_weight_ptr,
     wg_ptr, wu_ptr, wg_scale_ptr, wu_scale_ptr,
-    h_ptr, zero_ptr,
+    swg_ptr, swu_ptr, swg_scale_ptr, swu_scale_ptr,
+    gx_ptr, gw_ptr, gate_partial_ptr,
+    h_ptr, zero_ptr, hq_ptr, hs_ptr, ticket_ptr,
     sorted_pair_ids_ptr, tile_expert_ptr, num_tiles_ptr,
-    num_pairs, top_k, N, K, zero_numel,
+    num_pairs, top_k, M, N, K, zero_numel,
     stride_xm, stride_xk, stride_xsm, stride_xsk,
     stride_wge, stride_wgn, stride_wgk, stride_wue, stride_wun, stride_wuk,
     stride_sge, stride_sgn, stride_sgk, stride_sue, stride_sun, stride_suk,
-    stride_hm,
+    stride_swge, stride_swgn, stride_swgk, stride_swue, stride_swun, stride_swuk,
+    stride_ssge, stride_ssgn, stride_ssgk, stride_ssue, stride_ssun, stride_ssuk,
+    stride_gxm, stride_gxk, stride_hm, stride_hqm, stride_hsm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     A_MODE: tl.constexpr,
     WEIGHT_ON_INPUT: tl.constexpr,
+    N_SHARED: tl.constexpr, SHARED_GATE: tl.constexpr, QUANT_H: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
     ZERO_BLOCK: tl.constexpr,
     USE_PDL: tl.constexpr,
@@ -49,21 +105,35 @@ def expert_gemm1_kernel(
         tl.store(zero_ptr + offs, tl.zeros((ZERO_BLOCK,), tl.float32), mask=offs < zero_numel)
 
     n_blocks = tl.cdiv(N, BLOCK_N)
-    num_items = tl.load(num_tiles_ptr) * n_blocks
+    num_routed = tl.load(num_tiles_ptr)
+    m_tiles = tl.cdiv(M, BLOCK_M)
+    num_items = (num_routed + N_SHARED * m_tiles) * n_blocks
     for item in range(pid, num_items, num_programs):
         tile = item // n_blocks
         n_block = item - tile * n_blocks
-        expert = tl.load(tile_expert_ptr + tile).to(tl.int64)
-        pair, row_ok = token_tile(sorted_pair_ids_ptr, tile, num_pairs, BLOCK_M)
-        token = pair // top_k
+        expert, row, token, row_ok, shared = work_tile(tile, num_routed, m_tiles, tile_expert_ptr, sorted_pair_ids_ptr,
+                                                       num_pairs, top_k, M, BLOCK_M, N_SHARED)
         offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         offs_k = tl.arange(0, BLOCK_K)
         x_ptrs = x_ptr + token[:, None] * stride_xm + offs_k[None, :] * stride_xk
-        wg_ptrs = wg_ptr + expert * stride_wge + offs_n[:, None] * stride_wgn + offs_k[None, :] * stride_wgk
-        wu_ptrs = wu_ptr + expert * stride_wue + offs_n[:, None] * stride_wun + offs_k[None, :] * stride_wuk
+        # Routed and shared experts live in different tensors: pick the base and strides per tile.
+        if shared:
+            wg_ptrs = swg_ptr + expert * stride_swge + offs_n[:, None] * stride_swgn + offs_k[None, :] * stride_swgk
+            wu_ptrs = swu_ptr + expert * stride_swue + offs_n[:, None] * stride_swun + offs_k[None, :] * stride_swuk
+            sg_ptrs = swg_scale_ptr + expert * stride_ssge + (offs_n // BLOCK_K) * stride_ssgn
+            su_ptrs = swu_scale_ptr + expert * stride_ssue + (offs_n // BLOCK_K) * stride_ssun
+            step_g, step_u = BLOCK_K * stride_swgk, BLOCK_K * stride_swuk
+            step_sg, step_su = stride_ssgk, stride_ssuk
+        else:
+            wg_ptrs = wg_ptr + expert * stride_wge + offs_n[:, None] * stride_wgn + offs_k[None, :] * stride_wgk
+            wu_ptrs = wu_ptr + expert * stride_wue + offs_n[:, None] * stride_wun + offs_k[None, :] * stride_wuk
+            sg_ptrs = wg_scale_ptr + expert * stride_sge + (offs_n // BLOCK_K) * stride_sgn
+            su_ptrs = wu_scale_ptr + expert * stride_sue + (offs_n // BLOCK_K) * stride_sun
+            step_g, step_u = BLOCK_K * stride_wgk, BLOCK_K * stride_wuk
+            step_sg, step_su = stride_sgk, stride_suk
         if WEIGHT_ON_INPUT:
-            pair_weight = tl.load(pair_weight_ptr + pair, mask=row_ok, other=0.0)
+            pair_weight = tl.load(pair_weight_ptr + row, mask=row_ok, other=0.0)
         acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -80,15 +150,23 @@ def expert_gemm1_kernel(
             else:
                 k_group = k0 // BLOCK_K  # BLOCK_K is the 128-wide quantisation group
                 a_scale = tl.load(x_scale_ptr + token * stride_xsm + k_group * stride_xsk, mask=row_ok, other=0.0)
-                sg = tl.load(wg_scale_ptr + expert * stride_sge + (offs_n // BLOCK_K) * stride_sgn + k_group * stride_sgk,
-                             mask=n_ok, other=0.0)
-                su = tl.load(wu_scale_ptr + expert * stride_sue + (offs_n // BLOCK_K) * stride_sun + k_group * stride_suk,
-                             mask=n_ok, other=0.0)
+                sg = tl.load(sg_ptrs, mask=n_ok, other=0.0)
+                su = tl.load(su_ptrs, mask=n_ok, other=0.0)
                 acc_g += tl.dot(a, tl.trans(wg)) * (a_scale[:, None] * sg[None, :])
                 acc_u += tl.dot(a, tl.trans(wu)) * (a_scale[:, None] * su[None, :])
+                sg_ptrs += step_sg
+                su_ptrs += step_su
             x_ptrs += BLOCK_K * stride_xk
-            wg_ptrs += BLOCK_K * stride_wgk
-            wu_ptrs += BLOCK_K * stride_wuk
+            wg_ptrs += step_g
+            wu_ptrs += step_u
         h = (acc_g * tl.sigmoid(acc_g) * acc_u).to(h_ptr.dtype.element_ty)
-        h_ptrs = h_ptr + pair[:, None] * stride_hm + offs_n[None, :]
+        h_ptrs = h_ptr + row[:, None] * stride_hm + offs_n[None, :]
         tl.store(h_ptrs, h, mask=row_ok[:, None] & n_ok[None, :])
+        if QUANT_H:
+            _quantize_group_if_last(h_ptr, hq_ptr, hs_ptr, ticket_ptr, tile, n_block, row, row_ok, N,
+                                    stride_hm, stride_hqm, stride_hsm, BLOCK_N)
+        if SHARED_GATE:
+            if shared:
+                if expert == 0:
+                    _gate_partials(gx_ptr, gw_ptr, gate_partial_ptr, token, row_ok, n_block, n_blocks, M, K,
+                                   stride_gxm, stride_gxk, BLOCK_K)

@@ -9,13 +9,17 @@ top-k reduction done in the epilogue:
 Split-K gives small M*top_k enough work items for every SM to stream Wd. For fp8, A is h quantised
 per 1x128 group by fp8_act_quant_kernel (bitwise reference.quantize_fp8_groups(h)); a K block is
 one group, so each K step multiplies the fp8 product by one activation and one weight scale.
+Shared experts (N_SHARED > 0): the dense tail of expert_tiles.work_tile, with separate weight
+tensors (swd); their weight is 1, or with SHARED_GATE sigmoid of the gate logit, summed here from
+GEMM1's per-K-block partial dots in a fixed order and rounded like the reference's bf16 linear and
+sigmoid.
 Reference: the last product of reference._fp8_gated_mlp / gated_mlp, times the routing weight,
-summed over the top-k as in reference.routed_experts.
+summed over the top-k as in reference.routed_experts (shared experts: reference.shared_experts).
 """
 import triton
 import triton.language as tl
 
-from .expert_tiles import A_MODEL_DTYPE, load_tile, prefetch_l2, token_tile
+from .expert_tiles import A_MODEL_DTYPE, load_tile, prefetch_l2, work_tile
 
 
 @triton.jit
@@ -35,20 +39,34 @@ def _prefetch_first_tile(item, n_blocks, items_per_tile, tile_expert_ptr, wd_ptr
 
 
 @triton.jit
+def _shared_gate(partial_ptr, token, row_ok, M, GATE_PARTS: tl.constexpr, n_parts, MODEL_DTYPE: tl.constexpr):
+    """sigmoid(x . shared_expert_gate) per token from GEMM1's partial dots, rounded to the model
+    dtype after the dot and after the sigmoid, as the reference's model-dtype linear and sigmoid."""
+    parts = tl.arange(0, GATE_PARTS)
+    p = tl.load(partial_ptr + parts[None, :] * M + token[:, None], mask=row_ok[:, None] & (parts[None, :] < n_parts),
+                other=0.0)
+    logit = tl.sum(p, axis=1).to(MODEL_DTYPE).to(tl.float32)
+    return tl.sigmoid(logit).to(MODEL_DTYPE).to(tl.float32)
+
+
+@triton.jit
 def expert_gemm2_kernel(
     h_ptr, h_scale_ptr, pair_weight_ptr,
-    wd_ptr, wd_scale_ptr,
+    wd_ptr, wd_scale_ptr, swd_ptr, swd_scale_ptr, gate_partial_ptr,
     out_ptr,
     sorted_pair_ids_ptr, tile_expert_ptr, num_tiles_ptr,
-    num_pairs, top_k, N, K, split_k, k_per_split,
+    num_pairs, top_k, M, N, K, split_k, k_per_split, gate_parts,
     stride_hm, stride_hk, stride_hsm, stride_hsk,
     stride_we, stride_wn, stride_wk,
     stride_se, stride_sn, stride_sk,
+    stride_swe, stride_swn, stride_swk,
+    stride_sse, stride_ssn, stride_ssk,
     stride_out_split, stride_out_row,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     A_MODE: tl.constexpr,
     APPLY_WEIGHT: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
+    N_SHARED: tl.constexpr, SHARED_GATE: tl.constexpr, GATE_PARTS: tl.constexpr, MODEL_DTYPE: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
     USE_PDL: tl.constexpr, PREFETCH_LINES: tl.constexpr,
 ):
@@ -56,13 +74,15 @@ def expert_gemm2_kernel(
     num_programs = tl.num_programs(0)
     n_blocks = tl.cdiv(N, BLOCK_N)
     items_per_tile = n_blocks * split_k
-    num_items = tl.load(num_tiles_ptr) * items_per_tile
+    num_routed = tl.load(num_tiles_ptr)
+    m_tiles = tl.cdiv(M, BLOCK_M)
+    num_items = (num_routed + N_SHARED * m_tiles) * items_per_tile
     if USE_PDL:
         # Launched early (programmatic dependent launch) while GEMM1 still runs: the alignment
         # is already final, h and the accumulator are not. Pull this program's first Wd tile
         # into L2, then wait for GEMM1 to complete and its writes to be visible.
         if PREFETCH_LINES > 0:
-            if pid < num_items:
+            if pid < num_routed * items_per_tile:
                 _prefetch_first_tile(pid, n_blocks, items_per_tile, tile_expert_ptr, wd_ptr, N, K, k_per_split,
                                      stride_we, stride_wn, stride_wk, BLOCK_N, PREFETCH_LINES)
         tl.extra.cuda.gdc_wait()
@@ -71,15 +91,23 @@ def expert_gemm2_kernel(
         rest = item - tile * items_per_tile
         split = rest // n_blocks
         n_block = rest - split * n_blocks
-        expert = tl.load(tile_expert_ptr + tile).to(tl.int64)
-        pair, row_ok = token_tile(sorted_pair_ids_ptr, tile, num_pairs, BLOCK_M)
+        expert, row, token, row_ok, shared = work_tile(tile, num_routed, m_tiles, tile_expert_ptr, sorted_pair_ids_ptr,
+                                                       num_pairs, top_k, M, BLOCK_M, N_SHARED)
         offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         k_start = split * k_per_split
         k_end = tl.minimum(K, k_start + k_per_split)
         offs_k = k_start + tl.arange(0, BLOCK_K)
-        h_ptrs = h_ptr + pair[:, None] * stride_hm + offs_k[None, :] * stride_hk
-        w_ptrs = wd_ptr + expert * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
+        h_ptrs = h_ptr + row[:, None] * stride_hm + offs_k[None, :] * stride_hk
+        # Routed and shared experts live in different tensors: pick the base and strides per tile.
+        if shared:
+            w_ptrs = swd_ptr + expert * stride_swe + offs_n[:, None] * stride_swn + offs_k[None, :] * stride_swk
+            s_ptrs = swd_scale_ptr + expert * stride_sse + (offs_n // BLOCK_K) * stride_ssn
+            step_w, stride_s_k = BLOCK_K * stride_swk, stride_ssk
+        else:
+            w_ptrs = wd_ptr + expert * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
+            s_ptrs = wd_scale_ptr + expert * stride_se + (offs_n // BLOCK_K) * stride_sn
+            step_w, stride_s_k = BLOCK_K * stride_wk, stride_sk
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(k_start, k_end, BLOCK_K):
             k_ok = offs_k < k_end
@@ -89,19 +117,22 @@ def expert_gemm2_kernel(
                 acc += tl.dot(a, tl.trans(w))
             else:
                 k_group = k0 // BLOCK_K  # BLOCK_K is the 128-wide quantisation group
-                a_scale = tl.load(h_scale_ptr + pair * stride_hsm + k_group * stride_hsk, mask=row_ok, other=0.0)
-                s = tl.load(wd_scale_ptr + expert * stride_se + (offs_n // BLOCK_K) * stride_sn + k_group * stride_sk,
-                            mask=n_ok, other=0.0)
+                a_scale = tl.load(h_scale_ptr + row * stride_hsm + k_group * stride_hsk, mask=row_ok, other=0.0)
+                s = tl.load(s_ptrs + k_group * stride_s_k, mask=n_ok, other=0.0)
                 acc += tl.dot(a, tl.trans(w)) * (a_scale[:, None] * s[None, :])
             h_ptrs += BLOCK_K * stride_hk
-            w_ptrs += BLOCK_K * stride_wk
+            w_ptrs += step_w
             offs_k += BLOCK_K
         if APPLY_WEIGHT:
-            acc *= tl.load(pair_weight_ptr + pair, mask=row_ok, other=0.0)[:, None]
+            if shared:
+                if SHARED_GATE:
+                    acc *= _shared_gate(gate_partial_ptr, token, row_ok, M, GATE_PARTS, gate_parts,
+                                        MODEL_DTYPE)[:, None]
+            else:
+                acc *= tl.load(pair_weight_ptr + row, mask=row_ok, other=0.0)[:, None]
         mask = row_ok[:, None] & n_ok[None, :]
         if DETERMINISTIC:
-            rows = split * stride_out_split + pair * stride_out_row
+            rows = split * stride_out_split + row * stride_out_row
             tl.store(out_ptr + rows[:, None] + offs_n[None, :], acc, mask=mask)
         else:
-            token = pair // top_k
             tl.atomic_add(out_ptr + token[:, None] * stride_out_row + offs_n[None, :], acc, mask=mask, sem="relaxed")

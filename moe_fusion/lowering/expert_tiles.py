@@ -17,6 +17,7 @@ import triton.language as tl
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 FP8_MAX = tl.constexpr(448.0)
+FP8_GROUP = tl.constexpr(128)  # activation quantisation group (1 x 128)
 INV_FP8_MAX = tl.constexpr(1.0 / 448.0)  # rounded to fp32 where it meets an fp32 tensor, as torch's
 FP8_MIN_SCALE = tl.constexpr(1e-10)  # reference.FP8_MIN_SCALE
 SCALE_BY_RECIPROCAL = tl.constexpr(not _INTERPRETED)
@@ -66,6 +67,36 @@ def token_tile(sorted_pair_ids_ptr, tile, num_pairs, BLOCK_M: tl.constexpr):
     offs = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.load(sorted_pair_ids_ptr + offs)
     return pair, pair < num_pairs
+
+
+@triton.jit
+def work_tile(tile, num_routed, m_tiles, tile_expert_ptr, sorted_pair_ids_ptr, num_pairs, top_k, M,
+              BLOCK_M: tl.constexpr, N_SHARED: tl.constexpr):
+    """(expert, row, token, row_ok, shared) of one work tile.
+
+    The alignment's num_routed tiles come first: expert = local routed expert, row = pair id
+    (token * top_k + slot). With N_SHARED shared experts a dense tail follows, needing no
+    alignment: tile num_routed + s * m_tiles + j holds tokens j*BLOCK_M.. of shared expert s,
+    whose rows (in h, y and the pair weights) follow the routed pairs: num_pairs + s * M + token.
+    """
+    if N_SHARED == 0:
+        expert = tl.load(tile_expert_ptr + tile).to(tl.int64)
+        row, row_ok = token_tile(sorted_pair_ids_ptr, tile, num_pairs, BLOCK_M)
+        return expert, row, row // top_k, row_ok, False
+    else:
+        shared = tile >= num_routed
+        if shared:
+            dense = tile - num_routed
+            s = dense // m_tiles
+            token = (dense - s * m_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+            row_ok = token < M
+            row = num_pairs + s * M + token
+            expert = s.to(tl.int64)
+        else:
+            expert = tl.load(tile_expert_ptr + tile).to(tl.int64)
+            row, row_ok = token_tile(sorted_pair_ids_ptr, tile, num_pairs, BLOCK_M)
+            token = row // top_k
+        return expert, row, token, row_ok, shared
 
 
 @triton.jit

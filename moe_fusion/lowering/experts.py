@@ -6,21 +6,27 @@ deterministic mode) over the aligned token list of reference.align_pairs.
     or     y[split, pair] = weight * h Wd^T; out = sum y   + moe_finalize_kernel (deterministic)
 
 bf16/fp16 weights, or fp8 e4m3 weights in 128x128 blocks with 1x128 activation groups: x comes
-quantised from the preamble (or fp8_act_quant_kernel quantises it first), and fp8_act_quant_kernel
-quantises h between the GEMMs, so neither GEMM quantises inside its K loop. Grids are persistent
+quantised from the preamble (or fp8_act_quant_kernel quantises it first), and an fp8_act_quant_kernel
+launch between the GEMMs quantises h (or GEMM1's epilogue does, FUSED_H_QUANT), so neither GEMM
+quantises inside its K loop. Grids are persistent
 (at most programs_per_sm x SMs programs looping up to the real tile count). Semantics:
-reference.routed_experts (fp8: bitwise the reference's quantisation on the same device). Tile
+reference.routed_experts (fp8: bitwise the reference's quantisation on the same device).
+Shared experts can ride along as a dense tail of both GEMMs (SharedTail, the layer's "fused"
+strategy): every token selects them, so they need no alignment. Tile
 shapes: expert_configs (a tuned table per device, a heuristic elsewhere). Measured results and
 their story: benchmarks/experts_notes.md.
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import triton
+import triton.language as tl
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from ..spec import FP8_BLOCK, FP8_DTYPE, MoESpec, MoEWeights
 from .unsupported import Unsupported
@@ -45,6 +51,12 @@ INTERPRETER_SMS = 4  # "SM count" under TRITON_INTERPRET=1: a few programs, so t
 # Off by default: measured on the H100 (run 3) it gained nothing and cost 4% at dsv3 M = 1.
 USE_PDL = False
 PREFETCH_BYTES = 64 * 1024
+# fp8: h quantised in GEMM1's epilogue (one launch fewer) with MOE_FUSION_FP8_H_QUANT=gemm1. Off by
+# default: on the H100 (run 5) it was 6-7 us slower at dsv3-ep8 M = 1-2 and 1 us faster at M = 4
+# (the ticket's barrier and acq_rel atomic after every GEMM1 item cost more than the launch saved).
+FUSED_H_QUANT = os.environ.get("MOE_FUSION_FP8_H_QUANT", "kernel") == "gemm1"
+
+log = logging.getLogger("moe_fusion.lowering")
 
 
 Alignment = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # sorted_pair_ids, tile_expert, num_tiles
@@ -95,6 +107,7 @@ def fused_experts(
     deterministic: bool = False,
     config: Optional[ExpertConfig] = None,
     out_dtype: torch.dtype = torch.float32,
+    shared: Optional["SharedTail"] = None,
 ) -> torch.Tensor:
     """reference.routed_experts on the expert kernels: sum over the top-k of weight * expert(x),
     local experts only, as ``out_dtype`` [M, H] (fp32 by default, like the reference).
@@ -103,6 +116,7 @@ def fused_experts(
     quantisation from the preamble (fp8_act_quant_kernel quantises x when they are not given). alignment
     is reference.align_pairs' output for ``config.block_m``; computed here when not given.
     deterministic: per-pair partial rows + a fixed-order finalize instead of fp32 atomics.
+    shared (shared_tail(spec, w)): the shared experts are added by the same launches.
     Raises Unsupported when the spec or tensors are outside what the kernels take.
     """
     if spec.quant not in ("none", "fp8_block"):
@@ -112,7 +126,7 @@ def fused_experts(
     return run_experts(
         x, topk_ids, topk_weights, ExpertTensors.of(spec, w), x_fp8=x_fp8, x_scale=x_scale,
         weight_on_input=spec.weight_on == "input", alignment=alignment, deterministic=deterministic,
-        config=config, out_dtype=out_dtype,
+        config=config, out_dtype=out_dtype, shared=shared,
     )
 
 
@@ -140,52 +154,84 @@ def shared_gate_weights(spec: MoESpec, x: torch.Tensor, w: MoEWeights) -> torch.
     return torch.sigmoid(gate).float().squeeze(1)
 
 
-def append_shared_experts(spec: MoESpec, w: MoEWeights) -> Tuple[MoESpec, MoEWeights, int]:
-    """Shared experts as extra routed experts of the same kernels (one-time weight copy).
+@dataclass
+class SharedTail:
+    """Shared experts computed by the routed-expert kernels, as a dense tail of both GEMMs.
 
     A shared MLP of width Is = n*I is the sum of n experts of width I (SiLU*up is elementwise in
-    I), so it becomes n extra local experts, ids num_experts..num_experts+n-1, selected by every
-    token (see with_shared_routing). For fp8 specs the shared weights are block-quantised here
-    (as in DeepSeek-V3's fp8 checkpoints), so the shared part then differs from the reference's
-    bf16 shared MLP by fp8 rounding. Returns the expert-block spec, its weights, and n.
+    I), so it runs as n extra experts that every token selects, with weight 1 or the sigmoid of
+    its shared-expert gate. ``experts`` holds those n chunks ([n, I, H] / [n, H, I], views of
+    the shared weights; block-quantised fp8 copies when the routed experts are fp8).
     """
-    if not spec.has_shared_experts:
-        raise Unsupported("the spec has no shared experts")
-    I, Is = spec.intermediate_size, spec.shared_intermediate_size
-    if Is % I:
-        raise Unsupported(f"shared width {Is} is not a multiple of the expert width {I}: compute it separately")
-    n = Is // I
-    chunks = lambda t, dim: torch.stack(t.split(I, dim=dim))  # noqa: E731
-    extra = ExpertTensors(chunks(w.shared_gate, 0), chunks(w.shared_up, 0), chunks(w.shared_down, 1))
+
+    experts: ExpertTensors
+    gate: Optional[torch.Tensor] = None  # shared_expert_gate as [H], or None for weight 1
+
+    @property
+    def count(self) -> int:
+        return self.experts.num_local
+
+
+def shared_tail(spec: MoESpec, w: MoEWeights) -> SharedTail:
+    """The shared experts of ``spec`` as a SharedTail (fp8 copies made once and cached, see
+    _fp8_shared_chunks). Raises Unsupported for shared experts the tail cannot express."""
+    problem = shared_tail_problem(spec)
+    if problem:
+        raise Unsupported(problem)
+    I = spec.intermediate_size
+    n = spec.shared_intermediate_size // I
+    chunks = ExpertTensors(w.shared_gate.unflatten(0, (n, I)), w.shared_up.unflatten(0, (n, I)),
+                           w.shared_down.unflatten(1, (n, I)).permute(1, 0, 2))
     if spec.fp8:
-        extra = quantize_expert_tensors_fp8(extra)
-    cat = lambda a, b: None if a is None else torch.cat([a, b.to(a.dtype)])  # noqa: E731
-    merged = MoEWeights(
-        router_weight=w.router_weight,
-        w_gate=cat(w.w_gate, extra.w_gate), w_up=cat(w.w_up, extra.w_up), w_down=cat(w.w_down, extra.w_down),
-        w_gate_scale=cat(w.w_gate_scale, extra.w_gate_scale), w_up_scale=cat(w.w_up_scale, extra.w_up_scale),
-        w_down_scale=cat(w.w_down_scale, extra.w_down_scale),
-    )
-    if spec.expert_parallel:
-        local_ids = torch.arange(spec.num_local_experts, spec.num_local_experts + n, dtype=torch.int32,
-                                 device=w.expert_map.device)
-        merged.expert_map = torch.cat([w.expert_map.to(torch.int32), local_ids])
-    block_spec = MoESpec(
-        hidden_size=spec.hidden_size, num_experts=spec.num_experts + n,
-        num_local_experts=spec.num_local_experts + n, top_k=spec.top_k + n, intermediate_size=I,
-        weight_on=spec.weight_on, dtype=spec.dtype, quant=spec.quant,
-    )
-    return block_spec, merged, n
+        chunks = _fp8_shared_chunks(chunks, (w.shared_gate, w.shared_up, w.shared_down))
+    gate = w.shared_expert_gate.reshape(-1).contiguous() if spec.shared_gate else None
+    return SharedTail(chunks, gate)
 
 
-def with_shared_routing(spec: MoESpec, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                        w: MoEWeights, n_shared: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """topk_ids/weights extended by the n_shared appended experts (ids and weights for append_shared_experts)."""
-    M = x.shape[0]
-    ids = torch.arange(spec.num_experts, spec.num_experts + n_shared, dtype=torch.int32, device=x.device)
-    gate = shared_gate_weights(spec, x, w).unsqueeze(1).expand(M, n_shared)
-    return (torch.cat([topk_ids.to(torch.int32), ids.expand(M, n_shared)], dim=1),
-            torch.cat([topk_weights.float(), gate], dim=1))
+def shared_tail_problem(spec: MoESpec) -> Optional[str]:
+    """Why the shared experts of ``spec`` cannot be a SharedTail, or None."""
+    if not spec.has_shared_experts:
+        return "the spec has no shared experts"
+    if spec.weight_on != "output":
+        return "routing weight on the expert input: the shared experts' unscaled input is not the routed A operand"
+    if spec.shared_intermediate_size % spec.intermediate_size:
+        return (f"shared width {spec.shared_intermediate_size} is not a multiple of the expert width "
+                f"{spec.intermediate_size}")
+    return None
+
+
+# (storage, offset, shape, stride, dtype, version) of the three shared weights -> their fp8 chunks
+_fp8_shared_cache: Dict[tuple, Tuple[list, ExpertTensors]] = {}
+
+
+def _fp8_shared_chunks(chunks: ExpertTensors, sources: Tuple[torch.Tensor, ...]) -> ExpertTensors:
+    """Block-quantised shared chunks, made once per set of shared weights.
+
+    The key is each weight's storage, view and version counter, so an in-place update of the
+    weights (load_state_dict) makes new copies; the storages are held weakly (an entry whose
+    storage was freed is dropped, and a live weak reference keeps a freed storage's address from
+    being reused). Costs I*H*3 bytes + scales per chunk (DeepSeek-V3: 44 MB per layer), logged.
+    Under CUDA-graph capture a miss quantises inside the graph without caching (correct, slower).
+    """
+    key = tuple((StorageWeakRef(t.untyped_storage()).cdata, t.storage_offset(), tuple(t.shape), t.stride(),
+                 t.dtype, str(t.device), t._version) for t in sources)
+    hit = _fp8_shared_cache.get(key)
+    if hit is not None and not any(ref.expired() for ref in hit[0]):
+        return hit[1]
+    quantized = quantize_expert_tensors_fp8(chunks)
+    if sources[0].is_cuda and torch.cuda.is_current_stream_capturing():
+        log.warning("moe_fusion: fp8 shared-expert copies made inside CUDA-graph capture are not cached; "
+                    "run the layer once before capturing")
+        return quantized
+    for stale in [k for k, (refs, _) in _fp8_shared_cache.items() if any(r.expired() for r in refs)]:
+        del _fp8_shared_cache[stale]
+    _fp8_shared_cache[key] = ([StorageWeakRef(t.untyped_storage()) for t in sources], quantized)
+    size = sum(t.numel() * t.element_size() for t in (quantized.w_gate, quantized.w_up, quantized.w_down,
+                                                      quantized.w_gate_scale, quantized.w_up_scale,
+                                                      quantized.w_down_scale))
+    log.info("moe_fusion: fused shared experts: fp8 copy of the shared expert weights, %.1f MB "
+             "(%d cached sets)", size / 2**20, len(_fp8_shared_cache))
+    return quantized
 
 
 def quantize_expert_weights_fp8(spec: MoESpec, w: MoEWeights) -> Tuple[MoESpec, MoEWeights]:
@@ -258,12 +304,16 @@ def run_experts(
     deterministic: bool = False,
     config: Optional[ExpertConfig] = None,
     out_dtype: torch.dtype = torch.float32,
+    shared: Optional[SharedTail] = None,
 ) -> torch.Tensor:
-    """sum_k topk_weights[:, k] * expert_{topk_ids[:, k]}(x) over local experts, on the kernels."""
+    """sum_k topk_weights[:, k] * expert_{topk_ids[:, k]}(x) over local experts, on the kernels,
+    plus the shared experts of ``shared`` (weight 1 or their gate) when given."""
     M, H = x.shape
     top_k = topk_ids.shape[1]
     I = experts.w_gate.shape[1]
     _check(x, topk_ids, topk_weights, experts, H, I)
+    if shared is not None:
+        _check_shared(x, experts, shared, weight_on_input, H, I)
     name, num_sms = device_facts(x.device)
     if config is None:
         config = expert_configs.lookup(problem_key(experts, H, top_k), M, name, num_sms)[0]
@@ -280,7 +330,7 @@ def run_experts(
                           f"the config uses {block_m}")
     num_pairs = topk_ids.numel()
     split_k = config.gemm2.split_k
-    _check_int32(num_pairs, H, I, split_k)
+    _check_int32(num_pairs + (shared.count * M if shared is not None else 0), H, I, split_k)
     pair_weights = topk_weights.reshape(-1).float()
 
     if x_fp8 is not None and (x_fp8.shape != x.shape or x_scale is None
@@ -288,7 +338,7 @@ def run_experts(
         raise Unsupported("x_fp8 / x_scale do not match x [M, H] in 1x128 groups")
     launch = ExpertLaunch(
         x=x, pair_weights=pair_weights, topk_ids=topk_ids, experts=experts, alignment=alignment,
-        weight_on_input=weight_on_input, num_sms=num_sms, use_pdl=USE_PDL and x.is_cuda,
+        weight_on_input=weight_on_input, num_sms=num_sms, use_pdl=USE_PDL and x.is_cuda, shared=shared,
     )
     launch.allocate(config, deterministic, out_dtype)
     launch.quantize_input(x_fp8, x_scale)
@@ -311,22 +361,31 @@ class ExpertLaunch:
     weight_on_input: bool
     num_sms: int
     use_pdl: bool = False
+    shared: Optional[SharedTail] = None  # shared experts as a dense tail after the routed tiles
+
+    @property
+    def n_shared(self) -> int:
+        return self.shared.count if self.shared is not None else 0
 
     def allocate(self, config: ExpertConfig, deterministic: bool, out_dtype: torch.dtype) -> None:
         M, H = self.x.shape
-        num_pairs, I = self.topk_ids.numel(), self.experts.w_gate.shape[1]
+        I = self.experts.w_gate.shape[1]
+        rows = self.topk_ids.numel() + self.n_shared * M  # routed pairs, then each shared expert's tokens
         dev = self.x.device
         self.split_k, self.deterministic, self.out_dtype = config.gemm2.split_k, deterministic, out_dtype
-        self.h = _buffer((num_pairs, I), self.x.dtype, dev)
+        self.h = _buffer((rows, I), self.x.dtype, dev)
         if self.experts.fp8:  # GEMM2's A: h quantised per 1x128 group
-            self.h_fp8 = _buffer((num_pairs, I), FP8_DTYPE, dev)
-            self.h_scale = _buffer((num_pairs, triton.cdiv(I, FP8_BLOCK)), torch.float32, dev)
+            self.h_fp8 = _buffer((rows, I), FP8_DTYPE, dev)
+            self.h_scale = _buffer((rows, triton.cdiv(I, FP8_BLOCK)), torch.float32, dev)
         if deterministic:
-            self.partial = _buffer((self.split_k, num_pairs, H), torch.float32, dev)
+            self.partial = _buffer((self.split_k, rows, H), torch.float32, dev)
             self.out = _buffer((M, H), out_dtype, dev)
         else:
             self.partial = _buffer((M, H), torch.float32, dev)  # fp32 atomic accumulator
         self.scales = _scales(self.experts)
+        self.shared_scales = _scales(self.shared.experts) if self.shared is not None else self.scales
+        self.gate_partial = self.pair_weights  # unused unless the shared experts are gated (gemm1)
+        self.h_quantized = False
         self.a, self.a_scale, self.a_row_divisor = self.x, self.pair_weights, self.topk_ids.shape[1]
 
     def quantize_input(self, x_fp8: Optional[torch.Tensor] = None, x_scale: Optional[torch.Tensor] = None) -> None:
@@ -347,8 +406,8 @@ class ExpertLaunch:
             self.a_row_divisor = 1  # GEMM1 reads row `pair`, already scaled
 
     def quantize_h(self) -> None:
-        """fp8 experts: h -> (h_fp8, h_scale), GEMM2's A operand."""
-        if self.experts.fp8:
+        """fp8 experts: h -> (h_fp8, h_scale), GEMM2's A operand (unless GEMM1 did it)."""
+        if self.experts.fp8 and not self.h_quantized:
             self._quantize_rows(self.h, self.h_fp8, self.h_scale, 1, scale_rows=False, after_gemm=True)
 
     def _quantize_rows(self, src, q, scale, rows_per_token, scale_rows: bool, after_gemm: bool) -> None:
@@ -368,26 +427,41 @@ class ExpertLaunch:
         num_pairs, I = self.topk_ids.numel(), self.experts.w_gate.shape[1]
         sorted_pair_ids, tile_expert, num_tiles = self.alignment
         g = config.gemm1
-        items = tile_expert.numel() * triton.cdiv(I, g.block_n)
+        tiles = tile_expert.numel() + self.n_shared * triton.cdiv(M, config.block_m)
+        items = tiles * triton.cdiv(I, g.block_n)
         grid = max(1, min(items, self.num_sms * g.programs_per_sm))
         zero_numel = 0 if self.deterministic else M * H  # GEMM2's atomic accumulator
         e, (sg, su, _) = self.experts, self.scales
+        se, (ssg, ssu, _) = (self.shared.experts if self.shared is not None else e), self.shared_scales
+        gated = self.shared is not None and self.shared.gate is not None
+        gate_w = self.shared.gate if gated else self.pair_weights
+        if gated:  # one partial dot of the gate logit per K block of GEMM1, summed by GEMM2
+            self.gate_partial = _buffer((triton.cdiv(H, g.block_k), M), torch.float32, self.x.device)
+        quant_h = e.fp8 and FUSED_H_QUANT and g.block_n <= FP8_BLOCK
+        hq, hs = (self.h_fp8, self.h_scale) if e.fp8 else (self.h, self.pair_weights)
+        tickets = _ticket_buffer(self.x.device, tiles * triton.cdiv(I, FP8_BLOCK)) if quant_h else self.pair_weights
         expert_gemm1_kernel[(grid,)](
             self.a, self.a_scale, self.pair_weights,
             e.w_gate, e.w_up, sg, su,
-            self.h, self.partial,
+            se.w_gate, se.w_up, ssg, ssu,
+            self.x, gate_w, self.gate_partial,
+            self.h, self.partial, hq, hs, tickets,
             sorted_pair_ids, tile_expert, num_tiles,
-            num_pairs, self.a_row_divisor, I, H, zero_numel,
+            num_pairs, self.a_row_divisor, M, I, H, zero_numel,
             *self.a.stride(), *_stride2(self.a_scale),
             *e.w_gate.stride(), *e.w_up.stride(),
             *sg.stride(), *su.stride(),
-            self.h.stride(0),
+            *se.w_gate.stride(), *se.w_up.stride(),
+            *ssg.stride(), *ssu.stride(),
+            *self.x.stride(), self.h.stride(0), hq.stride(0), hs.stride(0),
             BLOCK_M=config.block_m, BLOCK_N=g.block_n, BLOCK_K=g.block_k,
             A_MODE=A_FP8 if e.fp8 else A_MODEL_DTYPE,
-            WEIGHT_ON_INPUT=self.weight_on_input and not e.fp8, EVEN_N=I % g.block_n == 0,
+            WEIGHT_ON_INPUT=self.weight_on_input and not e.fp8,
+            N_SHARED=self.n_shared, SHARED_GATE=gated, QUANT_H=quant_h, EVEN_N=I % g.block_n == 0,
             EVEN_K=H % g.block_k == 0, ZERO_BLOCK=ZERO_BLOCK, USE_PDL=self.use_pdl,
             num_warps=g.num_warps, num_stages=g.num_stages,
         )
+        self.h_quantized = quant_h
 
     def gemm2(self, config: ExpertConfig) -> None:
         H = self.x.shape[1]
@@ -396,10 +470,15 @@ class ExpertLaunch:
         g = config.gemm2
         if g.split_k != self.split_k:
             raise ValueError("buffers were allocated for another split_k")
+        M = self.x.shape[0]
         k_per_split = triton.cdiv(triton.cdiv(I, g.split_k), g.block_k) * g.block_k
-        items = tile_expert.numel() * triton.cdiv(H, g.block_n) * g.split_k
+        tiles = tile_expert.numel() + self.n_shared * triton.cdiv(M, config.block_m)
+        items = tiles * triton.cdiv(H, g.block_n) * g.split_k
         grid = max(1, min(items, self.num_sms * g.programs_per_sm))
-        sd = self.scales[2]
+        sd, ssd = self.scales[2], self.shared_scales[2]
+        swd = self.shared.experts.w_down if self.shared is not None else self.experts.w_down
+        gated = self.shared is not None and self.shared.gate is not None
+        gate_parts = self.gate_partial.shape[0] if gated else 1
         a, a_scale = (self.h_fp8, self.h_scale) if self.experts.fp8 else (self.h, sd[0])
         prefetch_lines = 0
         if self.use_pdl:
@@ -409,17 +488,20 @@ class ExpertLaunch:
         extra = {"launch_pdl": True} if self.use_pdl else {}
         expert_gemm2_kernel[(grid,)](
             a, a_scale, self.pair_weights,
-            self.experts.w_down, sd,
+            self.experts.w_down, sd, swd, ssd, self.gate_partial,
             self.partial,
             sorted_pair_ids, tile_expert, num_tiles,
-            num_pairs, self.topk_ids.shape[1], H, I, g.split_k, k_per_split,
+            num_pairs, self.topk_ids.shape[1], M, H, I, g.split_k, k_per_split, gate_parts,
             *a.stride(), *a_scale.stride(),
             *self.experts.w_down.stride(),
             *sd.stride(),
-            num_pairs * H if self.deterministic else 0, H,
+            *swd.stride(), *ssd.stride(),
+            self.partial.stride(0) if self.deterministic else 0, H,
             BLOCK_M=config.block_m, BLOCK_N=g.block_n, BLOCK_K=g.block_k,
             A_MODE=A_FP8 if self.experts.fp8 else A_MODEL_DTYPE,
             APPLY_WEIGHT=not self.weight_on_input, DETERMINISTIC=self.deterministic,
+            N_SHARED=self.n_shared, SHARED_GATE=gated, GATE_PARTS=triton.next_power_of_2(gate_parts),
+            MODEL_DTYPE=_TL_DTYPES[self.x.dtype],
             EVEN_N=H % g.block_n == 0, EVEN_K=I % g.block_k == 0,
             USE_PDL=self.use_pdl, PREFETCH_LINES=prefetch_lines,
             num_warps=g.num_warps, num_stages=g.num_stages, **extra,
@@ -434,11 +516,48 @@ class ExpertLaunch:
         emap = self.experts.expert_map
         moe_finalize_kernel[(M, triton.cdiv(H, FINALIZE_BLOCK_N))](
             self.partial, self.out, ids, emap if emap is not None else ids,
-            H, M * top_k * H, H, self.out.stride(0),
-            TOP_K=top_k, SPLIT_K=self.split_k, HAS_EXPERT_MAP=emap is not None, BLOCK_N=FINALIZE_BLOCK_N,
+            M, H, self.partial.stride(0), H, self.out.stride(0),
+            TOP_K=top_k, SPLIT_K=self.split_k, HAS_EXPERT_MAP=emap is not None, N_SHARED=self.n_shared,
+            BLOCK_N=FINALIZE_BLOCK_N,
             num_warps=4,
         )
         return self.out
+
+
+# device -> zeroed int32 counters (GEMM1's h-quantisation tickets); every launch leaves them zero.
+_tickets: Dict[Tuple[torch.device, str], torch.Tensor] = {}
+_retired_tickets: list = []
+
+
+def _ticket_buffer(device: torch.device, numel: int) -> torch.Tensor:
+    """Zeroed counters that the kernels re-arm after use, so no launch zeroes them per call.
+
+    Eager launches get one set per (device, stream); CUDA graphs use one set per device, made by an
+    eager call before capture (a capture that finds none, or too few, zeroes fresh ones inside
+    the graph). Two launches running at the same time on different streams, or two graph replays
+    at the same time, must not share a set: eager ones do not; concurrent replays of graphs that
+    contain this layer are not supported. Buffers are never freed (a captured graph may use them).
+    """
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if capturing:
+        keys = [(device, "graph")]
+    else:
+        stream = str(torch.cuda.current_stream(device).cuda_stream) if device.type == "cuda" else "cpu"
+        keys = [(device, stream), (device, "graph")]
+    for key in keys:
+        old = _tickets.get(key)
+        if old is None or old.numel() < numel:
+            fresh = torch.zeros(max(numel, 2 * old.numel() if old is not None else 0), dtype=torch.int32,
+                                device=device)
+            if capturing:
+                return fresh
+            if old is not None:
+                _retired_tickets.append(old)
+            _tickets[key] = fresh
+    return _tickets[keys[0]]
+
+
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 def _buffer(shape, dtype, device) -> torch.Tensor:
@@ -488,6 +607,27 @@ def _check(x, topk_ids, topk_weights, e: ExpertTensors, H: int, I: int) -> None:
                 raise Unsupported(f"fp8 experts need fp32 {name} [E, N/128, K/128]")
     if e.expert_map is not None and e.expert_map.numel() != e.num_global:
         raise Unsupported(f"expert_map has {e.expert_map.numel()} entries for {e.num_global} experts")
+
+
+def _check_shared(x, e: ExpertTensors, shared: SharedTail, weight_on_input: bool, H: int, I: int) -> None:
+    if weight_on_input:
+        raise Unsupported("shared experts as a dense tail need the routing weight on the output")
+    s = shared.experts
+    if s.fp8 != e.fp8:
+        raise Unsupported("shared chunks and routed experts must both be fp8 or both not")
+    n = s.num_local
+    for name, t, shape in (("gate", s.w_gate, (n, I, H)), ("up", s.w_up, (n, I, H)), ("down", s.w_down, (n, H, I))):
+        if tuple(t.shape) != shape or t.dtype != e.w_gate.dtype or t.device != x.device:
+            raise Unsupported(f"shared {name} chunks are {tuple(t.shape)} {t.dtype} on {t.device}; "
+                              f"expected {shape} {e.w_gate.dtype} on {x.device}")
+    if shared.gate is not None and (tuple(shared.gate.shape) != (H,) or shared.gate.stride(0) != 1
+                                    or shared.gate.dtype != x.dtype or shared.gate.device != x.device):
+        raise Unsupported(f"shared_expert_gate must be a contiguous [{H}] {x.dtype} vector on {x.device}")
+    if e.fp8:
+        for name in ("w_gate_scale", "w_up_scale", "w_down_scale"):
+            t = getattr(s, name)
+            if t is None or t.dtype != torch.float32 or t.dim() != 3:
+                raise Unsupported(f"fp8 shared chunks need fp32 {name} [n, N/128, K/128]")
 
 
 def _check_int32(num_pairs: int, H: int, I: int, split_k: int) -> None:

@@ -5,10 +5,14 @@
 
 The shared expert needs only the normed hidden states, so it forks right after the norm and
 overlaps the routing chain and the routed experts (strategy "stream"); "inline" runs it on the
-main stream after the routed experts. Semantics: reference.moe_layer.
+main stream after the routed experts; "fused" computes it in the routed experts' GEMM launches,
+as extra experts every token selects (experts.SharedTail; with fp8 experts it is computed in
+fp8 from block-quantised copies of its weights). Semantics: reference.moe_layer (fused fp8:
+reference.shared_experts_fp8 for the shared part).
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -20,15 +24,22 @@ from . import experts, preamble, streams
 from .expert_configs import ExpertConfig
 from .shared_expert import SharedExpertBuffers, shared_expert_into
 
-SHARED_STRATEGIES = ("stream", "inline")
+SHARED_STRATEGIES = ("stream", "inline", "fused")
+# The plan's own choice on CUDA: "fused" up to this M (bf16 experts), "stream" above. Measured on
+# the H100 at dsv3-ep8 (benchmarks/experts_notes.md, run 5): fused was 5-31% faster at M <= 16,
+# 5% slower at M = 64 (the dense tail reads the shared weights once per 16-token tile).
+FUSED_SHARED_MAX_M = 16
+log = logging.getLogger("moe_fusion.lowering")
+_refused_fused: set = set()
 
 
 @dataclass
 class LoweringOptions:
-    """Process-wide choices that do not change what the layer computes.
+    """Process-wide choices that do not change what the layer computes (except that "fused" with
+    fp8 experts computes the shared expert in fp8).
 
     deterministic: the expert block's fixed-order reduction instead of fp32 atomics.
-    shared_expert: "stream", "inline", or None to let the plan choose.
+    shared_expert: "stream", "inline", "fused", or None to let the plan choose.
     """
 
     deterministic: bool = os.environ.get("MOE_FUSION_DETERMINISTIC", "0") == "1"
@@ -41,18 +52,34 @@ options = LoweringOptions()
 @dataclass(frozen=True)
 class LayerPlan:
     expert_config: ExpertConfig
-    shared_expert: str  # "stream" | "inline" | "none"
+    shared_expert: str  # "stream" | "inline" | "fused" | "none"
     deterministic: bool
 
 
 def plan_layer(spec: MoESpec, m: int, device: torch.device) -> LayerPlan:
-    shared = "none"
-    if spec.has_shared_experts:
-        # The side stream needs CUDA; the interpreter (CPU tensors) runs everything in order.
-        shared = options.shared_expert or ("stream" if device.type == "cuda" else "inline")
-        if shared not in SHARED_STRATEGIES:
-            raise ValueError(f"shared_expert strategy {shared!r}; expected one of {SHARED_STRATEGIES}")
-    return LayerPlan(experts.expert_config(spec, m, device), shared, options.deterministic)
+    return LayerPlan(experts.expert_config(spec, m, device), _shared_strategy(spec, m, device),
+                     options.deterministic)
+
+
+def _shared_strategy(spec: MoESpec, m: int, device: torch.device) -> str:
+    if not spec.has_shared_experts:
+        return "none"
+    # The side stream needs CUDA; the interpreter (CPU tensors) runs everything in order.
+    separate = "stream" if device.type == "cuda" else "inline"
+    if options.shared_expert is None and device.type == "cuda":
+        # fp8 experts would compute the shared expert in fp8: only when asked for.
+        fits = not spec.fp8 and m <= FUSED_SHARED_MAX_M and experts.shared_tail_problem(spec) is None
+        return "fused" if fits else separate
+    shared = options.shared_expert or separate
+    if shared not in SHARED_STRATEGIES:
+        raise ValueError(f"shared_expert strategy {shared!r}; expected one of {SHARED_STRATEGIES}")
+    problem = experts.shared_tail_problem(spec) if shared == "fused" else None
+    if problem:
+        if spec.to_json() not in _refused_fused:
+            _refused_fused.add(spec.to_json())
+            log.warning("moe_fusion: shared expert %r instead of 'fused': %s", separate, problem)
+        return separate
+    return shared
 
 
 def moe_layer(spec: MoESpec, x: torch.Tensor, w: MoEWeights, plan: Optional[LayerPlan] = None) -> torch.Tensor:
@@ -64,7 +91,9 @@ def moe_layer(spec: MoESpec, x: torch.Tensor, w: MoEWeights, plan: Optional[Laye
             if getattr(w, name).dtype != x.dtype:
                 raise experts.Unsupported(f"shared expert weight {name} is {getattr(w, name).dtype}, "
                                           f"hidden states {x.dtype}")
-    shared_buffers = SharedExpertBuffers.allocate(spec, x) if plan.shared_expert != "none" else None
+    separate = plan.shared_expert in ("stream", "inline")
+    shared_buffers = SharedExpertBuffers.allocate(spec, x) if separate else None
+    tail = experts.shared_tail(spec, w) if plan.shared_expert == "fused" else None
 
     def fork_shared_expert(normed: torch.Tensor) -> None:
         streams.fork(x.device, lambda: shared_expert_into(spec, normed, w, shared_buffers))
@@ -78,7 +107,7 @@ def moe_layer(spec: MoESpec, x: torch.Tensor, w: MoEWeights, plan: Optional[Laye
         spec, pre.normed, pre.topk_ids, pre.topk_weights, w,
         x_fp8=pre.x_fp8 if quantized else None, x_scale=pre.x_scale if quantized else None,
         alignment=(pre.sorted_pair_ids, pre.tile_expert, pre.num_tiles),
-        deterministic=plan.deterministic, config=plan.expert_config,
+        deterministic=plan.deterministic, config=plan.expert_config, shared=tail,
     )
     if plan.shared_expert == "stream":
         streams.join(x.device)

@@ -193,6 +193,22 @@ def shared_experts(spec: MoESpec, x: torch.Tensor, w: MoEWeights) -> torch.Tenso
     return y
 
 
+def shared_experts_fp8(spec: MoESpec, x: torch.Tensor, w: MoEWeights) -> torch.Tensor:
+    """The shared experts as the layer's "fused" strategy computes them next to fp8 routed experts:
+    the shared MLP (width n*I) as n experts of width I, each block-quantised like a routed expert
+    and run as one (_fp8_gated_mlp), summed, then gated as in shared_experts. fp32 (float64 in)."""
+    I = spec.intermediate_size
+    y = 0
+    for s in range(spec.shared_intermediate_size // I):
+        rows = slice(s * I, (s + 1) * I)
+        wg, wu, wd = (dequantize_fp8_blocks(*quantize_fp8_blocks(t))
+                      for t in (w.shared_gate[rows], w.shared_up[rows], w.shared_down[:, rows]))
+        y = y + _fp8_gated_mlp(x, wg, wu, wd)
+    if spec.shared_gate:
+        y = torch.sigmoid(F.linear(x, w.shared_expert_gate.to(x.dtype))).to(y.dtype) * y
+    return y
+
+
 # --------------------------------------------------------------------------- whole layer
 def moe_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights):
     """RMSNorm (if any) and routing: returns (normed x, topk_ids int32, topk_weights fp32)."""
