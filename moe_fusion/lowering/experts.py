@@ -415,10 +415,13 @@ class ExpertLaunch:
         groups = triton.cdiv(K, FP8_BLOCK)
         per_program = min(8, triton.next_power_of_2(groups))
         pdl = after_gemm and self.use_pdl
+        expert_map = self.experts.expert_map if after_gemm else None  # h: GEMM1 wrote local pairs only
+        ids = self.topk_ids.contiguous()  # row p of h is pair p = token * top_k + slot
         fp8_act_quant_kernel[(q.shape[0], triton.cdiv(groups, per_program))](
-            src, self.pair_weights, q, scale,
-            K, rows_per_token, *src.stride(), q.stride(0), scale.stride(0),
-            SCALE_ROWS=scale_rows, GROUPS=per_program, GROUP=FP8_BLOCK, USE_PDL=pdl, num_warps=4,
+            src, self.pair_weights, q, scale, ids, expert_map if expert_map is not None else ids,
+            self.topk_ids.numel(), K, rows_per_token, *src.stride(), q.stride(0), scale.stride(0),
+            SCALE_ROWS=scale_rows, GROUPS=per_program, GROUP=FP8_BLOCK, USE_PDL=pdl,
+            ONLY_LOCAL_ROWS=expert_map is not None, num_warps=4,
             **({"launch_pdl": True} if pdl else {}),
         )
 

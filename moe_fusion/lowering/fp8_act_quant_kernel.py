@@ -4,6 +4,8 @@ Used for x (when the preamble did not quantise it) and for h between the two exp
 Rows are tokens (R = M), or (token, slot) pairs when the routing weight scales the expert input
 (weight_on == "input"): then row p is x[p // top_k] * weight[p], rounded to the model dtype first,
 as reference.routed_experts does. One program per (row, GROUPS consecutive groups).
+With expert parallelism, h rows of pairs routed to another rank's expert were never written by
+GEMM1 (and GEMM2 never reads them): ``expert_map`` masks those rows out instead of reading them.
 Reference: reference.quantize_fp8_groups (bitwise on the same device).
 """
 import triton
@@ -14,9 +16,10 @@ from .expert_tiles import group_scale, quantize_with_scale
 
 @triton.jit
 def fp8_act_quant_kernel(
-    x_ptr, row_weight_ptr, q_ptr, scale_ptr,
+    x_ptr, row_weight_ptr, q_ptr, scale_ptr, ids_ptr, map_ptr, routed_rows,
     K, rows_per_token, stride_xm, stride_xk, stride_qm, stride_sm,
     SCALE_ROWS: tl.constexpr, GROUPS: tl.constexpr, GROUP: tl.constexpr, USE_PDL: tl.constexpr,
+    ONLY_LOCAL_ROWS: tl.constexpr,
 ):
     if USE_PDL:
         # Quantising h between the GEMMs: let GEMM2 launch (and prefetch its weights) now, and
@@ -27,10 +30,16 @@ def fp8_act_quant_kernel(
     groups = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
     offs_k = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
     mask = offs_k < K
+    if ONLY_LOCAL_ROWS:  # rows past the routed pairs (the shared experts' tail) are always local
+        routed = row < routed_rows
+        expert = tl.load(ids_ptr + row, mask=routed, other=0)
+        local = (tl.load(map_ptr + expert, mask=routed, other=0) >= 0) | (row >= routed_rows)
+        mask = mask & local
     x = tl.load(x_ptr + (row // rows_per_token) * stride_xm + offs_k * stride_xk, mask=mask, other=0.0)
     if SCALE_ROWS:
         x = (x.to(tl.float32) * tl.load(row_weight_ptr + row)).to(x_ptr.dtype.element_ty)
     x = x.to(tl.float32)
     scale = group_scale(tl.max(tl.abs(x), axis=1))
     tl.store(q_ptr + row * stride_qm + offs_k, quantize_with_scale(x, scale[:, None]), mask=mask)
-    tl.store(scale_ptr + row * stride_sm + groups, scale, mask=groups * GROUP < K)
+    tl.store(scale_ptr + row * stride_sm + groups, scale, mask=(groups * GROUP < K) & local if ONLY_LOCAL_ROWS
+             else groups * GROUP < K)
