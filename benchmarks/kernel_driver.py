@@ -39,7 +39,7 @@ from moe_fusion.lowering import experts, layer, preamble, reference  # noqa: E40
 from moe_fusion.lowering.expert_configs import ExpertConfig, GemmTiles  # noqa: E402
 from moe_fusion.spec import MoESpec  # noqa: E402
 from moe_cases import dsv3_like  # noqa: E402
-from preamble_checks import assert_routing_matches, check_preamble  # noqa: E402
+from preamble_checks import assert_routing_matches, check_preamble, one_launch_plan  # noqa: E402
 
 # Every kernel a launch site of moe_fusion/lowering starts; a full run must launch each one.
 KERNELS = ("_norm_quant_kernel", "_router_route_align_kernel", "_router_kernel", "_topk_kernel", "_align_kernel",
@@ -69,17 +69,19 @@ def _x(spec: MoESpec, M: int, device, seed: int) -> torch.Tensor:
     return torch.randn(M, spec.hidden_size, generator=g, device=device, dtype=spec.torch_dtype)
 
 
-def _layer_case(M: int, deterministic: bool, **spec_changes) -> Callable[[torch.device, str], str]:
+def _layer_case(M: int, deterministic: bool, shared_expert: str = "", **spec_changes) -> Callable[[torch.device, str], str]:
+    """shared_expert: the strategy ("" = the side stream on CUDA, inline elsewhere)."""
     def run(device, dtype):
         spec = _dsv3_small(dtype, **spec_changes)
         w = layer_weights(spec, device, seed=M)
         x = _x(spec, M, device, seed=100 + M)
-        shared = "stream" if device.type == "cuda" else "inline"
+        shared = shared_expert or ("stream" if device.type == "cuda" else "inline")
         with layer_options(deterministic, shared), recorded_parts() as parts:
             out = layer.moe_layer(spec, x, w)
         pre = parts["preamble"]
         check_preamble(spec, x, w, pre, layer.plan_layer(spec, M, device).expert_config.block_m)
-        err = rel_err(out, expected_output(spec, w, pre.normed, pre.topk_ids, pre.topk_weights))
+        err = rel_err(out, expected_output(spec, w, pre.normed, pre.topk_ids, pre.topk_weights,
+                                           shared_fp8=spec.fp8 and shared == "fused"))
         tol = 3e-2 if spec.fp8 else 1e-2
         if not err < tol:
             raise AssertionError(f"layer output rel err {err:.2e} >= {tol}")
@@ -98,6 +100,19 @@ def _general_preamble_case(M: int) -> Callable[[torch.device, str], str]:
             raise AssertionError(f"expected the general kernel path at M={M}, planned {plan}")
         check_preamble(spec, x, w, preamble.fused_preamble(spec, x, w, block_m=16, plan=plan), 16)
         return "general path, outputs match the reference"
+    return run
+
+
+def _one_launch_preamble_case(M: int) -> Callable[[torch.device, str], str]:
+    """Router + routing + alignment in one launch (the planner picks it only for M = 1 at dsv3's
+    256 experts, so it is forced here)."""
+    def run(device, dtype):
+        spec = _dsv3_small(dtype, num_local_experts=8, quant="fp8_block")
+        w = layer_weights(spec, device, seed=M)
+        x = _x(spec, M, device, seed=M)
+        plan = one_launch_plan(spec, M, device)
+        check_preamble(spec, x, w, preamble.fused_preamble(spec, x, w, block_m=16, plan=plan), 16)
+        return "one-launch path, outputs match the reference"
     return run
 
 
@@ -155,6 +170,10 @@ CASES: List[Case] = [
                                                             num_local_experts=8)),
     Case("preamble general fp8 ep M=67", _general_preamble_case(67)),
     Case("preamble fused without alignment M=2", _unaligned_preamble_case(2)),
+    Case("preamble one launch fp8 ep M=3", _one_launch_preamble_case(3)),
+    Case("layer shared expert fused M=3 atomic", _layer_case(3, deterministic=False, shared_expert="fused")),
+    Case("layer fp8 ep shared expert fused M=5 deterministic",
+         _layer_case(5, deterministic=True, shared_expert="fused", quant="fp8_block", num_local_experts=8)),
     Case("experts weight-on-input M=9", _experts_case(9, fp8=False)),
     Case("experts fp8 weight-on-input M=5", _experts_case(5, fp8=True)),
 ]

@@ -63,10 +63,11 @@ def _expert_fp64(spec: MoESpec, w: MoEWeights, e: int, x: torch.Tensor) -> torch
 
 
 def expected_output(spec: MoESpec, w: MoEWeights, normed: torch.Tensor, topk_ids: torch.Tensor,
-                    topk_weights: torch.Tensor) -> torch.Tensor:
+                    topk_weights: torch.Tensor, shared_fp8: bool = False) -> torch.Tensor:
     """float64 routed + shared output for the routing the kernels chose (so a near-tie that flips
     an expert is not mistaken for a wrong kernel), computed over the local experts it hits only:
-    the full float64 reference of the real layer would need 90 GB."""
+    the full float64 reference of the real layer would need 90 GB. shared_fp8: the shared expert
+    as the "fused" strategy computes it next to fp8 experts (block-quantised)."""
     local = reference.local_expert_ids(spec, topk_ids, w.expert_map)
     out = torch.zeros(normed.shape, dtype=torch.float64, device=normed.device)
     for e in local[local >= 0].unique().tolist():
@@ -74,7 +75,8 @@ def expected_output(spec: MoESpec, w: MoEWeights, normed: torch.Tensor, topk_ids
         y = _expert_fp64(spec, w, e, normed[rows])
         out.index_add_(0, rows, y * topk_weights[rows, slots, None].double())
     if spec.has_shared_experts:
-        out += reference.shared_experts(spec, normed.double(), w)
+        shared = reference.shared_experts_fp8 if shared_fp8 else reference.shared_experts
+        out += shared(spec, normed.double(), w)
     return out
 
 

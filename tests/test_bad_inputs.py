@@ -176,10 +176,11 @@ def test_shared_weights_in_another_dtype_are_refused_before_any_launch(weight, m
 
 
 def test_fp32_layer_runs_the_reference_with_a_reason():
-    """The expert kernels take bf16/fp16 activations; an fp32 layer is computed by the reference."""
+    """The expert kernels take bf16/fp16 activations; an fp32 layer is computed by the reference
+    (refused before the preamble launches anything)."""
     spec = dsv3_like()  # float32
-    w = random_weights(spec)
-    x = torch.randn(3, spec.hidden_size)
+    w = _to(random_weights(spec), DEVICE)
+    x = torch.randn(3, spec.hidden_size, device=DEVICE)
     dispatch.fallback_reasons.clear()
     assert torch.equal(_dispatch_layer(spec, x, w), reference.moe_layer(spec, x, w))
     (reason,) = dispatch.fallback_reasons.values()

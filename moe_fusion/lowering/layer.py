@@ -86,6 +86,10 @@ def moe_layer(spec: MoESpec, x: torch.Tensor, w: MoEWeights, plan: Optional[Laye
     """reference.moe_layer on the kernels; raises preamble/experts.Unsupported before any launch
     it cannot make."""
     plan = plan or plan_layer(spec, x.shape[0], x.device)
+    normed_dtype = torch.promote_types(w.norm_weight.dtype, x.dtype) if spec.rms_norm and w.norm_weight is not None \
+        else x.dtype
+    if normed_dtype not in experts.MODEL_DTYPES:  # checked here, before the preamble launches anything
+        raise experts.Unsupported(f"model dtype {normed_dtype}: the expert kernels take bf16/fp16 activations")
     if spec.has_shared_experts:  # cuBLAS into preallocated buffers: one dtype throughout
         for name in ("shared_gate", "shared_up", "shared_down") + (("shared_expert_gate",) if spec.shared_gate else ()):
             if getattr(w, name).dtype != x.dtype:
