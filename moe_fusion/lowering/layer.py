@@ -20,14 +20,15 @@ from typing import Optional
 import torch
 
 from ..spec import MoESpec, MoEWeights
-from . import experts, preamble, streams
+from . import experts, preamble, shared_plan, streams
 from .expert_configs import ExpertConfig
 from .shared_expert import SharedExpertBuffers, shared_expert_into
 
 SHARED_STRATEGIES = ("stream", "inline", "fused")
-# The plan's own choice on CUDA: "fused" up to this M (bf16 experts), "stream" above. Measured on
-# the H100 at dsv3-ep8 (benchmarks/experts_notes.md, run 5): fused was 5-31% faster at M <= 16,
-# 5% slower at M = 64 (the dense tail reads the shared weights once per 16-token tile).
+# The plan's choice on CUDA where shared_plan.json (measured per device and shape) has no entry:
+# "fused" up to this M (bf16 experts), "stream" above. Measured on the H100 at dsv3-ep8
+# (benchmarks/experts_notes.md, run 5): fused was 5-31% faster at M <= 16, 5% slower at M = 64
+# (the dense tail reads the shared weights once per 16-token tile).
 FUSED_SHARED_MAX_M = 16
 log = logging.getLogger("moe_fusion.lowering")
 _refused_fused: set = set()
@@ -67,6 +68,9 @@ def _shared_strategy(spec: MoESpec, m: int, device: torch.device) -> str:
     # The side stream needs CUDA; the interpreter (CPU tensors) runs everything in order.
     separate = "stream" if device.type == "cuda" else "inline"
     if options.shared_expert is None and device.type == "cuda":
+        measured = shared_plan.lookup(spec, m, experts.device_facts(device)[0])
+        if measured is not None and (measured != "fused" or experts.shared_tail_problem(spec) is None):
+            return measured
         # fp8 experts would compute the shared expert in fp8: only when asked for.
         fits = not spec.fp8 and m <= FUSED_SHARED_MAX_M and experts.shared_tail_problem(spec) is None
         return "fused" if fits else separate

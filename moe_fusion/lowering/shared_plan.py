@@ -1,0 +1,115 @@
+"""The measured choice of shared-expert strategy per (device, layer shape, M): shared_plan.json.
+
+Regenerate it from the rows of ``benchmarks/gpu_shared_strategies.py`` (its --out JSON files):
+
+    python -m moe_fusion.lowering.shared_plan --from-json a.json,b.json [--log run.log] --write
+
+For each (shape, expert dtype, M) the fastest *allowed* strategy is kept: with fp8 experts the
+"fused" strategy computes the shared expert in fp8 too, a numerical change the user must ask for
+(MOE_FUSION_SHARED_EXPERT=fused), so the table chooses only between "stream" and "inline" there.
+A spec, M or device the table does not cover gets the rule in layer.py.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import re
+from typing import Dict, Iterable, List, Optional
+
+from ..spec import MoESpec
+
+TABLE_PATH = os.path.join(os.path.dirname(__file__), "shared_plan.json")
+STRATEGIES = ("stream", "inline", "fused")
+_LOG_ROW = re.compile(r"^(\S+)\s+(fp8|bf16)\s+layer\s+(stream|inline|fused)\s+M=\s*(\d+)\s+([\d.]+) us")
+
+
+def shape_key(spec: MoESpec) -> str:
+    experts = "fp8" if spec.fp8 else spec.dtype
+    return (f"{experts}-H{spec.hidden_size}-I{spec.intermediate_size}-E{spec.num_local_experts}of"
+            f"{spec.num_experts}-k{spec.top_k}-S{spec.shared_intermediate_size}")
+
+
+@functools.lru_cache(maxsize=None)
+def _table(path: str = TABLE_PATH) -> Dict[str, Dict[str, Dict[str, str]]]:
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)["plans"]
+
+
+def lookup(spec: MoESpec, m: int, device_name: str) -> Optional[str]:
+    """The measured strategy for m tokens: the entry of the smallest measured M >= m (the largest
+    measured M above them all), or None where the table has nothing for this device and shape."""
+    by_m = _table().get(device_name, {}).get(shape_key(spec))
+    if not by_m:
+        return None
+    measured = sorted(int(k) for k in by_m)
+    bucket = next((x for x in measured if x >= m), measured[-1])
+    return by_m[str(bucket)]
+
+
+def best_strategies(rows: Iterable[dict], specs: Dict[str, MoESpec]) -> Dict[str, Dict[str, str]]:
+    """{shape_key: {M: strategy}} from layer rows {shape, dtype, variant, m, us}; repeated
+    measurements of one point are averaged."""
+    times: Dict[tuple, List[float]] = {}
+    for r in rows:
+        if r.get("part", "layer") != "layer" or r["variant"] not in STRATEGIES:
+            continue
+        fp8 = r["dtype"] == "fp8"
+        if fp8 and r["variant"] == "fused":
+            continue  # changes the numerics: only on request
+        spec = specs[r["shape"]].replace(quant="fp8_block" if fp8 else "none")
+        times.setdefault((shape_key(spec), r["m"], r["variant"]), []).append(r["us"])
+    plans: Dict[str, Dict[str, str]] = {}
+    best: Dict[tuple, tuple] = {}
+    for (key, m, variant), us in times.items():
+        mean = sum(us) / len(us)
+        if (key, m) not in best or mean < best[(key, m)][0]:
+            best[(key, m)] = (mean, variant)
+    for (key, m), (_, variant) in sorted(best.items()):
+        plans.setdefault(key, {})[str(m)] = variant
+    return plans
+
+
+def rows_from_log(path: str) -> List[dict]:
+    """Layer rows of a gpu_shared_strategies.py console log ("dsv3-ep8  fp8  layer  fused  M=  1  107.6 us")."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            match = _LOG_ROW.match(line.strip())
+            if match:
+                shape, dtype, variant, m, us = match.groups()
+                rows.append(dict(shape=shape, dtype=dtype, part="layer", variant=variant, m=int(m), us=float(us)))
+    return rows
+
+
+def main(argv=None) -> int:
+    from ..tools.bench_layers import SHAPES
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--from-json", default="", help="comma-separated gpu_shared_strategies.py JSON files")
+    p.add_argument("--log", default="", help="comma-separated console logs of the same script")
+    p.add_argument("--device", default="NVIDIA H100 80GB HBM3", help="device name the rows were measured on")
+    p.add_argument("--write", action="store_true", help=f"merge into {TABLE_PATH}")
+    args = p.parse_args(argv)
+    rows = []
+    for path in filter(None, args.from_json.split(",")):
+        with open(path) as f:
+            rows += json.load(f)["rows"]
+    for path in filter(None, args.log.split(",")):
+        rows += rows_from_log(path)
+    plans = best_strategies(rows, SHAPES)
+    print(json.dumps(plans, indent=1))
+    if args.write:
+        table = json.load(open(TABLE_PATH)) if os.path.exists(TABLE_PATH) else {"plans": {}}
+        table["plans"].setdefault(args.device, {}).update(plans)
+        with open(TABLE_PATH, "w") as f:
+            json.dump(table, f, indent=1, sort_keys=True)
+            f.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,57 @@
+"""The measured shared-expert plan (lowering/shared_plan.py, shared_plan.json) and its use by the layer plan."""
+import torch
+
+from moe_fusion.lowering import experts, layer, shared_plan
+from moe_fusion.tools.bench_layers import SHAPES
+
+H100 = "NVIDIA H100 80GB HBM3"
+
+
+def _row(shape, dtype, variant, m, us):
+    return dict(shape=shape, dtype=dtype, part="layer", variant=variant, m=m, us=us)
+
+
+def test_best_strategies_take_the_fastest_allowed_mean():
+    rows = [
+        _row("dsv3-ep8", "bf16", "stream", 1, 140.0), _row("dsv3-ep8", "bf16", "fused", 1, 100.0),
+        _row("dsv3-ep8", "bf16", "fused", 64, 590.0), _row("dsv3-ep8", "bf16", "stream", 64, 560.0),
+        _row("dsv3-ep8", "bf16", "inline", 64, 500.0), _row("dsv3-ep8", "bf16", "inline", 64, 640.0),  # mean 570
+        _row("dsv3-ep8", "fp8", "fused", 1, 10.0), _row("dsv3-ep8", "fp8", "inline", 1, 120.0),
+        _row("dsv3-ep8", "fp8", "stream", 1, 126.0), _row("dsv3-ep8", "fp8", "stream+kernel-hquant", 1, 1.0),
+    ]
+    plans = shared_plan.best_strategies(rows, SHAPES)
+    bf16 = shared_plan.shape_key(SHAPES["dsv3-ep8"])
+    fp8 = shared_plan.shape_key(SHAPES["dsv3-ep8"].replace(quant="fp8_block"))
+    assert plans[bf16] == {"1": "fused", "64": "stream"}
+    assert plans[fp8] == {"1": "inline"}  # fused would change the numerics; unknown variants ignored
+
+
+def test_lookup_takes_the_next_measured_m(monkeypatch):
+    spec = SHAPES["dsv3-ep8"]
+    table = {H100: {shared_plan.shape_key(spec): {"1": "inline", "4": "fused", "64": "stream"}}}
+    monkeypatch.setattr(shared_plan, "_table", lambda: table)
+    assert [shared_plan.lookup(spec, m, H100) for m in (1, 2, 4, 5, 64, 500)] == [
+        "inline", "fused", "fused", "stream", "stream", "stream"]
+    assert shared_plan.lookup(spec, 1, "another GPU") is None
+    assert shared_plan.lookup(SHAPES["dsv3"], 1, H100) is None
+
+
+def test_log_rows_parse(tmp_path):
+    path = tmp_path / "run.log"
+    path.write_text("noise\ndsv3-ep8  fp8  layer   inline                 M=  1     119.5 us 13 kernels 41%\n")
+    assert shared_plan.rows_from_log(str(path)) == [_row("dsv3-ep8", "fp8", "inline", 1, 119.5)]
+
+
+def test_layer_plan_follows_the_shipped_table(monkeypatch):
+    monkeypatch.setattr(experts, "device_facts", lambda device: (H100, 132))
+    monkeypatch.setattr(layer.options, "shared_expert", None)
+    cuda = torch.device("cuda")
+    ep8_fp8 = SHAPES["dsv3-ep8"].replace(quant="fp8_block")
+    assert layer._shared_strategy(ep8_fp8, 1, cuda) == "inline"
+    assert layer._shared_strategy(ep8_fp8, 3, cuda) == "stream"
+    assert layer._shared_strategy(SHAPES["dsv3-ep8"], 3, cuda) == "fused"
+    assert layer._shared_strategy(SHAPES["dsv3-ep8"], 64, cuda) == "stream"
+    # A shape the table does not cover: the rule (fused for bf16 up to FUSED_SHARED_MAX_M).
+    other = SHAPES["dsv3-ep8"].replace(num_local_experts=16)
+    assert layer._shared_strategy(other, layer.FUSED_SHARED_MAX_M, cuda) == "fused"
+    assert layer._shared_strategy(other, layer.FUSED_SHARED_MAX_M + 1, cuda) == "stream"
