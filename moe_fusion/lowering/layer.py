@@ -39,7 +39,8 @@ class LoweringOptions:
     """Process-wide choices that do not change what the layer computes (except that "fused" with
     fp8 experts computes the shared expert in fp8).
 
-    deterministic: the expert block's fixed-order reduction instead of fp32 atomics.
+    deterministic: the same bits on every run: the router without split-K atomics, the expert
+        block with a fixed-order reduction.
     shared_expert: "stream", "inline", "fused", or None to let the plan choose.
     """
 
