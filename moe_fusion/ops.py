@@ -38,8 +38,8 @@ def _spec_with(spec_json: str, scalar_fields: str, values: Tuple[float, ...]) ->
 
 def _call_spec(spec_json: str, scalar_fields: str, scalar_inputs: Sequence[Tensor]) -> MoESpec:
     """The spec with the float fields that arrive as graph inputs (Dynamo does not specialize
-    floats) set to this call's values. Those inputs are 0-d CPU tensors: reading them does not
-    synchronize the GPU."""
+    floats) set to this call's values. Dynamo makes them 0-d CPU tensors, so reading them does
+    not synchronize the GPU."""
     values = tuple(float(t) for t in scalar_inputs)
     if len(values) != len(scalar_fields.split(",") if scalar_fields else ()):
         raise ValueError(f"scalar_fields {scalar_fields!r} do not match {len(values)} scalar inputs")
