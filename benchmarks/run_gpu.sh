@@ -10,7 +10,8 @@
 #   BENCH_ARGS: extra flags for every bench call (e.g. "--variant-budget 30")
 #   RUN_BUDGET_S [510]: wall seconds for the whole script; the bench calls are cut to fit and keep
 #     what they finished (their JSON is rewritten after every part)
-#   RUN_GPU_TESTS [1]: 0 skips the GPU tests; GPU_TESTS [tests/]: which test files
+#   RUN_GPU_TESTS [1]: 0 skips the GPU tests; GPU_TESTS [tests/]: which test files; GPU_TESTS_S [a third
+#     of RUN_BUDGET_S]: their seconds (the whole -m gpu set took ~450 s on the H100 on 2026-11-24)
 #   E2E_S [0]: seconds for benchmarks/e2e_decode.py (HF DeepSeek-V3-style decode step), 0 skips it;
 #     E2E_ARGS [--config real --layers 2 --batch 1,4,16]
 #   OVERLAP_S [0]: seconds for benchmarks/gpu_overlap.py (shared expert vs preamble on two streams),
@@ -47,7 +48,7 @@ $PY -c 'import sys, torch, triton; print("python", sys.version.split()[0], "| to
 
 if [ "${RUN_GPU_TESTS:-1}" = 1 ]; then
   echo "== GPU tests (log: $OUT/gpu_tests.log)"
-  timeout -k 10 $(( $(left) / 3 )) $PY -m pytest -q -m gpu ${GPU_TESTS:-tests/} -p no:cacheprovider >"$OUT/gpu_tests.log" 2>&1
+  timeout -k 10 ${GPU_TESTS_S:-$(( $(left) / 3 ))} $PY -m pytest -v -m gpu ${GPU_TESTS:-tests/} -p no:cacheprovider >"$OUT/gpu_tests.log" 2>&1
   echo "pytest exit code $?"
   tail -n 15 "$OUT/gpu_tests.log"
 fi
