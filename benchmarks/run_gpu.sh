@@ -12,6 +12,8 @@
 #     what they finished (their JSON is rewritten after every part)
 #   RUN_GPU_TESTS [1]: 0 skips the GPU tests; GPU_TESTS [tests/]: which test files; GPU_TESTS_S [a third
 #     of RUN_BUDGET_S]: their seconds (the whole -m gpu set took ~450 s on the H100 on 2026-11-24)
+#   RANDOM_S [0]: seconds for the randomized differential tests on the GPU (tests/test_random_{preamble,experts}.py,
+#     not marked gpu), MOE_FUSION_RANDOM_SCALE [20] times CI's cases; 0 skips them
 #   E2E_S [0]: seconds for benchmarks/e2e_decode.py (HF DeepSeek-V3-style decode step), 0 skips it;
 #     E2E_ARGS [--config real --layers 2 --batch 1,4,16]
 #   OVERLAP_S [0]: seconds for benchmarks/gpu_overlap.py (shared expert vs preamble on two streams),
@@ -51,6 +53,15 @@ if [ "${RUN_GPU_TESTS:-1}" = 1 ]; then
   timeout -k 10 ${GPU_TESTS_S:-$(( $(left) / 3 ))} $PY -m pytest -v -m gpu ${GPU_TESTS:-tests/} -p no:cacheprovider >"$OUT/gpu_tests.log" 2>&1
   echo "pytest exit code $?"
   tail -n 15 "$OUT/gpu_tests.log"
+fi
+
+RANDOM_S=${RANDOM_S:-0}
+if [ "$RANDOM_S" -gt 0 ]; then
+  echo "== randomized differential tests x${MOE_FUSION_RANDOM_SCALE:-20} (up to ${RANDOM_S} s, log: $OUT/random_tests.log)"
+  MOE_FUSION_RANDOM_SCALE=${MOE_FUSION_RANDOM_SCALE:-20} timeout -k 10 "$RANDOM_S" $PY -m pytest -q -p no:cacheprovider \
+    tests/test_random_preamble.py tests/test_random_experts.py >"$OUT/random_tests.log" 2>&1
+  echo "pytest exit code $?"
+  tail -n 5 "$OUT/random_tests.log"
 fi
 
 bench() {  # bench SECONDS ARGS...: one bench call, cut at SECONDS, logged to bench.log

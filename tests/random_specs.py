@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import math
+import os
 import random
 from typing import Optional
 
@@ -25,6 +26,17 @@ from moe_fusion.spec import MoESpec, MoEWeights
 
 # Cases and rows each test module ran, printed by its summary test (the CI log shows them).
 STATS = collections.Counter()
+
+# MOE_FUSION_RANDOM_SCALE=N runs N times as many cases of every family (the GPU run: many more
+# than CI); seeds stay disjoint between families as long as each has fewer than 1000 cases.
+RANDOM_SCALE = int(os.environ.get("MOE_FUSION_RANDOM_SCALE", "1"))
+
+
+def seeds(first: int, count: int) -> range:
+    """The seeds of one family: ``count`` from ``first`` in CI, scaled by MOE_FUSION_RANDOM_SCALE."""
+    start = first * RANDOM_SCALE
+    return range(start, start + count * RANDOM_SCALE)
+
 
 TIE = 1e-6
 INPUT_KINDS = ("normal", "normal", "large", "ties")

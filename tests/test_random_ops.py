@@ -9,10 +9,10 @@ import torch
 import moe_fusion  # noqa: F401  (registers the ops)
 from moe_fusion.lowering import reference
 from moe_fusion.ops import call_moe_layer, call_moe_preamble
-from random_specs import STATS, input_kind, random_hidden, random_layer_weights, random_m, random_spec
+from random_specs import STATS, input_kind, random_hidden, random_layer_weights, random_m, random_spec, seeds
 
-EAGER_CASES = range(5000, 5100)
-COMPILED_SPECS = range(6000, 6006)
+EAGER_CASES = seeds(5000, 100)
+COMPILED_SPECS = seeds(6000, 6)
 MS_PER_COMPILE = 6
 ALL_DTYPES = ("float16", "float32", "bfloat16")
 

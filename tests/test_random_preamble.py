@@ -15,13 +15,13 @@ from preamble_checks import (
 )
 from random_specs import (
     STATS, check_routing, gemm_error_bound, input_kind, random_expert_map, random_hidden, random_layer_weights,
-    random_logits, random_m, random_spec,
+    random_logits, random_m, random_spec, seeds,
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-ROUTING_CASES = range(160)
-PREAMBLE_CASES = range(1000, 1150)
-ALIGN_CASES = range(2000, 2060)
+ROUTING_CASES = seeds(0, 160)
+PREAMBLE_CASES = seeds(1000, 150)
+ALIGN_CASES = seeds(2000, 60)
 
 
 @pytest.mark.parametrize("seed", ROUTING_CASES)
