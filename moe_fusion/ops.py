@@ -32,18 +32,18 @@ def _weights(
 
 @functools.lru_cache(maxsize=256)
 def _spec_with(spec_json: str, scalar_fields: str, values: Tuple[float, ...]) -> MoESpec:
+    fields = scalar_fields.split(",") if scalar_fields else []
+    if len(fields) != len(values):
+        raise ValueError(f"scalar_fields {scalar_fields!r} do not match {len(values)} scalar inputs")
     spec = MoESpec.from_json(spec_json)
-    return spec.replace(**dict(zip(scalar_fields.split(","), values))) if scalar_fields else spec
+    return spec.replace(**dict(zip(fields, values))) if fields else spec
 
 
 def _call_spec(spec_json: str, scalar_fields: str, scalar_inputs: Sequence[Tensor]) -> MoESpec:
     """The spec with the float fields that arrive as graph inputs (Dynamo does not specialize
     floats) set to this call's values. Dynamo makes them 0-d CPU tensors, so reading them does
     not synchronize the GPU."""
-    values = tuple(float(t) for t in scalar_inputs)
-    if len(values) != len(scalar_fields.split(",") if scalar_fields else ()):
-        raise ValueError(f"scalar_fields {scalar_fields!r} do not match {len(values)} scalar inputs")
-    return _spec_with(spec_json, scalar_fields, values)
+    return _spec_with(spec_json, scalar_fields, tuple(float(t) for t in scalar_inputs))
 
 
 @torch.library.custom_op("moe_fusion::moe_layer", mutates_args=())

@@ -30,16 +30,17 @@ def fp8_act_quant_kernel(
     groups = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
     offs_k = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
     mask = offs_k < K
+    group_ok = groups * GROUP < K
     if ONLY_LOCAL_ROWS:  # rows past the routed pairs (the shared experts' tail) are always local
         routed = row < routed_rows
         expert = tl.load(ids_ptr + row, mask=routed, other=0)
         local = (tl.load(map_ptr + expert, mask=routed, other=0) >= 0) | (row >= routed_rows)
         mask = mask & local
+        group_ok = group_ok & local
     x = tl.load(x_ptr + (row // rows_per_token) * stride_xm + offs_k * stride_xk, mask=mask, other=0.0)
     if SCALE_ROWS:
         x = (x.to(tl.float32) * tl.load(row_weight_ptr + row)).to(x_ptr.dtype.element_ty)
     x = x.to(tl.float32)
     scale = group_scale(tl.max(tl.abs(x), axis=1))
     tl.store(q_ptr + row * stride_qm + offs_k, quantize_with_scale(x, scale[:, None]), mask=mask)
-    tl.store(scale_ptr + row * stride_sm + groups, scale, mask=(groups * GROUP < K) & local if ONLY_LOCAL_ROWS
-             else groups * GROUP < K)
+    tl.store(scale_ptr + row * stride_sm + groups, scale, mask=group_ok)

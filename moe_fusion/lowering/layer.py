@@ -91,8 +91,7 @@ def moe_layer(spec: MoESpec, x: torch.Tensor, w: MoEWeights, plan: Optional[Laye
     """reference.moe_layer on the kernels; raises preamble/experts.Unsupported before any launch
     it cannot make."""
     plan = plan or plan_layer(spec, x.shape[0], x.device)
-    normed_dtype = torch.promote_types(w.norm_weight.dtype, x.dtype) if spec.rms_norm and w.norm_weight is not None \
-        else x.dtype
+    normed_dtype = preamble.normed_dtype_of(spec, x, w)
     if normed_dtype not in experts.MODEL_DTYPES:  # checked here, before the preamble launches anything
         raise experts.Unsupported(f"model dtype {normed_dtype}: the expert kernels take bf16/fp16 activations")
     if spec.has_shared_experts:  # cuBLAS into preallocated buffers: one dtype throughout

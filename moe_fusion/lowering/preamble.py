@@ -158,6 +158,13 @@ def _check(spec: MoESpec, x: torch.Tensor, w: MoEWeights) -> None:
         raise Unsupported("spec has a correction bias but correction_bias is missing or misshapen")
 
 
+def normed_dtype_of(spec: MoESpec, x: torch.Tensor, w: MoEWeights) -> torch.dtype:
+    """The dtype of weight * rms_norm(x) (torch's promotion), or x's without a norm (or without
+    its weight, which _check reports)."""
+    has_norm = spec.rms_norm and w.norm_weight is not None
+    return torch.promote_types(w.norm_weight.dtype, x.dtype) if has_norm else x.dtype
+
+
 def fused_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights, block_m: int,
                    expert_map: Optional[torch.Tensor] = None, plan: Optional[PreamblePlan] = None,
                    with_alignment: bool = True,
@@ -177,7 +184,7 @@ def fused_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights, block_m: int,
     x = x if x.stride(1) == 1 else x.contiguous()
     M, device = x.shape[0], x.device
     norm_weight = w.norm_weight.contiguous() if spec.rms_norm else None
-    normed_dtype = torch.promote_types(norm_weight.dtype, x.dtype) if spec.rms_norm else x.dtype
+    normed_dtype = normed_dtype_of(spec, x, w)
     plan = plan or plan_preamble(spec, M, normed_dtype, w.router_weight.dtype, device, deterministic)
     L = spec.num_local_experts
 

@@ -189,10 +189,6 @@ class BakedScalars(dict):
         super().__init__()
         self.inputs: Dict[str, Node] = {}
 
-    def merge(self, other: "BakedScalars") -> None:
-        self.update(other)
-        self.inputs.update(other.inputs)
-
 
 def placeholder_index(node: Node) -> int:
     return [n for n in node.graph.nodes if n.op == "placeholder"].index(node)
