@@ -12,8 +12,9 @@
 #     what they finished (their JSON is rewritten after every part)
 #   RUN_GPU_TESTS [1]: 0 skips the GPU tests; GPU_TESTS [tests/]: which test files; GPU_TESTS_S [a third
 #     of RUN_BUDGET_S]: their seconds (the whole -m gpu set took ~450 s on the H100 on 2026-11-24)
-#   RANDOM_S [0]: seconds for the randomized differential tests on the GPU (tests/test_random_{preamble,experts}.py,
-#     not marked gpu), MOE_FUSION_RANDOM_SCALE [20] times CI's cases; 0 skips them
+#   RANDOM_S [0]: seconds for the randomized differential tests on the GPU, MOE_FUSION_RANDOM_SCALE [20] times
+#     CI's cases; 0 skips them. RANDOM_TESTS [tests/test_bad_inputs.py tests/test_random_{preamble,experts}.py]:
+#     the files (not marked gpu: they run on CUDA where it exists). Verbose log: a cut run still counts
 #   E2E_S [0]: seconds for benchmarks/e2e_decode.py (HF DeepSeek-V3-style decode step), 0 skips it;
 #     E2E_ARGS [--config real --layers 2 --batch 1,4,16]
 #   OVERLAP_S [0]: seconds for benchmarks/gpu_overlap.py (shared expert vs preamble on two streams),
@@ -58,10 +59,12 @@ fi
 RANDOM_S=${RANDOM_S:-0}
 if [ "$RANDOM_S" -gt 0 ]; then
   echo "== randomized differential tests x${MOE_FUSION_RANDOM_SCALE:-20} (up to ${RANDOM_S} s, log: $OUT/random_tests.log)"
-  MOE_FUSION_RANDOM_SCALE=${MOE_FUSION_RANDOM_SCALE:-20} timeout -k 10 "$RANDOM_S" $PY -m pytest -q -p no:cacheprovider \
-    tests/test_random_preamble.py tests/test_random_experts.py >"$OUT/random_tests.log" 2>&1
-  echo "pytest exit code $?"
-  tail -n 5 "$OUT/random_tests.log"
+  MOE_FUSION_RANDOM_SCALE=${MOE_FUSION_RANDOM_SCALE:-20} timeout -k 10 "$RANDOM_S" $PY -m pytest -v -p no:cacheprovider \
+    ${RANDOM_TESTS:-tests/test_bad_inputs.py tests/test_random_preamble.py tests/test_random_experts.py} \
+    >"$OUT/random_tests.log" 2>&1
+  echo "pytest exit code $? | PASSED $(grep -c ' PASSED' "$OUT/random_tests.log") FAILED $(grep -c ' FAILED' "$OUT/random_tests.log")"
+  grep -E ' FAILED|^(E  |[a-z_/]+\.py:[0-9]+: )' "$OUT/random_tests.log" | head -n 20
+  tail -n 3 "$OUT/random_tests.log"
 fi
 
 bench() {  # bench SECONDS ARGS...: one bench call, cut at SECONDS, logged to bench.log
