@@ -154,6 +154,19 @@ def profile_dsv3(result):
         print(f"[profile] dsv3 M={M}: {times}", flush=True)
 
 
+def norm_chunk_sweep(result, spec, wsets):
+    """The norm kernel alone (CUDA graphs) for several groups-of-128 per program (v5 splits a row
+    over programs; 64 groups is one program per dsv3 row, as v4 was)."""
+    from moe_fusion.lowering.norm_quant_kernel import norm_quant
+    for M in (1, 16, 64):
+        inputs = [(x, nw) for x, _, nw, _, _ in input_sets(spec, M, wsets)]
+        for groups in (4, 8, 16, 64):
+            us = timing.graph_replay_us(lambda x, nw: norm_quant(x, nw, spec.rms_norm_eps, True, chunk_groups=groups),
+                                        inputs)
+            result.setdefault("norm_chunks", {})[f"M={M} groups={groups}"] = round(us, 2)
+    print(f"[norm chunks] {result['norm_chunks']}", flush=True)
+
+
 def logit_rounding_diag():
     """Why bf16-router shapes fail at M = 1500 (GPU run v3): how far the kernel's and cuBLAS's logits
     are from the exactly rounded ones, and where weights differ from the reference."""
@@ -297,6 +310,7 @@ def main():
                                                                         inputs[0])
         print(f"[profile] dsv3 M={M}: {result['kernel_times'][M]} one-launch: "
               f"{result['kernel_times'].get(f'{M}-one-launch')}", flush=True)
+    norm_chunk_sweep(result, shapes["dsv3"], wsets_by_shape["dsv3"])
     save(args.out, result)
     if args.no_baselines:
         args.budget_s = 0

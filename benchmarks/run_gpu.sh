@@ -12,9 +12,10 @@
 #     what they finished (their JSON is rewritten after every part)
 #   RUN_GPU_TESTS [1]: 0 skips the GPU tests; GPU_TESTS [tests/]: which test files; GPU_TESTS_S [a third
 #     of RUN_BUDGET_S]: their seconds (the whole -m gpu set took ~450 s on the H100 on 2026-11-24)
-#   RANDOM_S [0]: seconds for the randomized differential tests on the GPU, MOE_FUSION_RANDOM_SCALE [20] times
-#     CI's cases; 0 skips them. RANDOM_TESTS [tests/test_bad_inputs.py tests/test_random_{preamble,experts}.py]:
-#     the files (not marked gpu: they run on CUDA where it exists). Verbose log: a cut run still counts
+#   RANDOM_S [0]: seconds for the randomized differential tests on the GPU (tests/test_bad_inputs.py,
+#     tests/test_random_{preamble,experts}.py: not marked gpu, they run on CUDA where it exists),
+#     MOE_FUSION_RANDOM_SCALE [20] times CI's cases; 0 skips them. RANDOM_FAMILIES: the -k filters run
+#     side by side. Verbose logs: a run cut at RANDOM_S still counts what passed
 #   E2E_S [0]: seconds for benchmarks/e2e_decode.py (HF DeepSeek-V3-style decode step), 0 skips it;
 #     E2E_ARGS [--config real --layers 2 --batch 1,4,16]
 #   OVERLAP_S [0]: seconds for benchmarks/gpu_overlap.py (shared expert vs preamble on two streams),
@@ -58,13 +59,20 @@ fi
 
 RANDOM_S=${RANDOM_S:-0}
 if [ "$RANDOM_S" -gt 0 ]; then
-  echo "== randomized differential tests x${MOE_FUSION_RANDOM_SCALE:-20} (up to ${RANDOM_S} s, log: $OUT/random_tests.log)"
-  MOE_FUSION_RANDOM_SCALE=${MOE_FUSION_RANDOM_SCALE:-20} timeout -k 10 "$RANDOM_S" $PY -m pytest -v -p no:cacheprovider \
-    ${RANDOM_TESTS:-tests/test_bad_inputs.py tests/test_random_preamble.py tests/test_random_experts.py} \
-    >"$OUT/random_tests.log" 2>&1
-  echo "pytest exit code $? | PASSED $(grep -c ' PASSED' "$OUT/random_tests.log") FAILED $(grep -c ' FAILED' "$OUT/random_tests.log")"
-  grep -E ' FAILED|^(E  |[a-z_/]+\.py:[0-9]+: )' "$OUT/random_tests.log" | head -n 20
-  tail -n 3 "$OUT/random_tests.log"
+  # One pytest process per family, all at once: the run is bound by Triton compiles on the host
+  # (a new spec is a new specialisation), which a single process does one at a time.
+  echo "== randomized differential tests x${MOE_FUSION_RANDOM_SCALE:-20}, families in parallel (up to ${RANDOM_S} s, log: $OUT/random_tests.log)"
+  RDIR=$(mktemp -d)
+  for fam in ${RANDOM_FAMILIES:-bad_inputs random_routing_kernel random_align_kernel random_fused_preamble random_expert_block random_layer}; do
+    MOE_FUSION_RANDOM_SCALE=${MOE_FUSION_RANDOM_SCALE:-20} timeout -k 10 "$RANDOM_S" $PY -m pytest -v -p no:cacheprovider \
+      tests/test_bad_inputs.py tests/test_random_preamble.py tests/test_random_experts.py -k "$fam" >"$RDIR/$fam.log" 2>&1 &
+  done
+  wait
+  for log in "$RDIR"/*.log; do
+    echo "$(basename "$log" .log): PASSED $(grep -c ' PASSED' "$log") FAILED $(grep -c ' FAILED' "$log") | $(tail -n 1 "$log")"
+  done | tee "$OUT/random_summary.txt"
+  cat "$RDIR"/*.log >"$OUT/random_tests.log"
+  grep -E ' FAILED|^E  ' "$OUT/random_tests.log" | head -n 20
 fi
 
 bench() {  # bench SECONDS ARGS...: one bench call, cut at SECONDS, logged to bench.log

@@ -20,6 +20,9 @@ SMALL = {
     "softmax_after_topk": MoESpec(hidden_size=96, num_experts=12, top_k=3, intermediate_size=8, rms_norm=True,
                                   scoring="softmax", score_before_topk=False, renormalize=True, dtype="float32"),
     "expert_parallel": dsv3_like(num_local_experts=4),
+    # 256 experts: one routing program per row, so M = 7 routes in 7 programs of the one launch.
+    "dsv3_experts_fp16": dsv3_like(hidden_size=128, num_experts=256, n_group=8, topk_group=4, top_k=8,
+                                   dtype="float16", num_local_experts=32),
 }
 
 
@@ -35,10 +38,17 @@ def _run(spec, M, block_m, device=DEVICE, seed=0, plan=None):
 @pytest.mark.parametrize("name", list(SMALL))
 @pytest.mark.parametrize("M,block_m", [(1, 16), (7, 4)])
 @pytest.mark.parametrize("fused", [True, False])
-def test_fused_and_planned_paths_match_reference(name, M, block_m, fused):
+def test_one_launch_and_general_paths_match_reference(name, M, block_m, fused):
     spec = SMALL[name]
-    spec, x, w, out = _run(spec, M, block_m, plan=one_launch_plan(spec, M, DEVICE) if fused else None)
+    spec, x, w, out = _run(spec, M, block_m, plan=one_launch_plan(spec, M, DEVICE, fused=fused))
     check_preamble(spec, x, w, out, block_m)
+
+
+def test_planner_takes_the_one_launch_path_at_decode_sizes():
+    spec = SMALL["dsv3_experts_fp16"]
+    for M in (1, 16, preamble.FUSED_MAX_M):
+        plan = preamble.plan_preamble(spec, M, spec.torch_dtype, spec.torch_dtype, torch.device(DEVICE))
+        assert plan.fused and plan.align == "fused", (M, plan.reasons)
 
 
 def test_general_path_matches_reference():

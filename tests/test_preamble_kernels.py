@@ -6,7 +6,7 @@ import torch
 import pytest
 
 from moe_fusion.lowering import align_kernel, reference, topk_kernel
-from moe_fusion.lowering.norm_quant_kernel import norm_quant
+from moe_fusion.lowering.norm_quant_kernel import N_COUNTERS, norm_quant
 from moe_fusion.spec import MoESpec
 from preamble_checks import (
     assert_fp8_matches, assert_normed_close, clean_rows, poisoned_empty,
@@ -21,12 +21,12 @@ def test_norm_quant(M, H, dtype, with_norm):
     x = (3 * torch.randn(M, H)).to(dtype).to(DEVICE)
     weight = (1 + 0.1 * torch.randn(H)).to(dtype).to(DEVICE) if with_norm else None
     workspace = torch.full((M, 37), 5.0, device=DEVICE)
-    ticket = torch.full((1,), 9, dtype=torch.int32, device=DEVICE)
+    counters = torch.full((N_COUNTERS,), 9, dtype=torch.int32, device=DEVICE)
     with poisoned_empty():
-        normed, q, scale = norm_quant(x, weight, 1e-6, True, workspace, ticket)
+        normed, q, scale = norm_quant(x, weight, 1e-6, True, workspace, counters)
     assert_normed_close(normed, reference.rms_norm(x, weight, 1e-6) if with_norm else x)
     assert_fp8_matches(normed, q, scale)
-    assert (workspace == 0).all() and ticket.item() == 0
+    assert (workspace == 0).all() and (counters == 0).all()
 
 
 def test_norm_without_quant_returns_empty_fp8():

@@ -2,8 +2,9 @@
 
 Decode (M <= FUSED_MAX_M), two launches, no host synchronisation:
   1. norm_quant_kernel: RMSNorm, fp8 activation groups, and zeroing of the router workspace;
-  2. router_kernel (fused): split-K router GEMM whose last program routes and aligns; on CUDA a
-     programmatic dependent launch (PDL) that streams its weight while the norm still runs.
+  2. router_kernel (one launch): split-K router GEMM programs, then programs that route blocks of
+     rows once the logits are complete, then one that aligns; on CUDA a programmatic dependent
+     launch (PDL) that streams its weight while the norm still runs.
 General path (any M), more launches: norm_quant, split-K router GEMM, a row-parallel routing
 kernel, then the one-program alignment kernel up to ALIGN_KERNEL_MAX_M tokens and
 ``reference.align_pairs`` (sync-free torch) above. Where a kernel's register tile cannot hold a
@@ -26,15 +27,11 @@ import triton
 from ..spec import MoESpec, MoEWeights
 from .unsupported import Unsupported
 from . import align_kernel, reference, topk_kernel
-from .norm_quant_kernel import norm_quant
+from .norm_quant_kernel import N_COUNTERS, norm_quant
 from .router_kernel import _router_kernel, _router_route_align_kernel
 
-# The fused epilogue routes every row in one program after the GEMM. With the general path's
-# launches chained by PDL (v4, H100, benchmarks/preamble_notes.md) it was faster only for one row
-# of a large expert set (dsv3 M = 1: 12.2 vs 12.6 us); at qwen3 / mixtral M = 1 (128 / 8 padded
-# experts) and at every M > 1 the general path was as fast or faster (mixtral M = 2: 5.2 vs 7.2 us).
-FUSED_MAX_M = 1
-FUSED_MIN_ROUTE_TILE = 256
+# The one-launch router holds all rows in one row block of its GEMM tile.
+FUSED_MAX_M = 64
 ALIGN_KERNEL_MAX_M = 1024
 # Each kernel after the norm is a programmatic dependent launch (CUDA): it starts while the kernel
 # before it runs and waits (griddepcontrol.wait) before reading that kernel's outputs.
@@ -112,8 +109,7 @@ def plan_preamble(spec: MoESpec, M: int, normed_dtype: torch.dtype, router_dtype
     align_ok = align_kernel.align_fits(spec.num_local_experts)
     if not align_ok:
         reasons.append(f"alignment: {spec.num_local_experts} local experts exceed the selection tile; torch alignment")
-    route_tile = M * triton.next_power_of_2(spec.n_group) * triton.next_power_of_2(spec.experts_per_group)
-    fused = route == "kernel" and align_ok and M <= FUSED_MAX_M and route_tile >= FUSED_MIN_ROUTE_TILE
+    fused = route == "kernel" and align_ok and M <= FUSED_MAX_M
     if fused:
         align = "fused"
     elif align_ok and M <= ALIGN_KERNEL_MAX_M:
@@ -123,8 +119,7 @@ def plan_preamble(spec: MoESpec, M: int, normed_dtype: torch.dtype, router_dtype
         if align_ok:
             reasons.append(f"alignment: M={M} > {ALIGN_KERNEL_MAX_M}, the sort-based torch alignment is faster")
     if not fused and route == "kernel" and align_ok:
-        reasons.append(f"M={M} > {FUSED_MAX_M} or {route_tile} padded experts < {FUSED_MIN_ROUTE_TILE}: "
-                       "general multi-launch path")
+        reasons.append(f"M={M} > {FUSED_MAX_M}: general multi-launch path")
     sm = _sm_count(torch.device(device).index or 0) if torch.device(device).type == "cuda" else _sm_count(None)
     cfg = router_config(M, spec.num_experts, spec.hidden_size, _dot_fp32(spec, normed_dtype, router_dtype), sm,
                         fused, split_k=not deterministic, **router_overrides)
@@ -189,9 +184,9 @@ def fused_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights, block_m: int,
     L = spec.num_local_experts
 
     logits = torch.empty((max(M, 1), spec.num_experts), dtype=torch.float32, device=device)
-    ticket = torch.empty((1,), dtype=torch.int32, device=device)
+    counters = torch.empty((N_COUNTERS,), dtype=torch.int32, device=device)
     pdl = USE_PDL and x.is_cuda and M > 0
-    normed, x_fp8, x_scale = norm_quant(x, norm_weight, spec.rms_norm_eps, spec.fp8, logits, ticket, normed_dtype,
+    normed, x_fp8, x_scale = norm_quant(x, norm_weight, spec.rms_norm_eps, spec.fp8, logits, counters, normed_dtype,
                                         pdl=pdl)
     if after_norm is not None:
         after_norm(normed)
@@ -212,12 +207,16 @@ def fused_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights, block_m: int,
             sorted_ids, tile_expert, num_tiles = align_kernel.alloc_align_outputs(M, spec.top_k, L, block_m, device)
         else:
             sorted_ids, tile_expert, num_tiles = aligned
-        _router_route_align_kernel[cfg.grid[:2]](
-            *gemm_args, ticket, M, spec.num_experts, spec.hidden_size, cfg.k_per_program,
+        route_meta = topk_kernel.route_meta(spec, normed_dtype, M, topk_kernel.ROWS_TILE)
+        k_splits, gemm_programs = cfg.grid[0], cfg.grid[0] * cfg.grid[1]
+        route_programs = triton.cdiv(M, route_meta["ROWS"])
+        _router_route_align_kernel[(gemm_programs + route_programs + int(with_alignment),)](
+            *gemm_args, counters, M, spec.num_experts, spec.hidden_size, cfg.k_per_program,
+            k_splits, gemm_programs, route_programs,
             bias, ids, weights, ids.stride(0), spec.renormalize_eps, spec.routed_scaling_factor,
             expert_map if expert_map is not None else ids, sorted_ids, tile_expert, num_tiles, L, block_m,
             tile_expert.numel(), BM=cfg.block_m, BE=cfg.block_e, BK=cfg.block_k, DOT_FP32=dot_fp32,
-            **topk_kernel.route_meta(spec, normed_dtype, M), **_align_constexprs(spec, expert_map, M),
+            **route_meta, **_align_constexprs(spec, expert_map, M),
             ALIGN=with_alignment, PDL=pdl, num_warps=cfg.num_warps, **_launch_pdl(pdl),
         )
         return PreambleOut(normed, x_fp8, x_scale, ids, weights, sorted_ids, tile_expert, num_tiles)
