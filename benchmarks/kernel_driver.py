@@ -90,7 +90,7 @@ def _layer_case(M: int, deterministic: bool, shared_expert: str = "", **spec_cha
 
 
 def _general_preamble_case(M: int) -> Callable[[torch.device, str], str]:
-    """M above preamble.FUSED_MAX_M: split-K router, standalone routing and alignment kernels."""
+    """The planned (general) path: split-K router, standalone routing and alignment kernels."""
     def run(device, dtype):
         spec = _dsv3_small(dtype, num_local_experts=8, quant="fp8_block")
         w = layer_weights(spec, device, seed=M)
@@ -104,8 +104,7 @@ def _general_preamble_case(M: int) -> Callable[[torch.device, str], str]:
 
 
 def _one_launch_preamble_case(M: int) -> Callable[[torch.device, str], str]:
-    """Router + routing + alignment in one launch (the planner picks it only for M = 1 at dsv3's
-    256 experts, so it is forced here)."""
+    """Router + routing + alignment in one launch (the planner does not pick it: forced here)."""
     def run(device, dtype):
         spec = _dsv3_small(dtype, num_local_experts=8, quant="fp8_block")
         w = layer_weights(spec, device, seed=M)

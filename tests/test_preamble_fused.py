@@ -44,13 +44,6 @@ def test_one_launch_and_general_paths_match_reference(name, M, block_m, fused):
     check_preamble(spec, x, w, out, block_m)
 
 
-def test_planner_takes_the_one_launch_path_at_decode_sizes():
-    spec = SMALL["dsv3_experts_fp16"]
-    for M in (1, 16, preamble.FUSED_MAX_M):
-        plan = preamble.plan_preamble(spec, M, spec.torch_dtype, spec.torch_dtype, torch.device(DEVICE))
-        assert plan.fused and plan.align == "fused", (M, plan.reasons)
-
-
 def test_general_path_matches_reference():
     spec = SMALL["groups_not_pow2_fp16_fp8"]
     M = preamble.FUSED_MAX_M + 3

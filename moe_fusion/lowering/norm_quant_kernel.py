@@ -26,8 +26,10 @@ from ..spec import FP8_BLOCK, FP8_DTYPE, FP8_MAX
 from .expert_tiles import to_e4m3
 from .reference import FP8_MIN_SCALE
 
-# Groups of 128 per program: dsv3's 56 groups go to 7 programs per row.
-CHUNK_GROUPS = 8
+# Groups of 128 per program (dsv3's 56 groups: 14 or 7 programs per row). H100, v5, the norm alone:
+# 4 groups 2.33 / 2.66 / 5.36 us at M = 1 / 16 / 64, 8 groups 2.61 / 2.80 / 3.79, 64 (v4's one
+# program per row) 6.55 / 6.70 / 7.18.
+SMALL_M_CHUNK_GROUPS, CHUNK_GROUPS, SMALL_M = 4, 8, 16
 # The statistic's loop step over the row (one step up to H = 8192).
 MAX_ROW_BLOCK = 8192
 # Counters the router kernel uses (zeroed here): partial logits done, rows routed.
@@ -125,7 +127,7 @@ _check_constants()
 def norm_quant(
     x: torch.Tensor, norm_weight: Optional[torch.Tensor], eps: float, quant: bool,
     logits_workspace: Optional[torch.Tensor] = None, counters: Optional[torch.Tensor] = None,
-    out_dtype: Optional[torch.dtype] = None, pdl: bool = False, chunk_groups: int = CHUNK_GROUPS,
+    out_dtype: Optional[torch.dtype] = None, pdl: bool = False, chunk_groups: Optional[int] = None,
 ):
     """(normed [M, H], x_fp8 [M, H] or empty, x_scale [M, ceil(H/128)] or empty); also zeroes the
     workspace (logits and ``N_COUNTERS`` int32 counters) when given. ``out_dtype`` is the dtype of
@@ -146,6 +148,7 @@ def norm_quant(
         return normed, x_fp8, x_scale
     zero = logits_workspace is not None
     assert not zero or (counters is not None and counters.numel() >= N_COUNTERS)
+    chunk_groups = chunk_groups or (SMALL_M_CHUNK_GROUPS if M <= SMALL_M else CHUNK_GROUPS)
     groups = min(triton.next_power_of_2(groups_total), triton.next_power_of_2(chunk_groups))
     _norm_quant_kernel[(M, triton.cdiv(groups_total, groups))](
         x, x.stride(0), norm_weight if norm_weight is not None else x, normed, normed.stride(0),

@@ -1,14 +1,16 @@
 """The fused MoE preamble: x [M, H] -> everything the expert block needs.
 
-Decode (M <= FUSED_MAX_M), two launches, no host synchronisation:
-  1. norm_quant_kernel: RMSNorm, fp8 activation groups, and zeroing of the router workspace;
-  2. router_kernel (one launch): split-K router GEMM programs, then programs that route blocks of
-     rows once the logits are complete, then one that aligns; on CUDA a programmatic dependent
-     launch (PDL) that streams its weight while the norm still runs.
-General path (any M), more launches: norm_quant, split-K router GEMM, a row-parallel routing
-kernel, then the one-program alignment kernel up to ALIGN_KERNEL_MAX_M tokens and
-``reference.align_pairs`` (sync-free torch) above. Where a kernel's register tile cannot hold a
-spec's experts, that stage runs the reference instead; ``plan_preamble`` says which and why.
+Planned path (any M), launches chained by programmatic dependent launch (PDL) on CUDA, no host
+synchronisation: norm_quant (RMSNorm, fp8 activation groups, zeroing of the router workspace),
+split-K router GEMM, a row-parallel routing kernel, then the one-program alignment kernel up to
+ALIGN_KERNEL_MAX_M tokens and ``reference.align_pairs`` (sync-free torch) above. Where a kernel's
+register tile cannot hold a spec's experts, that stage runs the reference instead;
+``plan_preamble`` says which and why.
+
+The one-launch alternative (``plan.fused``) runs router GEMM, routing and alignment in one grid
+(router_kernel.py). It saves two launches but, with PDL hiding most launch latency, measured
+slower than the general path at every shape and M on the H100 (v5, benchmarks/preamble_notes.md),
+so the planner does not pick it (FUSED_MAX_M); the benchmark forces it to keep measuring it.
 
 The norm is not folded into the router GEMM (r * ((x * w) @ W^T)): the reference rounds
 x * r to the model dtype before the weight and the router see it, and the folded form moves
@@ -30,8 +32,9 @@ from . import align_kernel, reference, topk_kernel
 from .norm_quant_kernel import N_COUNTERS, norm_quant
 from .router_kernel import _router_kernel, _router_route_align_kernel
 
-# The one-launch router holds all rows in one row block of its GEMM tile.
-FUSED_MAX_M = 64
+# Largest M for the one-launch path: none (v5, H100: dsv3 M = 1 10.9 vs 10.3 us, mixtral 10.3 vs
+# 5.5 us, and no better at any other M). Its router tile holds all rows, so at most 64 if re-enabled.
+FUSED_MAX_M = 0
 ALIGN_KERNEL_MAX_M = 1024
 # Each kernel after the norm is a programmatic dependent launch (CUDA): it starts while the kernel
 # before it runs and waits (griddepcontrol.wait) before reading that kernel's outputs.
@@ -118,8 +121,6 @@ def plan_preamble(spec: MoESpec, M: int, normed_dtype: torch.dtype, router_dtype
         align = "reference"
         if align_ok:
             reasons.append(f"alignment: M={M} > {ALIGN_KERNEL_MAX_M}, the sort-based torch alignment is faster")
-    if not fused and route == "kernel" and align_ok:
-        reasons.append(f"M={M} > {FUSED_MAX_M}: general multi-launch path")
     sm = _sm_count(torch.device(device).index or 0) if torch.device(device).type == "cuda" else _sm_count(None)
     cfg = router_config(M, spec.num_experts, spec.hidden_size, _dot_fp32(spec, normed_dtype, router_dtype), sm,
                         fused, split_k=not deterministic, **router_overrides)
