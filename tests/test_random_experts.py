@@ -42,6 +42,7 @@ FP8_CONFIGS = [
     ExpertConfig(16, GemmTiles(32, 128, programs_per_sm=1), GemmTiles(32, 128, split_k=2, programs_per_sm=1)),
 ]
 TOL = {"fp16": 3e-3, "fp8": 1e-4}  # fp8: the kernels make the emulation's products and scales
+FP8_FLIP_TOL = 1e-2
 
 
 @pytest.fixture(autouse=True)
@@ -75,6 +76,20 @@ def _rel_err(got, want) -> float:
     return float((got.double() - want.double()).norm() / want.double().norm().clamp(min=1e-30))
 
 
+def _assert_fp8_close(out, want, case):
+    """Within TOL["fp8"] of the emulation, except that one token may be off by up to FP8_FLIP_TOL.
+
+    GEMM1's fp32 sums run in another order than the reference's matmul, so on a GPU an h value can
+    land on the other side of an fp8 rounding boundary: one e4m3 step on one element moves that
+    token's output by ~1e-4..1e-2 (H100 run, seed 60664: 3.4e-4). A wrong expert, weight or scale
+    moves every token it touches by far more."""
+    if _rel_err(out, want) < TOL["fp8"]:
+        return
+    errs = [_rel_err(o, w) for o, w in zip(out, want)]
+    off = [e for e in errs if e >= TOL["fp8"]]
+    assert len(off) <= 1 and max(off) < FP8_FLIP_TOL, (case, errs)
+
+
 @pytest.mark.parametrize("seed", EXPERT_CASES)
 def test_random_expert_block(seed):
     rng = random.Random(seed)
@@ -98,7 +113,10 @@ def test_random_expert_block(seed):
     else:
         want = reference.routed_experts(spec.replace(dtype="float32"), x.float(), ids, weights,
                                         _widened(w, torch.float32))
-    assert _rel_err(out, want) < TOL["fp8" if spec.fp8 else "fp16"], (spec, M, config, deterministic)
+    if spec.fp8:
+        _assert_fp8_close(out, want, (spec, M, config, deterministic))
+    else:
+        assert _rel_err(out, want) < TOL["fp16"], (spec, M, config, deterministic)
     no_local = (want == 0).all(-1)  # tokens none of whose experts live on this rank
     assert (out[no_local] == 0).all()
     STATS["expert_cases"] += 1
