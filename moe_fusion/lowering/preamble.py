@@ -32,8 +32,8 @@ from . import align_kernel, reference, topk_kernel
 from .norm_quant_kernel import N_COUNTERS, norm_quant
 from .router_kernel import _router_kernel, _router_route_align_kernel
 
-# Largest M for the one-launch path: none (v5, H100: dsv3 M = 1 10.9 vs 10.3 us, mixtral 10.3 vs
-# 5.5 us, and no better at any other M). Its router tile holds all rows, so at most 64 if re-enabled.
+# Largest M for the one-launch path: none (v5, H100: dsv3 M = 1 11.8 vs 10.0 us, mixtral 9.9 vs
+# 5.4 us, and no better at any other M). Its router tile holds all rows, so at most 64 if re-enabled.
 FUSED_MAX_M = 0
 ALIGN_KERNEL_MAX_M = 1024
 # Each kernel after the norm is a programmatic dependent launch (CUDA): it starts while the kernel
