@@ -156,6 +156,23 @@ def profile_dsv3(result):
         print(f"[profile] dsv3 M={M}: {times}", flush=True)
 
 
+def warps_sweep(result):
+    """dsv3 preamble under CUDA graphs for each (routing kernel warps, alignment kernel warps); the
+    routing warps are set through ROUTE_ELEMENTS_PER_WARP (one 256-expert row per program)."""
+    spec = real_shapes()["dsv3"]
+    wsets = weight_sets(spec, 16)
+    result["warps"] = {}
+    for M in (1, 4, 16, 64):
+        inputs = input_sets(spec, M, wsets)
+        for route_warps in (1, 2, 4):
+            for align_warps in (2, 4, 8, 16):
+                preamble.topk_kernel.ROUTE_ELEMENTS_PER_WARP = 256 // route_warps
+                preamble.align_kernel.ALIGN_NUM_WARPS = preamble.align_kernel.ALIGN_NUM_WARPS_ABOVE_16 = align_warps
+                us = timing.graph_replay_us(ours(spec), inputs)
+                result["warps"][f"M={M} route={route_warps} align={align_warps}"] = round(us, 2)
+        print(f"[warps] M={M}: {[(k, v) for k, v in result['warps'].items() if k.startswith(f'M={M} ')]}", flush=True)
+
+
 def norm_chunk_sweep(result, spec, wsets):
     """The norm kernel alone (CUDA graphs) for several groups-of-128 per program (v5 splits a row
     over programs; 64 groups is one program per dsv3 row, as v4 was)."""
@@ -248,6 +265,7 @@ def main():
     ap.add_argument("--shapes", default="", help="comma-separated subset of the shapes")
     ap.add_argument("--profile-only", action="store_true", help="only the per-kernel device times (dsv3)")
     ap.add_argument("--diag", action="store_true", help="bf16-router logit rounding diagnostics at M = 1500")
+    ap.add_argument("--warps-sweep", action="store_true", help="only: dsv3 preamble time per routing / alignment warps")
     args = ap.parse_args()
     t_start = time.time()
     os.makedirs(args.out, exist_ok=True)
@@ -255,6 +273,11 @@ def main():
     result = dict(device=props.name, torch=torch.__version__, triton=triton.__version__,
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   block_m=BLOCK_M, rows=[], sweep=[], kernel_times={}, router_only={})
+    if args.warps_sweep:
+        warps_sweep(result)
+        with open(os.path.join(args.out, "warps.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        return
     if args.profile_only:
         profile_dsv3(result)
         with open(os.path.join(args.out, "profile.json"), "w") as f:
