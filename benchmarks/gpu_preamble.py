@@ -157,8 +157,7 @@ def profile_dsv3(result):
 
 
 def warps_sweep(result):
-    """dsv3 preamble under CUDA graphs for each (routing kernel warps, alignment kernel warps); the
-    routing warps are set through ROUTE_ELEMENTS_PER_WARP (one 256-expert row per program)."""
+    """dsv3 preamble under CUDA graphs for each (routing kernel warps, alignment kernel warps)."""
     spec = real_shapes()["dsv3"]
     wsets = weight_sets(spec, 16)
     result["warps"] = {}
@@ -166,7 +165,7 @@ def warps_sweep(result):
         inputs = input_sets(spec, M, wsets)
         for route_warps in (1, 2, 4):
             for align_warps in (2, 4, 8, 16):
-                preamble.topk_kernel.ROUTE_ELEMENTS_PER_WARP = 256 // route_warps
+                preamble.topk_kernel.route_warps = lambda meta, warps=route_warps: warps
                 preamble.align_kernel.ALIGN_NUM_WARPS = preamble.align_kernel.ALIGN_NUM_WARPS_ABOVE_16 = align_warps
                 us = timing.graph_replay_us(ours(spec), inputs)
                 result["warps"][f"M={M} route={route_warps} align={align_warps}"] = round(us, 2)

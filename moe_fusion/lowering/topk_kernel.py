@@ -24,10 +24,10 @@ MAX_ROUTE_TILE = 4096
 # and in v4 the general path grew 12.7 -> 17.4 us from M = 1 to 4 with 4 rows per program: one
 # padded row of 256 experts per program (dsv3), more rows only for small expert counts.
 ROWS_TILE = 256
-# Elements of a routing tile per warp of the standalone kernel: a pick reduces across every warp,
-# and fewer warps mean fewer cross-warp barriers per pick. H100 v5 (dsv3, one 256-expert row per
-# program): 1 warp instead of 4 took 0.3-0.5 us off the preamble at M = 1..64.
-ROUTE_ELEMENTS_PER_WARP = 256
+# One warp routes a program's single row of up to this many padded experts: a pick then needs no
+# cross-warp barrier. H100 v5: dsv3 (one 256-expert row per program) 0.3-0.5 us faster at every M
+# than with 4 warps; qwen3's 2-row tiles (M >= 2) 1 us slower on one warp, so those keep 4.
+ONE_WARP_ROUTE_TILE = 256
 
 
 @triton.jit
@@ -208,8 +208,8 @@ def route_meta(spec: MoESpec, logit_dtype: torch.dtype, M: int = 1 << 30, max_ti
 
 
 def route_warps(meta: dict) -> int:
-    tile = meta["ROWS"] * meta["G_PAD"] * meta["EPG_PAD"]
-    return max(1, min(4, tile // ROUTE_ELEMENTS_PER_WARP))
+    one_row = meta["ROWS"] == 1 and meta["G_PAD"] * meta["EPG_PAD"] <= ONE_WARP_ROUTE_TILE
+    return 1 if one_row else 4
 
 
 def route_fits(spec: MoESpec) -> bool:
