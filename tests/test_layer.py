@@ -51,10 +51,15 @@ def test_layer_on_interpreter(M, deterministic, monkeypatch):
         pytest.skip("the interpreter variant runs where there is no GPU")
     _with_options(monkeypatch, deterministic=deterministic)
     spec = dsv3_like(dtype="float16", hidden_size=48, intermediate_size=24, shared_intermediate_size=24)
-    w = random_weights(spec)
+    _check_fp16_layer(spec, M, "inline", seed=0)
+
+
+def _check_fp16_layer(spec, M, shared_strategy, seed):
+    """The planned fp16 layer (with the expected shared-expert strategy) against the reference."""
+    w = random_weights(spec, seed=seed)
     x = torch.randn(M, spec.hidden_size).half()
     plan = layer.plan_layer(spec, M, x.device)
-    assert plan.shared_expert == "inline"
+    assert plan.shared_expert == shared_strategy
     got = layer.moe_layer(spec, x, w, plan)
     assert got.dtype == torch.float16
     assert _rel_err(got, _expected(spec, x, w, plan)) < 2e-3
@@ -78,13 +83,7 @@ def test_fused_shared_experts_on_interpreter(M, gate, n_shared, deterministic, f
     _with_options(monkeypatch, deterministic=deterministic, shared_expert="fused")
     spec = dsv3_like(dtype="float16", hidden_size=48, intermediate_size=24, shared_intermediate_size=24 * n_shared,
                      shared_gate=gate, quant="fp8_block" if fp8 else "none", **(dict(num_local_experts=4) if ep else {}))
-    w = random_weights(spec, seed=M)
-    x = torch.randn(M, spec.hidden_size).half()
-    plan = layer.plan_layer(spec, M, x.device)
-    assert plan.shared_expert == "fused"
-    got = layer.moe_layer(spec, x, w, plan)
-    assert got.dtype == torch.float16
-    assert _rel_err(got, _expected(spec, x, w, plan)) < 2e-3
+    _check_fp16_layer(spec, M, "fused", seed=M)
 
 
 def test_fused_is_refused_where_the_kernels_cannot_take_the_shared_expert(monkeypatch, caplog):

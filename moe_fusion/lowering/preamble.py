@@ -112,7 +112,7 @@ def plan_preamble(spec: MoESpec, M: int, normed_dtype: torch.dtype, router_dtype
     align_ok = align_kernel.align_fits(spec.num_local_experts)
     if not align_ok:
         reasons.append(f"alignment: {spec.num_local_experts} local experts exceed the selection tile; torch alignment")
-    fused = route == "kernel" and align_ok and M <= FUSED_MAX_M
+    fused = route == "kernel" and align_ok and 0 < M <= FUSED_MAX_M
     if fused:
         align = "fused"
     elif align_ok and M <= ALIGN_KERNEL_MAX_M:
