@@ -15,6 +15,7 @@ Writes DIR/experts_bench.json and prints a summary table last.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -80,7 +81,10 @@ def check_shape(name: str, shape: Shape, e: experts.ExpertTensors, dtype: str):
         for m in (1, 5, 64):
             for s in tune_experts.input_sets(shape, e, m, 1, seed=100):
                 ref = reference_touched(s, e)
-                variants = [("atomic", {}), ("deterministic", {"deterministic": True})]
+                cfg = expert_configs.lookup(tune_experts._key(shape, dtype), m, *experts.device_facts(s.x.device))[0]
+                other = {"config": dataclasses.replace(cfg, single_launch=not cfg.single_launch)}
+                variants = [("atomic", {}), ("deterministic", {"deterministic": True}),
+                            ("other launch mode", other), ("other mode, det.", dict(other, deterministic=True))]
                 if e.fp8:
                     x_fp8, x_scale = reference.quantize_fp8_groups(s.x)
                     variants.append(("x_fp8 given", {"x_fp8": x_fp8, "x_scale": x_scale}))
@@ -90,11 +94,11 @@ def check_shape(name: str, shape: Shape, e: experts.ExpertTensors, dtype: str):
                     written = not out.isnan().any().item()
                     err = ((out - ref).norm() / ref.norm().clamp(min=1e-30)).item() if written else float("nan")
                     ok = written and err <= tol
-                    if label == "deterministic":
-                        again = experts.run_experts(s.x, s.ids, s.weights, e, deterministic=True)
+                    if "det" in label:
+                        again = experts.run_experts(s.x, s.ids, s.weights, e, **kw)
                         ok = ok and torch.equal(out, again)
                     RESULTS["checks"].append(dict(shape=name, dtype=dtype, M=m, mode=label, rel_err=err, tol=tol, ok=ok))
-                    log(f"check {name:14s} {dtype:8s} M={m:3d} {label:14s} rel_err {err:.2e} (tol {tol}) "
+                    log(f"check {name:14s} {dtype:8s} M={m:3d} {label:17s} rel_err {err:.2e} (tol {tol}) "
                         f"{'ok' if ok else 'FAIL'}")
     finally:
         experts._buffer = saved
@@ -151,13 +155,13 @@ def timing_args(expected_us: float):
 
 
 def bench_shape(name: str, shape: Shape, e: experts.ExpertTensors, dtype: str, bw: float, baselines: bool,
-                inductor_ok: bool):
+                inductor_ok: bool, m_values=M_VALUES):
     per_expert = tune_experts.expert_bytes(e)
     dev_name, sms = experts.device_facts(torch.device("cuda"))
     key = tune_experts._key(shape, dtype)
     spec, w_ref = reference_spec(shape, dtype), reference_weights(e, shape)
     compiled = None
-    for m in M_VALUES:
+    for m in m_values:
         sets = tune_experts.input_sets(shape, e, m, N_SETS)
         touched = statistics.mean(s.touched for s in sets)
         nbytes = touched * per_expert
@@ -180,12 +184,16 @@ def bench_shape(name: str, shape: Shape, e: experts.ExpertTensors, dtype: str, b
             experts.USE_PDL = True
             row["ours_pdl_us"] = graph_replay_us(ours, aligned, **targs)
             experts.USE_PDL = False
+        one_launch = dataclasses.replace(cfg, single_launch=not cfg.single_launch)
+        row["other_launch_mode_us"] = graph_replay_us(
+            lambda x, ids, w, al: experts.run_experts(x, ids, w, e, alignment=al, config=one_launch), aligned, **targs)
         if e.fp8:  # x quantised by the preamble, as in the whole layer: no activation-quant launch
             given = [(s.x, s.ids, s.weights, al, *reference.quantize_fp8_groups(s.x)) for s, (_, _, _, al)
                      in zip(sets, aligned)]
-            row["ours_x_fp8_given_us"] = graph_replay_us(
-                lambda x, ids, w, al, xq, xs: experts.run_experts(x, ids, w, e, alignment=al, config=cfg,
-                                                                  x_fp8=xq, x_scale=xs), given, **targs)
+            for key, c in (("ours_x_fp8_given_us", cfg), ("other_launch_mode_x_fp8_given_us", one_launch)):
+                row[key] = graph_replay_us(
+                    lambda x, ids, w, al, xq, xs: experts.run_experts(x, ids, w, e, alignment=al, config=c,
+                                                                      x_fp8=xq, x_scale=xs), given, **targs)
         row["ours_deterministic_us"] = graph_replay_us(lambda *a: ours(*a, det=True), aligned, **targs)
         row["ours_with_ref_align_us"] = graph_replay_us(lambda x, ids, w: experts.run_experts(x, ids, w, e, config=cfg),
                                                         plain, **targs)
@@ -215,7 +223,8 @@ def bench_shape(name: str, shape: Shape, e: experts.ExpertTensors, dtype: str, b
         log(f"bench {name:14s} {dtype:8s} M={m:3d} touched {touched:6.1f} floor {floor_us:8.1f} us | ours "
             f"{row['ours_us']:8.1f} us {100 * row['ours_frac']:5.1f}% ({source}) det {row['ours_deterministic_us']:8.1f}"
             f" +align {row['ours_with_ref_align_us']:8.1f} pdl {row.get('ours_pdl_us', float('nan')):7.1f}"
-            f" xq-given {row.get('ours_x_fp8_given_us', float('nan')):7.1f} | grouped_mm {row.get('grouped_mm_us', float('nan')):8.1f}"
+            f" xq-given {row.get('ours_x_fp8_given_us', float('nan')):7.1f} | {'chain' if cfg.single_launch else 'one launch'}"
+            f" {row['other_launch_mode_us']:7.1f} xq-given {row.get('other_launch_mode_x_fp8_given_us', float('nan')):7.1f} | grouped_mm {row.get('grouped_mm_us', float('nan')):8.1f}"
             f" | eager {row.get('eager_us', float('nan')):9.1f} inductor {row.get('inductor_us', float('nan')):9.1f}")
 
 
@@ -272,6 +281,7 @@ def main():
     p.add_argument("--profile", action="store_true", help="kernel times at M = 1 and 64")
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--dtypes", default="bfloat16,fp8")
+    p.add_argument("--m", default=",".join(map(str, M_VALUES)))
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args()
     t_start = time.time()
@@ -294,7 +304,7 @@ def main():
             if args.bench:
                 inductor_ok = (name in args.inductor_shapes.split(",") and dtype == "bfloat16"
                                and time.time() - t_start < args.inductor_budget_s)
-                bench_shape(name, shape, e, dtype, bw, args.baselines, inductor_ok)
+                bench_shape(name, shape, e, dtype, bw, args.baselines, inductor_ok, [int(m) for m in args.m.split(",")])
             if args.profile:
                 for m in (1, 64):
                     try:

@@ -20,6 +20,9 @@
 #     E2E_ARGS [--config real --layers 2 --batch 1,4,16]
 #   OVERLAP_S [0]: seconds for benchmarks/gpu_overlap.py (shared expert vs preamble on two streams),
 #     0 skips it; OVERLAP_ARGS: extra flags. Writes overlap.{json,md}, overlap_trace.json
+#   EXPERTS_S [0]: seconds for benchmarks/gpu_experts.py (expert block: checks at real shapes, bench with
+#     both launch modes), 0 skips it; EXPERTS_ARGS [--check --bench --shapes dsv3-ep8,dsv3]. Writes
+#     experts.log, experts_bench.json
 #   RELIABILITY_S [0]: seconds for benchmarks/gpu_reliability.py (compute-sanitizer over every kernel,
 #     10k CUDA-graph replays of the dsv3 layer), 0 skips it; RELIABILITY_ARGS: extra flags (e.g.
 #     "--replays 2000"). Writes reliability.{json,log}, sanitizer.log
@@ -98,6 +101,16 @@ if [ "$OVERLAP_S" -gt 0 ]; then
   timeout -k 10 "$OVERLAP_S" $PY benchmarks/gpu_overlap.py --out "$OUT" ${OVERLAP_ARGS:-} >>"$OUT/bench.log" 2>&1
   echo "exit code $?"
   [ -s "$OUT/overlap.md" ] && sed -n '3,20p' "$OUT/overlap.md" | grep '^|'
+fi
+
+EXPERTS_S=${EXPERTS_S:-0}
+if [ "$EXPERTS_S" -gt 0 ]; then
+  echo "== expert block (up to ${EXPERTS_S} s): $OUT/experts.log, experts_bench.json"
+  timeout -k 10 "$EXPERTS_S" $PY benchmarks/gpu_experts.py ${EXPERTS_ARGS:---check --bench --shapes dsv3-ep8,dsv3} \
+    --out "$OUT" >"$OUT/experts.log" 2>&1
+  echo "exit code $?"
+  grep -E 'FAIL|^checks:' "$OUT/experts.log" | head -n 20
+  sed -n '/^== expert block/,$p' "$OUT/experts.log"
 fi
 
 RELIABILITY_S=${RELIABILITY_S:-0}

@@ -29,7 +29,7 @@ Reference: reference.gated_mlp / reference._fp8_gated_mlp (the first two product
 import triton
 import triton.language as tl
 
-from .expert_tiles import A_MODEL_DTYPE, FP8_GROUP, group_scale, load_tile, quantize_with_scale, work_tile
+from .expert_tiles import A_MODEL_DTYPE, FP8_GROUP, load_tile, quantize_h_group, work_tile, zero_block
 
 
 @triton.jit
@@ -58,15 +58,94 @@ def _quantize_group_if_last(h_ptr, hq_ptr, hs_ptr, ticket_ptr, tile, n_block, ro
     # Every thread's h stores are issued before the one release below that publishes them.
     tl.debug_barrier()
     if tl.atomic_add(ticket_ptr + slot, 1, sem="acq_rel") == slices - 1:
-        cols = group * FP8_GROUP + tl.arange(0, FP8_GROUP)
-        mask = row_ok[:, None] & (cols[None, :] < N)
-        # .cg: read the other programs' slices from L2, never from a stale L1 line.
-        h = tl.load(h_ptr + row[:, None] * stride_hm + cols[None, :], mask=mask, other=0.0,
-                    cache_modifier=".cg").to(tl.float32)
-        scale = group_scale(tl.max(tl.abs(h), axis=1))
-        tl.store(hq_ptr + row[:, None] * stride_hqm + cols[None, :], quantize_with_scale(h, scale[:, None]), mask=mask)
-        tl.store(hs_ptr + row * stride_hsm + group, scale, mask=row_ok)
+        quantize_h_group(h_ptr, hq_ptr, hs_ptr, row, row_ok, group, N, stride_hm, stride_hqm, stride_hsm)
         tl.store(ticket_ptr + slot, 0)
+
+
+@triton.jit
+def gemm1_item(
+    item, n_blocks, num_routed, m_tiles,
+    x_ptr, x_scale_ptr, pair_weight_ptr,
+    wg_ptr, wu_ptr, wg_scale_ptr, wu_scale_ptr,
+    swg_ptr, swu_ptr, swg_scale_ptr, swu_scale_ptr,
+    gx_ptr, gw_ptr, gate_partial_ptr,
+    h_ptr, hq_ptr, hs_ptr, ticket_ptr,
+    sorted_pair_ids_ptr, tile_expert_ptr,
+    num_pairs, top_k, M, N, K,
+    stride_xm, stride_xk, stride_xsm, stride_xsk,
+    stride_wge, stride_wgn, stride_wgk, stride_wue, stride_wun, stride_wuk,
+    stride_sge, stride_sgn, stride_sgk, stride_sue, stride_sun, stride_suk,
+    stride_swge, stride_swgn, stride_swgk, stride_swue, stride_swun, stride_swuk,
+    stride_ssge, stride_ssgn, stride_ssgk, stride_ssue, stride_ssun, stride_ssuk,
+    stride_gxm, stride_gxk, stride_hm, stride_hqm, stride_hsm,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+    A_MODE: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr,
+    N_SHARED: tl.constexpr, SHARED_GATE: tl.constexpr, QUANT_H: tl.constexpr,
+    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    """One work item: the h slice of one (token tile, BLOCK_N columns). Returns its tile."""
+    tile = item // n_blocks
+    n_block = item - tile * n_blocks
+    expert, row, token, row_ok, shared = work_tile(tile, num_routed, m_tiles, tile_expert_ptr, sorted_pair_ids_ptr,
+                                                   num_pairs, top_k, M, BLOCK_M, N_SHARED)
+    offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + token[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    # Routed and shared experts live in different tensors: pick the base and strides per tile.
+    if shared:
+        wg_ptrs = swg_ptr + expert * stride_swge + offs_n[:, None] * stride_swgn + offs_k[None, :] * stride_swgk
+        wu_ptrs = swu_ptr + expert * stride_swue + offs_n[:, None] * stride_swun + offs_k[None, :] * stride_swuk
+        sg_ptrs = swg_scale_ptr + expert * stride_ssge + (offs_n // BLOCK_K) * stride_ssgn
+        su_ptrs = swu_scale_ptr + expert * stride_ssue + (offs_n // BLOCK_K) * stride_ssun
+        step_g, step_u = BLOCK_K * stride_swgk, BLOCK_K * stride_swuk
+        step_sg, step_su = stride_ssgk, stride_ssuk
+    else:
+        wg_ptrs = wg_ptr + expert * stride_wge + offs_n[:, None] * stride_wgn + offs_k[None, :] * stride_wgk
+        wu_ptrs = wu_ptr + expert * stride_wue + offs_n[:, None] * stride_wun + offs_k[None, :] * stride_wuk
+        sg_ptrs = wg_scale_ptr + expert * stride_sge + (offs_n // BLOCK_K) * stride_sgn
+        su_ptrs = wu_scale_ptr + expert * stride_sue + (offs_n // BLOCK_K) * stride_sun
+        step_g, step_u = BLOCK_K * stride_wgk, BLOCK_K * stride_wuk
+        step_sg, step_su = stride_sgk, stride_suk
+    if WEIGHT_ON_INPUT:
+        pair_weight = tl.load(pair_weight_ptr + row, mask=row_ok, other=0.0)
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
+        k_ok = offs_k < K - k0
+        a = load_tile(x_ptrs, row_ok, k_ok, False, EVEN_K, "")
+        wg = load_tile(wg_ptrs, n_ok, k_ok, EVEN_N, EVEN_K, "")
+        wu = load_tile(wu_ptrs, n_ok, k_ok, EVEN_N, EVEN_K, "")
+        if WEIGHT_ON_INPUT:
+            # The routing weight scales the expert's input, rounded as the reference does.
+            a = (a.to(tl.float32) * pair_weight[:, None]).to(x_ptr.dtype.element_ty)
+        if A_MODE == A_MODEL_DTYPE:
+            acc_g += tl.dot(a, tl.trans(wg))
+            acc_u += tl.dot(a, tl.trans(wu))
+        else:
+            k_group = k0 // BLOCK_K  # BLOCK_K is the 128-wide quantisation group
+            a_scale = tl.load(x_scale_ptr + token * stride_xsm + k_group * stride_xsk, mask=row_ok, other=0.0)
+            sg = tl.load(sg_ptrs, mask=n_ok, other=0.0)
+            su = tl.load(su_ptrs, mask=n_ok, other=0.0)
+            acc_g += tl.dot(a, tl.trans(wg)) * (a_scale[:, None] * sg[None, :])
+            acc_u += tl.dot(a, tl.trans(wu)) * (a_scale[:, None] * su[None, :])
+            sg_ptrs += step_sg
+            su_ptrs += step_su
+        x_ptrs += BLOCK_K * stride_xk
+        wg_ptrs += step_g
+        wu_ptrs += step_u
+    h = (acc_g * tl.sigmoid(acc_g) * acc_u).to(h_ptr.dtype.element_ty)
+    h_ptrs = h_ptr + row[:, None] * stride_hm + offs_n[None, :]
+    tl.store(h_ptrs, h, mask=row_ok[:, None] & n_ok[None, :])
+    if QUANT_H:
+        _quantize_group_if_last(h_ptr, hq_ptr, hs_ptr, ticket_ptr, tile, n_block, row, row_ok, N,
+                                stride_hm, stride_hqm, stride_hsm, BLOCK_N)
+    if SHARED_GATE:
+        if shared:
+            if expert == 0:
+                _gate_partials(gx_ptr, gw_ptr, gate_partial_ptr, token, row_ok, n_block, n_blocks, M, K,
+                               stride_gxm, stride_gxk, BLOCK_K)
+    return tile
 
 
 @triton.jit
@@ -75,16 +154,17 @@ def expert_gemm1_kernel(
     wg_ptr, wu_ptr, wg_scale_ptr, wu_scale_ptr,
     swg_ptr, swu_ptr, swg_scale_ptr, swu_scale_ptr,
     gx_ptr, gw_ptr, gate_partial_ptr,
-    h_ptr, zero_ptr, hq_ptr, hs_ptr, ticket_ptr,
-    sorted_pair_ids_ptr, tile_expert_ptr, num_tiles_ptr,
-    num_pairs, top_k, M, N, K, zero_numel,
+    h_ptr, hq_ptr, hs_ptr,
     stride_xm, stride_xk, stride_xsm, stride_xsk,
     stride_wge, stride_wgn, stride_wgk, stride_wue, stride_wun, stride_wuk,
     stride_sge, stride_sgn, stride_sgk, stride_sue, stride_sun, stride_suk,
     stride_swge, stride_swgn, stride_swgk, stride_swue, stride_swun, stride_swuk,
     stride_ssge, stride_ssgn, stride_ssgk, stride_ssue, stride_ssun, stride_ssuk,
     stride_gxm, stride_gxk, stride_hm, stride_hqm, stride_hsm,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    zero_ptr, ticket_ptr,
+    sorted_pair_ids_ptr, tile_expert_ptr, num_tiles_ptr,
+    num_pairs, top_k, M, N, K, zero_numel,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
     A_MODE: tl.constexpr,
     WEIGHT_ON_INPUT: tl.constexpr,
     N_SHARED: tl.constexpr, SHARED_GATE: tl.constexpr, QUANT_H: tl.constexpr,
@@ -101,72 +181,25 @@ def expert_gemm1_kernel(
 
     # GEMM2 accumulates into zero_ptr with atomics; zeroing it here saves a launch.
     for base in range(pid * ZERO_BLOCK, zero_numel, num_programs * ZERO_BLOCK):
-        offs = base + tl.arange(0, ZERO_BLOCK)
-        tl.store(zero_ptr + offs, tl.zeros((ZERO_BLOCK,), tl.float32), mask=offs < zero_numel)
+        zero_block(zero_ptr, base, zero_numel, ZERO_BLOCK)
 
     n_blocks = tl.cdiv(N, BLOCK_N)
     num_routed = tl.load(num_tiles_ptr)
     m_tiles = tl.cdiv(M, BLOCK_M)
     num_items = (num_routed + N_SHARED * m_tiles) * n_blocks
     for item in range(pid, num_items, num_programs):
-        tile = item // n_blocks
-        n_block = item - tile * n_blocks
-        expert, row, token, row_ok, shared = work_tile(tile, num_routed, m_tiles, tile_expert_ptr, sorted_pair_ids_ptr,
-                                                       num_pairs, top_k, M, BLOCK_M, N_SHARED)
-        offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N
-        offs_k = tl.arange(0, BLOCK_K)
-        x_ptrs = x_ptr + token[:, None] * stride_xm + offs_k[None, :] * stride_xk
-        # Routed and shared experts live in different tensors: pick the base and strides per tile.
-        if shared:
-            wg_ptrs = swg_ptr + expert * stride_swge + offs_n[:, None] * stride_swgn + offs_k[None, :] * stride_swgk
-            wu_ptrs = swu_ptr + expert * stride_swue + offs_n[:, None] * stride_swun + offs_k[None, :] * stride_swuk
-            sg_ptrs = swg_scale_ptr + expert * stride_ssge + (offs_n // BLOCK_K) * stride_ssgn
-            su_ptrs = swu_scale_ptr + expert * stride_ssue + (offs_n // BLOCK_K) * stride_ssun
-            step_g, step_u = BLOCK_K * stride_swgk, BLOCK_K * stride_swuk
-            step_sg, step_su = stride_ssgk, stride_ssuk
-        else:
-            wg_ptrs = wg_ptr + expert * stride_wge + offs_n[:, None] * stride_wgn + offs_k[None, :] * stride_wgk
-            wu_ptrs = wu_ptr + expert * stride_wue + offs_n[:, None] * stride_wun + offs_k[None, :] * stride_wuk
-            sg_ptrs = wg_scale_ptr + expert * stride_sge + (offs_n // BLOCK_K) * stride_sgn
-            su_ptrs = wu_scale_ptr + expert * stride_sue + (offs_n // BLOCK_K) * stride_sun
-            step_g, step_u = BLOCK_K * stride_wgk, BLOCK_K * stride_wuk
-            step_sg, step_su = stride_sgk, stride_suk
-        if WEIGHT_ON_INPUT:
-            pair_weight = tl.load(pair_weight_ptr + row, mask=row_ok, other=0.0)
-        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k_ok = offs_k < K - k0
-            a = load_tile(x_ptrs, row_ok, k_ok, False, EVEN_K)
-            wg = load_tile(wg_ptrs, n_ok, k_ok, EVEN_N, EVEN_K)
-            wu = load_tile(wu_ptrs, n_ok, k_ok, EVEN_N, EVEN_K)
-            if WEIGHT_ON_INPUT:
-                # The routing weight scales the expert's input, rounded as the reference does.
-                a = (a.to(tl.float32) * pair_weight[:, None]).to(x_ptr.dtype.element_ty)
-            if A_MODE == A_MODEL_DTYPE:
-                acc_g += tl.dot(a, tl.trans(wg))
-                acc_u += tl.dot(a, tl.trans(wu))
-            else:
-                k_group = k0 // BLOCK_K  # BLOCK_K is the 128-wide quantisation group
-                a_scale = tl.load(x_scale_ptr + token * stride_xsm + k_group * stride_xsk, mask=row_ok, other=0.0)
-                sg = tl.load(sg_ptrs, mask=n_ok, other=0.0)
-                su = tl.load(su_ptrs, mask=n_ok, other=0.0)
-                acc_g += tl.dot(a, tl.trans(wg)) * (a_scale[:, None] * sg[None, :])
-                acc_u += tl.dot(a, tl.trans(wu)) * (a_scale[:, None] * su[None, :])
-                sg_ptrs += step_sg
-                su_ptrs += step_su
-            x_ptrs += BLOCK_K * stride_xk
-            wg_ptrs += step_g
-            wu_ptrs += step_u
-        h = (acc_g * tl.sigmoid(acc_g) * acc_u).to(h_ptr.dtype.element_ty)
-        h_ptrs = h_ptr + row[:, None] * stride_hm + offs_n[None, :]
-        tl.store(h_ptrs, h, mask=row_ok[:, None] & n_ok[None, :])
-        if QUANT_H:
-            _quantize_group_if_last(h_ptr, hq_ptr, hs_ptr, ticket_ptr, tile, n_block, row, row_ok, N,
-                                    stride_hm, stride_hqm, stride_hsm, BLOCK_N)
-        if SHARED_GATE:
-            if shared:
-                if expert == 0:
-                    _gate_partials(gx_ptr, gw_ptr, gate_partial_ptr, token, row_ok, n_block, n_blocks, M, K,
-                                   stride_gxm, stride_gxk, BLOCK_K)
+        gemm1_item(
+            item, n_blocks, num_routed, m_tiles,
+            x_ptr, x_scale_ptr, pair_weight_ptr, wg_ptr, wu_ptr, wg_scale_ptr, wu_scale_ptr,
+            swg_ptr, swu_ptr, swg_scale_ptr, swu_scale_ptr, gx_ptr, gw_ptr, gate_partial_ptr,
+            h_ptr, hq_ptr, hs_ptr, ticket_ptr, sorted_pair_ids_ptr, tile_expert_ptr,
+            num_pairs, top_k, M, N, K,
+            stride_xm, stride_xk, stride_xsm, stride_xsk,
+            stride_wge, stride_wgn, stride_wgk, stride_wue, stride_wun, stride_wuk,
+            stride_sge, stride_sgn, stride_sgk, stride_sue, stride_sun, stride_suk,
+            stride_swge, stride_swgn, stride_swgk, stride_swue, stride_swun, stride_swuk,
+            stride_ssge, stride_ssgn, stride_ssgk, stride_ssue, stride_ssun, stride_ssuk,
+            stride_gxm, stride_gxk, stride_hm, stride_hqm, stride_hsm,
+            BLOCK_M, BLOCK_N, BLOCK_K, NUM_STAGES, A_MODE, WEIGHT_ON_INPUT, N_SHARED, SHARED_GATE, QUANT_H,
+            EVEN_N, EVEN_K,
+        )

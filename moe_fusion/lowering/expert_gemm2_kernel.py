@@ -23,8 +23,9 @@ from .expert_tiles import A_MODEL_DTYPE, load_tile, prefetch_l2, work_tile
 
 
 @triton.jit
-def _prefetch_first_tile(item, n_blocks, items_per_tile, tile_expert_ptr, wd_ptr, N, K, k_per_split,
-                         stride_we, stride_wn, stride_wk, BLOCK_N: tl.constexpr, PREFETCH_LINES: tl.constexpr):
+def prefetch_item_weights(item, n_blocks, items_per_tile, tile_expert_ptr, wd_ptr, N, K, k_per_split,
+                          stride_we, stride_wn, stride_wk, BLOCK_N: tl.constexpr, PREFETCH_LINES: tl.constexpr):
+    """Ask L2 for the first PREFETCH_LINES 128-byte lines of each Wd row a (routed) item reads."""
     tile = item // items_per_tile
     rest = item - tile * items_per_tile
     split = rest // n_blocks
@@ -44,25 +45,99 @@ def _shared_gate(partial_ptr, token, row_ok, M, GATE_PARTS: tl.constexpr, n_part
     dtype after the dot and after the sigmoid, as the reference's model-dtype linear and sigmoid."""
     parts = tl.arange(0, GATE_PARTS)
     p = tl.load(partial_ptr + parts[None, :] * M + token[:, None], mask=row_ok[:, None] & (parts[None, :] < n_parts),
-                other=0.0)
+                other=0.0, cache_modifier=".cg")
     logit = tl.sum(p, axis=1).to(MODEL_DTYPE).to(tl.float32)
     return tl.sigmoid(logit).to(MODEL_DTYPE).to(tl.float32)
 
 
 @triton.jit
-def expert_gemm2_kernel(
+def gemm2_item(
+    item, n_blocks, items_per_tile, num_routed, m_tiles,
     h_ptr, h_scale_ptr, pair_weight_ptr,
     wd_ptr, wd_scale_ptr, swd_ptr, swd_scale_ptr, gate_partial_ptr,
     out_ptr,
-    sorted_pair_ids_ptr, tile_expert_ptr, num_tiles_ptr,
-    num_pairs, top_k, M, N, K, split_k, k_per_split, gate_parts,
+    sorted_pair_ids_ptr, tile_expert_ptr,
+    num_pairs, top_k, M, N, K, k_per_split, gate_parts,
     stride_hm, stride_hk, stride_hsm, stride_hsk,
     stride_we, stride_wn, stride_wk,
     stride_se, stride_sn, stride_sk,
     stride_swe, stride_swn, stride_swk,
     stride_sse, stride_ssn, stride_ssk,
     stride_out_split, stride_out_row,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+    A_MODE: tl.constexpr, A_CACHE: tl.constexpr,
+    APPLY_WEIGHT: tl.constexpr,
+    DETERMINISTIC: tl.constexpr,
+    N_SHARED: tl.constexpr, SHARED_GATE: tl.constexpr, GATE_PARTS: tl.constexpr, MODEL_DTYPE: tl.constexpr,
+    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    """One work item: (token tile, BLOCK_N columns of H, K split), weighted and accumulated.
+    A_CACHE: the cache modifier of the h loads (".cg" when h was written in the same launch)."""
+    tile = item // items_per_tile
+    rest = item - tile * items_per_tile
+    split = rest // n_blocks
+    n_block = rest - split * n_blocks
+    expert, row, token, row_ok, shared = work_tile(tile, num_routed, m_tiles, tile_expert_ptr, sorted_pair_ids_ptr,
+                                                   num_pairs, top_k, M, BLOCK_M, N_SHARED)
+    offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    k_start = split * k_per_split
+    k_end = tl.minimum(K, k_start + k_per_split)
+    offs_k = k_start + tl.arange(0, BLOCK_K)
+    h_ptrs = h_ptr + row[:, None] * stride_hm + offs_k[None, :] * stride_hk
+    # Routed and shared experts live in different tensors: pick the base and strides per tile.
+    if shared:
+        w_ptrs = swd_ptr + expert * stride_swe + offs_n[:, None] * stride_swn + offs_k[None, :] * stride_swk
+        s_ptrs = swd_scale_ptr + expert * stride_sse + (offs_n // BLOCK_K) * stride_ssn
+        step_w, stride_s_k = BLOCK_K * stride_swk, stride_ssk
+    else:
+        w_ptrs = wd_ptr + expert * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
+        s_ptrs = wd_scale_ptr + expert * stride_se + (offs_n // BLOCK_K) * stride_sn
+        step_w, stride_s_k = BLOCK_K * stride_wk, stride_sk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
+        k_ok = offs_k < k_end
+        a = load_tile(h_ptrs, row_ok, k_ok, False, EVEN_K, A_CACHE)
+        w = load_tile(w_ptrs, n_ok, k_ok, EVEN_N, EVEN_K, "")
+        if A_MODE == A_MODEL_DTYPE:
+            acc += tl.dot(a, tl.trans(w))
+        else:
+            k_group = k0 // BLOCK_K  # BLOCK_K is the 128-wide quantisation group
+            a_scale = tl.load(h_scale_ptr + row * stride_hsm + k_group * stride_hsk, mask=row_ok, other=0.0,
+                              cache_modifier=A_CACHE)
+            s = tl.load(s_ptrs + k_group * stride_s_k, mask=n_ok, other=0.0)
+            acc += tl.dot(a, tl.trans(w)) * (a_scale[:, None] * s[None, :])
+        h_ptrs += BLOCK_K * stride_hk
+        w_ptrs += step_w
+        offs_k += BLOCK_K
+    if APPLY_WEIGHT:
+        if shared:
+            if SHARED_GATE:
+                acc *= _shared_gate(gate_partial_ptr, token, row_ok, M, GATE_PARTS, gate_parts, MODEL_DTYPE)[:, None]
+        else:
+            acc *= tl.load(pair_weight_ptr + row, mask=row_ok, other=0.0)[:, None]
+    mask = row_ok[:, None] & n_ok[None, :]
+    if DETERMINISTIC:
+        rows = split * stride_out_split + row * stride_out_row
+        tl.store(out_ptr + rows[:, None] + offs_n[None, :], acc, mask=mask)
+    else:
+        tl.atomic_add(out_ptr + token[:, None] * stride_out_row + offs_n[None, :], acc, mask=mask, sem="relaxed")
+
+
+@triton.jit
+def expert_gemm2_kernel(
+    h_ptr, h_scale_ptr, pair_weight_ptr, gate_partial_ptr,
+    stride_hm, stride_hk, stride_hsm, stride_hsk,
+    wd_ptr, wd_scale_ptr, swd_ptr, swd_scale_ptr, out_ptr,
+    split_k, k_per_split, gate_parts,
+    stride_we, stride_wn, stride_wk,
+    stride_se, stride_sn, stride_sk,
+    stride_swe, stride_swn, stride_swk,
+    stride_sse, stride_ssn, stride_ssk,
+    stride_out_split, stride_out_row,
+    sorted_pair_ids_ptr, tile_expert_ptr, num_tiles_ptr,
+    num_pairs, top_k, M, N, K,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
     A_MODE: tl.constexpr,
     APPLY_WEIGHT: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
@@ -83,56 +158,19 @@ def expert_gemm2_kernel(
         # into L2, then wait for GEMM1 to complete and its writes to be visible.
         if PREFETCH_LINES > 0:
             if pid < num_routed * items_per_tile:
-                _prefetch_first_tile(pid, n_blocks, items_per_tile, tile_expert_ptr, wd_ptr, N, K, k_per_split,
-                                     stride_we, stride_wn, stride_wk, BLOCK_N, PREFETCH_LINES)
+                prefetch_item_weights(pid, n_blocks, items_per_tile, tile_expert_ptr, wd_ptr, N, K, k_per_split,
+                                      stride_we, stride_wn, stride_wk, BLOCK_N, PREFETCH_LINES)
         tl.extra.cuda.gdc_wait()
     for item in range(pid, num_items, num_programs):
-        tile = item // items_per_tile
-        rest = item - tile * items_per_tile
-        split = rest // n_blocks
-        n_block = rest - split * n_blocks
-        expert, row, token, row_ok, shared = work_tile(tile, num_routed, m_tiles, tile_expert_ptr, sorted_pair_ids_ptr,
-                                                       num_pairs, top_k, M, BLOCK_M, N_SHARED)
-        offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N
-        k_start = split * k_per_split
-        k_end = tl.minimum(K, k_start + k_per_split)
-        offs_k = k_start + tl.arange(0, BLOCK_K)
-        h_ptrs = h_ptr + row[:, None] * stride_hm + offs_k[None, :] * stride_hk
-        # Routed and shared experts live in different tensors: pick the base and strides per tile.
-        if shared:
-            w_ptrs = swd_ptr + expert * stride_swe + offs_n[:, None] * stride_swn + offs_k[None, :] * stride_swk
-            s_ptrs = swd_scale_ptr + expert * stride_sse + (offs_n // BLOCK_K) * stride_ssn
-            step_w, stride_s_k = BLOCK_K * stride_swk, stride_ssk
-        else:
-            w_ptrs = wd_ptr + expert * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
-            s_ptrs = wd_scale_ptr + expert * stride_se + (offs_n // BLOCK_K) * stride_sn
-            step_w, stride_s_k = BLOCK_K * stride_wk, stride_sk
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(k_start, k_end, BLOCK_K):
-            k_ok = offs_k < k_end
-            a = load_tile(h_ptrs, row_ok, k_ok, False, EVEN_K)
-            w = load_tile(w_ptrs, n_ok, k_ok, EVEN_N, EVEN_K)
-            if A_MODE == A_MODEL_DTYPE:
-                acc += tl.dot(a, tl.trans(w))
-            else:
-                k_group = k0 // BLOCK_K  # BLOCK_K is the 128-wide quantisation group
-                a_scale = tl.load(h_scale_ptr + row * stride_hsm + k_group * stride_hsk, mask=row_ok, other=0.0)
-                s = tl.load(s_ptrs + k_group * stride_s_k, mask=n_ok, other=0.0)
-                acc += tl.dot(a, tl.trans(w)) * (a_scale[:, None] * s[None, :])
-            h_ptrs += BLOCK_K * stride_hk
-            w_ptrs += step_w
-            offs_k += BLOCK_K
-        if APPLY_WEIGHT:
-            if shared:
-                if SHARED_GATE:
-                    acc *= _shared_gate(gate_partial_ptr, token, row_ok, M, GATE_PARTS, gate_parts,
-                                        MODEL_DTYPE)[:, None]
-            else:
-                acc *= tl.load(pair_weight_ptr + row, mask=row_ok, other=0.0)[:, None]
-        mask = row_ok[:, None] & n_ok[None, :]
-        if DETERMINISTIC:
-            rows = split * stride_out_split + row * stride_out_row
-            tl.store(out_ptr + rows[:, None] + offs_n[None, :], acc, mask=mask)
-        else:
-            tl.atomic_add(out_ptr + token[:, None] * stride_out_row + offs_n[None, :], acc, mask=mask, sem="relaxed")
+        gemm2_item(
+            item, n_blocks, items_per_tile, num_routed, m_tiles,
+            h_ptr, h_scale_ptr, pair_weight_ptr, wd_ptr, wd_scale_ptr, swd_ptr, swd_scale_ptr, gate_partial_ptr,
+            out_ptr, sorted_pair_ids_ptr, tile_expert_ptr,
+            num_pairs, top_k, M, N, K, k_per_split, gate_parts,
+            stride_hm, stride_hk, stride_hsm, stride_hsk,
+            stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk,
+            stride_swe, stride_swn, stride_swk, stride_sse, stride_ssn, stride_ssk,
+            stride_out_split, stride_out_row,
+            BLOCK_M, BLOCK_N, BLOCK_K, NUM_STAGES, A_MODE, "", APPLY_WEIGHT, DETERMINISTIC,
+            N_SHARED, SHARED_GATE, GATE_PARTS, MODEL_DTYPE, EVEN_N, EVEN_K,
+        )

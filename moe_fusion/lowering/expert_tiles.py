@@ -100,16 +100,36 @@ def work_tile(tile, num_routed, m_tiles, tile_expert_ptr, sorted_pair_ids_ptr, n
 
 
 @triton.jit
-def load_tile(ptrs, row_ok, col_ok, EVEN_ROWS: tl.constexpr, EVEN_COLS: tl.constexpr):
-    """A 2-D tile whose rows/columns may run past the matrix; EVEN_* drop the masks that cannot fail."""
+def load_tile(ptrs, row_ok, col_ok, EVEN_ROWS: tl.constexpr, EVEN_COLS: tl.constexpr, CACHE: tl.constexpr):
+    """A 2-D tile whose rows/columns may run past the matrix; EVEN_* drop the masks that cannot fail.
+    CACHE: the load's cache modifier (".cg" for data other programs of the same launch wrote)."""
     if EVEN_ROWS and EVEN_COLS:
-        return tl.load(ptrs)
+        return tl.load(ptrs, cache_modifier=CACHE)
     elif EVEN_ROWS:
-        return tl.load(ptrs, mask=col_ok[None, :], other=0.0)
+        return tl.load(ptrs, mask=col_ok[None, :], other=0.0, cache_modifier=CACHE)
     elif EVEN_COLS:
-        return tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+        return tl.load(ptrs, mask=row_ok[:, None], other=0.0, cache_modifier=CACHE)
     else:
-        return tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        return tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0, cache_modifier=CACHE)
+
+
+@triton.jit
+def quantize_h_group(h_ptr, hq_ptr, hs_ptr, row, row_ok, group, N, stride_hm, stride_hqm, stride_hsm):
+    """h[row, 128-column group] -> fp8 and its scale, with fp8_act_quant_kernel's arithmetic; h
+    was written by other programs of the same launch, so it is read from L2 (.cg)."""
+    cols = group * FP8_GROUP + tl.arange(0, FP8_GROUP)
+    mask = row_ok[:, None] & (cols[None, :] < N)
+    h = tl.load(h_ptr + row[:, None] * stride_hm + cols[None, :], mask=mask, other=0.0,
+                cache_modifier=".cg").to(tl.float32)
+    scale = group_scale(tl.max(tl.abs(h), axis=1))
+    tl.store(hq_ptr + row[:, None] * stride_hqm + cols[None, :], quantize_with_scale(h, scale[:, None]), mask=mask)
+    tl.store(hs_ptr + row * stride_hsm + group, scale, mask=row_ok)
+
+
+@triton.jit
+def zero_block(ptr, base, numel, BLOCK: tl.constexpr):
+    offs = base + tl.arange(0, BLOCK)
+    tl.store(ptr + offs, tl.zeros((BLOCK,), tl.float32), mask=offs < numel)
 
 
 @triton.jit

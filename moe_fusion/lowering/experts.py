@@ -34,6 +34,7 @@ from . import expert_configs, reference
 from .expert_configs import ExpertConfig, ProblemKey
 from .expert_gemm1_kernel import expert_gemm1_kernel
 from .expert_gemm2_kernel import expert_gemm2_kernel
+from . import expert_block_kernel
 from . import expert_tiles
 from .fp8_act_quant_kernel import fp8_act_quant_kernel
 from .fp8_weight_quant_kernel import fp8_weight_quant_kernel
@@ -55,6 +56,8 @@ PREFETCH_BYTES = 64 * 1024
 # default: on the H100 (run 5) it was 6-7 us slower at dsv3-ep8 M = 1-2 and 1 us faster at M = 4
 # (the ticket's barrier and acq_rel atomic after every GEMM1 item cost more than the launch saved).
 FUSED_H_QUANT = os.environ.get("MOE_FUSION_FP8_H_QUANT", "kernel") == "gemm1"
+# A/B under test: per-loop pipelining (tl.range num_stages) also pipelines the scale loads.
+LOOP_STAGES = os.environ.get("MOE_FUSION_LOOP_STAGES", "1") == "1"
 
 log = logging.getLogger("moe_fusion.lowering")
 
@@ -342,9 +345,12 @@ def run_experts(
     )
     launch.allocate(config, deterministic, out_dtype)
     launch.quantize_input(x_fp8, x_scale)
-    launch.gemm1(config)
-    launch.quantize_h()
-    launch.gemm2(config)
+    if config.single_launch:
+        launch.expert_block(config)
+    else:
+        launch.gemm1(config)
+        launch.quantize_h()
+        launch.gemm2(config)
     return launch.finalize()
 
 
@@ -427,88 +433,135 @@ class ExpertLaunch:
 
     def gemm1(self, config: ExpertConfig) -> None:
         M, H = self.x.shape
-        num_pairs, I = self.topk_ids.numel(), self.experts.w_gate.shape[1]
-        sorted_pair_ids, tile_expert, num_tiles = self.alignment
         g = config.gemm1
-        tiles = tile_expert.numel() + self.n_shared * triton.cdiv(M, config.block_m)
-        items = tiles * triton.cdiv(I, g.block_n)
+        tiles = self._work_tiles(config)
+        items = tiles * triton.cdiv(self.experts.w_gate.shape[1], g.block_n)
         grid = max(1, min(items, self.num_sms * g.programs_per_sm))
-        zero_numel = 0 if self.deterministic else M * H  # GEMM2's atomic accumulator
-        e, (sg, su, _) = self.experts, self.scales
-        se, (ssg, ssu, _) = (self.shared.experts if self.shared is not None else e), self.shared_scales
-        gated = self.shared is not None and self.shared.gate is not None
-        gate_w = self.shared.gate if gated else self.pair_weights
-        if gated:  # one partial dot of the gate logit per K block of GEMM1, summed by GEMM2
-            self.gate_partial = _buffer((triton.cdiv(H, g.block_k), M), torch.float32, self.x.device)
-        quant_h = e.fp8 and FUSED_H_QUANT and g.block_n <= FP8_BLOCK
-        hq, hs = (self.h_fp8, self.h_scale) if e.fp8 else (self.h, self.pair_weights)
-        tickets = _ticket_buffer(self.x.device, tiles * triton.cdiv(I, FP8_BLOCK)) if quant_h else self.pair_weights
+        quant_h = self.experts.fp8 and FUSED_H_QUANT and g.block_n <= FP8_BLOCK
+        tickets = (_ticket_buffer(self.x.device, tiles * triton.cdiv(self.experts.w_gate.shape[1], FP8_BLOCK))
+                   if quant_h else self.pair_weights)
+        operands, constants = self._gemm1_operands(config)
         expert_gemm1_kernel[(grid,)](
-            self.a, self.a_scale, self.pair_weights,
-            e.w_gate, e.w_up, sg, su,
-            se.w_gate, se.w_up, ssg, ssu,
-            self.x, gate_w, self.gate_partial,
-            self.h, self.partial, hq, hs, tickets,
-            sorted_pair_ids, tile_expert, num_tiles,
-            num_pairs, self.a_row_divisor, M, I, H, zero_numel,
-            *self.a.stride(), *_stride2(self.a_scale),
-            *e.w_gate.stride(), *e.w_up.stride(),
-            *sg.stride(), *su.stride(),
-            *se.w_gate.stride(), *se.w_up.stride(),
-            *ssg.stride(), *ssu.stride(),
-            *self.x.stride(), self.h.stride(0), hq.stride(0), hs.stride(0),
-            BLOCK_M=config.block_m, BLOCK_N=g.block_n, BLOCK_K=g.block_k,
-            A_MODE=A_FP8 if e.fp8 else A_MODEL_DTYPE,
-            WEIGHT_ON_INPUT=self.weight_on_input and not e.fp8,
-            N_SHARED=self.n_shared, SHARED_GATE=gated, QUANT_H=quant_h, EVEN_N=I % g.block_n == 0,
-            EVEN_K=H % g.block_k == 0, ZERO_BLOCK=ZERO_BLOCK, USE_PDL=self.use_pdl,
-            num_warps=g.num_warps, num_stages=g.num_stages,
+            *operands, self.partial, tickets, *self.alignment,
+            self.topk_ids.numel(), self.a_row_divisor, M, self.experts.w_gate.shape[1], H, self._zero_numel(),
+            **constants, BLOCK_N=g.block_n, BLOCK_K=g.block_k, NUM_STAGES=_loop_stages(g), QUANT_H=quant_h,
+            EVEN_N=self.experts.w_gate.shape[1] % g.block_n == 0, EVEN_K=H % g.block_k == 0,
+            ZERO_BLOCK=ZERO_BLOCK, USE_PDL=self.use_pdl, num_warps=g.num_warps, num_stages=g.num_stages,
         )
         self.h_quantized = quant_h
 
     def gemm2(self, config: ExpertConfig) -> None:
         H = self.x.shape[1]
-        num_pairs, I = self.topk_ids.numel(), self.experts.w_gate.shape[1]
-        sorted_pair_ids, tile_expert, num_tiles = self.alignment
+        I = self.experts.w_gate.shape[1]
         g = config.gemm2
-        if g.split_k != self.split_k:
-            raise ValueError("buffers were allocated for another split_k")
         M = self.x.shape[0]
-        k_per_split = triton.cdiv(triton.cdiv(I, g.split_k), g.block_k) * g.block_k
-        tiles = tile_expert.numel() + self.n_shared * triton.cdiv(M, config.block_m)
-        items = tiles * triton.cdiv(H, g.block_n) * g.split_k
+        items = self._work_tiles(config) * triton.cdiv(H, g.block_n) * g.split_k
         grid = max(1, min(items, self.num_sms * g.programs_per_sm))
-        sd, ssd = self.scales[2], self.shared_scales[2]
-        swd = self.shared.experts.w_down if self.shared is not None else self.experts.w_down
-        gated = self.shared is not None and self.shared.gate is not None
-        gate_parts = self.gate_partial.shape[0] if gated else 1
-        a, a_scale = (self.h_fp8, self.h_scale) if self.experts.fp8 else (self.h, sd[0])
+        a, a_scale = (self.h_fp8, self.h_scale) if self.experts.fp8 else (self.h, self.scales[2][0])
+        operands, constants = self._gemm2_operands(config)
         prefetch_lines = 0
         if self.use_pdl:
-            line_elems = 128 // self.experts.w_down.element_size()
-            lines = min(triton.cdiv(k_per_split, line_elems), PREFETCH_BYTES // 128 // g.block_n)
-            prefetch_lines = triton.next_power_of_2(lines) if lines > 0 else 0
+            prefetch_lines = self._prefetch_lines(g, min(self._k_per_split(g),
+                                                         PREFETCH_BYTES // g.block_n // self.experts.w_down.element_size()))
         extra = {"launch_pdl": True} if self.use_pdl else {}
         expert_gemm2_kernel[(grid,)](
-            a, a_scale, self.pair_weights,
-            self.experts.w_down, sd, swd, ssd, self.gate_partial,
-            self.partial,
-            sorted_pair_ids, tile_expert, num_tiles,
-            num_pairs, self.topk_ids.shape[1], M, H, I, g.split_k, k_per_split, gate_parts,
-            *a.stride(), *a_scale.stride(),
-            *self.experts.w_down.stride(),
-            *sd.stride(),
-            *swd.stride(), *ssd.stride(),
-            self.partial.stride(0) if self.deterministic else 0, H,
-            BLOCK_M=config.block_m, BLOCK_N=g.block_n, BLOCK_K=g.block_k,
-            A_MODE=A_FP8 if self.experts.fp8 else A_MODEL_DTYPE,
-            APPLY_WEIGHT=not self.weight_on_input, DETERMINISTIC=self.deterministic,
-            N_SHARED=self.n_shared, SHARED_GATE=gated, GATE_PARTS=triton.next_power_of_2(gate_parts),
-            MODEL_DTYPE=_TL_DTYPES[self.x.dtype],
+            a, a_scale, self.pair_weights, self.gate_partial, *a.stride(), *a_scale.stride(),
+            *operands, *self.alignment, self.topk_ids.numel(), self.topk_ids.shape[1], M, H, I,
+            **constants, BLOCK_N=g.block_n, BLOCK_K=g.block_k, NUM_STAGES=_loop_stages(g),
             EVEN_N=H % g.block_n == 0, EVEN_K=I % g.block_k == 0,
             USE_PDL=self.use_pdl, PREFETCH_LINES=prefetch_lines,
             num_warps=g.num_warps, num_stages=g.num_stages, **extra,
         )
+
+    def expert_block(self, config: ExpertConfig) -> None:
+        """GEMM1, the fp8 h quantisation and GEMM2 in one launch (expert_block_kernel)."""
+        M, H = self.x.shape
+        I = self.experts.w_gate.shape[1]
+        g1, g2 = config.gemm1, config.gemm2
+        tiles = self._work_tiles(config)
+        groups = triton.cdiv(I, FP8_BLOCK) if self.experts.fp8 else 0
+        items = (triton.cdiv(self._zero_numel(), ZERO_BLOCK)
+                 + tiles * (triton.cdiv(I, g1.block_n) + groups + triton.cdiv(H, g2.block_n) * g2.split_k))
+        grid = max(1, min(items, self.num_sms * max(g1.programs_per_sm, g2.programs_per_sm)))
+        counters = _ticket_buffer(self.x.device, expert_block_kernel.FIXED_COUNTERS + 2 * tiles)
+        operands1, constants = self._gemm1_operands(config)
+        operands2, constants2 = self._gemm2_operands(config)
+        constants.update(constants2)  # the keys they share have the same values
+        expert_block_kernel.expert_block_kernel[(grid,)](
+            *operands1, *operands2, *self.alignment, counters,
+            self.topk_ids.numel(), self.a_row_divisor, M, H, I, self._zero_numel(), tiles,
+            **constants,
+            BLOCK_N1=g1.block_n, BLOCK_K1=g1.block_k, STAGES1=_loop_stages(g1),
+            BLOCK_N2=g2.block_n, BLOCK_K2=g2.block_k, STAGES2=_loop_stages(g2),
+            EVEN_N1=I % g1.block_n == 0, EVEN_K1=H % g1.block_k == 0,
+            EVEN_N2=H % g2.block_n == 0, EVEN_K2=I % g2.block_k == 0,
+            ZERO_BLOCK=ZERO_BLOCK, PREFETCH_LINES=self._prefetch_lines(g2, self._k_per_split(g2)),
+            num_warps=max(g1.num_warps, g2.num_warps), num_stages=max(g1.num_stages, g2.num_stages),
+        )
+        self.h_quantized = True
+
+    def _gemm1_operands(self, config: ExpertConfig):
+        """GEMM1's tensors and strides (expert_gemm1_kernel's leading arguments) and its
+        constexprs that do not depend on the tile sizes."""
+        e, (sg, su, _) = self.experts, self.scales
+        se, (ssg, ssu, _) = (self.shared.experts if self.shared is not None else e), self.shared_scales
+        gated = self.shared is not None and self.shared.gate is not None
+        if gated:  # one partial dot of the gate logit per K block of GEMM1, summed by GEMM2
+            self.gate_partial = _buffer((triton.cdiv(self.x.shape[1], config.gemm1.block_k), self.x.shape[0]),
+                                        torch.float32, self.x.device)
+        hq, hs = (self.h_fp8, self.h_scale) if e.fp8 else (self.h, self.pair_weights)
+        operands = (
+            self.a, self.a_scale, self.pair_weights,
+            e.w_gate, e.w_up, sg, su,
+            se.w_gate, se.w_up, ssg, ssu,
+            self.x, self.shared.gate if gated else self.pair_weights, self.gate_partial,
+            self.h, hq, hs,
+            *self.a.stride(), *_stride2(self.a_scale),
+            *e.w_gate.stride(), *e.w_up.stride(), *sg.stride(), *su.stride(),
+            *se.w_gate.stride(), *se.w_up.stride(), *ssg.stride(), *ssu.stride(),
+            *self.x.stride(), self.h.stride(0), hq.stride(0), hs.stride(0),
+        )
+        constants = dict(BLOCK_M=config.block_m, A_MODE=A_FP8 if e.fp8 else A_MODEL_DTYPE,
+                         WEIGHT_ON_INPUT=self.weight_on_input and not e.fp8, N_SHARED=self.n_shared,
+                         SHARED_GATE=gated)
+        return operands, constants
+
+    def _gemm2_operands(self, config: ExpertConfig):
+        """GEMM2's weights, output and strides (the middle arguments of expert_gemm2_kernel) and
+        its constexprs that do not depend on the tile sizes; call after _gemm1_operands."""
+        g = config.gemm2
+        if g.split_k != self.split_k:
+            raise ValueError("buffers were allocated for another split_k")
+        sd, ssd = self.scales[2], self.shared_scales[2]
+        swd = self.shared.experts.w_down if self.shared is not None else self.experts.w_down
+        gated = self.shared is not None and self.shared.gate is not None
+        gate_parts = self.gate_partial.shape[0] if gated else 1
+        operands = (
+            self.experts.w_down, sd, swd, ssd, self.partial,
+            g.split_k, self._k_per_split(g), gate_parts,
+            *self.experts.w_down.stride(), *sd.stride(), *swd.stride(), *ssd.stride(),
+            self.partial.stride(0) if self.deterministic else 0, self.x.shape[1],
+        )
+        constants = dict(BLOCK_M=config.block_m, A_MODE=A_FP8 if self.experts.fp8 else A_MODEL_DTYPE,
+                         APPLY_WEIGHT=not self.weight_on_input,
+                         DETERMINISTIC=self.deterministic, N_SHARED=self.n_shared, SHARED_GATE=gated,
+                         GATE_PARTS=triton.next_power_of_2(gate_parts), MODEL_DTYPE=_TL_DTYPES[self.x.dtype])
+        return operands, constants
+
+    def _work_tiles(self, config: ExpertConfig) -> int:
+        """Static bound on token tiles: the alignment's, then the shared experts' dense tail."""
+        return self.alignment[1].numel() + self.n_shared * triton.cdiv(self.x.shape[0], config.block_m)
+
+    def _zero_numel(self) -> int:
+        return 0 if self.deterministic else self.partial.numel()  # GEMM2's atomic accumulator
+
+    def _k_per_split(self, g) -> int:
+        return triton.cdiv(triton.cdiv(self.experts.w_gate.shape[1], g.split_k), g.block_k) * g.block_k
+
+    def _prefetch_lines(self, g, k_elements: int) -> int:
+        """128-byte lines per Wd row that one GEMM2 item prefetches to cover k_elements (a power of 2)."""
+        lines = triton.cdiv(k_elements * self.experts.w_down.element_size(), 128)
+        return triton.next_power_of_2(lines) if lines > 0 else 0
 
     def finalize(self) -> torch.Tensor:
         if not self.deterministic:
@@ -558,6 +611,10 @@ def _ticket_buffer(device: torch.device, numel: int) -> torch.Tensor:
                 _retired_tickets.append(old)
             _tickets[key] = fresh
     return _tickets[keys[0]]
+
+
+def _loop_stages(g):
+    return g.num_stages if LOOP_STAGES else None
 
 
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from .align_kernel import align_pairs_cta
+from .grid_sync import count_done, wait_until
 from .topk_kernel import route_rows
 
 
@@ -83,22 +84,6 @@ def _router_kernel(
 
 
 @triton.jit
-def _count_done(counter_ptr):
-    # Every thread's stores are issued before the one release below that publishes them.
-    tl.debug_barrier()
-    tl.atomic_add(counter_ptr, 1, sem="release")
-
-
-@triton.jit
-def _wait_until(counter_ptr, target, PDL: tl.constexpr):
-    if PDL:
-        tl.extra.cuda.gdc_wait()  # the counters are zeroed by the norm kernel
-    done = tl.atomic_add(counter_ptr, 0, sem="acquire")
-    while done < target:
-        done = tl.atomic_add(counter_ptr, 0, sem="acquire")
-
-
-@triton.jit
 def _router_route_align_kernel(
     a_ptr, stride_am, w_ptr, stride_we, stride_wk, logits_ptr, stride_lm, counters_ptr, M, E, H, k_per_program,
     k_splits, gemm_programs, route_programs,
@@ -126,15 +111,19 @@ def _router_route_align_kernel(
         cols = col0 + tl.arange(0, BE)
         tl.atomic_add(logits_ptr + rows[:, None] * stride_lm + cols[None, :], acc,
                       mask=(rows[:, None] < M) & (cols[None, :] < E), sem="relaxed")
-        _count_done(counters_ptr)
+        count_done(counters_ptr)
     elif pid < gemm_programs + route_programs:
-        _wait_until(counters_ptr, gemm_programs, PDL)
+        if PDL:
+            tl.extra.cuda.gdc_wait()  # the counters are zeroed by the norm kernel
+        wait_until(counters_ptr, gemm_programs)
         route_rows(logits_ptr, stride_lm, bias_ptr, ids_ptr, weights_ptr, stride_om, (pid - gemm_programs) * ROWS, M,
                    renorm_eps, routed_scale, ROWS, N_GROUP, G_PAD, EPG, EPG_PAD, TOP_K, K_PAD, TOPK_GROUP, SCORING,
                    SCORE_BEFORE_TOPK, HAS_BIAS, GROUP_MAX, RENORMALIZE, ROUND_TO, True)
         if ALIGN:
-            _count_done(counters_ptr + 1)
+            count_done(counters_ptr + 1)
     else:
-        _wait_until(counters_ptr + 1, route_programs, PDL)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        wait_until(counters_ptr + 1, route_programs)
         align_pairs_cta(ids_ptr, stride_om, map_ptr, sorted_ptr, tile_expert_ptr, num_tiles_ptr, M, L, block_m,
                         max_tiles, TOKENS, L_PAD, TOP_K, HAS_MAP, ONE_CHUNK)

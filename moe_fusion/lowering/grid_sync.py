@@ -1,0 +1,36 @@
+"""Counters in global memory through which the programs of one launch wait for each other.
+
+A producer program counts itself done with a release after a CTA barrier (every thread's
+stores are issued before the one atomic that publishes them); a consumer spins on an acquire
+read until the count is reached. Data published this way must be read with ``.cg`` loads (L2,
+never a stale L1 line) or volatile loads.
+
+Waiting is only safe when every program waited for is already running or finished: the
+kernels guarantee it by putting waiters after producers in the grid (the GPU dispatches
+programs in id order) or by handing out work items in order from a counter (``next_item``).
+The Triton interpreter runs programs one after another in id order, so it finds every
+counter complete.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def count_done(counter_ptr):
+    tl.debug_barrier()
+    tl.atomic_add(counter_ptr, 1, sem="release")
+
+
+@triton.jit
+def wait_until(counter_ptr, target):
+    done = tl.atomic_add(counter_ptr, 0, sem="acquire")
+    while done < target:
+        done = tl.atomic_add(counter_ptr, 0, sem="acquire")
+
+
+@triton.jit
+def next_item(counter_ptr):
+    """The next work item of a launch that hands them out in order: an item a program waits for
+    has a lower index, so it was taken by a program that is running (or done), and no grid size
+    can deadlock."""
+    return tl.atomic_add(counter_ptr, 1, sem="relaxed")
