@@ -190,8 +190,8 @@ def bench_shape(name: str, shape: Shape, e: experts.ExpertTensors, dtype: str, b
         if e.fp8:  # x quantised by the preamble, as in the whole layer: no activation-quant launch
             given = [(s.x, s.ids, s.weights, al, *reference.quantize_fp8_groups(s.x)) for s, (_, _, _, al)
                      in zip(sets, aligned)]
-            for key, c in (("ours_x_fp8_given_us", cfg), ("other_launch_mode_x_fp8_given_us", one_launch)):
-                row[key] = graph_replay_us(
+            for column, c in (("ours_x_fp8_given_us", cfg), ("other_launch_mode_x_fp8_given_us", one_launch)):
+                row[column] = graph_replay_us(
                     lambda x, ids, w, al, xq, xs: experts.run_experts(x, ids, w, e, alignment=al, config=c,
                                                                       x_fp8=xq, x_scale=xs), given, **targs)
         row["ours_deterministic_us"] = graph_replay_us(lambda *a: ours(*a, det=True), aligned, **targs)
@@ -229,22 +229,27 @@ def bench_shape(name: str, shape: Shape, e: experts.ExpertTensors, dtype: str, b
 
 
 def profile_point(name: str, shape: Shape, e: experts.ExpertTensors, dtype: str, m: int):
-    """Kernel times of one call (torch.profiler, eager launches, averaged over input sets)."""
+    """Kernel times of one call in each launch mode (torch.profiler, eager launches, averaged over
+    input sets)."""
     sets = tune_experts.input_sets(shape, e, m, N_SETS, seed=7)
-    for s in sets:
-        experts.run_experts(s.x, s.ids, s.weights, e)
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    dev_name, sms = experts.device_facts(torch.device("cuda"))
+    table = expert_configs.lookup(tune_experts._key(shape, dtype), m, dev_name, sms)[0]
+    for cfg in (table, dataclasses.replace(table, single_launch=not table.single_launch)):
         for s in sets:
-            experts.run_experts(s.x, s.ids, s.weights, e)
+            experts.run_experts(s.x, s.ids, s.weights, e, config=cfg)
         torch.cuda.synchronize()
-    per_kernel = {}
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            per_kernel[ev.name] = per_kernel.get(ev.name, 0.0) + ev.time_range.elapsed_us() / len(sets)
-    RESULTS.setdefault("profiles", []).append(dict(shape=name, dtype=dtype, M=m, kernel_us=per_kernel))
-    log(f"profile {name} {dtype} M={m}: " + ", ".join(f"{k[:40]} {v:.1f} us" for k, v in
-                                                     sorted(per_kernel.items(), key=lambda kv: -kv[1])))
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for s in sets:
+                experts.run_experts(s.x, s.ids, s.weights, e, config=cfg)
+            torch.cuda.synchronize()
+        per_kernel = {}
+        for ev in prof.events():
+            if ev.device_type == torch.autograd.DeviceType.CUDA:
+                per_kernel[ev.name] = per_kernel.get(ev.name, 0.0) + ev.time_range.elapsed_us() / len(sets)
+        mode = "one launch" if cfg.single_launch else "chain"
+        RESULTS.setdefault("profiles", []).append(dict(shape=name, dtype=dtype, M=m, mode=mode, kernel_us=per_kernel))
+        log(f"profile {name} {dtype} M={m} {mode}: " + ", ".join(
+            f"{k[:40]} {v:.1f} us" for k, v in sorted(per_kernel.items(), key=lambda kv: -kv[1])))
 
 
 def save(out_dir: str):
@@ -278,7 +283,8 @@ def main():
     p.add_argument("--baselines", action="store_true")
     p.add_argument("--inductor-shapes", default="mixtral,dsv3-ep8")
     p.add_argument("--inductor-budget-s", type=float, default=200, help="no Inductor compile after this")
-    p.add_argument("--profile", action="store_true", help="kernel times at M = 1 and 64")
+    p.add_argument("--profile", action="store_true", help="kernel times at --profile-m")
+    p.add_argument("--profile-m", default="1,64")
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--dtypes", default="bfloat16,fp8")
     p.add_argument("--m", default=",".join(map(str, M_VALUES)))
@@ -306,7 +312,7 @@ def main():
                                and time.time() - t_start < args.inductor_budget_s)
                 bench_shape(name, shape, e, dtype, bw, args.baselines, inductor_ok, [int(m) for m in args.m.split(",")])
             if args.profile:
-                for m in (1, 64):
+                for m in map(int, args.profile_m.split(",")):
                     try:
                         profile_point(name, shape, e, dtype, m)
                     except Exception as exc:  # the profile explains numbers; it must not lose them

@@ -180,6 +180,17 @@ def test_fp8_matches_reference_emulation(given_x_fp8, deterministic):
     assert _rel_err(out, _reference(spec, x, ids, weights, w)) < FP8_TOL
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_fp8_k_steps_of_several_scale_groups(deterministic):
+    """BLOCK_K = 256: two 128-wide groups per K step, each with its own scales; H = 200 and
+    I = 136 end inside a step's second group, and GEMM2's second split is empty."""
+    spec, w, x = _fp8_case(seed=9, M=7)
+    ids, weights = _routing(spec, 7)
+    cfg = ExpertConfig(16, GemmTiles(32, 256, programs_per_sm=1), GemmTiles(32, 256, split_k=2, programs_per_sm=1))
+    out = experts.fused_experts(spec, x, ids, weights, w, config=cfg, deterministic=deterministic)
+    assert _rel_err(out, _reference(spec, x, ids, weights, w)) < FP8_TOL
+
+
 def test_fp8_activation_quantisation_kernel_matches_reference():
     spec, w, x = _fp8_case(seed=6, M=5)
     ids, weights = _routing(spec, 5)
@@ -430,7 +441,7 @@ def test_unsupported_inputs_are_refused_with_a_reason():
         experts.fused_experts(spec, _x(4, spec.hidden_size), ids, weights, w)
     bad = ExpertConfig(16, GemmTiles(16, 64), GemmTiles(16, 128))
     spec8, w8 = experts.quantize_expert_weights_fp8(spec, w)
-    with pytest.raises(experts.Unsupported, match="block_k must be 128"):
+    with pytest.raises(experts.Unsupported, match="multiple of 128"):
         experts.fused_experts(spec8, _x(3, spec.hidden_size), ids, weights, w8, config=bad)
 
 

@@ -16,6 +16,13 @@ programs, whatever the grid size: GEMM2's weight stream starts while GEMM1's tai
 no launch boundary separates the phases. The last program to finish re-arms the counters
 (a zeroed buffer that persists between launches, experts._ticket_buffer).
 
+Visibility: GEMM2 reads h (fp8: h_fp8 and h_scale) with the same pipelined loads as
+expert_gemm2_kernel, and small ones may be served by the SM's L1, which is not coherent
+within a launch. The buffers' rows are padded to whole 128-byte lines (experts._row_buffer),
+so a line that a GEMM2 item reads holds rows of its own, ready tile only, never a row that
+another tile has yet to write; L1 holds nothing from before the launch. Data read once per
+item (h by the quantisation items, the gate partials) is read from L2 (.cg).
+
 Counters: [next item, programs finished, zeroing items done, GEMM1 items done per tile
 (max_tiles), h groups quantised per tile (max_tiles)].
 """
@@ -72,7 +79,7 @@ def expert_block_kernel(
     num_pairs, top_k, M, H, I, zero_numel, max_tiles,
     BLOCK_M: tl.constexpr,
     BLOCK_N1: tl.constexpr, BLOCK_K1: tl.constexpr, STAGES1: tl.constexpr,
-    BLOCK_N2: tl.constexpr, BLOCK_K2: tl.constexpr, STAGES2: tl.constexpr,
+    BLOCK_N2: tl.constexpr, BLOCK_K2: tl.constexpr, STAGES2: tl.constexpr, SUB_K1: tl.constexpr, SUB_K2: tl.constexpr,
     A_MODE: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr, APPLY_WEIGHT: tl.constexpr, DETERMINISTIC: tl.constexpr,
     N_SHARED: tl.constexpr, SHARED_GATE: tl.constexpr, GATE_PARTS: tl.constexpr, MODEL_DTYPE: tl.constexpr,
     EVEN_N1: tl.constexpr, EVEN_K1: tl.constexpr, EVEN_N2: tl.constexpr, EVEN_K2: tl.constexpr,
@@ -117,7 +124,7 @@ def expert_block_kernel(
                 stride_swge, stride_swgn, stride_swgk, stride_swue, stride_swun, stride_swuk,
                 stride_ssge, stride_ssgn, stride_ssgk, stride_ssue, stride_ssun, stride_ssuk,
                 stride_gxm, stride_gxk, stride_hm, stride_hqm, stride_hsm,
-                BLOCK_M, BLOCK_N1, BLOCK_K1, STAGES1, A_MODE, WEIGHT_ON_INPUT, N_SHARED, SHARED_GATE, False,
+                BLOCK_M, BLOCK_N1, BLOCK_K1, SUB_K1, STAGES1, A_MODE, WEIGHT_ON_INPUT, N_SHARED, SHARED_GATE, False,
                 EVEN_N1, EVEN_K1,
             )
             count_done(gemm1_done + tile)
@@ -132,7 +139,7 @@ def expert_block_kernel(
         else:
             item2 = item - gemm2_start
             tile = item2 // items_per_tile2
-            if CAN_PREFETCH:
+            if CAN_PREFETCH and PREFETCH_LINES > 0:
                 if tile < num_routed:
                     prefetch_item_weights(item2, n_blocks2, items_per_tile2, tile_expert_ptr, wd_ptr, H, I,
                                           k_per_split, stride_we, stride_wn, stride_wk, BLOCK_N2, PREFETCH_LINES)
@@ -157,7 +164,7 @@ def expert_block_kernel(
                 stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk,
                 stride_swe, stride_swn, stride_swk, stride_sse, stride_ssn, stride_ssk,
                 stride_out_split, stride_out_row,
-                BLOCK_M, BLOCK_N2, BLOCK_K2, STAGES2, A_MODE, ".cg", APPLY_WEIGHT, DETERMINISTIC,
+                BLOCK_M, BLOCK_N2, BLOCK_K2, SUB_K2, STAGES2, A_MODE, APPLY_WEIGHT, DETERMINISTIC,
                 N_SHARED, SHARED_GATE, GATE_PARTS, MODEL_DTYPE, EVEN_N2, EVEN_K2,
             )
         item = next_item(counters_ptr + NEXT_ITEM)

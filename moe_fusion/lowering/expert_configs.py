@@ -121,8 +121,8 @@ def _largest_block_n(rows: float, target: int, choices) -> int:
 def validate(cfg: ExpertConfig, fp8: bool) -> Optional[str]:
     """Why a configuration cannot run, or None."""
     for name, g in (("gemm1", cfg.gemm1), ("gemm2", cfg.gemm2)):
-        if fp8 and g.block_k != FP8_GROUP:
-            return f"{name}.block_k must be {FP8_GROUP} for fp8 (one scale per K block), got {g.block_k}"
+        if fp8 and g.block_k % FP8_GROUP:
+            return f"{name}.block_k must be a multiple of {FP8_GROUP} for fp8 (whole scale groups), got {g.block_k}"
         if g.block_n < 16 or g.block_k < 16 or cfg.block_m < 16:
             return f"{name}: tl.dot needs blocks of at least 16"
         if g.split_k < 1:

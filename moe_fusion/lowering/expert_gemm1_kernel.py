@@ -78,8 +78,8 @@ def gemm1_item(
     stride_swge, stride_swgn, stride_swgk, stride_swue, stride_swun, stride_swuk,
     stride_ssge, stride_ssgn, stride_ssgk, stride_ssue, stride_ssun, stride_ssuk,
     stride_gxm, stride_gxk, stride_hm, stride_hqm, stride_hsm,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
-    A_MODE: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr,
+    NUM_STAGES: tl.constexpr, A_MODE: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr,
     N_SHARED: tl.constexpr, SHARED_GATE: tl.constexpr, QUANT_H: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
 ):
@@ -90,50 +90,51 @@ def gemm1_item(
                                                    num_pairs, top_k, M, BLOCK_M, N_SHARED)
     offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_k = tl.arange(0, SUB_K)
     x_ptrs = x_ptr + token[:, None] * stride_xm + offs_k[None, :] * stride_xk
     # Routed and shared experts live in different tensors: pick the base and strides per tile.
     if shared:
         wg_ptrs = swg_ptr + expert * stride_swge + offs_n[:, None] * stride_swgn + offs_k[None, :] * stride_swgk
         wu_ptrs = swu_ptr + expert * stride_swue + offs_n[:, None] * stride_swun + offs_k[None, :] * stride_swuk
-        sg_ptrs = swg_scale_ptr + expert * stride_ssge + (offs_n // BLOCK_K) * stride_ssgn
-        su_ptrs = swu_scale_ptr + expert * stride_ssue + (offs_n // BLOCK_K) * stride_ssun
-        step_g, step_u = BLOCK_K * stride_swgk, BLOCK_K * stride_swuk
+        sg_ptrs = swg_scale_ptr + expert * stride_ssge + (offs_n // FP8_GROUP) * stride_ssgn
+        su_ptrs = swu_scale_ptr + expert * stride_ssue + (offs_n // FP8_GROUP) * stride_ssun
+        kstride_g, kstride_u = stride_swgk, stride_swuk
         step_sg, step_su = stride_ssgk, stride_ssuk
     else:
         wg_ptrs = wg_ptr + expert * stride_wge + offs_n[:, None] * stride_wgn + offs_k[None, :] * stride_wgk
         wu_ptrs = wu_ptr + expert * stride_wue + offs_n[:, None] * stride_wun + offs_k[None, :] * stride_wuk
-        sg_ptrs = wg_scale_ptr + expert * stride_sge + (offs_n // BLOCK_K) * stride_sgn
-        su_ptrs = wu_scale_ptr + expert * stride_sue + (offs_n // BLOCK_K) * stride_sun
-        step_g, step_u = BLOCK_K * stride_wgk, BLOCK_K * stride_wuk
+        sg_ptrs = wg_scale_ptr + expert * stride_sge + (offs_n // FP8_GROUP) * stride_sgn
+        su_ptrs = wu_scale_ptr + expert * stride_sue + (offs_n // FP8_GROUP) * stride_sun
+        kstride_g, kstride_u = stride_wgk, stride_wuk
         step_sg, step_su = stride_sgk, stride_suk
     if WEIGHT_ON_INPUT:
         pair_weight = tl.load(pair_weight_ptr + row, mask=row_ok, other=0.0)
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
-        k_ok = offs_k < K - k0
-        a = load_tile(x_ptrs, row_ok, k_ok, False, EVEN_K, "")
-        wg = load_tile(wg_ptrs, n_ok, k_ok, EVEN_N, EVEN_K, "")
-        wu = load_tile(wu_ptrs, n_ok, k_ok, EVEN_N, EVEN_K, "")
-        if WEIGHT_ON_INPUT:
-            # The routing weight scales the expert's input, rounded as the reference does.
-            a = (a.to(tl.float32) * pair_weight[:, None]).to(x_ptr.dtype.element_ty)
-        if A_MODE == A_MODEL_DTYPE:
-            acc_g += tl.dot(a, tl.trans(wg))
-            acc_u += tl.dot(a, tl.trans(wu))
-        else:
-            k_group = k0 // BLOCK_K  # BLOCK_K is the 128-wide quantisation group
-            a_scale = tl.load(x_scale_ptr + token * stride_xsm + k_group * stride_xsk, mask=row_ok, other=0.0)
-            sg = tl.load(sg_ptrs, mask=n_ok, other=0.0)
-            su = tl.load(su_ptrs, mask=n_ok, other=0.0)
-            acc_g += tl.dot(a, tl.trans(wg)) * (a_scale[:, None] * sg[None, :])
-            acc_u += tl.dot(a, tl.trans(wu)) * (a_scale[:, None] * su[None, :])
-            sg_ptrs += step_sg
-            su_ptrs += step_su
-        x_ptrs += BLOCK_K * stride_xk
-        wg_ptrs += step_g
-        wu_ptrs += step_u
+        # fp8: one dot per 128-wide scale group; a K step of several groups reads longer runs
+        # of each weight row at once (DRAM locality).
+        for sub in tl.static_range(BLOCK_K // SUB_K):
+            k_sub = k0 + sub * SUB_K
+            k_ok = offs_k < K - k_sub
+            a = load_tile(x_ptrs + k_sub * stride_xk, row_ok, k_ok, False, EVEN_K)
+            wg = load_tile(wg_ptrs + k_sub * kstride_g, n_ok, k_ok, EVEN_N, EVEN_K)
+            wu = load_tile(wu_ptrs + k_sub * kstride_u, n_ok, k_ok, EVEN_N, EVEN_K)
+            if WEIGHT_ON_INPUT:
+                # The routing weight scales the expert's input, rounded as the reference does.
+                a = (a.to(tl.float32) * pair_weight[:, None]).to(x_ptr.dtype.element_ty)
+            if A_MODE == A_MODEL_DTYPE:
+                acc_g += tl.dot(a, tl.trans(wg))
+                acc_u += tl.dot(a, tl.trans(wu))
+            else:
+                k_group = k_sub // FP8_GROUP
+                in_k = k_sub < K
+                a_scale = tl.load(x_scale_ptr + token * stride_xsm + k_group * stride_xsk, mask=row_ok & in_k,
+                                  other=0.0)
+                sg = tl.load(sg_ptrs + k_group * step_sg, mask=n_ok & in_k, other=0.0)
+                su = tl.load(su_ptrs + k_group * step_su, mask=n_ok & in_k, other=0.0)
+                acc_g += tl.dot(a, tl.trans(wg)) * (a_scale[:, None] * sg[None, :])
+                acc_u += tl.dot(a, tl.trans(wu)) * (a_scale[:, None] * su[None, :])
     h = (acc_g * tl.sigmoid(acc_g) * acc_u).to(h_ptr.dtype.element_ty)
     h_ptrs = h_ptr + row[:, None] * stride_hm + offs_n[None, :]
     tl.store(h_ptrs, h, mask=row_ok[:, None] & n_ok[None, :])
@@ -164,8 +165,8 @@ def expert_gemm1_kernel(
     zero_ptr, ticket_ptr,
     sorted_pair_ids_ptr, tile_expert_ptr, num_tiles_ptr,
     num_pairs, top_k, M, N, K, zero_numel,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
-    A_MODE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr,
+    NUM_STAGES: tl.constexpr, A_MODE: tl.constexpr,
     WEIGHT_ON_INPUT: tl.constexpr,
     N_SHARED: tl.constexpr, SHARED_GATE: tl.constexpr, QUANT_H: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
@@ -200,6 +201,6 @@ def expert_gemm1_kernel(
             stride_swge, stride_swgn, stride_swgk, stride_swue, stride_swun, stride_swuk,
             stride_ssge, stride_ssgn, stride_ssgk, stride_ssue, stride_ssun, stride_ssuk,
             stride_gxm, stride_gxk, stride_hm, stride_hqm, stride_hsm,
-            BLOCK_M, BLOCK_N, BLOCK_K, NUM_STAGES, A_MODE, WEIGHT_ON_INPUT, N_SHARED, SHARED_GATE, QUANT_H,
+            BLOCK_M, BLOCK_N, BLOCK_K, SUB_K, NUM_STAGES, A_MODE, WEIGHT_ON_INPUT, N_SHARED, SHARED_GATE, QUANT_H,
             EVEN_N, EVEN_K,
         )

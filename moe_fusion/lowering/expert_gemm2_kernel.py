@@ -19,7 +19,7 @@ summed over the top-k as in reference.routed_experts (shared experts: reference.
 import triton
 import triton.language as tl
 
-from .expert_tiles import A_MODEL_DTYPE, load_tile, prefetch_l2, work_tile
+from .expert_tiles import A_MODEL_DTYPE, FP8_GROUP, load_tile, prefetch_l2, work_tile
 
 
 @triton.jit
@@ -64,15 +64,14 @@ def gemm2_item(
     stride_swe, stride_swn, stride_swk,
     stride_sse, stride_ssn, stride_ssk,
     stride_out_split, stride_out_row,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
-    A_MODE: tl.constexpr, A_CACHE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr,
+    NUM_STAGES: tl.constexpr, A_MODE: tl.constexpr,
     APPLY_WEIGHT: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
     N_SHARED: tl.constexpr, SHARED_GATE: tl.constexpr, GATE_PARTS: tl.constexpr, MODEL_DTYPE: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    """One work item: (token tile, BLOCK_N columns of H, K split), weighted and accumulated.
-    A_CACHE: the cache modifier of the h loads (".cg" when h was written in the same launch)."""
+    """One work item: (token tile, BLOCK_N columns of H, K split), weighted and accumulated."""
     tile = item // items_per_tile
     rest = item - tile * items_per_tile
     split = rest // n_blocks
@@ -83,33 +82,32 @@ def gemm2_item(
     n_ok = offs_n < N
     k_start = split * k_per_split
     k_end = tl.minimum(K, k_start + k_per_split)
-    offs_k = k_start + tl.arange(0, BLOCK_K)
+    offs_k = tl.arange(0, SUB_K)
     h_ptrs = h_ptr + row[:, None] * stride_hm + offs_k[None, :] * stride_hk
     # Routed and shared experts live in different tensors: pick the base and strides per tile.
     if shared:
         w_ptrs = swd_ptr + expert * stride_swe + offs_n[:, None] * stride_swn + offs_k[None, :] * stride_swk
-        s_ptrs = swd_scale_ptr + expert * stride_sse + (offs_n // BLOCK_K) * stride_ssn
-        step_w, stride_s_k = BLOCK_K * stride_swk, stride_ssk
+        s_ptrs = swd_scale_ptr + expert * stride_sse + (offs_n // FP8_GROUP) * stride_ssn
+        kstride_w, stride_s_k = stride_swk, stride_ssk
     else:
         w_ptrs = wd_ptr + expert * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
-        s_ptrs = wd_scale_ptr + expert * stride_se + (offs_n // BLOCK_K) * stride_sn
-        step_w, stride_s_k = BLOCK_K * stride_wk, stride_sk
+        s_ptrs = wd_scale_ptr + expert * stride_se + (offs_n // FP8_GROUP) * stride_sn
+        kstride_w, stride_s_k = stride_wk, stride_sk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
-        k_ok = offs_k < k_end
-        a = load_tile(h_ptrs, row_ok, k_ok, False, EVEN_K, A_CACHE)
-        w = load_tile(w_ptrs, n_ok, k_ok, EVEN_N, EVEN_K, "")
-        if A_MODE == A_MODEL_DTYPE:
-            acc += tl.dot(a, tl.trans(w))
-        else:
-            k_group = k0 // BLOCK_K  # BLOCK_K is the 128-wide quantisation group
-            a_scale = tl.load(h_scale_ptr + row * stride_hsm + k_group * stride_hsk, mask=row_ok, other=0.0,
-                              cache_modifier=A_CACHE)
-            s = tl.load(s_ptrs + k_group * stride_s_k, mask=n_ok, other=0.0)
-            acc += tl.dot(a, tl.trans(w)) * (a_scale[:, None] * s[None, :])
-        h_ptrs += BLOCK_K * stride_hk
-        w_ptrs += step_w
-        offs_k += BLOCK_K
+        for sub in tl.static_range(BLOCK_K // SUB_K):  # fp8: one dot per 128-wide scale group
+            k_sub = k0 + sub * SUB_K
+            k_ok = offs_k < k_end - k_sub
+            a = load_tile(h_ptrs + k_sub * stride_hk, row_ok, k_ok, False, EVEN_K)
+            w = load_tile(w_ptrs + k_sub * kstride_w, n_ok, k_ok, EVEN_N, EVEN_K)
+            if A_MODE == A_MODEL_DTYPE:
+                acc += tl.dot(a, tl.trans(w))
+            else:
+                k_group = k_sub // FP8_GROUP
+                in_k = k_sub < k_end
+                a_scale = tl.load(h_scale_ptr + row * stride_hsm + k_group * stride_hsk, mask=row_ok & in_k, other=0.0)
+                s = tl.load(s_ptrs + k_group * stride_s_k, mask=n_ok & in_k, other=0.0)
+                acc += tl.dot(a, tl.trans(w)) * (a_scale[:, None] * s[None, :])
     if APPLY_WEIGHT:
         if shared:
             if SHARED_GATE:
@@ -137,8 +135,8 @@ def expert_gemm2_kernel(
     stride_out_split, stride_out_row,
     sorted_pair_ids_ptr, tile_expert_ptr, num_tiles_ptr,
     num_pairs, top_k, M, N, K,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
-    A_MODE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr,
+    NUM_STAGES: tl.constexpr, A_MODE: tl.constexpr,
     APPLY_WEIGHT: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
     N_SHARED: tl.constexpr, SHARED_GATE: tl.constexpr, GATE_PARTS: tl.constexpr, MODEL_DTYPE: tl.constexpr,
@@ -171,6 +169,6 @@ def expert_gemm2_kernel(
             stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk,
             stride_swe, stride_swn, stride_swk, stride_sse, stride_ssn, stride_ssk,
             stride_out_split, stride_out_row,
-            BLOCK_M, BLOCK_N, BLOCK_K, NUM_STAGES, A_MODE, "", APPLY_WEIGHT, DETERMINISTIC,
+            BLOCK_M, BLOCK_N, BLOCK_K, SUB_K, NUM_STAGES, A_MODE, APPLY_WEIGHT, DETERMINISTIC,
             N_SHARED, SHARED_GATE, GATE_PARTS, MODEL_DTYPE, EVEN_N, EVEN_K,
         )

@@ -100,17 +100,16 @@ def work_tile(tile, num_routed, m_tiles, tile_expert_ptr, sorted_pair_ids_ptr, n
 
 
 @triton.jit
-def load_tile(ptrs, row_ok, col_ok, EVEN_ROWS: tl.constexpr, EVEN_COLS: tl.constexpr, CACHE: tl.constexpr):
-    """A 2-D tile whose rows/columns may run past the matrix; EVEN_* drop the masks that cannot fail.
-    CACHE: the load's cache modifier (".cg" for data other programs of the same launch wrote)."""
+def load_tile(ptrs, row_ok, col_ok, EVEN_ROWS: tl.constexpr, EVEN_COLS: tl.constexpr):
+    """A 2-D tile whose rows/columns may run past the matrix; EVEN_* drop the masks that cannot fail."""
     if EVEN_ROWS and EVEN_COLS:
-        return tl.load(ptrs, cache_modifier=CACHE)
+        return tl.load(ptrs)
     elif EVEN_ROWS:
-        return tl.load(ptrs, mask=col_ok[None, :], other=0.0, cache_modifier=CACHE)
+        return tl.load(ptrs, mask=col_ok[None, :], other=0.0)
     elif EVEN_COLS:
-        return tl.load(ptrs, mask=row_ok[:, None], other=0.0, cache_modifier=CACHE)
+        return tl.load(ptrs, mask=row_ok[:, None], other=0.0)
     else:
-        return tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0, cache_modifier=CACHE)
+        return tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
 
 
 @triton.jit

@@ -46,6 +46,7 @@ A_FP8 = expert_tiles.A_FP8.value
 MODEL_DTYPES = (torch.bfloat16, torch.float16)
 ZERO_BLOCK = 1024
 FINALIZE_BLOCK_N = 1024
+CACHE_LINE_BYTES = 128
 INTERPRETER_SMS = 4  # "SM count" under TRITON_INTERPRET=1: a few programs, so the loops loop
 # Programmatic dependent launch of GEMM2 (CUDA only): it starts while GEMM1 finishes and pulls its
 # first weight tile into L2 (at most PREFETCH_BYTES per program) before waiting for GEMM1.
@@ -379,10 +380,13 @@ class ExpertLaunch:
         rows = self.topk_ids.numel() + self.n_shared * M  # routed pairs, then each shared expert's tokens
         dev = self.x.device
         self.split_k, self.deterministic, self.out_dtype = config.gemm2.split_k, deterministic, out_dtype
-        self.h = _buffer((rows, I), self.x.dtype, dev)
+        # One launch: GEMM2 reads h rows written in the same launch through loads that may use L1,
+        # so each row gets cache lines of its own (expert_block_kernel).
+        own_lines = config.single_launch
+        self.h = _row_buffer(rows, I, self.x.dtype, dev, own_lines)
         if self.experts.fp8:  # GEMM2's A: h quantised per 1x128 group
-            self.h_fp8 = _buffer((rows, I), FP8_DTYPE, dev)
-            self.h_scale = _buffer((rows, triton.cdiv(I, FP8_BLOCK)), torch.float32, dev)
+            self.h_fp8 = _row_buffer(rows, I, FP8_DTYPE, dev, own_lines)
+            self.h_scale = _row_buffer(rows, triton.cdiv(I, FP8_BLOCK), torch.float32, dev, own_lines)
         if deterministic:
             self.partial = _buffer((self.split_k, rows, H), torch.float32, dev)
             self.out = _buffer((M, H), out_dtype, dev)
@@ -444,7 +448,8 @@ class ExpertLaunch:
         expert_gemm1_kernel[(grid,)](
             *operands, self.partial, tickets, *self.alignment,
             self.topk_ids.numel(), self.a_row_divisor, M, self.experts.w_gate.shape[1], H, self._zero_numel(),
-            **constants, BLOCK_N=g.block_n, BLOCK_K=g.block_k, NUM_STAGES=_loop_stages(g), QUANT_H=quant_h,
+            **constants, BLOCK_N=g.block_n, BLOCK_K=g.block_k, SUB_K=self._sub_k(g), NUM_STAGES=_loop_stages(g),
+            QUANT_H=quant_h,
             EVEN_N=self.experts.w_gate.shape[1] % g.block_n == 0, EVEN_K=H % g.block_k == 0,
             ZERO_BLOCK=ZERO_BLOCK, USE_PDL=self.use_pdl, num_warps=g.num_warps, num_stages=g.num_stages,
         )
@@ -467,7 +472,7 @@ class ExpertLaunch:
         expert_gemm2_kernel[(grid,)](
             a, a_scale, self.pair_weights, self.gate_partial, *a.stride(), *a_scale.stride(),
             *operands, *self.alignment, self.topk_ids.numel(), self.topk_ids.shape[1], M, H, I,
-            **constants, BLOCK_N=g.block_n, BLOCK_K=g.block_k, NUM_STAGES=_loop_stages(g),
+            **constants, BLOCK_N=g.block_n, BLOCK_K=g.block_k, SUB_K=self._sub_k(g), NUM_STAGES=_loop_stages(g),
             EVEN_N=H % g.block_n == 0, EVEN_K=I % g.block_k == 0,
             USE_PDL=self.use_pdl, PREFETCH_LINES=prefetch_lines,
             num_warps=g.num_warps, num_stages=g.num_stages, **extra,
@@ -493,6 +498,7 @@ class ExpertLaunch:
             **constants,
             BLOCK_N1=g1.block_n, BLOCK_K1=g1.block_k, STAGES1=_loop_stages(g1),
             BLOCK_N2=g2.block_n, BLOCK_K2=g2.block_k, STAGES2=_loop_stages(g2),
+            SUB_K1=self._sub_k(g1), SUB_K2=self._sub_k(g2),
             EVEN_N1=I % g1.block_n == 0, EVEN_K1=H % g1.block_k == 0,
             EVEN_N2=H % g2.block_n == 0, EVEN_K2=I % g2.block_k == 0,
             ZERO_BLOCK=ZERO_BLOCK, PREFETCH_LINES=self._prefetch_lines(g2, self._k_per_split(g2)),
@@ -551,6 +557,10 @@ class ExpertLaunch:
     def _work_tiles(self, config: ExpertConfig) -> int:
         """Static bound on token tiles: the alignment's, then the shared experts' dense tail."""
         return self.alignment[1].numel() + self.n_shared * triton.cdiv(self.x.shape[0], config.block_m)
+
+    def _sub_k(self, g) -> int:
+        """K width of one dot: the 128-wide scale group for fp8 (a K step may hold several)."""
+        return FP8_BLOCK if self.experts.fp8 else g.block_k
 
     def _zero_numel(self) -> int:
         return 0 if self.deterministic else self.partial.numel()  # GEMM2's atomic accumulator
@@ -623,6 +633,14 @@ _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 def _buffer(shape, dtype, device) -> torch.Tensor:
     """Every intermediate and output buffer (tests replace this to poison them)."""
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _row_buffer(rows: int, cols: int, dtype: torch.dtype, device, own_lines: bool) -> torch.Tensor:
+    """[rows, cols]; with own_lines every row starts a 128-byte cache line (the row stride is padded)."""
+    if not own_lines:
+        return _buffer((rows, cols), dtype, device)
+    per_line = CACHE_LINE_BYTES // dtype.itemsize
+    return _buffer((rows, triton.cdiv(cols, per_line) * per_line), dtype, device)[:, :cols]
 
 
 def _scales(e: ExpertTensors):

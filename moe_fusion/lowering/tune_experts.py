@@ -137,7 +137,8 @@ def candidate_block_m(shape: Shape, m: int) -> List[int]:
 def gemm1_candidates(shape: Shape, fp8: bool, m: int, sms: int) -> List[GemmTiles]:
     active = max(1.0, expert_configs.expected_active_experts(_key(shape, "bfloat16"), m))
     ns = [bn for bn in (16, 32, 64, 128) if active * shape.inter / bn >= 0.5 * sms] or [16]
-    ks = [(128, 4), (128, 6), (128, 8)] if fp8 else [(128, 4), (256, 3)]
+    # Wide K steps read longer runs of each weight row (fp8: several scale groups per step).
+    ks = [(128, 4), (128, 6), (256, 3), (256, 4), (512, 2), (512, 3)] if fp8 else [(128, 4), (256, 3), (512, 2)]
     return [GemmTiles(bn, bk, 4, st, pp) for bn in ns[-3:] for bk, st in ks for pp in (1, 2)]
 
 
@@ -150,7 +151,7 @@ def gemm2_candidates(shape: Shape, fp8: bool, m: int, sms: int) -> List[GemmTile
                 break  # the previous split already gave every SM a couple of tiles
             if shape.inter // split < 256:
                 break
-            for bk, st in ([(128, 4), (128, 6)] if fp8 else [(128, 4), (256, 3)]):
+            for bk, st in ((128, 4), (256, 3), (512, 2)):
                 out.append(GemmTiles(bn, bk, 4, st, 2, split))
     return out
 
