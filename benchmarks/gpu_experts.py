@@ -15,7 +15,6 @@ Writes DIR/experts_bench.json and prints a summary table last.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
@@ -81,10 +80,7 @@ def check_shape(name: str, shape: Shape, e: experts.ExpertTensors, dtype: str):
         for m in (1, 5, 64):
             for s in tune_experts.input_sets(shape, e, m, 1, seed=100):
                 ref = reference_touched(s, e)
-                cfg = expert_configs.lookup(tune_experts._key(shape, dtype), m, *experts.device_facts(s.x.device))[0]
-                other = {"config": dataclasses.replace(cfg, single_launch=not cfg.single_launch)}
-                variants = [("atomic", {}), ("deterministic", {"deterministic": True}),
-                            ("other launch mode", other), ("other mode, det.", dict(other, deterministic=True))]
+                variants = [("atomic", {}), ("deterministic", {"deterministic": True})]
                 if e.fp8:
                     x_fp8, x_scale = reference.quantize_fp8_groups(s.x)
                     variants.append(("x_fp8 given", {"x_fp8": x_fp8, "x_scale": x_scale}))
@@ -94,11 +90,11 @@ def check_shape(name: str, shape: Shape, e: experts.ExpertTensors, dtype: str):
                     written = not out.isnan().any().item()
                     err = ((out - ref).norm() / ref.norm().clamp(min=1e-30)).item() if written else float("nan")
                     ok = written and err <= tol
-                    if "det" in label:
+                    if label == "deterministic":
                         again = experts.run_experts(s.x, s.ids, s.weights, e, **kw)
                         ok = ok and torch.equal(out, again)
                     RESULTS["checks"].append(dict(shape=name, dtype=dtype, M=m, mode=label, rel_err=err, tol=tol, ok=ok))
-                    log(f"check {name:14s} {dtype:8s} M={m:3d} {label:17s} rel_err {err:.2e} (tol {tol}) "
+                    log(f"check {name:14s} {dtype:8s} M={m:3d} {label:14s} rel_err {err:.2e} (tol {tol}) "
                         f"{'ok' if ok else 'FAIL'}")
     finally:
         experts._buffer = saved
@@ -184,16 +180,12 @@ def bench_shape(name: str, shape: Shape, e: experts.ExpertTensors, dtype: str, b
             experts.USE_PDL = True
             row["ours_pdl_us"] = graph_replay_us(ours, aligned, **targs)
             experts.USE_PDL = False
-        one_launch = dataclasses.replace(cfg, single_launch=not cfg.single_launch)
-        row["other_launch_mode_us"] = graph_replay_us(
-            lambda x, ids, w, al: experts.run_experts(x, ids, w, e, alignment=al, config=one_launch), aligned, **targs)
         if e.fp8:  # x quantised by the preamble, as in the whole layer: no activation-quant launch
             given = [(s.x, s.ids, s.weights, al, *reference.quantize_fp8_groups(s.x)) for s, (_, _, _, al)
                      in zip(sets, aligned)]
-            for column, c in (("ours_x_fp8_given_us", cfg), ("other_launch_mode_x_fp8_given_us", one_launch)):
-                row[column] = graph_replay_us(
-                    lambda x, ids, w, al, xq, xs: experts.run_experts(x, ids, w, e, alignment=al, config=c,
-                                                                      x_fp8=xq, x_scale=xs), given, **targs)
+            row["ours_x_fp8_given_us"] = graph_replay_us(
+                lambda x, ids, w, al, xq, xs: experts.run_experts(x, ids, w, e, alignment=al, config=cfg,
+                                                                  x_fp8=xq, x_scale=xs), given, **targs)
         row["ours_deterministic_us"] = graph_replay_us(lambda *a: ours(*a, det=True), aligned, **targs)
         row["ours_with_ref_align_us"] = graph_replay_us(lambda x, ids, w: experts.run_experts(x, ids, w, e, config=cfg),
                                                         plain, **targs)
@@ -223,33 +215,27 @@ def bench_shape(name: str, shape: Shape, e: experts.ExpertTensors, dtype: str, b
         log(f"bench {name:14s} {dtype:8s} M={m:3d} touched {touched:6.1f} floor {floor_us:8.1f} us | ours "
             f"{row['ours_us']:8.1f} us {100 * row['ours_frac']:5.1f}% ({source}) det {row['ours_deterministic_us']:8.1f}"
             f" +align {row['ours_with_ref_align_us']:8.1f} pdl {row.get('ours_pdl_us', float('nan')):7.1f}"
-            f" xq-given {row.get('ours_x_fp8_given_us', float('nan')):7.1f} | {'chain' if cfg.single_launch else 'one launch'}"
-            f" {row['other_launch_mode_us']:7.1f} xq-given {row.get('other_launch_mode_x_fp8_given_us', float('nan')):7.1f} | grouped_mm {row.get('grouped_mm_us', float('nan')):8.1f}"
+            f" xq-given {row.get('ours_x_fp8_given_us', float('nan')):7.1f} | grouped_mm {row.get('grouped_mm_us', float('nan')):8.1f}"
             f" | eager {row.get('eager_us', float('nan')):9.1f} inductor {row.get('inductor_us', float('nan')):9.1f}")
 
 
 def profile_point(name: str, shape: Shape, e: experts.ExpertTensors, dtype: str, m: int):
-    """Kernel times of one call in each launch mode (torch.profiler, eager launches, averaged over
-    input sets)."""
+    """Kernel times of one call (torch.profiler, eager launches, averaged over input sets)."""
     sets = tune_experts.input_sets(shape, e, m, N_SETS, seed=7)
-    dev_name, sms = experts.device_facts(torch.device("cuda"))
-    table = expert_configs.lookup(tune_experts._key(shape, dtype), m, dev_name, sms)[0]
-    for cfg in (table, dataclasses.replace(table, single_launch=not table.single_launch)):
+    for s in sets:
+        experts.run_experts(s.x, s.ids, s.weights, e)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for s in sets:
-            experts.run_experts(s.x, s.ids, s.weights, e, config=cfg)
+            experts.run_experts(s.x, s.ids, s.weights, e)
         torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for s in sets:
-                experts.run_experts(s.x, s.ids, s.weights, e, config=cfg)
-            torch.cuda.synchronize()
-        per_kernel = {}
-        for ev in prof.events():
-            if ev.device_type == torch.autograd.DeviceType.CUDA:
-                per_kernel[ev.name] = per_kernel.get(ev.name, 0.0) + ev.time_range.elapsed_us() / len(sets)
-        mode = "one launch" if cfg.single_launch else "chain"
-        RESULTS.setdefault("profiles", []).append(dict(shape=name, dtype=dtype, M=m, mode=mode, kernel_us=per_kernel))
-        log(f"profile {name} {dtype} M={m} {mode}: " + ", ".join(
-            f"{k[:40]} {v:.1f} us" for k, v in sorted(per_kernel.items(), key=lambda kv: -kv[1])))
+    per_kernel = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel[ev.name] = per_kernel.get(ev.name, 0.0) + ev.time_range.elapsed_us() / len(sets)
+    RESULTS.setdefault("profiles", []).append(dict(shape=name, dtype=dtype, M=m, kernel_us=per_kernel))
+    log(f"profile {name} {dtype} M={m}: " + ", ".join(f"{k[:40]} {v:.1f} us" for k, v in
+                                                     sorted(per_kernel.items(), key=lambda kv: -kv[1])))
 
 
 def save(out_dir: str):

@@ -4,7 +4,6 @@ against reference.routed_experts, on small odd shapes.
 fp16 stands in for bf16 here (the interpreter's bf16 dot is wrong); bf16 numerics are checked on
 the GPU by benchmarks/gpu_experts.py. Every buffer the kernels write is poisoned with NaN first.
 """
-import dataclasses
 import os
 
 import pytest  # noqa: E402
@@ -355,76 +354,6 @@ def test_dense_tail_refuses_what_it_cannot_express():
     assert experts.shared_tail_problem(_spec(top_k=1, weight_on="input", shared_intermediate_size=40)) is not None
     with pytest.raises(experts.Unsupported, match="multiple"):
         experts.shared_tail(_spec(shared_intermediate_size=60), None)
-
-
-# --------------------------------------------------------------------------- one launch
-def _one_launch(cfg: ExpertConfig) -> ExpertConfig:
-    return dataclasses.replace(cfg, single_launch=True)
-
-
-def _assert_counters_rearmed():
-    assert all(int(t.abs().sum()) == 0 for t in experts._tickets.values()), "counters left non-zero"
-
-
-@pytest.mark.parametrize("deterministic", [False, True])
-@pytest.mark.parametrize("case", ["fp16", "fp16_expert_parallel", "fp16_one_expert", "fp16_weight_on_input",
-                                  "fp8", "fp8_given_x", "fp8_expert_parallel"])
-def test_single_launch_matches_reference(case, deterministic):
-    """expert_block_kernel: GEMM1, h quantisation and GEMM2 as work items of one launch."""
-    M = 1 if case == "fp16_weight_on_input" else 19
-    if case.startswith("fp8"):
-        spec, w, x = _fp8_case(seed=21, M=M, **(dict(num_experts=8, num_local_experts=2)
-                                                  if case.endswith("parallel") else {}))
-        cfg, tol = _one_launch(SMALL_FP8), FP8_TOL
-    else:
-        changes = {"fp16_expert_parallel": dict(num_experts=12, num_local_experts=3, top_k=4),
-                   "fp16_one_expert": dict(top_k=1), "fp16_weight_on_input": dict(top_k=1, weight_on="input")}
-        spec = _spec(**changes.get(case, {}))
-        w = random_weights(spec, seed=22, device=DEVICE)
-        x = _x(M, spec.hidden_size)
-        cfg, tol = _one_launch(SMALL), 3e-3
-    ids, weights = _routing(spec, M)
-    if case == "fp16_one_expert":
-        ids.fill_(3)  # two token tiles on one expert, none on the others
-    extra = dict(zip(("x_fp8", "x_scale"), reference.quantize_fp8_groups(x))) if case == "fp8_given_x" else {}
-    out = experts.fused_experts(spec, x, ids, weights, w, config=cfg, deterministic=deterministic, **extra)
-    assert _rel_err(out, _reference(spec, x, ids, weights, w)) < tol
-    _assert_counters_rearmed()
-    if deterministic:  # the same items as the launch chain, summed in the same fixed order
-        chain = experts.fused_experts(spec, x, ids, weights, w, config=dataclasses.replace(cfg, single_launch=False),
-                                      deterministic=True, **extra)
-        assert torch.equal(out, chain)
-
-
-@pytest.mark.parametrize("deterministic", [False, True])
-@pytest.mark.parametrize("fp8", [False, True])
-def test_single_launch_with_gated_shared_experts(fp8, deterministic):
-    """The dense tail in one launch; GEMM2's shared items wait for the gate partials of chunk 0's tile."""
-    if fp8:
-        spec, w, x = _fp8_case(seed=23, M=19, shared_intermediate_size=272, shared_gate=True)
-        cfg, tol = _one_launch(SMALL_FP8), FP8_TOL * 5
-    else:
-        spec = _spec(num_experts=8, num_local_experts=4, shared_intermediate_size=80, shared_gate=True)
-        w = random_weights(spec, seed=24, device=DEVICE)
-        x = _x(19, spec.hidden_size)
-        cfg, tol = _one_launch(SMALL), 3e-3
-    ids, weights = _routing(spec, 19)
-    out = experts.fused_experts(spec, x, ids, weights, w, config=cfg, deterministic=deterministic,
-                                shared=experts.shared_tail(spec, w))
-    assert _rel_err(out, _shared_reference(spec, x, ids, weights, w)) < tol
-    _assert_counters_rearmed()
-
-
-def test_single_launch_with_no_local_expert_hit():
-    """EP: the alignment has no tile; the launch only zeroes the output (or the tail has work)."""
-    spec = _spec(num_experts=8, num_local_experts=2)
-    w = random_weights(spec, seed=25, device=DEVICE)  # local experts are global 0 and 4
-    x = _x(5, spec.hidden_size)
-    ids, weights = _routing(spec, 5, experts_allowed=[1, 2, 3, 5, 6, 7])
-    for deterministic in (False, True):
-        out = experts.fused_experts(spec, x, ids, weights, w, config=_one_launch(SMALL), deterministic=deterministic)
-        assert torch.equal(out, torch.zeros_like(out))
-    _assert_counters_rearmed()
 
 
 # --------------------------------------------------------------------------- what is refused

@@ -35,14 +35,13 @@ class ExpertConfig:
     block_m: int  # token tile; the alignment is padded to it
     gemm1: GemmTiles
     gemm2: GemmTiles
-    single_launch: bool = False  # the whole block in one launch (expert_block_kernel)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @staticmethod
     def from_dict(d: dict) -> "ExpertConfig":
-        return ExpertConfig(d["block_m"], GemmTiles(**d["gemm1"]), GemmTiles(**d["gemm2"]), d.get("single_launch", False))
+        return ExpertConfig(d["block_m"], GemmTiles(**d["gemm1"]), GemmTiles(**d["gemm2"]))
 
 
 @dataclass(frozen=True)

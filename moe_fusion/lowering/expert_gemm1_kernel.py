@@ -112,8 +112,7 @@ def gemm1_item(
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
-        # fp8: one dot per 128-wide scale group; a K step of several groups reads longer runs
-        # of each weight row at once (DRAM locality).
+        # fp8: one dot per 128-wide scale group; a K step may hold several (the tuner decides).
         for sub in tl.static_range(BLOCK_K // SUB_K):
             k_sub = k0 + sub * SUB_K
             k_ok = offs_k < K - k_sub

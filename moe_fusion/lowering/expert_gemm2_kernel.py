@@ -7,8 +7,8 @@ top-k reduction done in the epilogue:
   - deterministic mode: plain stores of each (split, pair) row into y [SPLIT_K, num_pairs, H];
     moe_finalize_kernel then sums them in a fixed order.
 Split-K gives small M*top_k enough work items for every SM to stream Wd. For fp8, A is h quantised
-per 1x128 group by fp8_act_quant_kernel (bitwise reference.quantize_fp8_groups(h)); a K block is
-one group, so each K step multiplies the fp8 product by one activation and one weight scale.
+per 1x128 group by fp8_act_quant_kernel (bitwise reference.quantize_fp8_groups(h)); a K step holds
+whole groups, each one fp8 dot multiplied by its activation and weight scales.
 Shared experts (N_SHARED > 0): the dense tail of expert_tiles.work_tile, with separate weight
 tensors (swd); their weight is 1, or with SHARED_GATE sigmoid of the gate logit, summed here from
 GEMM1's per-K-block partial dots in a fixed order and rounded like the reference's bf16 linear and
@@ -45,7 +45,7 @@ def _shared_gate(partial_ptr, token, row_ok, M, GATE_PARTS: tl.constexpr, n_part
     dtype after the dot and after the sigmoid, as the reference's model-dtype linear and sigmoid."""
     parts = tl.arange(0, GATE_PARTS)
     p = tl.load(partial_ptr + parts[None, :] * M + token[:, None], mask=row_ok[:, None] & (parts[None, :] < n_parts),
-                other=0.0, cache_modifier=".cg")
+                other=0.0)
     logit = tl.sum(p, axis=1).to(MODEL_DTYPE).to(tl.float32)
     return tl.sigmoid(logit).to(MODEL_DTYPE).to(tl.float32)
 

@@ -34,7 +34,6 @@ from . import expert_configs, reference
 from .expert_configs import ExpertConfig, ProblemKey
 from .expert_gemm1_kernel import expert_gemm1_kernel
 from .expert_gemm2_kernel import expert_gemm2_kernel
-from . import expert_block_kernel
 from . import expert_tiles
 from .fp8_act_quant_kernel import fp8_act_quant_kernel
 from .fp8_weight_quant_kernel import fp8_weight_quant_kernel
@@ -46,7 +45,6 @@ A_FP8 = expert_tiles.A_FP8.value
 MODEL_DTYPES = (torch.bfloat16, torch.float16)
 ZERO_BLOCK = 1024
 FINALIZE_BLOCK_N = 1024
-CACHE_LINE_BYTES = 128
 INTERPRETER_SMS = 4  # "SM count" under TRITON_INTERPRET=1: a few programs, so the loops loop
 # Programmatic dependent launch of GEMM2 (CUDA only): it starts while GEMM1 finishes and pulls its
 # first weight tile into L2 (at most PREFETCH_BYTES per program) before waiting for GEMM1.
@@ -57,8 +55,6 @@ PREFETCH_BYTES = 64 * 1024
 # default: on the H100 (run 5) it was 6-7 us slower at dsv3-ep8 M = 1-2 and 1 us faster at M = 4
 # (the ticket's barrier and acq_rel atomic after every GEMM1 item cost more than the launch saved).
 FUSED_H_QUANT = os.environ.get("MOE_FUSION_FP8_H_QUANT", "kernel") == "gemm1"
-# A/B under test: per-loop pipelining (tl.range num_stages) also pipelines the scale loads.
-LOOP_STAGES = os.environ.get("MOE_FUSION_LOOP_STAGES", "1") == "1"
 
 log = logging.getLogger("moe_fusion.lowering")
 
@@ -346,12 +342,9 @@ def run_experts(
     )
     launch.allocate(config, deterministic, out_dtype)
     launch.quantize_input(x_fp8, x_scale)
-    if config.single_launch:
-        launch.expert_block(config)
-    else:
-        launch.gemm1(config)
-        launch.quantize_h()
-        launch.gemm2(config)
+    launch.gemm1(config)
+    launch.quantize_h()
+    launch.gemm2(config)
     return launch.finalize()
 
 
@@ -380,13 +373,10 @@ class ExpertLaunch:
         rows = self.topk_ids.numel() + self.n_shared * M  # routed pairs, then each shared expert's tokens
         dev = self.x.device
         self.split_k, self.deterministic, self.out_dtype = config.gemm2.split_k, deterministic, out_dtype
-        # One launch: GEMM2 reads h rows written in the same launch through loads that may use L1,
-        # so each row gets cache lines of its own (expert_block_kernel).
-        own_lines = config.single_launch
-        self.h = _row_buffer(rows, I, self.x.dtype, dev, own_lines)
+        self.h = _buffer((rows, I), self.x.dtype, dev)
         if self.experts.fp8:  # GEMM2's A: h quantised per 1x128 group
-            self.h_fp8 = _row_buffer(rows, I, FP8_DTYPE, dev, own_lines)
-            self.h_scale = _row_buffer(rows, triton.cdiv(I, FP8_BLOCK), torch.float32, dev, own_lines)
+            self.h_fp8 = _buffer((rows, I), FP8_DTYPE, dev)
+            self.h_scale = _buffer((rows, triton.cdiv(I, FP8_BLOCK)), torch.float32, dev)
         if deterministic:
             self.partial = _buffer((self.split_k, rows, H), torch.float32, dev)
             self.out = _buffer((M, H), out_dtype, dev)
@@ -448,7 +438,7 @@ class ExpertLaunch:
         expert_gemm1_kernel[(grid,)](
             *operands, self.partial, tickets, *self.alignment,
             self.topk_ids.numel(), self.a_row_divisor, M, self.experts.w_gate.shape[1], H, self._zero_numel(),
-            **constants, BLOCK_N=g.block_n, BLOCK_K=g.block_k, SUB_K=self._sub_k(g), NUM_STAGES=_loop_stages(g),
+            **constants, BLOCK_N=g.block_n, BLOCK_K=g.block_k, SUB_K=self._sub_k(g), NUM_STAGES=g.num_stages,
             QUANT_H=quant_h,
             EVEN_N=self.experts.w_gate.shape[1] % g.block_n == 0, EVEN_K=H % g.block_k == 0,
             ZERO_BLOCK=ZERO_BLOCK, USE_PDL=self.use_pdl, num_warps=g.num_warps, num_stages=g.num_stages,
@@ -472,39 +462,11 @@ class ExpertLaunch:
         expert_gemm2_kernel[(grid,)](
             a, a_scale, self.pair_weights, self.gate_partial, *a.stride(), *a_scale.stride(),
             *operands, *self.alignment, self.topk_ids.numel(), self.topk_ids.shape[1], M, H, I,
-            **constants, BLOCK_N=g.block_n, BLOCK_K=g.block_k, SUB_K=self._sub_k(g), NUM_STAGES=_loop_stages(g),
+            **constants, BLOCK_N=g.block_n, BLOCK_K=g.block_k, SUB_K=self._sub_k(g), NUM_STAGES=g.num_stages,
             EVEN_N=H % g.block_n == 0, EVEN_K=I % g.block_k == 0,
             USE_PDL=self.use_pdl, PREFETCH_LINES=prefetch_lines,
             num_warps=g.num_warps, num_stages=g.num_stages, **extra,
         )
-
-    def expert_block(self, config: ExpertConfig) -> None:
-        """GEMM1, the fp8 h quantisation and GEMM2 in one launch (expert_block_kernel)."""
-        M, H = self.x.shape
-        I = self.experts.w_gate.shape[1]
-        g1, g2 = config.gemm1, config.gemm2
-        tiles = self._work_tiles(config)
-        groups = triton.cdiv(I, FP8_BLOCK) if self.experts.fp8 else 0
-        items = (triton.cdiv(self._zero_numel(), ZERO_BLOCK)
-                 + tiles * (triton.cdiv(I, g1.block_n) + groups + triton.cdiv(H, g2.block_n) * g2.split_k))
-        grid = max(1, min(items, self.num_sms * max(g1.programs_per_sm, g2.programs_per_sm)))
-        counters = _ticket_buffer(self.x.device, expert_block_kernel.FIXED_COUNTERS + 2 * tiles)
-        operands1, constants = self._gemm1_operands(config)
-        operands2, constants2 = self._gemm2_operands(config)
-        constants.update(constants2)  # the keys they share have the same values
-        expert_block_kernel.expert_block_kernel[(grid,)](
-            *operands1, *operands2, *self.alignment, counters,
-            self.topk_ids.numel(), self.a_row_divisor, M, H, I, self._zero_numel(), tiles,
-            **constants,
-            BLOCK_N1=g1.block_n, BLOCK_K1=g1.block_k, STAGES1=_loop_stages(g1),
-            BLOCK_N2=g2.block_n, BLOCK_K2=g2.block_k, STAGES2=_loop_stages(g2),
-            SUB_K1=self._sub_k(g1), SUB_K2=self._sub_k(g2),
-            EVEN_N1=I % g1.block_n == 0, EVEN_K1=H % g1.block_k == 0,
-            EVEN_N2=H % g2.block_n == 0, EVEN_K2=I % g2.block_k == 0,
-            ZERO_BLOCK=ZERO_BLOCK, PREFETCH_LINES=self._prefetch_lines(g2, self._k_per_split(g2)),
-            num_warps=max(g1.num_warps, g2.num_warps), num_stages=max(g1.num_stages, g2.num_stages),
-        )
-        self.h_quantized = True
 
     def _gemm1_operands(self, config: ExpertConfig):
         """GEMM1's tensors and strides (expert_gemm1_kernel's leading arguments) and its
@@ -623,24 +585,12 @@ def _ticket_buffer(device: torch.device, numel: int) -> torch.Tensor:
     return _tickets[keys[0]]
 
 
-def _loop_stages(g):
-    return g.num_stages if LOOP_STAGES else None
-
-
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 def _buffer(shape, dtype, device) -> torch.Tensor:
     """Every intermediate and output buffer (tests replace this to poison them)."""
     return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _row_buffer(rows: int, cols: int, dtype: torch.dtype, device, own_lines: bool) -> torch.Tensor:
-    """[rows, cols]; with own_lines every row starts a 128-byte cache line (the row stride is padded)."""
-    if not own_lines:
-        return _buffer((rows, cols), dtype, device)
-    per_line = CACHE_LINE_BYTES // dtype.itemsize
-    return _buffer((rows, triton.cdiv(cols, per_line) * per_line), dtype, device)[:, :cols]
 
 
 def _scales(e: ExpertTensors):

@@ -7,9 +7,8 @@ never a stale L1 line) or volatile loads.
 
 Waiting is only safe when every program waited for is already running or finished: the
 kernels guarantee it by putting waiters after producers in the grid (the GPU dispatches
-programs in id order) or by handing out work items in order from a counter (``next_item``).
-The Triton interpreter runs programs one after another in id order, so it finds every
-counter complete.
+programs in id order). The Triton interpreter runs programs one after another in id order,
+so it finds every counter complete.
 """
 import triton
 import triton.language as tl
@@ -26,11 +25,3 @@ def wait_until(counter_ptr, target):
     done = tl.atomic_add(counter_ptr, 0, sem="acquire")
     while done < target:
         done = tl.atomic_add(counter_ptr, 0, sem="acquire")
-
-
-@triton.jit
-def next_item(counter_ptr):
-    """The next work item of a launch that hands them out in order: an item a program waits for
-    has a lower index, so it was taken by a program that is running (or done), and no grid size
-    can deadlock."""
-    return tl.atomic_add(counter_ptr, 1, sem="relaxed")
