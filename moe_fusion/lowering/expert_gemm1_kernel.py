@@ -79,7 +79,7 @@ def gemm1_item(
     stride_ssge, stride_ssgn, stride_ssgk, stride_ssue, stride_ssun, stride_ssuk,
     stride_gxm, stride_gxk, stride_hm, stride_hqm, stride_hsm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr,
-    NUM_STAGES: tl.constexpr, A_MODE: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr,
+    A_MODE: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr,
     N_SHARED: tl.constexpr, SHARED_GATE: tl.constexpr, QUANT_H: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
 ):
@@ -111,7 +111,7 @@ def gemm1_item(
         pair_weight = tl.load(pair_weight_ptr + row, mask=row_ok, other=0.0)
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
+    for k0 in range(0, K, BLOCK_K):
         # fp8: one dot per 128-wide scale group; a K step may hold several (the tuner decides).
         for sub in tl.static_range(BLOCK_K // SUB_K):
             k_sub = k0 + sub * SUB_K
@@ -165,7 +165,7 @@ def expert_gemm1_kernel(
     sorted_pair_ids_ptr, tile_expert_ptr, num_tiles_ptr,
     num_pairs, top_k, M, N, K, zero_numel,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr,
-    NUM_STAGES: tl.constexpr, A_MODE: tl.constexpr,
+    A_MODE: tl.constexpr,
     WEIGHT_ON_INPUT: tl.constexpr,
     N_SHARED: tl.constexpr, SHARED_GATE: tl.constexpr, QUANT_H: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
@@ -200,6 +200,6 @@ def expert_gemm1_kernel(
             stride_swge, stride_swgn, stride_swgk, stride_swue, stride_swun, stride_swuk,
             stride_ssge, stride_ssgn, stride_ssgk, stride_ssue, stride_ssun, stride_ssuk,
             stride_gxm, stride_gxk, stride_hm, stride_hqm, stride_hsm,
-            BLOCK_M, BLOCK_N, BLOCK_K, SUB_K, NUM_STAGES, A_MODE, WEIGHT_ON_INPUT, N_SHARED, SHARED_GATE, QUANT_H,
+            BLOCK_M, BLOCK_N, BLOCK_K, SUB_K, A_MODE, WEIGHT_ON_INPUT, N_SHARED, SHARED_GATE, QUANT_H,
             EVEN_N, EVEN_K,
         )

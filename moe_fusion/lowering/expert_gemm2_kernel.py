@@ -65,7 +65,7 @@ def gemm2_item(
     stride_sse, stride_ssn, stride_ssk,
     stride_out_split, stride_out_row,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr,
-    NUM_STAGES: tl.constexpr, A_MODE: tl.constexpr,
+    A_MODE: tl.constexpr,
     APPLY_WEIGHT: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
     N_SHARED: tl.constexpr, SHARED_GATE: tl.constexpr, GATE_PARTS: tl.constexpr, MODEL_DTYPE: tl.constexpr,
@@ -94,7 +94,7 @@ def gemm2_item(
         s_ptrs = wd_scale_ptr + expert * stride_se + (offs_n // FP8_GROUP) * stride_sn
         kstride_w, stride_s_k = stride_wk, stride_sk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
+    for k0 in range(k_start, k_end, BLOCK_K):
         for sub in tl.static_range(BLOCK_K // SUB_K):  # fp8: one dot per 128-wide scale group
             k_sub = k0 + sub * SUB_K
             k_ok = offs_k < k_end - k_sub
@@ -136,7 +136,7 @@ def expert_gemm2_kernel(
     sorted_pair_ids_ptr, tile_expert_ptr, num_tiles_ptr,
     num_pairs, top_k, M, N, K,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr,
-    NUM_STAGES: tl.constexpr, A_MODE: tl.constexpr,
+    A_MODE: tl.constexpr,
     APPLY_WEIGHT: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
     N_SHARED: tl.constexpr, SHARED_GATE: tl.constexpr, GATE_PARTS: tl.constexpr, MODEL_DTYPE: tl.constexpr,
@@ -169,6 +169,6 @@ def expert_gemm2_kernel(
             stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk,
             stride_swe, stride_swn, stride_swk, stride_sse, stride_ssn, stride_ssk,
             stride_out_split, stride_out_row,
-            BLOCK_M, BLOCK_N, BLOCK_K, SUB_K, NUM_STAGES, A_MODE, APPLY_WEIGHT, DETERMINISTIC,
+            BLOCK_M, BLOCK_N, BLOCK_K, SUB_K, A_MODE, APPLY_WEIGHT, DETERMINISTIC,
             N_SHARED, SHARED_GATE, GATE_PARTS, MODEL_DTYPE, EVEN_N, EVEN_K,
         )
