@@ -83,7 +83,7 @@ def gemm1_item(
     N_SHARED: tl.constexpr, SHARED_GATE: tl.constexpr, QUANT_H: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    """One work item: the h slice of one (token tile, BLOCK_N columns). Returns its tile."""
+    """One work item: the h slice of one (token tile, BLOCK_N columns)."""
     tile = item // n_blocks
     n_block = item - tile * n_blocks
     expert, row, token, row_ok, shared = work_tile(tile, num_routed, m_tiles, tile_expert_ptr, sorted_pair_ids_ptr,
@@ -145,7 +145,6 @@ def gemm1_item(
             if expert == 0:
                 _gate_partials(gx_ptr, gw_ptr, gate_partial_ptr, token, row_ok, n_block, n_blocks, M, K,
                                stride_gxm, stride_gxk, BLOCK_K)
-    return tile
 
 
 @triton.jit

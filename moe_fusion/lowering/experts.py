@@ -456,8 +456,8 @@ class ExpertLaunch:
         operands, constants = self._gemm2_operands(config)
         prefetch_lines = 0
         if self.use_pdl:
-            prefetch_lines = self._prefetch_lines(g, min(self._k_per_split(g),
-                                                         PREFETCH_BYTES // g.block_n // self.experts.w_down.element_size()))
+            prefetch_lines = self._prefetch_lines(min(self._k_per_split(g),
+                                                      PREFETCH_BYTES // g.block_n // self.experts.w_down.element_size()))
         extra = {"launch_pdl": True} if self.use_pdl else {}
         expert_gemm2_kernel[(grid,)](
             a, a_scale, self.pair_weights, self.gate_partial, *a.stride(), *a_scale.stride(),
@@ -496,7 +496,7 @@ class ExpertLaunch:
 
     def _gemm2_operands(self, config: ExpertConfig):
         """GEMM2's weights, output and strides (the middle arguments of expert_gemm2_kernel) and
-        its constexprs that do not depend on the tile sizes; call after _gemm1_operands."""
+        its constexprs that do not depend on the tile sizes; after gemm1 (it reads gate_partial)."""
         g = config.gemm2
         if g.split_k != self.split_k:
             raise ValueError("buffers were allocated for another split_k")
@@ -530,7 +530,7 @@ class ExpertLaunch:
     def _k_per_split(self, g) -> int:
         return triton.cdiv(triton.cdiv(self.experts.w_gate.shape[1], g.split_k), g.block_k) * g.block_k
 
-    def _prefetch_lines(self, g, k_elements: int) -> int:
+    def _prefetch_lines(self, k_elements: int) -> int:
         """128-byte lines per Wd row that one GEMM2 item prefetches to cover k_elements (a power of 2)."""
         lines = triton.cdiv(k_elements * self.experts.w_down.element_size(), 128)
         return triton.next_power_of_2(lines) if lines > 0 else 0
