@@ -190,6 +190,25 @@ def test_fp8_k_steps_of_several_scale_groups(deterministic):
     assert _rel_err(out, _reference(spec, x, ids, weights, w)) < FP8_TOL
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_swapped_operands_match_reference(fp8, deterministic):
+    """swap_ab: both GEMMs compute weights . tokens^T and transpose the tile before the epilogue;
+    with a gated dense tail and 19 tokens (two token tiles, the second partial)."""
+    if fp8:
+        spec, w, x = _fp8_case(seed=17, M=19, shared_intermediate_size=136, shared_gate=True)
+        tiles, tol = (GemmTiles(32, 256, swap_ab=True), GemmTiles(64, 128, split_k=2, swap_ab=True)), FP8_TOL * 5
+    else:
+        spec = _spec(shared_intermediate_size=40, shared_gate=True)
+        w = random_weights(spec, seed=17, device=DEVICE)
+        x = _x(19, spec.hidden_size)
+        tiles, tol = (GemmTiles(16, 32, swap_ab=True), GemmTiles(32, 32, split_k=2, swap_ab=True)), 3e-3
+    ids, weights = _routing(spec, 19)
+    out = experts.fused_experts(spec, x, ids, weights, w, config=ExpertConfig(16, *tiles), deterministic=deterministic,
+                                shared=experts.shared_tail(spec, w))
+    assert _rel_err(out, _shared_reference(spec, x, ids, weights, w)) < tol
+
+
 def test_fp8_activation_quantisation_kernel_matches_reference():
     spec, w, x = _fp8_case(seed=6, M=5)
     ids, weights = _routing(spec, 5)

@@ -28,6 +28,7 @@ class GemmTiles:
     num_stages: int = 4
     programs_per_sm: int = 2  # persistent grid: at most this many programs per SM
     split_k: int = 1  # GEMM2 only: K split across programs, reduced by the fp32 accumulation
+    swap_ab: bool = False  # weights . tokens^T (expert_tiles.tile_dot): the wide MMA at small token tiles
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ Reference: reference.gated_mlp / reference._fp8_gated_mlp (the first two product
 import triton
 import triton.language as tl
 
-from .expert_tiles import A_MODEL_DTYPE, FP8_GROUP, load_tile, quantize_h_group, work_tile, zero_block
+from .expert_tiles import A_MODEL_DTYPE, FP8_GROUP, load_tile, outer, quantize_h_group, tile_dot, work_tile, zero_block
 
 
 @triton.jit
@@ -78,7 +78,7 @@ def gemm1_item(
     stride_swge, stride_swgn, stride_swgk, stride_swue, stride_swun, stride_swuk,
     stride_ssge, stride_ssgn, stride_ssgk, stride_ssue, stride_ssun, stride_ssuk,
     stride_gxm, stride_gxk, stride_hm, stride_hqm, stride_hsm,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr, SWAP_AB: tl.constexpr,
     A_MODE: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr,
     N_SHARED: tl.constexpr, SHARED_GATE: tl.constexpr, QUANT_H: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
@@ -109,8 +109,8 @@ def gemm1_item(
         step_sg, step_su = stride_sgk, stride_suk
     if WEIGHT_ON_INPUT:
         pair_weight = tl.load(pair_weight_ptr + row, mask=row_ok, other=0.0)
-    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_g = tl.zeros((BLOCK_N, BLOCK_M) if SWAP_AB else (BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_N, BLOCK_M) if SWAP_AB else (BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         # fp8: one dot per 128-wide scale group; a K step may hold several (the tuner decides).
         for sub in tl.static_range(BLOCK_K // SUB_K):
@@ -123,8 +123,8 @@ def gemm1_item(
                 # The routing weight scales the expert's input, rounded as the reference does.
                 a = (a.to(tl.float32) * pair_weight[:, None]).to(x_ptr.dtype.element_ty)
             if A_MODE == A_MODEL_DTYPE:
-                acc_g += tl.dot(a, tl.trans(wg))
-                acc_u += tl.dot(a, tl.trans(wu))
+                acc_g += tile_dot(a, wg, SWAP_AB)
+                acc_u += tile_dot(a, wu, SWAP_AB)
             else:
                 k_group = k_sub // FP8_GROUP
                 in_k = k_sub < K
@@ -132,9 +132,12 @@ def gemm1_item(
                                   other=0.0)
                 sg = tl.load(sg_ptrs + k_group * step_sg, mask=n_ok & in_k, other=0.0)
                 su = tl.load(su_ptrs + k_group * step_su, mask=n_ok & in_k, other=0.0)
-                acc_g += tl.dot(a, tl.trans(wg)) * (a_scale[:, None] * sg[None, :])
-                acc_u += tl.dot(a, tl.trans(wu)) * (a_scale[:, None] * su[None, :])
-    h = (acc_g * tl.sigmoid(acc_g) * acc_u).to(h_ptr.dtype.element_ty)
+                acc_g += tile_dot(a, wg, SWAP_AB) * outer(a_scale, sg, SWAP_AB)
+                acc_u += tile_dot(a, wu, SWAP_AB) * outer(a_scale, su, SWAP_AB)
+    h = acc_g * tl.sigmoid(acc_g) * acc_u
+    if SWAP_AB:
+        h = tl.trans(h)
+    h = h.to(h_ptr.dtype.element_ty)
     h_ptrs = h_ptr + row[:, None] * stride_hm + offs_n[None, :]
     tl.store(h_ptrs, h, mask=row_ok[:, None] & n_ok[None, :])
     if QUANT_H:
@@ -163,7 +166,7 @@ def expert_gemm1_kernel(
     zero_ptr, ticket_ptr,
     sorted_pair_ids_ptr, tile_expert_ptr, num_tiles_ptr,
     num_pairs, top_k, M, N, K, zero_numel,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr, SWAP_AB: tl.constexpr,
     A_MODE: tl.constexpr,
     WEIGHT_ON_INPUT: tl.constexpr,
     N_SHARED: tl.constexpr, SHARED_GATE: tl.constexpr, QUANT_H: tl.constexpr,
@@ -199,6 +202,6 @@ def expert_gemm1_kernel(
             stride_swge, stride_swgn, stride_swgk, stride_swue, stride_swun, stride_swuk,
             stride_ssge, stride_ssgn, stride_ssgk, stride_ssue, stride_ssun, stride_ssuk,
             stride_gxm, stride_gxk, stride_hm, stride_hqm, stride_hsm,
-            BLOCK_M, BLOCK_N, BLOCK_K, SUB_K, A_MODE, WEIGHT_ON_INPUT, N_SHARED, SHARED_GATE, QUANT_H,
+            BLOCK_M, BLOCK_N, BLOCK_K, SUB_K, SWAP_AB, A_MODE, WEIGHT_ON_INPUT, N_SHARED, SHARED_GATE, QUANT_H,
             EVEN_N, EVEN_K,
         )

@@ -19,7 +19,7 @@ summed over the top-k as in reference.routed_experts (shared experts: reference.
 import triton
 import triton.language as tl
 
-from .expert_tiles import A_MODEL_DTYPE, FP8_GROUP, load_tile, prefetch_l2, work_tile
+from .expert_tiles import A_MODEL_DTYPE, FP8_GROUP, load_tile, outer, prefetch_l2, tile_dot, work_tile
 
 
 @triton.jit
@@ -64,7 +64,7 @@ def gemm2_item(
     stride_swe, stride_swn, stride_swk,
     stride_sse, stride_ssn, stride_ssk,
     stride_out_split, stride_out_row,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr, SWAP_AB: tl.constexpr,
     A_MODE: tl.constexpr,
     APPLY_WEIGHT: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
@@ -93,7 +93,7 @@ def gemm2_item(
         w_ptrs = wd_ptr + expert * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
         s_ptrs = wd_scale_ptr + expert * stride_se + (offs_n // FP8_GROUP) * stride_sn
         kstride_w, stride_s_k = stride_wk, stride_sk
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_M) if SWAP_AB else (BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         for sub in tl.static_range(BLOCK_K // SUB_K):  # fp8: one dot per 128-wide scale group
             k_sub = k0 + sub * SUB_K
@@ -101,13 +101,15 @@ def gemm2_item(
             a = load_tile(h_ptrs + k_sub * stride_hk, row_ok, k_ok, False, EVEN_K)
             w = load_tile(w_ptrs + k_sub * kstride_w, n_ok, k_ok, EVEN_N, EVEN_K)
             if A_MODE == A_MODEL_DTYPE:
-                acc += tl.dot(a, tl.trans(w))
+                acc += tile_dot(a, w, SWAP_AB)
             else:
                 k_group = k_sub // FP8_GROUP
                 in_k = k_sub < k_end
                 a_scale = tl.load(h_scale_ptr + row * stride_hsm + k_group * stride_hsk, mask=row_ok & in_k, other=0.0)
                 s = tl.load(s_ptrs + k_group * stride_s_k, mask=n_ok & in_k, other=0.0)
-                acc += tl.dot(a, tl.trans(w)) * (a_scale[:, None] * s[None, :])
+                acc += tile_dot(a, w, SWAP_AB) * outer(a_scale, s, SWAP_AB)
+    if SWAP_AB:
+        acc = tl.trans(acc)
     if APPLY_WEIGHT:
         if shared:
             if SHARED_GATE:
@@ -135,7 +137,7 @@ def expert_gemm2_kernel(
     stride_out_split, stride_out_row,
     sorted_pair_ids_ptr, tile_expert_ptr, num_tiles_ptr,
     num_pairs, top_k, M, N, K,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr, SWAP_AB: tl.constexpr,
     A_MODE: tl.constexpr,
     APPLY_WEIGHT: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
@@ -169,6 +171,6 @@ def expert_gemm2_kernel(
             stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk,
             stride_swe, stride_swn, stride_swk, stride_sse, stride_ssn, stride_ssk,
             stride_out_split, stride_out_row,
-            BLOCK_M, BLOCK_N, BLOCK_K, SUB_K, A_MODE, APPLY_WEIGHT, DETERMINISTIC,
+            BLOCK_M, BLOCK_N, BLOCK_K, SUB_K, SWAP_AB, A_MODE, APPLY_WEIGHT, DETERMINISTIC,
             N_SHARED, SHARED_GATE, GATE_PARTS, MODEL_DTYPE, EVEN_N, EVEN_K,
         )

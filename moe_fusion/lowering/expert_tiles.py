@@ -113,6 +113,28 @@ def load_tile(ptrs, row_ok, col_ok, EVEN_ROWS: tl.constexpr, EVEN_COLS: tl.const
 
 
 @triton.jit
+def tile_dot(a, w, SWAP_AB: tl.constexpr):
+    """a [M, K] . w [N, K]^T as [M, N], or with SWAP_AB its transpose w . a^T [N, M]: at decode M is
+    a 16-row token tile, below the 64 rows Hopper's wgmma needs; swapped, the weight rows fill that
+    side, and fp8 runs on the native fp8 MMA instead of converting both operands to fp16."""
+    if SWAP_AB:
+        product = tl.dot(w, tl.trans(a))
+    else:
+        product = tl.dot(a, tl.trans(w))
+    return product
+
+
+@triton.jit
+def outer(a_scale, w_scale, SWAP_AB: tl.constexpr):
+    """The scale of each tile_dot element: a_scale [M] x w_scale [N], laid out as tile_dot's result."""
+    if SWAP_AB:
+        scale = w_scale[:, None] * a_scale[None, :]
+    else:
+        scale = a_scale[:, None] * w_scale[None, :]
+    return scale
+
+
+@triton.jit
 def quantize_h_group(h_ptr, hq_ptr, hs_ptr, row, row_ok, group, N, stride_hm, stride_hqm, stride_hsm):
     """h[row, 128-column group] -> fp8 and its scale, with fp8_act_quant_kernel's arithmetic; h
     was written by other programs of the same launch, so it is read from L2 (.cg)."""

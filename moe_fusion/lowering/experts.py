@@ -438,7 +438,7 @@ class ExpertLaunch:
         expert_gemm1_kernel[(grid,)](
             *operands, self.partial, tickets, *self.alignment,
             self.topk_ids.numel(), self.a_row_divisor, M, self.experts.w_gate.shape[1], H, self._zero_numel(),
-            **constants, BLOCK_N=g.block_n, BLOCK_K=g.block_k, SUB_K=self._sub_k(g),
+            **constants, BLOCK_N=g.block_n, BLOCK_K=g.block_k, SUB_K=self._sub_k(g), SWAP_AB=g.swap_ab,
             QUANT_H=quant_h,
             EVEN_N=self.experts.w_gate.shape[1] % g.block_n == 0, EVEN_K=H % g.block_k == 0,
             ZERO_BLOCK=ZERO_BLOCK, USE_PDL=self.use_pdl, num_warps=g.num_warps, num_stages=g.num_stages,
@@ -462,7 +462,7 @@ class ExpertLaunch:
         expert_gemm2_kernel[(grid,)](
             a, a_scale, self.pair_weights, self.gate_partial, *a.stride(), *a_scale.stride(),
             *operands, *self.alignment, self.topk_ids.numel(), self.topk_ids.shape[1], M, H, I,
-            **constants, BLOCK_N=g.block_n, BLOCK_K=g.block_k, SUB_K=self._sub_k(g),
+            **constants, BLOCK_N=g.block_n, BLOCK_K=g.block_k, SUB_K=self._sub_k(g), SWAP_AB=g.swap_ab,
             EVEN_N=H % g.block_n == 0, EVEN_K=I % g.block_k == 0,
             USE_PDL=self.use_pdl, PREFETCH_LINES=prefetch_lines,
             num_warps=g.num_warps, num_stages=g.num_stages, **extra,

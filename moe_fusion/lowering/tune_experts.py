@@ -139,7 +139,10 @@ def gemm1_candidates(shape: Shape, fp8: bool, m: int, sms: int) -> List[GemmTile
     ns = [bn for bn in (16, 32, 64, 128) if active * shape.inter / bn >= 0.5 * sms] or [16]
     # fp8 K steps of 2 or 4 scale groups: measured 3-8% faster at dsv3-ep8 M >= 2 (notes, session 4).
     ks = [(128, 4), (128, 6), (256, 3), (256, 4), (512, 2), (512, 3)] if fp8 else [(128, 4), (256, 3), (512, 2)]
-    return [GemmTiles(bn, bk, 4, st, pp) for bn in ns[-3:] for bk, st in ks for pp in (1, 2)]
+    plain = [GemmTiles(bn, bk, 4, st, pp) for bn in ns[-3:] for bk, st in ks for pp in (1, 2)]
+    # Swapped operands need 64 weight rows per program for the wide MMA, however few that leaves.
+    swapped = [GemmTiles(bn, bk, 4, st, pp, swap_ab=True) for bn in (64, 128) for bk, st in ks for pp in (1, 2)]
+    return plain + swapped
 
 
 def gemm2_candidates(shape: Shape, fp8: bool, m: int, sms: int) -> List[GemmTiles]:
@@ -153,6 +156,8 @@ def gemm2_candidates(shape: Shape, fp8: bool, m: int, sms: int) -> List[GemmTile
                 break
             for bk, st in ((128, 4), (256, 3), (512, 2)):
                 out.append(GemmTiles(bn, bk, 4, st, 2, split))
+                if bn >= 64:
+                    out.append(GemmTiles(bn, bk, 4, st, 2, split, swap_ab=True))
     return out
 
 
