@@ -74,10 +74,11 @@ def poisoned(shape, dtype, device):
 
 
 def check_shape(name: str, shape: Shape, e: experts.ExpertTensors, dtype: str):
-    tol = 1e-3 if dtype == "fp8" else 1e-2
     saved, experts._buffer = experts._buffer, poisoned
     try:
         for m in (1, 5, 64):
+            cfg = expert_configs.lookup(tune_experts._key(shape, dtype), m, *experts.device_facts(torch.device("cuda")))[0]
+            tol = fp8_tolerance(cfg) if dtype == "fp8" else 1e-2
             for s in tune_experts.input_sets(shape, e, m, 1, seed=100):
                 ref = reference_touched(s, e)
                 variants = [("atomic", {}), ("deterministic", {"deterministic": True})]
@@ -98,6 +99,14 @@ def check_shape(name: str, shape: Shape, e: experts.ExpertTensors, dtype: str):
                         f"{'ok' if ok else 'FAIL'}")
     finally:
         experts._buffer = saved
+
+
+def fp8_tolerance(cfg: expert_configs.ExpertConfig) -> float:
+    """Against the exact fp8 emulation: 1e-3 where the kernels convert fp8 to fp16 for the MMA
+    (exact products, fp32 sums); 1e-2 where swapped tiles use the native fp8 MMA, whose sums
+    within a 128-wide group are not fp32 (measured 2-4e-3 at dsv3-ep8), which can also move
+    an h value across an fp8 rounding boundary before GEMM2."""
+    return 1e-2 if cfg.gemm1.swap_ab or cfg.gemm2.swap_ab else 1e-3
 
 
 def check_fp8_quantisation(e_bf16: experts.ExpertTensors):

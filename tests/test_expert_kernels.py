@@ -197,7 +197,10 @@ def test_swapped_operands_match_reference(fp8, deterministic):
     with a gated dense tail and 19 tokens (two token tiles, the second partial)."""
     if fp8:
         spec, w, x = _fp8_case(seed=17, M=19, shared_intermediate_size=136, shared_gate=True)
+        # On the GPU swapped fp8 tiles run on the native fp8 MMA, whose sums within a group are
+        # not fp32 (benchmarks/gpu_experts.fp8_tolerance); the interpreter's dot is exact.
         tiles, tol = (GemmTiles(32, 256, swap_ab=True), GemmTiles(64, 128, split_k=2, swap_ab=True)), FP8_TOL * 5
+        tol = tol if DEVICE == "cpu" else 1e-2
     else:
         spec = _spec(shared_intermediate_size=40, shared_gate=True)
         w = random_weights(spec, seed=17, device=DEVICE)
