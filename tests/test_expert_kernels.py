@@ -212,6 +212,29 @@ def test_swapped_operands_match_reference(fp8, deterministic):
     assert _rel_err(out, _shared_reference(spec, x, ids, weights, w)) < tol
 
 
+@pytest.mark.parametrize("swap_ab", [False, True])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_split_gemm1_matches_reference(fp8, swap_ab):
+    """GEMM1 split over K (3 splits, the last one short) and finished by gemm1_combine_kernel;
+    expert parallel with a gated dense tail, atomic and deterministic."""
+    changes = dict(num_experts=8, num_local_experts=4, shared_intermediate_size=136 if fp8 else 40, shared_gate=True)
+    if fp8:
+        spec, w, x = _fp8_case(seed=18, M=19, **changes)
+        g1, g2 = GemmTiles(32, 128, split_k=3, swap_ab=swap_ab), GemmTiles(32, 128, split_k=2, swap_ab=swap_ab)
+        tol = FP8_TOL * 5 if DEVICE == "cpu" or not swap_ab else 1e-2  # see test_swapped_operands_match_reference
+    else:
+        spec = _spec(**changes)
+        w = random_weights(spec, seed=18, device=DEVICE)
+        x = _x(19, spec.hidden_size)
+        g1, g2, tol = GemmTiles(16, 16, split_k=3, swap_ab=swap_ab), GemmTiles(32, 32, split_k=2, swap_ab=swap_ab), 3e-3
+    ids, weights = _routing(spec, 19)
+    ref = _shared_reference(spec, x, ids, weights, w)
+    outs = [experts.fused_experts(spec, x, ids, weights, w, config=ExpertConfig(16, g1, g2), deterministic=det,
+                                  shared=experts.shared_tail(spec, w)) for det in (False, True)]
+    for out in outs:
+        assert _rel_err(out, ref) < tol
+
+
 def test_fp8_activation_quantisation_kernel_matches_reference():
     spec, w, x = _fp8_case(seed=6, M=5)
     ids, weights = _routing(spec, 5)

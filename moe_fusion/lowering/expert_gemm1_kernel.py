@@ -64,7 +64,7 @@ def _quantize_group_if_last(h_ptr, hq_ptr, hs_ptr, ticket_ptr, tile, n_block, ro
 
 @triton.jit
 def gemm1_item(
-    item, n_blocks, num_routed, m_tiles,
+    item, n_blocks, num_routed, m_tiles, split_k, k_per_split, partial_ptr, stride_ps, stride_pm,
     x_ptr, x_scale_ptr, pair_weight_ptr,
     wg_ptr, wu_ptr, wg_scale_ptr, wu_scale_ptr,
     swg_ptr, swu_ptr, swg_scale_ptr, swu_scale_ptr,
@@ -81,11 +81,14 @@ def gemm1_item(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr, SWAP_AB: tl.constexpr,
     A_MODE: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr,
     N_SHARED: tl.constexpr, SHARED_GATE: tl.constexpr, QUANT_H: tl.constexpr,
-    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_OUT: tl.constexpr,
 ):
-    """One work item: the h slice of one (token tile, BLOCK_N columns)."""
-    tile = item // n_blocks
-    n_block = item - tile * n_blocks
+    """One work item: the h slice of one (token tile, BLOCK_N columns), or with SPLIT_OUT the fp32
+    gate and up sums of one K split of it (gemm1_combine_kernel finishes h)."""
+    tile = item // (n_blocks * split_k)
+    rest = item - tile * n_blocks * split_k
+    split = rest // n_blocks
+    n_block = rest - split * n_blocks
     expert, row, token, row_ok, shared = work_tile(tile, num_routed, m_tiles, tile_expert_ptr, sorted_pair_ids_ptr,
                                                    num_pairs, top_k, M, BLOCK_M, N_SHARED)
     offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -111,11 +114,13 @@ def gemm1_item(
         pair_weight = tl.load(pair_weight_ptr + row, mask=row_ok, other=0.0)
     acc_g = tl.zeros((BLOCK_N, BLOCK_M) if SWAP_AB else (BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_N, BLOCK_M) if SWAP_AB else (BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_start = split * k_per_split
+    k_end = tl.minimum(K, k_start + k_per_split)
+    for k0 in range(k_start, k_end, BLOCK_K):
         # fp8: one dot per 128-wide scale group; a K step may hold several (the tuner decides).
         for sub in tl.static_range(BLOCK_K // SUB_K):
             k_sub = k0 + sub * SUB_K
-            k_ok = offs_k < K - k_sub
+            k_ok = offs_k < k_end - k_sub
             a = load_tile(x_ptrs + k_sub * stride_xk, row_ok, k_ok, False, EVEN_K)
             wg = load_tile(wg_ptrs + k_sub * kstride_g, n_ok, k_ok, EVEN_N, EVEN_K)
             wu = load_tile(wu_ptrs + k_sub * kstride_u, n_ok, k_ok, EVEN_N, EVEN_K)
@@ -127,27 +132,33 @@ def gemm1_item(
                 acc_u += tile_dot(a, wu, SWAP_AB)
             else:
                 k_group = k_sub // FP8_GROUP
-                in_k = k_sub < K
+                in_k = k_sub < k_end
                 a_scale = tl.load(x_scale_ptr + token * stride_xsm + k_group * stride_xsk, mask=row_ok & in_k,
                                   other=0.0)
                 sg = tl.load(sg_ptrs + k_group * step_sg, mask=n_ok & in_k, other=0.0)
                 su = tl.load(su_ptrs + k_group * step_su, mask=n_ok & in_k, other=0.0)
                 acc_g += tile_dot(a, wg, SWAP_AB) * outer(a_scale, sg, SWAP_AB)
                 acc_u += tile_dot(a, wu, SWAP_AB) * outer(a_scale, su, SWAP_AB)
-    h = acc_g * tl.sigmoid(acc_g) * acc_u
     if SWAP_AB:
-        h = tl.trans(h)
-    h = h.to(h_ptr.dtype.element_ty)
-    h_ptrs = h_ptr + row[:, None] * stride_hm + offs_n[None, :]
-    tl.store(h_ptrs, h, mask=row_ok[:, None] & n_ok[None, :])
-    if QUANT_H:
-        _quantize_group_if_last(h_ptr, hq_ptr, hs_ptr, ticket_ptr, tile, n_block, row, row_ok, N,
-                                stride_hm, stride_hqm, stride_hsm, BLOCK_N)
+        acc_g = tl.trans(acc_g)
+        acc_u = tl.trans(acc_u)
+    mask = row_ok[:, None] & n_ok[None, :]
+    if SPLIT_OUT:
+        sums = partial_ptr + split * stride_ps + row[:, None] * stride_pm + offs_n[None, :]
+        tl.store(sums, acc_g, mask=mask)
+        tl.store(sums + N, acc_u, mask=mask)
+    else:
+        h = (acc_g * tl.sigmoid(acc_g) * acc_u).to(h_ptr.dtype.element_ty)
+        tl.store(h_ptr + row[:, None] * stride_hm + offs_n[None, :], h, mask=mask)
+        if QUANT_H:
+            _quantize_group_if_last(h_ptr, hq_ptr, hs_ptr, ticket_ptr, tile, n_block, row, row_ok, N,
+                                    stride_hm, stride_hqm, stride_hsm, BLOCK_N)
     if SHARED_GATE:
         if shared:
             if expert == 0:
-                _gate_partials(gx_ptr, gw_ptr, gate_partial_ptr, token, row_ok, n_block, n_blocks, M, K,
-                               stride_gxm, stride_gxk, BLOCK_K)
+                if split == 0:
+                    _gate_partials(gx_ptr, gw_ptr, gate_partial_ptr, token, row_ok, n_block, n_blocks, M, K,
+                                   stride_gxm, stride_gxk, BLOCK_K)
 
 
 @triton.jit
@@ -163,14 +174,14 @@ def expert_gemm1_kernel(
     stride_swge, stride_swgn, stride_swgk, stride_swue, stride_swun, stride_swuk,
     stride_ssge, stride_ssgn, stride_ssgk, stride_ssue, stride_ssun, stride_ssuk,
     stride_gxm, stride_gxk, stride_hm, stride_hqm, stride_hsm,
-    zero_ptr, ticket_ptr,
+    zero_ptr, ticket_ptr, partial_ptr, stride_ps, stride_pm, split_k, k_per_split,
     sorted_pair_ids_ptr, tile_expert_ptr, num_tiles_ptr,
     num_pairs, top_k, M, N, K, zero_numel,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr, SWAP_AB: tl.constexpr,
     A_MODE: tl.constexpr,
     WEIGHT_ON_INPUT: tl.constexpr,
     N_SHARED: tl.constexpr, SHARED_GATE: tl.constexpr, QUANT_H: tl.constexpr,
-    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_OUT: tl.constexpr,
     ZERO_BLOCK: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
@@ -188,10 +199,10 @@ def expert_gemm1_kernel(
     n_blocks = tl.cdiv(N, BLOCK_N)
     num_routed = tl.load(num_tiles_ptr)
     m_tiles = tl.cdiv(M, BLOCK_M)
-    num_items = (num_routed + N_SHARED * m_tiles) * n_blocks
+    num_items = (num_routed + N_SHARED * m_tiles) * n_blocks * split_k
     for item in range(pid, num_items, num_programs):
         gemm1_item(
-            item, n_blocks, num_routed, m_tiles,
+            item, n_blocks, num_routed, m_tiles, split_k, k_per_split, partial_ptr, stride_ps, stride_pm,
             x_ptr, x_scale_ptr, pair_weight_ptr, wg_ptr, wu_ptr, wg_scale_ptr, wu_scale_ptr,
             swg_ptr, swu_ptr, swg_scale_ptr, swu_scale_ptr, gx_ptr, gw_ptr, gate_partial_ptr,
             h_ptr, hq_ptr, hs_ptr, ticket_ptr, sorted_pair_ids_ptr, tile_expert_ptr,
@@ -203,5 +214,5 @@ def expert_gemm1_kernel(
             stride_ssge, stride_ssgn, stride_ssgk, stride_ssue, stride_ssun, stride_ssuk,
             stride_gxm, stride_gxk, stride_hm, stride_hqm, stride_hsm,
             BLOCK_M, BLOCK_N, BLOCK_K, SUB_K, SWAP_AB, A_MODE, WEIGHT_ON_INPUT, N_SHARED, SHARED_GATE, QUANT_H,
-            EVEN_N, EVEN_K,
+            EVEN_N, EVEN_K, SPLIT_OUT,
         )

@@ -37,6 +37,7 @@ from .expert_gemm2_kernel import expert_gemm2_kernel
 from . import expert_tiles
 from .fp8_act_quant_kernel import fp8_act_quant_kernel
 from .fp8_weight_quant_kernel import fp8_weight_quant_kernel
+from .gemm1_combine_kernel import gemm1_combine_kernel
 from .moe_finalize_kernel import moe_finalize_kernel
 
 INT32_MAX = 2**31 - 1
@@ -330,7 +331,7 @@ def run_experts(
                           f"the config uses {block_m}")
     num_pairs = topk_ids.numel()
     split_k = config.gemm2.split_k
-    _check_int32(num_pairs + (shared.count * M if shared is not None else 0), H, I, split_k)
+    _check_int32(num_pairs + (shared.count * M if shared is not None else 0), H, I, split_k, config.gemm1.split_k)
     pair_weights = topk_weights.reshape(-1).float()
 
     if x_fp8 is not None and (x_fp8.shape != x.shape or x_scale is None
@@ -343,7 +344,7 @@ def run_experts(
     launch.allocate(config, deterministic, out_dtype)
     launch.quantize_input(x_fp8, x_scale)
     launch.gemm1(config)
-    launch.quantize_h()
+    launch.prepare_h()
     launch.gemm2(config)
     return launch.finalize()
 
@@ -374,6 +375,7 @@ class ExpertLaunch:
         dev = self.x.device
         self.split_k, self.deterministic, self.out_dtype = config.gemm2.split_k, deterministic, out_dtype
         self.h = _buffer((rows, I), self.x.dtype, dev)
+        self.use_gemm1_splits(config.gemm1.split_k)
         if self.experts.fp8:  # GEMM2's A: h quantised per 1x128 group
             self.h_fp8 = _buffer((rows, I), FP8_DTYPE, dev)
             self.h_scale = _buffer((rows, triton.cdiv(I, FP8_BLOCK)), torch.float32, dev)
@@ -387,6 +389,12 @@ class ExpertLaunch:
         self.gate_partial = self.pair_weights  # unused unless the shared experts are gated (gemm1)
         self.h_quantized = False
         self.a, self.a_scale, self.a_row_divisor = self.x, self.pair_weights, self.topk_ids.shape[1]
+
+    def use_gemm1_splits(self, splits: int) -> None:
+        """A split GEMM1 leaves fp32 gate and up sums per split for gemm1_combine_kernel."""
+        rows, I = self.h.shape
+        self.gemm1_splits = splits
+        self.gemm1_sums = _buffer((splits, rows, 2 * I), torch.float32, self.x.device) if splits > 1 else None
 
     def quantize_input(self, x_fp8: Optional[torch.Tensor] = None, x_scale: Optional[torch.Tensor] = None) -> None:
         """GEMM1's A operand: x; for fp8 experts its 1x128-group quantisation, given or computed
@@ -405,10 +413,28 @@ class ExpertLaunch:
         if self.weight_on_input:
             self.a_row_divisor = 1  # GEMM1 reads row `pair`, already scaled
 
-    def quantize_h(self) -> None:
-        """fp8 experts: h -> (h_fp8, h_scale), GEMM2's A operand (unless GEMM1 did it)."""
-        if self.experts.fp8 and not self.h_quantized:
+    def prepare_h(self) -> None:
+        """GEMM2's A operand: h from a split GEMM1's sums, and for fp8 experts its quantisation
+        (h_fp8, h_scale), unless GEMM1 already did it."""
+        if self.gemm1_sums is not None:
+            self._combine_gemm1_splits()
+        elif self.experts.fp8 and not self.h_quantized:
             self._quantize_rows(self.h, self.h_fp8, self.h_scale, 1, scale_rows=False, after_gemm=True)
+
+    def _combine_gemm1_splits(self) -> None:
+        I = self.h.shape[1]
+        groups = triton.cdiv(I, FP8_BLOCK)
+        per_program = min(8, triton.next_power_of_2(groups))
+        expert_map = self.experts.expert_map
+        ids = self.topk_ids.contiguous()
+        hq, hs = (self.h_fp8, self.h_scale) if self.experts.fp8 else (self.h, self.pair_weights)
+        gemm1_combine_kernel[(self.h.shape[0], triton.cdiv(groups, per_program))](
+            self.gemm1_sums, self.h, hq, hs, ids, expert_map if expert_map is not None else ids,
+            self.topk_ids.numel(), I, self.gemm1_splits, self.gemm1_sums.stride(0), self.gemm1_sums.stride(1),
+            self.h.stride(0), hq.stride(0), hs.stride(0),
+            GROUPS=per_program, GROUP=FP8_BLOCK, QUANT=self.experts.fp8, ONLY_LOCAL_ROWS=expert_map is not None,
+            num_warps=4,
+        )
 
     def _quantize_rows(self, src, q, scale, rows_per_token, scale_rows: bool, after_gemm: bool) -> None:
         K = src.shape[1]
@@ -428,20 +454,24 @@ class ExpertLaunch:
     def gemm1(self, config: ExpertConfig) -> None:
         M, H = self.x.shape
         g = config.gemm1
+        if g.split_k != self.gemm1_splits:
+            raise ValueError("buffers were allocated for another GEMM1 split_k")
         tiles = self._work_tiles(config)
-        items = tiles * triton.cdiv(self.experts.w_gate.shape[1], g.block_n)
+        items = tiles * triton.cdiv(self.experts.w_gate.shape[1], g.block_n) * g.split_k
         grid = max(1, min(items, self.num_sms * g.programs_per_sm))
-        quant_h = self.experts.fp8 and FUSED_H_QUANT and g.block_n <= FP8_BLOCK
+        quant_h = self.experts.fp8 and FUSED_H_QUANT and g.block_n <= FP8_BLOCK and g.split_k == 1
+        sums = self.gemm1_sums if self.gemm1_sums is not None else self.h.new_empty((1, 1, 1))
         tickets = (_ticket_buffer(self.x.device, tiles * triton.cdiv(self.experts.w_gate.shape[1], FP8_BLOCK))
                    if quant_h else self.pair_weights)
         operands, constants = self._gemm1_operands(config)
         expert_gemm1_kernel[(grid,)](
-            *operands, self.partial, tickets, *self.alignment,
+            *operands, self.partial, tickets, sums, sums.stride(0), sums.stride(1), g.split_k, self._k_per_split(g, H),
+            *self.alignment,
             self.topk_ids.numel(), self.a_row_divisor, M, self.experts.w_gate.shape[1], H, self._zero_numel(),
             **constants, BLOCK_N=g.block_n, BLOCK_K=g.block_k, SUB_K=self._sub_k(g), SWAP_AB=g.swap_ab,
             QUANT_H=quant_h,
             EVEN_N=self.experts.w_gate.shape[1] % g.block_n == 0, EVEN_K=H % g.block_k == 0,
-            ZERO_BLOCK=ZERO_BLOCK, USE_PDL=self.use_pdl, num_warps=g.num_warps, num_stages=g.num_stages,
+            SPLIT_OUT=g.split_k > 1, ZERO_BLOCK=ZERO_BLOCK, USE_PDL=self.use_pdl, num_warps=g.num_warps, num_stages=g.num_stages,
         )
         self.h_quantized = quant_h
 
@@ -456,7 +486,7 @@ class ExpertLaunch:
         operands, constants = self._gemm2_operands(config)
         prefetch_lines = 0
         if self.use_pdl:
-            prefetch_lines = self._prefetch_lines(min(self._k_per_split(g),
+            prefetch_lines = self._prefetch_lines(min(self._k_per_split(g, I),
                                                       PREFETCH_BYTES // g.block_n // self.experts.w_down.element_size()))
         extra = {"launch_pdl": True} if self.use_pdl else {}
         expert_gemm2_kernel[(grid,)](
@@ -506,7 +536,7 @@ class ExpertLaunch:
         gate_parts = self.gate_partial.shape[0] if gated else 1
         operands = (
             self.experts.w_down, sd, swd, ssd, self.partial,
-            g.split_k, self._k_per_split(g), gate_parts,
+            g.split_k, self._k_per_split(g, self.experts.w_gate.shape[1]), gate_parts,
             *self.experts.w_down.stride(), *sd.stride(), *swd.stride(), *ssd.stride(),
             self.partial.stride(0) if self.deterministic else 0, self.x.shape[1],
         )
@@ -527,8 +557,9 @@ class ExpertLaunch:
     def _zero_numel(self) -> int:
         return 0 if self.deterministic else self.partial.numel()  # GEMM2's atomic accumulator
 
-    def _k_per_split(self, g) -> int:
-        return triton.cdiv(triton.cdiv(self.experts.w_gate.shape[1], g.split_k), g.block_k) * g.block_k
+    @staticmethod
+    def _k_per_split(g, K: int) -> int:
+        return triton.cdiv(triton.cdiv(K, g.split_k), g.block_k) * g.block_k
 
     def _prefetch_lines(self, k_elements: int) -> int:
         """128-byte lines per Wd row that one GEMM2 item prefetches to cover k_elements (a power of 2)."""
@@ -658,6 +689,6 @@ def _check_shared(x, e: ExpertTensors, shared: SharedTail, weight_on_input: bool
                 raise Unsupported(f"fp8 shared chunks need fp32 {name} [n, N/128, K/128]")
 
 
-def _check_int32(num_pairs: int, H: int, I: int, split_k: int) -> None:
-    if max(num_pairs * I, split_k * num_pairs * H) > INT32_MAX:
+def _check_int32(num_pairs: int, H: int, I: int, split_k: int, gemm1_splits: int) -> None:
+    if max(num_pairs * I, split_k * num_pairs * H, gemm1_splits * num_pairs * 2 * I) > INT32_MAX:
         raise Unsupported(f"{num_pairs} pairs x {max(H, I)} exceeds int32 index math")

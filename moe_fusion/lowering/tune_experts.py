@@ -142,7 +142,10 @@ def gemm1_candidates(shape: Shape, fp8: bool, m: int, sms: int) -> List[GemmTile
     plain = [GemmTiles(bn, bk, 4, st, pp) for bn in ns[-3:] for bk, st in ks for pp in (1, 2)]
     # Swapped operands need 64 weight rows per program for the wide MMA, however few that leaves.
     swapped = [GemmTiles(bn, bk, 4, st, pp, swap_ab=True) for bn in (64, 128) for bk, st in ks for pp in (1, 2)]
-    return plain + swapped
+    # ... and split K where those tiles are too few for the SMs (one active expert: 32 of 64 rows).
+    split = [GemmTiles(bn, bk, 4, st, pp, s, swap_ab=True) for bn in (64, 128) for s in (2, 4)
+             if active * shape.inter / bn * s <= 2 * sms for bk, st in ks for pp in (1, 2)]
+    return plain + swapped + split
 
 
 def gemm2_candidates(shape: Shape, fp8: bool, m: int, sms: int) -> List[GemmTiles]:
@@ -186,10 +189,13 @@ def tune_point(shape: Shape, e: experts.ExpertTensors, dtype: str, m: int, sets:
         launches = [make_launch(s, e, base) for s in sets]
         for launch in launches:  # GEMM2 is timed on real h, not on an uninitialised buffer
             launch.gemm1(base)
-            launch.quantize_h()
+            launch.prepare_h()
         for g1 in gemm1_candidates(shape, dtype == "fp8", m, sms):
             cfg = ExpertConfig(block_m, g1, base.gemm2)
-            t = _try(lambda l: l.gemm1(cfg), launches)
+            for l in launches:
+                l.use_gemm1_splits(g1.split_k)
+            # GEMM1 with what makes its h ready for GEMM2 (fp8 quantisation, the splits' sum).
+            t = _try(lambda l: (l.gemm1(cfg), l.prepare_h()), launches)
             log(f"    gemm1 {g1}: {t} us")
             if t is not None and (g1_best is None or t < g1_best[0]):
                 g1_best = (t, g1)
