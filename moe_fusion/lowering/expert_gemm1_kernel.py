@@ -23,6 +23,10 @@ writes fp8 h and its scale with the arithmetic of fp8_act_quant_kernel (bitwise 
 resets the counter to zero for the next launch (the counters live in a persistent zeroed buffer,
 experts._ticket_buffer).
 
+Split over K (split_k > 1, SPLIT_OUT): items are (tile, K split, BLOCK_N slice) and write fp32 gate
+and up sums per split; gemm1_combine_kernel sums them and applies SiLU*up. With swapped operands
+(SWAP_AB) the tiles are weights . tokens^T, transposed once before the epilogue.
+
 The same launch zeroes GEMM2's fp32 accumulator (``zero_ptr``), saving a memset launch.
 Reference: reference.gated_mlp / reference._fp8_gated_mlp (the first two products and SiLU*up).
 """

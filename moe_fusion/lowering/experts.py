@@ -2,13 +2,15 @@
 deterministic mode) over the aligned token list of reference.align_pairs.
 
     GEMM1  h[pair] = SiLU(x Wg^T) * (x Wu^T)              expert_gemm1_kernel (also zeroes out)
+           or, split over K, fp32 sums per split        + gemm1_combine_kernel (SiLU*up, fp8 quant)
     GEMM2  out[token] += weight[pair] * h[pair] Wd^T       expert_gemm2_kernel (atomics, split-K)
     or     y[split, pair] = weight * h Wd^T; out = sum y   + moe_finalize_kernel (deterministic)
 
 bf16/fp16 weights, or fp8 e4m3 weights in 128x128 blocks with 1x128 activation groups: x comes
 quantised from the preamble (or fp8_act_quant_kernel quantises it first), and an fp8_act_quant_kernel
-launch between the GEMMs quantises h (or GEMM1's epilogue does, FUSED_H_QUANT), so neither GEMM
-quantises inside its K loop. Grids are persistent
+launch between the GEMMs quantises h (or gemm1_combine_kernel after a split GEMM1, or GEMM1's
+epilogue, FUSED_H_QUANT), so neither GEMM quantises inside its K loop. Tiles may swap operands
+(weights . tokens^T, expert_tiles.tile_dot) so that 16-token tiles use Hopper's wide MMA. Grids are persistent
 (at most programs_per_sm x SMs programs looping up to the real tile count). Semantics:
 reference.routed_experts (fp8: bitwise the reference's quantisation on the same device).
 Shared experts can ride along as a dense tail of both GEMMs (SharedTail, the layer's "fused"
