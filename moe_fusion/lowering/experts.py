@@ -10,8 +10,8 @@ bf16/fp16 weights, or fp8 e4m3 weights in 128x128 blocks with 1x128 activation g
 quantised from the preamble (or fp8_act_quant_kernel quantises it first), and an fp8_act_quant_kernel
 launch between the GEMMs quantises h (or gemm1_combine_kernel after a split GEMM1, or GEMM1's
 epilogue, FUSED_H_QUANT), so neither GEMM quantises inside its K loop. Tiles may swap operands
-(weights . tokens^T, expert_tiles.tile_dot) so that 16-token tiles use Hopper's wide MMA. Grids are persistent
-(at most programs_per_sm x SMs programs looping up to the real tile count). Semantics:
+(weights . tokens^T, expert_tiles.tile_dot) so that 16-token tiles use Hopper's wide MMA. Grids are
+persistent (at most programs_per_sm x SMs programs looping up to the real tile count). Semantics:
 reference.routed_experts (fp8: bitwise the reference's quantisation on the same device).
 Shared experts can ride along as a dense tail of both GEMMs (SharedTail, the layer's "fused"
 strategy): every token selects them, so they need no alignment. Tile
@@ -455,25 +455,24 @@ class ExpertLaunch:
 
     def gemm1(self, config: ExpertConfig) -> None:
         M, H = self.x.shape
+        I = self.experts.w_gate.shape[1]
         g = config.gemm1
         if g.split_k != self.gemm1_splits:
             raise ValueError("buffers were allocated for another GEMM1 split_k")
         tiles = self._work_tiles(config)
-        items = tiles * triton.cdiv(self.experts.w_gate.shape[1], g.block_n) * g.split_k
+        items = tiles * triton.cdiv(I, g.block_n) * g.split_k
         grid = max(1, min(items, self.num_sms * g.programs_per_sm))
         quant_h = self.experts.fp8 and FUSED_H_QUANT and g.block_n <= FP8_BLOCK and g.split_k == 1
-        sums = self.gemm1_sums if self.gemm1_sums is not None else self.h.new_empty((1, 1, 1))
-        tickets = (_ticket_buffer(self.x.device, tiles * triton.cdiv(self.experts.w_gate.shape[1], FP8_BLOCK))
-                   if quant_h else self.pair_weights)
+        sums = self.gemm1_sums if self.gemm1_sums is not None else self.pair_weights.view(1, 1, -1)  # unused
+        tickets = _ticket_buffer(self.x.device, tiles * triton.cdiv(I, FP8_BLOCK)) if quant_h else self.pair_weights
         operands, constants = self._gemm1_operands(config)
         expert_gemm1_kernel[(grid,)](
-            *operands, self.partial, tickets, sums, sums.stride(0), sums.stride(1), g.split_k, self._k_per_split(g, H),
-            *self.alignment,
-            self.topk_ids.numel(), self.a_row_divisor, M, self.experts.w_gate.shape[1], H, self._zero_numel(),
+            *operands, self.partial, tickets,
+            sums, sums.stride(0), sums.stride(1), g.split_k, self._k_per_split(g, H), *self.alignment,
+            self.topk_ids.numel(), self.a_row_divisor, M, I, H, self._zero_numel(),
             **constants, BLOCK_N=g.block_n, BLOCK_K=g.block_k, SUB_K=self._sub_k(g), SWAP_AB=g.swap_ab,
-            QUANT_H=quant_h,
-            EVEN_N=self.experts.w_gate.shape[1] % g.block_n == 0, EVEN_K=H % g.block_k == 0,
-            SPLIT_OUT=g.split_k > 1, ZERO_BLOCK=ZERO_BLOCK, USE_PDL=self.use_pdl, num_warps=g.num_warps, num_stages=g.num_stages,
+            QUANT_H=quant_h, EVEN_N=I % g.block_n == 0, EVEN_K=H % g.block_k == 0, SPLIT_OUT=g.split_k > 1,
+            ZERO_BLOCK=ZERO_BLOCK, USE_PDL=self.use_pdl, num_warps=g.num_warps, num_stages=g.num_stages,
         )
         self.h_quantized = quant_h
 
