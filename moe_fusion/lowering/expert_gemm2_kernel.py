@@ -23,8 +23,8 @@ from .expert_tiles import A_MODEL_DTYPE, FP8_GROUP, load_tile, outer, prefetch_l
 
 
 @triton.jit
-def prefetch_item_weights(item, n_blocks, items_per_tile, tile_expert_ptr, wd_ptr, N, K, k_per_split,
-                          stride_we, stride_wn, stride_wk, BLOCK_N: tl.constexpr, PREFETCH_LINES: tl.constexpr):
+def _prefetch_item_weights(item, n_blocks, items_per_tile, tile_expert_ptr, wd_ptr, N, K, k_per_split,
+                           stride_we, stride_wn, stride_wk, BLOCK_N: tl.constexpr, PREFETCH_LINES: tl.constexpr):
     """Ask L2 for the first PREFETCH_LINES 128-byte lines of each Wd row a (routed) item reads."""
     tile = item // items_per_tile
     rest = item - tile * items_per_tile
@@ -158,8 +158,8 @@ def expert_gemm2_kernel(
         # into L2, then wait for GEMM1 to complete and its writes to be visible.
         if PREFETCH_LINES > 0:
             if pid < num_routed * items_per_tile:
-                prefetch_item_weights(pid, n_blocks, items_per_tile, tile_expert_ptr, wd_ptr, N, K, k_per_split,
-                                      stride_we, stride_wn, stride_wk, BLOCK_N, PREFETCH_LINES)
+                _prefetch_item_weights(pid, n_blocks, items_per_tile, tile_expert_ptr, wd_ptr, N, K, k_per_split,
+                                       stride_we, stride_wn, stride_wk, BLOCK_N, PREFETCH_LINES)
         tl.extra.cuda.gdc_wait()
     for item in range(pid, num_items, num_programs):
         gemm2_item(
