@@ -89,6 +89,8 @@ def gemm1_item(
 ):
     """One work item: the h slice of one (token tile, BLOCK_N columns), or with SPLIT_OUT the fp32
     gate and up sums of one K split of it (gemm1_combine_kernel finishes h)."""
+    # The same order as expert_tiles.split_item, written out: through the helper the compiled
+    # kernel differs (registers) from the one measured on the H100.
     tile = item // (n_blocks * split_k)
     rest = item - tile * n_blocks * split_k
     split = rest // n_blocks

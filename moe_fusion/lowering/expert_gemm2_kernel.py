@@ -19,17 +19,14 @@ summed over the top-k as in reference.routed_experts (shared experts: reference.
 import triton
 import triton.language as tl
 
-from .expert_tiles import A_MODEL_DTYPE, FP8_GROUP, load_tile, outer, prefetch_l2, tile_dot, work_tile
+from .expert_tiles import A_MODEL_DTYPE, FP8_GROUP, load_tile, outer, prefetch_l2, split_item, tile_dot, work_tile
 
 
 @triton.jit
 def _prefetch_item_weights(item, n_blocks, items_per_tile, tile_expert_ptr, wd_ptr, N, K, k_per_split,
                            stride_we, stride_wn, stride_wk, BLOCK_N: tl.constexpr, PREFETCH_LINES: tl.constexpr):
     """Ask L2 for the first PREFETCH_LINES 128-byte lines of each Wd row a (routed) item reads."""
-    tile = item // items_per_tile
-    rest = item - tile * items_per_tile
-    split = rest // n_blocks
-    n_block = rest - split * n_blocks
+    tile, split, n_block = split_item(item, n_blocks, items_per_tile)
     expert = tl.load(tile_expert_ptr + tile).to(tl.int64)
     offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
     per_line = 128 // wd_ptr.dtype.element_ty.primitive_bitwidth * 8  # elements per 128-byte line
@@ -72,10 +69,7 @@ def gemm2_item(
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """One work item: (token tile, BLOCK_N columns of H, K split), weighted and accumulated."""
-    tile = item // items_per_tile
-    rest = item - tile * items_per_tile
-    split = rest // n_blocks
-    n_block = rest - split * n_blocks
+    tile, split, n_block = split_item(item, n_blocks, items_per_tile)
     expert, row, token, row_ok, shared = work_tile(tile, num_routed, m_tiles, tile_expert_ptr, sorted_pair_ids_ptr,
                                                    num_pairs, top_k, M, BLOCK_M, N_SHARED)
     offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)

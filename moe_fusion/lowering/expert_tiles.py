@@ -70,6 +70,15 @@ def token_tile(sorted_pair_ids_ptr, tile, num_pairs, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def split_item(item, n_blocks, items_per_tile):
+    """(tile, K split, column block) of a work item; items_per_tile = n_blocks x splits."""
+    tile = item // items_per_tile
+    rest = item - tile * items_per_tile
+    split = rest // n_blocks
+    return tile, split, rest - split * n_blocks
+
+
+@triton.jit
 def work_tile(tile, num_routed, m_tiles, tile_expert_ptr, sorted_pair_ids_ptr, num_pairs, top_k, M,
               BLOCK_M: tl.constexpr, N_SHARED: tl.constexpr):
     """(expert, row, token, row_ok, shared) of one work tile.
@@ -142,9 +151,37 @@ def quantize_h_group(h_ptr, hq_ptr, hs_ptr, row, row_ok, group, N, stride_hm, st
     mask = row_ok[:, None] & (cols[None, :] < N)
     h = tl.load(h_ptr + row[:, None] * stride_hm + cols[None, :], mask=mask, other=0.0,
                 cache_modifier=".cg").to(tl.float32)
-    scale = group_scale(tl.max(tl.abs(h), axis=1))
-    tl.store(hq_ptr + row[:, None] * stride_hqm + cols[None, :], quantize_with_scale(h, scale[:, None]), mask=mask)
-    tl.store(hs_ptr + row * stride_hsm + group, scale, mask=row_ok)
+    store_quantized_groups(h, hq_ptr + row[:, None] * stride_hqm + cols[None, :], hs_ptr + row * stride_hsm + group,
+                           mask, row_ok)
+
+
+@triton.jit
+def row_groups(row, K, ids_ptr, map_ptr, routed_rows, GROUPS: tl.constexpr, GROUP: tl.constexpr,
+               ONLY_LOCAL_ROWS: tl.constexpr):
+    """The 1x128 groups of one activation row that a program (axis 1: GROUPS consecutive groups)
+    covers: (groups, cols, element mask, group mask). With ONLY_LOCAL_ROWS, rows of pairs routed
+    to another rank's expert (never written by GEMM1) are masked out; rows past the routed pairs
+    (the shared experts' tail) are always local."""
+    groups = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
+    cols = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    mask = cols < K
+    group_ok = groups * GROUP < K
+    if ONLY_LOCAL_ROWS:
+        routed = row < routed_rows
+        expert = tl.load(ids_ptr + row, mask=routed, other=0)
+        local = (tl.load(map_ptr + expert, mask=routed, other=0) >= 0) | (row >= routed_rows)
+        mask = mask & local
+        group_ok = group_ok & local
+    return groups, cols, mask, group_ok
+
+
+@triton.jit
+def store_quantized_groups(x, q_ptrs, scale_ptrs, mask, scale_mask):
+    """fp32 x [n, 128], one quantisation group per row of the tile -> e4m3 at q_ptrs [n, 128] and
+    the n group scales at scale_ptrs [n]."""
+    scale = group_scale(tl.max(tl.abs(x), axis=1))
+    tl.store(q_ptrs, quantize_with_scale(x, scale[:, None]), mask=mask)
+    tl.store(scale_ptrs, scale, mask=scale_mask)
 
 
 @triton.jit

@@ -425,12 +425,11 @@ class ExpertLaunch:
 
     def _combine_gemm1_splits(self) -> None:
         I = self.h.shape[1]
-        groups = triton.cdiv(I, FP8_BLOCK)
-        per_program = min(8, triton.next_power_of_2(groups))
+        grid, per_program = _row_group_grid(self.h.shape[0], I)
         expert_map = self.experts.expert_map
         ids = self.topk_ids.contiguous()
         hq, hs = (self.h_fp8, self.h_scale) if self.experts.fp8 else (self.h, self.pair_weights)
-        gemm1_combine_kernel[(self.h.shape[0], triton.cdiv(groups, per_program))](
+        gemm1_combine_kernel[grid](
             self.gemm1_sums, self.h, hq, hs, ids, expert_map if expert_map is not None else ids,
             self.topk_ids.numel(), I, self.gemm1_splits, self.gemm1_sums.stride(0), self.gemm1_sums.stride(1),
             self.h.stride(0), hq.stride(0), hs.stride(0),
@@ -440,12 +439,11 @@ class ExpertLaunch:
 
     def _quantize_rows(self, src, q, scale, rows_per_token, scale_rows: bool, after_gemm: bool) -> None:
         K = src.shape[1]
-        groups = triton.cdiv(K, FP8_BLOCK)
-        per_program = min(8, triton.next_power_of_2(groups))
+        grid, per_program = _row_group_grid(q.shape[0], K)
         pdl = after_gemm and self.use_pdl
         expert_map = self.experts.expert_map if after_gemm else None  # h: GEMM1 wrote local pairs only
         ids = self.topk_ids.contiguous()  # row p of h is pair p = token * top_k + slot
-        fp8_act_quant_kernel[(q.shape[0], triton.cdiv(groups, per_program))](
+        fp8_act_quant_kernel[grid](
             src, self.pair_weights, q, scale, ids, expert_map if expert_map is not None else ids,
             self.topk_ids.numel(), K, rows_per_token, *src.stride(), q.stride(0), scale.stride(0),
             SCALE_ROWS=scale_rows, GROUPS=per_program, GROUP=FP8_BLOCK, USE_PDL=pdl,
@@ -623,6 +621,13 @@ _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 def _buffer(shape, dtype, device) -> torch.Tensor:
     """Every intermediate and output buffer (tests replace this to poison them)."""
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _row_group_grid(rows: int, K: int):
+    """Grid and groups per program of the per-row 1x128-group kernels (expert_tiles.row_groups)."""
+    groups = triton.cdiv(K, FP8_BLOCK)
+    per_program = min(8, triton.next_power_of_2(groups))
+    return (rows, triton.cdiv(groups, per_program)), per_program
 
 
 def _scales(e: ExpertTensors):

@@ -11,7 +11,7 @@ Reference: reference.quantize_fp8_groups (bitwise on the same device).
 import triton
 import triton.language as tl
 
-from .expert_tiles import group_scale, quantize_with_scale
+from .expert_tiles import row_groups, store_quantized_groups
 
 
 @triton.jit
@@ -27,20 +27,9 @@ def fp8_act_quant_kernel(
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
     row = tl.program_id(0)
-    groups = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
-    offs_k = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
-    mask = offs_k < K
-    group_ok = groups * GROUP < K
-    if ONLY_LOCAL_ROWS:  # rows past the routed pairs (the shared experts' tail) are always local
-        routed = row < routed_rows
-        expert = tl.load(ids_ptr + row, mask=routed, other=0)
-        local = (tl.load(map_ptr + expert, mask=routed, other=0) >= 0) | (row >= routed_rows)
-        mask = mask & local
-        group_ok = group_ok & local
+    groups, offs_k, mask, group_ok = row_groups(row, K, ids_ptr, map_ptr, routed_rows, GROUPS, GROUP, ONLY_LOCAL_ROWS)
     x = tl.load(x_ptr + (row // rows_per_token) * stride_xm + offs_k * stride_xk, mask=mask, other=0.0)
     if SCALE_ROWS:
         x = (x.to(tl.float32) * tl.load(row_weight_ptr + row)).to(x_ptr.dtype.element_ty)
-    x = x.to(tl.float32)
-    scale = group_scale(tl.max(tl.abs(x), axis=1))
-    tl.store(q_ptr + row * stride_qm + offs_k, quantize_with_scale(x, scale[:, None]), mask=mask)
-    tl.store(scale_ptr + row * stride_sm + groups, scale, mask=group_ok)
+    store_quantized_groups(x.to(tl.float32), q_ptr + row * stride_qm + offs_k, scale_ptr + row * stride_sm + groups,
+                           mask, group_ok)

@@ -6,15 +6,14 @@ fp8_act_quant_kernel would otherwise be), so splitting GEMM1 adds no launch ther
 Splitting GEMM1's K gives a single active expert more programs to stream its weights (at
 dsv3-ep8 M = 1 swapped 64-row tiles leave only 32 otherwise). The splits are summed in a fixed
 order: the result is the same on every run.
-One program per (row, GROUPS consecutive 128-column groups); rows of pairs routed to another
-rank's expert were never written by GEMM1 and are skipped (ONLY_LOCAL_ROWS).
+One program per (row, GROUPS consecutive 128-column groups), laid out by expert_tiles.row_groups.
 Reference: reference.gated_mlp / reference._fp8_gated_mlp (SiLU*up, then the fp8 quantisation
 of reference.quantize_fp8_groups).
 """
 import triton
 import triton.language as tl
 
-from .expert_tiles import group_scale, quantize_with_scale
+from .expert_tiles import row_groups, store_quantized_groups
 
 
 @triton.jit
@@ -24,16 +23,7 @@ def gemm1_combine_kernel(
     GROUPS: tl.constexpr, GROUP: tl.constexpr, QUANT: tl.constexpr, ONLY_LOCAL_ROWS: tl.constexpr,
 ):
     row = tl.program_id(0)
-    groups = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
-    cols = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
-    mask = cols < N
-    group_ok = groups * GROUP < N
-    if ONLY_LOCAL_ROWS:  # rows past the routed pairs (the shared experts' tail) are always local
-        routed = row < routed_rows
-        expert = tl.load(ids_ptr + row, mask=routed, other=0)
-        local = (tl.load(map_ptr + expert, mask=routed, other=0) >= 0) | (row >= routed_rows)
-        mask = mask & local
-        group_ok = group_ok & local
+    groups, cols, mask, group_ok = row_groups(row, N, ids_ptr, map_ptr, routed_rows, GROUPS, GROUP, ONLY_LOCAL_ROWS)
     gate = tl.zeros((GROUPS, GROUP), tl.float32)
     up = tl.zeros((GROUPS, GROUP), tl.float32)
     for split in range(splits):
@@ -42,9 +32,7 @@ def gemm1_combine_kernel(
         up += tl.load(sums + N, mask=mask, other=0.0)
     h = (gate * tl.sigmoid(gate) * up).to(h_ptr.dtype.element_ty)
     if QUANT:
-        h = h.to(tl.float32)
-        scale = group_scale(tl.max(tl.abs(h), axis=1))
-        tl.store(hq_ptr + row * stride_hqm + cols, quantize_with_scale(h, scale[:, None]), mask=mask)
-        tl.store(hs_ptr + row * stride_hsm + groups, scale, mask=group_ok)
+        store_quantized_groups(h.to(tl.float32), hq_ptr + row * stride_hqm + cols, hs_ptr + row * stride_hsm + groups,
+                               mask, group_ok)
     else:
         tl.store(h_ptr + row * stride_hm + cols, h, mask=mask)
