@@ -69,7 +69,7 @@ def variant_fn(name: str, spec: MoESpec, w: MoEWeights, block_m: int) -> Callabl
 
     def pre_shared_stream(x, normed):
         buffers = SharedExpertBuffers.allocate(spec, x)
-        fork = lambda n: streams.fork(x.device, lambda: shared_expert_into(spec, n, w, buffers))  # noqa: E731
+        fork = lambda n, *_: streams.fork(x.device, lambda: shared_expert_into(spec, n, w, buffers))  # noqa: E731
         preamble.fused_preamble(spec, x, w, block_m=block_m, after_norm=fork)
         streams.join(x.device)
 

@@ -28,9 +28,8 @@ def _expected(spec, x, w, plan):
     normed = pre.normed.double()
     out = reference.routed_experts(spec.replace(dtype="float32"), normed, pre.topk_ids, pre.topk_weights.double(), w64)
     if spec.has_shared_experts:
-        # The fused strategy computes the shared expert with fp8 experts in fp8 (README).
-        fp8_shared = spec.fp8 and plan.shared_expert == "fused"
-        out = out + (reference.shared_experts_fp8 if fp8_shared else reference.shared_experts)(spec, normed, w64)
+        # "fused" with fp8 experts, and MOE_FUSION_SHARED_FP8, compute the shared expert in fp8 (README).
+        out = out + (reference.shared_experts_fp8 if plan.shared_fp8 else reference.shared_experts)(spec, normed, w64)
     return out
 
 
@@ -86,6 +85,23 @@ def test_fused_shared_experts_on_interpreter(M, gate, n_shared, deterministic, f
     _check_fp16_layer(spec, M, "fused", seed=M)
 
 
+# (M, shared gate, shared experts, deterministic, expert parallel)
+FP8_SHARED_ON_ITS_OWN_CASES = [(1, False, 1, False, True), (5, True, 2, True, False)]
+
+
+@pytest.mark.parametrize("M,gate,n_shared,deterministic,ep", FP8_SHARED_ON_ITS_OWN_CASES)
+def test_fp8_shared_expert_on_its_own_expert_launch(M, gate, n_shared, deterministic, ep, monkeypatch):
+    """MOE_FUSION_SHARED_FP8 with a separate shared expert: a launch of the fp8 expert kernels of
+    its own (on the side stream on CUDA; in order on the interpreter)."""
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter variant runs where there is no GPU")
+    _with_options(monkeypatch, deterministic=deterministic, shared_expert="inline", shared_fp8=True)
+    spec = dsv3_like(dtype="float16", hidden_size=48, intermediate_size=24, shared_intermediate_size=24 * n_shared,
+                     shared_gate=gate, quant="fp8_block", **(dict(num_local_experts=4) if ep else {}))
+    assert layer.plan_layer(spec, M, torch.device("cpu")).shared_fp8
+    _check_fp16_layer(spec, M, "inline", seed=M)
+
+
 def test_fused_is_refused_where_the_kernels_cannot_take_the_shared_expert(monkeypatch, caplog):
     _with_options(monkeypatch, shared_expert="fused")
     spec = dsv3_like(dtype="float16", hidden_size=48, intermediate_size=24, shared_intermediate_size=36)
@@ -113,27 +129,35 @@ GPU_SPECS = {
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", list(GPU_SPECS))
-@pytest.mark.parametrize("shared_expert", ["stream", "inline", "fused"])
+@pytest.mark.parametrize("shared_expert", ["stream", "inline", "fused", "stream-fp8"])
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_layer_on_gpu(name, shared_expert, deterministic, monkeypatch):
-    _with_options(monkeypatch, deterministic=deterministic, shared_expert=shared_expert)
+    """"stream-fp8": the shared expert on the side stream as its own launch of the fp8 expert kernels."""
+    fp8_shared = shared_expert == "stream-fp8"
+    if fp8_shared and not GPU_SPECS[name].fp8:
+        pytest.skip("an fp8 shared expert needs fp8 experts")
+    _with_options(monkeypatch, deterministic=deterministic, shared_expert=shared_expert.replace("-fp8", ""),
+                  shared_fp8=fp8_shared)
     spec = GPU_SPECS[name]
     w = random_weights(spec, device="cuda")
     tolerance = 3e-2 if spec.fp8 else 1e-2
     for M in (1, 4, 33):
         x = torch.randn(M, spec.hidden_size, device="cuda", dtype=torch.bfloat16)
         plan = layer.plan_layer(spec, M, x.device)
+        assert plan.shared_fp8 == (fp8_shared or spec.fp8 and shared_expert == "fused")
         got = layer.moe_layer(spec, x, w, plan)
         torch.cuda.synchronize()
         assert _rel_err(got, _expected(spec, x, w, plan)) < tolerance, (M, plan)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name,shared_expert", [("dsv3-ep8", "stream"), ("dsv3-ep8-fp8", "fused")])
+@pytest.mark.parametrize("name,shared_expert", [("dsv3-ep8", "stream"), ("dsv3-ep8-fp8", "fused"),
+                                                ("dsv3-ep8-fp8", "stream-fp8")])
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_layer_op_under_cuda_graphs(name, shared_expert, deterministic, monkeypatch):
     """The op captured in a CUDA graph and replayed on new inputs; deterministic replays are bitwise equal."""
-    _with_options(monkeypatch, deterministic=deterministic, shared_expert=shared_expert)
+    _with_options(monkeypatch, deterministic=deterministic, shared_expert=shared_expert.replace("-fp8", ""),
+                  shared_fp8=shared_expert.endswith("-fp8"))
     spec = GPU_SPECS[name]
     w = random_weights(spec, device="cuda")
     x = torch.randn(4, spec.hidden_size, device="cuda", dtype=torch.bfloat16)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from moe_fusion.lowering import reference, streams
+from moe_fusion.lowering import experts, reference, streams
 from moe_fusion.lowering.shared_expert import SharedExpertBuffers, shared_expert_into
 
 from moe_cases import dsv3_like, random_weights
@@ -48,3 +48,14 @@ def test_side_stream_overlap_is_graph_capturable():
     torch.cuda.synchronize()
     torch.testing.assert_close(buffers.out, expected, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(doubled, x * 2)
+
+
+@pytest.mark.parametrize("M,n,block_m", [(1, 1, 16), (5, 2, 4), (16, 3, 16)])
+def test_dense_routing_is_the_alignment_of_every_token_on_every_shared_expert(M, n, block_m):
+    ids, weights, (sorted_ids, tile_expert, num_tiles) = experts.dense_routing(M, n, block_m, torch.device("cpu"))
+    assert torch.equal(ids, torch.arange(n, dtype=torch.int32).repeat(M, 1)) and bool((weights == 1).all())
+    ref_ids, ref_tiles, ref_num = reference.align_pairs(ids, None, n, block_m)
+    tiles = int(ref_num)
+    assert int(num_tiles) == tiles == tile_expert.numel()
+    assert torch.equal(tile_expert, ref_tiles[:tiles])
+    assert torch.equal(sorted_ids, ref_ids[:tiles * block_m])

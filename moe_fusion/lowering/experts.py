@@ -203,6 +203,34 @@ def shared_tail_problem(spec: MoESpec) -> Optional[str]:
     return None
 
 
+# (device, M, n, block_m) -> dense_routing's constant tensors
+_dense_routing_cache: Dict[tuple, Tuple[torch.Tensor, torch.Tensor, Alignment]] = {}
+
+
+def dense_routing(M: int, n: int, block_m: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, Alignment]:
+    """Every token selecting local experts 0..n-1 with weight 1 (the shared experts run as a
+    routed block of their own): topk_ids [M, n] int32, weights [M, n] fp32 and their alignment
+    (reference.align_pairs' format: expert e's M tokens in cdiv(M, block_m) tiles, in order).
+    Constants, made once per (device, M, n, block_m); under CUDA-graph capture a miss makes them
+    inside the graph without caching."""
+    key = (str(device), M, n, block_m)
+    hit = _dense_routing_cache.get(key)
+    if hit is not None:
+        return hit
+    tiles_per_expert = triton.cdiv(M, block_m)
+    ids = torch.arange(n, dtype=torch.int32, device=device).repeat(M, 1)
+    weights = torch.ones((M, n), dtype=torch.float32, device=device)
+    slot = torch.arange(tiles_per_expert * block_m, dtype=torch.int32, device=device)
+    expert = torch.arange(n, dtype=torch.int32, device=device).unsqueeze(1)
+    sorted_pair_ids = torch.where(slot < M, slot * n + expert, M * n).reshape(-1)
+    tile_expert = expert.expand(n, tiles_per_expert).reshape(-1).contiguous()
+    num_tiles = torch.full((1,), n * tiles_per_expert, dtype=torch.int32, device=device)
+    made = (ids, weights, (sorted_pair_ids.to(torch.int32), tile_expert, num_tiles))
+    if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        _dense_routing_cache[key] = made
+    return made
+
+
 # (storage, offset, shape, stride, dtype, version) of the three shared weights -> their fp8 chunks
 _fp8_shared_cache: Dict[tuple, Tuple[list, ExpertTensors]] = {}
 
@@ -365,6 +393,9 @@ class ExpertLaunch:
     num_sms: int
     use_pdl: bool = False
     shared: Optional[SharedTail] = None  # shared experts as a dense tail after the routed tiles
+    # May run beside another launch (on the side stream): then GEMM1 does not quantise h in its
+    # epilogue, whose tickets are one set per device under CUDA graphs.
+    on_side_stream: bool = False
 
     @property
     def n_shared(self) -> int:
@@ -460,7 +491,7 @@ class ExpertLaunch:
         tiles = self._work_tiles(config)
         items = tiles * triton.cdiv(I, g.block_n) * g.split_k
         grid = max(1, min(items, self.num_sms * g.programs_per_sm))
-        quant_h = self.experts.fp8 and FUSED_H_QUANT and g.block_n <= FP8_BLOCK and g.split_k == 1
+        quant_h = self.experts.fp8 and FUSED_H_QUANT and not self.on_side_stream and g.block_n <= FP8_BLOCK and g.split_k == 1
         sums = self.gemm1_sums if self.gemm1_sums is not None else self.pair_weights.view(1, 1, self.pair_weights.numel())  # unused
         tickets = _ticket_buffer(self.x.device, tiles * triton.cdiv(I, FP8_BLOCK)) if quant_h else self.pair_weights
         operands, constants = self._gemm1_operands(config)

@@ -22,7 +22,7 @@ import torch
 from ..spec import MoESpec, MoEWeights
 from . import experts, preamble, shared_plan, streams
 from .expert_configs import ExpertConfig
-from .shared_expert import SharedExpertBuffers, shared_expert_into
+from .shared_expert import CublasSharedExpert, SharedExpertOnExpertKernels
 
 SHARED_STRATEGIES = ("stream", "inline", "fused")
 # The plan's choice on CUDA where shared_plan.json (measured per device and shape) has no entry:
@@ -36,16 +36,18 @@ _refused_fused: set = set()
 
 @dataclass
 class LoweringOptions:
-    """Process-wide choices that do not change what the layer computes (except that "fused" with
-    fp8 experts computes the shared expert in fp8).
+    """Process-wide choices that do not change what the layer computes, except where they say so.
 
     deterministic: the same bits on every run: the router without split-K atomics, the expert
         block with a fixed-order reduction.
     shared_expert: "stream", "inline", "fused", or None to let the plan choose.
+    shared_fp8: with fp8 experts, compute the shared expert in fp8 too (from block-quantised
+        copies of its weights), whatever the strategy; "fused" always does.
     """
 
     deterministic: bool = os.environ.get("MOE_FUSION_DETERMINISTIC", "0") == "1"
     shared_expert: Optional[str] = os.environ.get("MOE_FUSION_SHARED_EXPERT") or None
+    shared_fp8: bool = os.environ.get("MOE_FUSION_SHARED_FP8", "0") == "1"
 
 
 options = LoweringOptions()
@@ -56,11 +58,20 @@ class LayerPlan:
     expert_config: ExpertConfig
     shared_expert: str  # "stream" | "inline" | "fused" | "none"
     deterministic: bool
+    # The shared expert is computed in fp8 (reference.shared_experts_fp8): "fused" with fp8 experts,
+    # or "stream"/"inline" as a launch of the fp8 expert kernels of its own when asked for.
+    shared_fp8: bool = False
 
 
 def plan_layer(spec: MoESpec, m: int, device: torch.device) -> LayerPlan:
-    return LayerPlan(experts.expert_config(spec, m, device), _shared_strategy(spec, m, device),
-                     options.deterministic)
+    shared = _shared_strategy(spec, m, device)
+    fp8 = spec.fp8 and (shared == "fused" or shared in ("stream", "inline") and _fp8_shared_allowed(spec))
+    return LayerPlan(experts.expert_config(spec, m, device), shared, options.deterministic, fp8)
+
+
+def _fp8_shared_allowed(spec: MoESpec) -> bool:
+    """fp8 experts, the user asked for an fp8 shared expert, and the expert kernels can take it."""
+    return spec.fp8 and options.shared_fp8 and experts.shared_tail_problem(spec) is None
 
 
 def _shared_strategy(spec: MoESpec, m: int, device: torch.device) -> str:
@@ -69,11 +80,12 @@ def _shared_strategy(spec: MoESpec, m: int, device: torch.device) -> str:
     # The side stream needs CUDA; the interpreter (CPU tensors) runs everything in order.
     separate = "stream" if device.type == "cuda" else "inline"
     if options.shared_expert is None and device.type == "cuda":
-        measured = shared_plan.lookup(spec, m, experts.device_facts(device)[0])
+        fp8_shared = _fp8_shared_allowed(spec)
+        measured = shared_plan.lookup(spec, m, experts.device_facts(device)[0], fp8_shared=fp8_shared)
         if measured is not None and (measured != "fused" or experts.shared_tail_problem(spec) is None):
             return measured
-        # fp8 experts would compute the shared expert in fp8: only when asked for.
-        fits = not spec.fp8 and m <= FUSED_SHARED_MAX_M and experts.shared_tail_problem(spec) is None
+        # fp8 experts compute a fused shared expert in fp8: only when asked for.
+        fits = (not spec.fp8 or fp8_shared) and m <= FUSED_SHARED_MAX_M and experts.shared_tail_problem(spec) is None
         return "fused" if fits else separate
     shared = options.shared_expert or separate
     if shared not in SHARED_STRATEGIES:
@@ -94,21 +106,28 @@ def moe_layer(spec: MoESpec, x: torch.Tensor, w: MoEWeights, plan: Optional[Laye
     normed_dtype = preamble.normed_dtype_of(spec, x, w)
     if normed_dtype not in experts.MODEL_DTYPES:  # checked here, before the preamble launches anything
         raise experts.Unsupported(f"model dtype {normed_dtype}: the expert kernels take bf16/fp16 activations")
-    if spec.has_shared_experts:  # cuBLAS into preallocated buffers: one dtype throughout
+    separate = plan.shared_expert in ("stream", "inline")
+    on_kernels = separate and plan.shared_fp8
+    if separate and not on_kernels:  # cuBLAS into preallocated buffers: one dtype throughout
         for name in ("shared_gate", "shared_up", "shared_down") + (("shared_expert_gate",) if spec.shared_gate else ()):
             if getattr(w, name).dtype != x.dtype:
                 raise experts.Unsupported(f"shared expert weight {name} is {getattr(w, name).dtype}, "
                                           f"hidden states {x.dtype}")
-    separate = plan.shared_expert in ("stream", "inline")
-    shared_buffers = SharedExpertBuffers.allocate(spec, x) if separate else None
     tail = experts.shared_tail(spec, w) if plan.shared_expert == "fused" else None
+    separate_shared = []
 
-    def fork_shared_expert(normed: torch.Tensor) -> None:
-        streams.fork(x.device, lambda: shared_expert_into(spec, normed, w, shared_buffers))
+    def start_shared_expert(normed: torch.Tensor, x_fp8: torch.Tensor, x_scale: torch.Tensor) -> None:
+        """Allocate (on this stream), then run on the side stream ("stream") or later ("inline")."""
+        if on_kernels:
+            job = SharedExpertOnExpertKernels(spec, normed, x_fp8, x_scale, w, plan.expert_config, plan.deterministic)
+        else:
+            job = CublasSharedExpert(spec, normed, w)
+        separate_shared.append(job)
+        if plan.shared_expert == "stream":
+            streams.fork(x.device, job.run)
 
-    after_norm = fork_shared_expert if plan.shared_expert == "stream" else None
-
-    pre = preamble.fused_preamble(spec, x, w, block_m=plan.expert_config.block_m, after_norm=after_norm,
+    pre = preamble.fused_preamble(spec, x, w, block_m=plan.expert_config.block_m,
+                                  after_norm=start_shared_expert if separate else None,
                                   deterministic=plan.deterministic)
     quantized = spec.fp8 and pre.x_fp8.numel() > 0
     out = experts.fused_experts(
@@ -117,10 +136,10 @@ def moe_layer(spec: MoESpec, x: torch.Tensor, w: MoEWeights, plan: Optional[Laye
         alignment=(pre.sorted_pair_ids, pre.tile_expert, pre.num_tiles),
         deterministic=plan.deterministic, config=plan.expert_config, shared=tail,
     )
-    if plan.shared_expert == "stream":
-        streams.join(x.device)
-    elif plan.shared_expert == "inline":
-        shared_expert_into(spec, pre.normed, w, shared_buffers)
-    if shared_buffers is not None:
-        out += shared_buffers.out
+    if separate_shared:
+        if plan.shared_expert == "stream":
+            streams.join(x.device)
+        else:
+            separate_shared[0].run()
+        out += separate_shared[0].out
     return out.to(x.dtype)

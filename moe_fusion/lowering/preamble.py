@@ -164,15 +164,15 @@ def normed_dtype_of(spec: MoESpec, x: torch.Tensor, w: MoEWeights) -> torch.dtyp
 def fused_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights, block_m: int,
                    expert_map: Optional[torch.Tensor] = None, plan: Optional[PreamblePlan] = None,
                    with_alignment: bool = True,
-                   after_norm: Optional[Callable[[torch.Tensor], None]] = None,
+                   after_norm: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]] = None,
                    deterministic: bool = False) -> PreambleOut:
     """RMSNorm + router + routing + fp8 quantisation + alignment of x [M, H] (see the module doc).
 
     ``with_alignment=False`` skips the alignment (its three outputs are then empty), for callers
-    such as the moe_preamble op that only want ids and weights. after_norm(normed) is called once
-    the norm is queued and before the router is: the point where work that needs only the normed
-    states (the shared expert) can fork to another stream. ``deterministic``: the same bits on
-    every run (the router's split-K sums with fp32 atomics otherwise)."""
+    such as the moe_preamble op that only want ids and weights. after_norm(normed, x_fp8, x_scale)
+    is called once the norm is queued and before the router is: the point where work that needs
+    only the normed states (the shared expert) can fork to another stream. ``deterministic``: the
+    same bits on every run (the router's split-K sums with fp32 atomics otherwise)."""
     _check(spec, x, w)
     if block_m < 1:
         raise Unsupported(f"block_m must be >= 1, got {block_m}")
@@ -190,7 +190,7 @@ def fused_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights, block_m: int,
     normed, x_fp8, x_scale = norm_quant(x, norm_weight, spec.rms_norm_eps, spec.fp8, logits, counters, normed_dtype,
                                         pdl=pdl)
     if after_norm is not None:
-        after_norm(normed)
+        after_norm(normed, x_fp8, x_scale)
     ids = torch.empty((M, spec.top_k), dtype=torch.int32, device=device)
     weights = torch.empty((M, spec.top_k), dtype=torch.float32, device=device)
     if M == 0 or not with_alignment:

@@ -1,16 +1,20 @@
-"""The shared expert as a dense gated MLP written into caller-provided buffers.
+"""The shared expert computed apart from the routed experts, into buffers allocated beforehand.
 
 Writing into preallocated buffers is what lets it run on the side stream (see streams.py):
-nothing here allocates. The GEMMs go to cuBLAS: at decode the shared expert is one dense MLP
-whose weights are read once, which a library GEMV already does at bandwidth.
+nothing run() does allocates. Two ways: cuBLAS in the model dtype (a dense MLP whose weights are
+read once, which a library GEMV does at bandwidth), or a launch of the expert kernels of its
+own, which with fp8 experts computes it in fp8 and reads half the bytes.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from ..spec import MoESpec, MoEWeights
+from . import experts
+from .expert_configs import ExpertConfig
 
 
 @dataclass
@@ -43,3 +47,57 @@ def shared_expert_into(spec: MoESpec, x: torch.Tensor, w: MoEWeights, buffers: S
         torch.mm(x, w.shared_expert_gate.t(), out=buffers.gate_logit)
         buffers.gate_logit.sigmoid_()
         buffers.out.mul_(buffers.gate_logit)
+
+
+class CublasSharedExpert:
+    """The shared expert in the model dtype on cuBLAS (shared_expert_into): buffers allocated by
+    the constructor on the current stream, so that run() may go to the side stream."""
+
+    def __init__(self, spec: MoESpec, normed: torch.Tensor, w: MoEWeights):
+        self.spec, self.normed, self.w = spec, normed, w
+        self.buffers = SharedExpertBuffers.allocate(spec, normed)
+
+    def run(self) -> None:
+        shared_expert_into(self.spec, self.normed, self.w, self.buffers)
+
+    @property
+    def out(self) -> torch.Tensor:
+        return self.buffers.out
+
+
+class SharedExpertOnExpertKernels:
+    """The shared experts as a launch of their own on the routed-expert kernels: the n chunks of
+    experts.shared_tail as n experts that every token selects with weight 1 or its sigmoid gate.
+    With fp8 experts they are computed in fp8 (reference.shared_experts_fp8), from the
+    pre-quantised x the norm made. Buffers are allocated by the constructor on the current stream,
+    so that run() may go to the side stream; ``out`` is fp32 [M, H]."""
+
+    def __init__(self, spec: MoESpec, normed: torch.Tensor, x_fp8: Optional[torch.Tensor],
+                 x_scale: Optional[torch.Tensor], w: MoEWeights, config: ExpertConfig, deterministic: bool):
+        tail = experts.shared_tail(spec, w)
+        M, n = normed.shape[0], tail.count
+        ids, ones, alignment = experts.dense_routing(M, n, config.block_m, normed.device)
+        self.normed, self.gate, self.config = normed, tail.gate, config
+        if tail.gate is not None:  # written by run(), on whichever stream runs it
+            self.weights = torch.empty((M, n), dtype=torch.float32, device=normed.device)
+            self.gate_logit = normed.new_empty((M, 1))
+        else:
+            self.weights = ones
+        self.launch = experts.ExpertLaunch(
+            x=normed, pair_weights=self.weights.view(-1), topk_ids=ids, experts=tail.experts, alignment=alignment,
+            weight_on_input=False, num_sms=experts.device_facts(normed.device)[1],
+            use_pdl=experts.USE_PDL and normed.is_cuda, on_side_stream=True,
+        )
+        self.launch.allocate(config, deterministic, torch.float32)
+        given = spec.fp8 and x_fp8 is not None and x_fp8.numel() > 0
+        self.launch.quantize_input(x_fp8 if given else None, x_scale if given else None)
+
+    def run(self) -> None:
+        if self.gate is not None:
+            torch.mm(self.normed, self.gate.unsqueeze(1), out=self.gate_logit)
+            self.gate_logit.sigmoid_()
+            self.weights.copy_(self.gate_logit.expand_as(self.weights))
+        self.launch.gemm1(self.config)
+        self.launch.prepare_h()
+        self.launch.gemm2(self.config)
+        self.out = self.launch.finalize()

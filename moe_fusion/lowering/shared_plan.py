@@ -25,10 +25,11 @@ STRATEGIES = ("stream", "inline", "fused")
 _LOG_ROW = re.compile(r"^(\S+)\s+(fp8|bf16)\s+layer\s+(stream|inline|fused)\s+M=\s*(\d+)\s+([\d.]+) us")
 
 
-def shape_key(spec: MoESpec) -> str:
+def shape_key(spec: MoESpec, fp8_shared: bool = False) -> str:
+    """The table's key; fp8_shared: the user allows an fp8 shared expert (LoweringOptions.shared_fp8)."""
     experts = "fp8" if spec.fp8 else spec.dtype
     return (f"{experts}-H{spec.hidden_size}-I{spec.intermediate_size}-E{spec.num_local_experts}of"
-            f"{spec.num_experts}-k{spec.top_k}-S{spec.shared_intermediate_size}")
+            f"{spec.num_experts}-k{spec.top_k}-S{spec.shared_intermediate_size}{'fp8' if fp8_shared else ''}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -39,10 +40,10 @@ def _table(path: str = TABLE_PATH) -> Dict[str, Dict[str, Dict[str, str]]]:
         return json.load(f)["plans"]
 
 
-def lookup(spec: MoESpec, m: int, device_name: str) -> Optional[str]:
+def lookup(spec: MoESpec, m: int, device_name: str, fp8_shared: bool = False) -> Optional[str]:
     """The measured strategy for m tokens: the entry of the smallest measured M >= m (the largest
     measured M above them all), or None where the table has nothing for this device and shape."""
-    by_m = _table().get(device_name, {}).get(shape_key(spec))
+    by_m = _table().get(device_name, {}).get(shape_key(spec, fp8_shared))
     if not by_m:
         return None
     measured = sorted(int(k) for k in by_m)
