@@ -136,10 +136,11 @@ def moe_layer(spec: MoESpec, x: torch.Tensor, w: MoEWeights, plan: Optional[Laye
         alignment=(pre.sorted_pair_ids, pre.tile_expert, pre.num_tiles),
         deterministic=plan.deterministic, config=plan.expert_config, shared=tail,
     )
-    if separate_shared:
-        if plan.shared_expert == "stream":
-            streams.join(x.device)
-        else:
-            separate_shared[0].run()
-        out += separate_shared[0].out
-    return out.to(x.dtype)
+    if not separate_shared:
+        return out.to(x.dtype)
+    if plan.shared_expert == "stream":
+        streams.join(x.device)
+    else:
+        separate_shared[0].run()
+    # One launch: the fp32 sum, rounded once into the model dtype.
+    return torch.add(out, separate_shared[0].out, out=torch.empty_like(out, dtype=x.dtype))
