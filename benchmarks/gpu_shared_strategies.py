@@ -1,16 +1,16 @@
-"""Shared-expert strategies and the fp8 h quantisation, measured for the layer plan (issues 5, 6):
+"""Shared-expert strategies, measured for the layer plan (issue 6; shared_plan.json is made from
+these rows by ``python -m moe_fusion.lowering.shared_plan``):
 
     python benchmarks/gpu_shared_strategies.py --out DIR [--shapes dsv3-ep8,dsv3] [--dtypes fp8,bf16]
         [--m 1,2,4,16,64] [--profile-m 1]
 
-For each (shape, dtype) the weights are built once (moe-fusion bench's ShapeBench) and timed with
-the same method as ``moe-fusion bench`` (CUDA-graph replays over rotated inputs):
-  - experts part (routed experts alone), fp8: h quantised in GEMM1's epilogue ("gemm1") or by its
-    own launch ("kernel", experts.FUSED_H_QUANT = False);
-  - layer part for each shared-expert strategy (stream, inline, fused), and for fp8 also the
-    previous configuration (stream + h-quant kernel).
-Rows go to DIR/shared_strategies.json and .md after every point (a cut-off run keeps what it did);
-with --profile-m, the per-kernel times of one layer call per strategy at that M (ep8 shapes).
+For each (shape, dtype) the weights are built once (moe-fusion bench's ShapeBench) and the whole
+layer is timed with the same method as ``moe-fusion bench`` (CUDA-graph replays over rotated
+inputs) for each shared-expert strategy: stream, inline, fused, and with fp8 experts also
+stream-fp8 and inline-fp8 (the shared expert as its own launch of the fp8 expert kernels,
+LoweringOptions.shared_fp8). Rows go to DIR/shared_strategies.json and .md after every point (a
+cut-off run keeps what it did); with --profile-m, the per-kernel times of one layer call per
+strategy at that M (ep8 shapes).
 """
 from __future__ import annotations
 
@@ -23,21 +23,17 @@ import sys
 import torch
 import triton
 
-from moe_fusion.lowering import experts, layer
-from moe_fusion.tools import bench, bench_layers, timing
+from moe_fusion.lowering import layer
+from moe_fusion.tools import bench
 
 COPY_CEILING = 3.02e12
 _TAG = os.environ.get("RESULT_TAG", "")  # the issue's copy bandwidth (what % columns are held to)
 
 
-def _variants(part: str, fp8: bool, strategies, hq_ab: bool):
-    """(name, shared strategy or None, fused h quantisation)."""
-    if part == "experts":
-        return [("gemm1-hquant", None, True)] + ([("kernel-hquant", None, False)] if fp8 else [])
-    if hq_ab:  # fused strategy, h quantised in GEMM1 or by its own launch, alternated twice
-        return [("fused", "fused", True), ("fused+kernel-hquant", "fused", False)] * 2 if fp8 else []
-    rows = [(s, s, True) for s in strategies]
-    return rows + ([("stream+kernel-hquant", "stream", False)] if fp8 and "stream" in strategies else [])
+def _variants(fp8: bool, strategies):
+    """(name, shared strategy, shared expert on the fp8 expert kernels)."""
+    rows = [(s, s, False) for s in strategies]
+    return rows + [(f"{s}-fp8", s, True) for s in strategies if fp8 and s != "fused"]
 
 
 def _profile(fn, inputs, path: str) -> None:
@@ -57,10 +53,8 @@ def main() -> None:
     p.add_argument("--shapes", default="dsv3-ep8,dsv3")
     p.add_argument("--dtypes", default="fp8,bf16")
     p.add_argument("--m", default="1,2,4,16,64")
-    p.add_argument("--parts", default="experts,layer")
     p.add_argument("--profile-m", type=int, default=0)
     p.add_argument("--strategies", default="stream,inline,fused")
-    p.add_argument("--hq-ab", action="store_true", help="layer: fused strategy, h-quant in GEMM1 vs its own launch")
     p.add_argument("--seconds-per-point", type=float, default=0.15)
     p.add_argument("--cpu", action="store_true", help="plumbing smoke run (tiny shapes; the CPU runs the reference)")
     args = p.parse_args()
@@ -75,29 +69,24 @@ def main() -> None:
         for dtype in args.dtypes.split(","):
             spec = bench.shape_spec(cfg, shape, dtype)
             sb = bench.ShapeBench(cfg, spec)
+            fn = sb.moe_fusion_fn("layer")
             try:
-                for part in args.parts.split(","):
-                    fn = sb.moe_fusion_fn(part)
-                    for m in cfg.ms:
-                        inp = sb.inputs(part, m)
-                        for name, strategy, fused_hq in _variants(part, spec.fp8, args.strategies.split(","),
-                                                                  args.hq_ab):
-                            layer.options.shared_expert = strategy
-                            experts.FUSED_H_QUANT = fused_hq
-                            t = bench.time_point(cfg, fn, inp.op_sets)
-                            row = dict(shape=shape, dtype=dtype, part=part, variant=name, m=m, us=t.us,
-                                       kernels=t.kernels, bytes=inp.bytes,
-                                       pct=100 * inp.bytes / (t.us * 1e-6) / COPY_CEILING if t.us else None)
-                            rows.append(row)
-                            print(f"{shape:9s} {dtype:4s} {part:7s} {name:22s} M={m:3d} {t.us:9.1f} us "
-                                  f"{t.kernels} kernels {row['pct']:.0f}%", flush=True)
-                            _write(args.out, meta, rows)
-                            if part == "layer" and m == args.profile_m and shape.endswith("ep8") and not args.cpu:
-                                _profile(fn, inp.op_sets[0],
-                                         os.path.join(args.out, f"profile_{shape}_{dtype}_M{m}_{name}.txt"
-                                                      .replace("+", "_")))
+                for m in cfg.ms:
+                    inp = sb.inputs("layer", m)
+                    for name, strategy, shared_fp8 in _variants(spec.fp8, args.strategies.split(",")):
+                        layer.options.shared_expert, layer.options.shared_fp8 = strategy, shared_fp8
+                        t = bench.time_point(cfg, fn, inp.op_sets)
+                        row = dict(shape=shape, dtype=dtype, part="layer", variant=name, m=m, us=t.us,
+                                   kernels=t.kernels, bytes=inp.bytes,
+                                   pct=100 * inp.bytes / (t.us * 1e-6) / COPY_CEILING if t.us else None)
+                        rows.append(row)
+                        print(f"{shape:9s} {dtype:4s} layer   {name:22s} M={m:3d} {t.us:9.1f} us "
+                              f"{t.kernels} kernels {row['pct']:.0f}%", flush=True)
+                        _write(args.out, meta, rows)
+                        if m == args.profile_m and shape.endswith("ep8") and not args.cpu:
+                            _profile(fn, inp.op_sets[0], os.path.join(args.out, f"profile_{shape}_{dtype}_M{m}_{name}.txt"))
             finally:
-                layer.options.shared_expert, experts.FUSED_H_QUANT = None, True
+                layer.options.shared_expert, layer.options.shared_fp8 = None, False
                 sb.close()
 
 

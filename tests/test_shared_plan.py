@@ -18,12 +18,17 @@ def test_best_strategies_take_the_fastest_allowed_mean():
         _row("dsv3-ep8", "bf16", "inline", 64, 500.0), _row("dsv3-ep8", "bf16", "inline", 64, 640.0),  # mean 570
         _row("dsv3-ep8", "fp8", "fused", 1, 10.0), _row("dsv3-ep8", "fp8", "inline", 1, 120.0),
         _row("dsv3-ep8", "fp8", "stream", 1, 126.0), _row("dsv3-ep8", "fp8", "stream+kernel-hquant", 1, 1.0),
+        _row("dsv3-ep8", "fp8", "stream-fp8", 4, 70.0), _row("dsv3-ep8", "fp8", "fused", 4, 80.0),
+        _row("dsv3-ep8", "fp8", "inline", 4, 60.0),
     ]
     plans = shared_plan.best_strategies(rows, SHAPES)
     bf16 = shared_plan.shape_key(SHAPES["dsv3-ep8"])
-    fp8 = shared_plan.shape_key(SHAPES["dsv3-ep8"].replace(quant="fp8_block"))
+    fp8_spec = SHAPES["dsv3-ep8"].replace(quant="fp8_block")
+    fp8, fp8_shared = shared_plan.shape_key(fp8_spec), shared_plan.shape_key(fp8_spec, fp8_shared=True)
     assert plans[bf16] == {"1": "fused", "64": "stream"}
-    assert plans[fp8] == {"1": "inline"}  # fused would change the numerics; unknown variants ignored
+    # An fp8 shared expert changes the numerics: those rows make their own entries; unknown variants are ignored.
+    assert plans[fp8] == {"1": "inline", "4": "inline"}
+    assert plans[fp8_shared] == {"1": "fused", "4": "stream"}
 
 
 def test_lookup_takes_the_next_measured_m(monkeypatch):
@@ -38,8 +43,10 @@ def test_lookup_takes_the_next_measured_m(monkeypatch):
 
 def test_log_rows_parse(tmp_path):
     path = tmp_path / "run.log"
-    path.write_text("noise\ndsv3-ep8  fp8  layer   inline                 M=  1     119.5 us 13 kernels 41%\n")
-    assert shared_plan.rows_from_log(str(path)) == [_row("dsv3-ep8", "fp8", "inline", 1, 119.5)]
+    path.write_text("noise\ndsv3-ep8  fp8  layer   inline                 M=  1     119.5 us 13 kernels 41%\n"
+                    "dsv3-ep8  fp8  layer   stream-fp8             M=  4      70.5 us 11 kernels 80%\n")
+    assert shared_plan.rows_from_log(str(path)) == [_row("dsv3-ep8", "fp8", "inline", 1, 119.5),
+                                                    _row("dsv3-ep8", "fp8", "stream-fp8", 4, 70.5)]
 
 
 def test_layer_plan_follows_the_shipped_table(monkeypatch):

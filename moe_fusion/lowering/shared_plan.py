@@ -4,9 +4,10 @@ Regenerate it from the rows of ``benchmarks/gpu_shared_strategies.py`` (its --ou
 
     python -m moe_fusion.lowering.shared_plan --from-json a.json,b.json [--log run.log] --write
 
-For each (shape, expert dtype, M) the fastest *allowed* strategy is kept: with fp8 experts the
-"fused" strategy computes the shared expert in fp8 too, a numerical change the user must ask for
-(MOE_FUSION_SHARED_EXPERT=fused), so the table chooses only between "stream" and "inline" there.
+For each (shape, expert dtype, M) the fastest *allowed* strategy is kept. With fp8 experts an fp8
+shared expert ("fused", "stream-fp8", "inline-fp8" rows) is a numerical change the user must ask
+for (MOE_FUSION_SHARED_FP8=1), so those rows make entries of their own (keys ending in "fp8"),
+and the plain fp8 key chooses only between the model-dtype "stream" and "inline".
 A spec, M or device the table does not cover gets the rule in layer.py.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from ..spec import MoESpec
 
 TABLE_PATH = os.path.join(os.path.dirname(__file__), "shared_plan.json")
 STRATEGIES = ("stream", "inline", "fused")
-_LOG_ROW = re.compile(r"^(\S+)\s+(fp8|bf16)\s+layer\s+(stream|inline|fused)\s+M=\s*(\d+)\s+([\d.]+) us")
+_LOG_ROW = re.compile(r"^(\S+)\s+(fp8|bf16)\s+layer\s+((?:stream|inline|fused)(?:-fp8)?)\s+M=\s*(\d+)\s+([\d.]+) us")
 
 
 def shape_key(spec: MoESpec, fp8_shared: bool = False) -> str:
@@ -56,21 +57,21 @@ def best_strategies(rows: Iterable[dict], specs: Dict[str, MoESpec]) -> Dict[str
     measurements of one point are averaged."""
     times: Dict[tuple, List[float]] = {}
     for r in rows:
-        if r.get("part", "layer") != "layer" or r["variant"] not in STRATEGIES:
+        strategy = r["variant"].replace("-fp8", "")
+        if r.get("part", "layer") != "layer" or strategy not in STRATEGIES:
             continue
         fp8 = r["dtype"] == "fp8"
-        if fp8 and r["variant"] == "fused":
-            continue  # changes the numerics: only on request
+        fp8_shared = fp8 and (strategy == "fused" or r["variant"].endswith("-fp8"))
         spec = specs[r["shape"]].replace(quant="fp8_block" if fp8 else "none")
-        times.setdefault((shape_key(spec), r["m"], r["variant"]), []).append(r["us"])
+        times.setdefault((shape_key(spec, fp8_shared), r["m"], strategy), []).append(r["us"])
     plans: Dict[str, Dict[str, str]] = {}
     best: Dict[tuple, tuple] = {}
-    for (key, m, variant), us in times.items():
+    for (key, m, strategy), us in times.items():
         mean = sum(us) / len(us)
         if (key, m) not in best or mean < best[(key, m)][0]:
-            best[(key, m)] = (mean, variant)
-    for (key, m), (_, variant) in sorted(best.items()):
-        plans.setdefault(key, {})[str(m)] = variant
+            best[(key, m)] = (mean, strategy)
+    for (key, m), (_, strategy) in sorted(best.items()):
+        plans.setdefault(key, {})[str(m)] = strategy
     return plans
 
 
