@@ -54,8 +54,12 @@ def test_layer_plan_follows_the_shipped_table(monkeypatch):
     monkeypatch.setattr(layer.options, "shared_expert", None)
     cuda = torch.device("cuda")
     ep8_fp8 = SHAPES["dsv3-ep8"].replace(quant="fp8_block")
-    assert layer._shared_strategy(ep8_fp8, 1, cuda) == "inline"
-    assert layer._shared_strategy(ep8_fp8, 3, cuda) == "stream"
+    assert layer._shared_strategy(ep8_fp8, 1, cuda) == "stream"
+    assert layer._shared_strategy(SHAPES["dsv3"].replace(quant="fp8_block"), 16, cuda) == "inline"
+    monkeypatch.setattr(layer.options, "shared_fp8", True)  # the fp8-shared entries
+    assert [layer._shared_strategy(ep8_fp8, m, cuda) for m in (1, 4, 64)] == ["stream", "fused", "stream"]
+    assert layer.plan_layer(ep8_fp8, 1, cuda).shared_fp8
+    monkeypatch.setattr(layer.options, "shared_fp8", False)
     assert layer._shared_strategy(SHAPES["dsv3-ep8"], 3, cuda) == "fused"
     assert layer._shared_strategy(SHAPES["dsv3-ep8"], 64, cuda) == "stream"
     # A shape the table does not cover: the rule (fused for bf16 up to FUSED_SHARED_MAX_M).
