@@ -88,8 +88,10 @@ def test_select_experts_rounds_model_dtype_logits():
 
 @pytest.mark.parametrize("M,k,E,L,block_m", [
     (1, 1, 4, 4, 16), (5, 3, 10, 10, 4), (37, 8, 256, 32, 16), (70, 4, 12, 12, 3), (9, 2, 8, 3, 1), (300, 2, 6, 6, 64),
+    (200, 8, 256, 256, 16),  # 1600 pairs: the many-program kernel takes them in two steps
 ])
-def test_align_pairs(M, k, E, L, block_m):
+@pytest.mark.parametrize("parallel", [False, True], ids=["one-program", "many-programs"])
+def test_align_pairs(M, k, E, L, block_m, parallel):
     topk_ids = torch.stack([torch.randperm(E)[:k] for _ in range(M)]).to(torch.int32).to(DEVICE)
     expert_map = None
     if L != E:
@@ -97,7 +99,7 @@ def test_align_pairs(M, k, E, L, block_m):
         expert_map[torch.randperm(E)[:L]] = torch.arange(L, dtype=torch.int32)
         expert_map = expert_map.to(DEVICE)
     with poisoned_empty():
-        got = align_kernel.align_pairs(topk_ids, expert_map, L, block_m)
+        got = align_kernel.align_pairs(topk_ids, expert_map, L, block_m, parallel=parallel)
     want = reference.align_pairs(topk_ids, expert_map, L, block_m)
     for g, w in zip(got, want):
         assert torch.equal(g, w)

@@ -1,7 +1,10 @@
-"""Expert alignment in one program: token-expert pairs grouped by local expert, each expert's run
-padded to ``block_m``, exactly the format of ``reference.align_pairs``.
+"""Expert alignment: token-expert pairs grouped by local expert, each expert's run padded to
+``block_m``, exactly the format of ``reference.align_pairs``. Two kernels: one program for few
+tokens, and one program per pair of local experts for more (``_align_parallel_kernel``: each
+program histograms every pair's expert to find where its experts' runs start, then ranks only
+its own experts' pairs, so its cost grows with M but not with M x L).
 
-Works on a selection matrix [tokens, local experts] instead of sorting: a token picks an expert
+The one-program kernel works on a selection matrix [tokens, local experts] instead of sorting: a token picks an expert
 at most once, so a pair's rank inside its expert is the number of earlier tokens that picked the
 same expert, an exclusive prefix sum down the matrix's column. Tokens go in chunks of ``TOKENS``
 rows with a running per-expert count, so one program handles any M (the cost is O(M * L * top_k),
@@ -28,6 +31,16 @@ FILL_BLOCK = tl.constexpr(1024)
 # Warps of the one-program alignment, up to 16 tokens and above (H100 v5, dsv3 preamble: 8 warps
 # 10.6 / 14.8 us at M = 4 / 16 against 4 warps' 11.0 / 15.4; 16 warps 24.8 us at M = 64 against 26.6).
 ALIGN_NUM_WARPS, ALIGN_NUM_WARPS_ABOVE_16 = 8, 16
+# The many-program alignment (_align_parallel_kernel) from PARALLEL_MIN_M tokens and PARALLEL_MIN_L
+# local experts (H100, alignment alone, session 5: dsv3 M = 16 / 64 / 256 3.4 / 3.8 / 6.6 us against
+# the one program's 4.9 / 13.4 / 39.7; dsv3-ep8 2.5 / 3.0 / 5.4 against 2.8 / 4.7 / 13.0; below 16
+# tokens the one program was as fast or faster), with 2 experts per program (4 or 8: slower) and
+# 8 warps, pairs in steps of PARALLEL_PAIRS.
+PARALLEL_MIN_M = 16
+PARALLEL_MIN_L = 32
+PARALLEL_EXPERTS = 2
+PARALLEL_PAIRS = 1024
+PARALLEL_WARPS = 8
 
 
 @triton.jit
@@ -46,24 +59,28 @@ def _selection(ids_ptr, stride_im, map_ptr, t0, M, TOKENS: tl.constexpr, L_PAD: 
 
 
 @triton.jit
-def _tiles_and_padding(counts, e, L, M, block_m, num_pairs, max_tiles, sorted_ptr, tile_expert_ptr, num_tiles_ptr):
-    """Everything but the pairs themselves: num_tiles, each tile's expert, the padding after each
-    expert's pairs and the unused tail. These slots never hold a pair, so the pairs can be stored
-    before or after without a barrier. Returns each expert's first slot."""
+def _tiles_and_padding(counts, e, mine, M, block_m, num_pairs, max_tiles, sorted_ptr, tile_expert_ptr, num_tiles_ptr,
+                       program, programs):
+    """Everything but the pairs themselves: num_tiles (program 0), each tile's expert and the
+    padding after each expert's pairs for the experts in ``mine``, and this program's strided
+    share of the unused tail. These slots never hold a pair, so the pairs can be stored before
+    or after without a barrier. Returns each expert's first slot."""
     tiles = (counts + block_m - 1) // block_m
     tile_start = tl.cumsum(tiles, axis=0) - tiles
     pair_start = tile_start * block_m
     num_tiles = tl.sum(tiles, axis=0)
-    tl.store(num_tiles_ptr, num_tiles)
+    if program == 0:
+        tl.store(num_tiles_ptr, num_tiles)
     for j in range(0, (M + block_m - 1) // block_m):  # an expert has at most M pairs
-        tl.store(tile_expert_ptr + tile_start + j, e, mask=(j < tiles) & (e < L))
+        tl.store(tile_expert_ptr + tile_start + j, e, mask=mine & (j < tiles))
     padding = tl.zeros_like(counts) + num_pairs
     for j in range(0, block_m):  # an expert's last tile has fewer than block_m empty slots
-        tl.store(sorted_ptr + pair_start + counts + j, padding, mask=counts + j < tiles * block_m)
+        tl.store(sorted_ptr + pair_start + counts + j, padding, mask=mine & (counts + j < tiles * block_m))
     f = tl.arange(0, FILL_BLOCK)
-    for s0 in range(num_tiles * block_m, max_tiles * block_m, FILL_BLOCK):
+    step = programs * FILL_BLOCK
+    for s0 in range(num_tiles * block_m + program * FILL_BLOCK, max_tiles * block_m, step):
         tl.store(sorted_ptr + s0 + f, tl.full((FILL_BLOCK,), 0, tl.int32) + num_pairs, mask=s0 + f < max_tiles * block_m)
-    for s0 in range(num_tiles, max_tiles, FILL_BLOCK):
+    for s0 in range(num_tiles + program * FILL_BLOCK, max_tiles, step):
         tl.store(tile_expert_ptr + s0 + f, tl.full((FILL_BLOCK,), -1, tl.int32), mask=s0 + f < max_tiles)
     return pair_start
 
@@ -89,16 +106,16 @@ def align_pairs_cta(
     if ONE_CHUNK:  # M <= TOKENS: the selection is built once and kept
         slot = _selection(ids_ptr, stride_im, map_ptr, 0, M, TOKENS, L_PAD, TOP_K, HAS_MAP)
         counts = tl.sum((slot >= 0).to(tl.int32), axis=0)
-        pair_start = _tiles_and_padding(counts, e, L, M, block_m, num_pairs, max_tiles, sorted_ptr,
-                                        tile_expert_ptr, num_tiles_ptr)
+        pair_start = _tiles_and_padding(counts, e, e < L, M, block_m, num_pairs, max_tiles, sorted_ptr,
+                                        tile_expert_ptr, num_tiles_ptr, 0, 1)
         _store_pairs(slot, 0, tl.zeros((L_PAD,), dtype=tl.int32), pair_start, sorted_ptr, TOKENS, TOP_K)
     else:
         counts = tl.zeros((L_PAD,), dtype=tl.int32)
         for t0 in range(0, M, TOKENS):
             slot = _selection(ids_ptr, stride_im, map_ptr, t0, M, TOKENS, L_PAD, TOP_K, HAS_MAP)
             counts += tl.sum((slot >= 0).to(tl.int32), axis=0)
-        pair_start = _tiles_and_padding(counts, e, L, M, block_m, num_pairs, max_tiles, sorted_ptr,
-                                        tile_expert_ptr, num_tiles_ptr)
+        pair_start = _tiles_and_padding(counts, e, e < L, M, block_m, num_pairs, max_tiles, sorted_ptr,
+                                        tile_expert_ptr, num_tiles_ptr, 0, 1)
         before = tl.zeros((L_PAD,), dtype=tl.int32)  # pairs of earlier chunks, per expert
         for t0 in range(0, M, TOKENS):
             slot = _selection(ids_ptr, stride_im, map_ptr, t0, M, TOKENS, L_PAD, TOP_K, HAS_MAP)
@@ -115,6 +132,51 @@ def _align_kernel(
         tl.extra.cuda.gdc_wait()  # the ids come from the kernel before (a programmatic dependent launch)
     align_pairs_cta(ids_ptr, stride_im, map_ptr, sorted_ptr, tile_expert_ptr, num_tiles_ptr, M, L, block_m,
                     max_tiles, TOKENS, L_PAD, TOP_K, HAS_MAP, ONE_CHUNK)
+
+
+@triton.jit
+def _local_experts(ids_ptr, stride_im, map_ptr, p0, num_pairs, PAIRS: tl.constexpr, TOP_K: tl.constexpr,
+                   HAS_MAP: tl.constexpr):
+    """Local expert of pairs [p0, p0 + PAIRS) (pair p = token * TOP_K + slot), -1 where not local or past the end."""
+    p = p0 + tl.arange(0, PAIRS)
+    token = p // TOP_K
+    expert = tl.load(ids_ptr + token * stride_im + (p - token * TOP_K), mask=p < num_pairs, other=-1)
+    if HAS_MAP:
+        expert = tl.load(map_ptr + expert, mask=expert >= 0, other=-1)
+    return expert
+
+
+@triton.jit
+def _align_parallel_kernel(
+    ids_ptr, stride_im, map_ptr, sorted_ptr, tile_expert_ptr, num_tiles_ptr, M, L, block_m, max_tiles,
+    PAIRS: tl.constexpr, L_PAD: tl.constexpr, EXPERTS: tl.constexpr, TOP_K: tl.constexpr, HAS_MAP: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """One program per EXPERTS local experts. Each counts every expert's pairs (a histogram of the
+    ids: every program needs the runs before its own), then writes its experts' tiles, padding
+    and pairs, and a strided share of the unused tail; no program waits for another."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+    pid = tl.program_id(0)
+    num_pairs = M * TOP_K
+    counts = tl.zeros((L_PAD,), dtype=tl.int32)
+    for p0 in range(0, num_pairs, PAIRS):
+        local = _local_experts(ids_ptr, stride_im, map_ptr, p0, num_pairs, PAIRS, TOP_K, HAS_MAP)
+        counts += tl.histogram(local, L_PAD, mask=local >= 0)
+    e = tl.arange(0, L_PAD)
+    pair_start = _tiles_and_padding(counts, e, (e // EXPERTS == pid) & (e < L), M, block_m, num_pairs, max_tiles,
+                                    sorted_ptr, tile_expert_ptr, num_tiles_ptr, pid, tl.num_programs(0))
+    # Pairs of my experts: rank = pairs of the same expert before it (pair order is token order).
+    my_e = pid * EXPERTS + tl.arange(0, EXPERTS)
+    my_start = tl.sum(tl.where(e[None, :] == my_e[:, None], pair_start[None, :], 0), axis=1)
+    before = tl.zeros((EXPERTS,), dtype=tl.int32)
+    for p0 in range(0, num_pairs, PAIRS):
+        local = _local_experts(ids_ptr, stride_im, map_ptr, p0, num_pairs, PAIRS, TOP_K, HAS_MAP)
+        picked = (local[:, None] == my_e[None, :]).to(tl.int32)
+        rank = tl.cumsum(picked, axis=0) - picked + before[None, :]
+        pair = p0 + tl.arange(0, PAIRS)
+        tl.store(sorted_ptr + my_start[None, :] + rank, pair[:, None] + tl.zeros_like(rank), mask=picked != 0)
+        before += tl.sum(picked, axis=0)
 
 
 def align_meta(num_local_experts: int, top_k: int, expert_map: Optional[torch.Tensor], M: int = 1 << 30) -> dict:
@@ -136,16 +198,25 @@ def alloc_align_outputs(M: int, top_k: int, num_local_experts: int, block_m: int
 
 
 def align_pairs(topk_ids: torch.Tensor, expert_map: Optional[torch.Tensor], num_local_experts: int, block_m: int,
-                pdl: bool = False):
-    """Same contract as ``reference.align_pairs``, in one program (for moderate M); ``pdl``: launched as a
-    programmatic dependent of the kernel that writes topk_ids (CUDA only)."""
+                pdl: bool = False, parallel: Optional[bool] = None):
+    """Same contract as ``reference.align_pairs`` (for moderate M); ``pdl``: launched as a
+    programmatic dependent of the kernel that writes topk_ids (CUDA only). ``parallel``: the
+    many-program kernel or the one-program one (default: PARALLEL_MIN_M / PARALLEL_MIN_L)."""
     M, top_k = topk_ids.shape
     sorted_ids, tile_expert, num_tiles = alloc_align_outputs(M, top_k, num_local_experts, block_m, topk_ids.device)
-    meta = align_meta(num_local_experts, top_k, expert_map, M)
-    _align_kernel[(1,)](
-        topk_ids, topk_ids.stride(0), topk_ids if expert_map is None else expert_map, sorted_ids, tile_expert,
-        num_tiles, M, num_local_experts, block_m, tile_expert.numel(), **meta, PDL=pdl,
-        num_warps=ALIGN_NUM_WARPS if M <= 16 else ALIGN_NUM_WARPS_ABOVE_16,
-        **({"launch_pdl": True} if pdl else {}),
-    )
+    args = (topk_ids, topk_ids.stride(0), topk_ids if expert_map is None else expert_map, sorted_ids, tile_expert,
+            num_tiles, M, num_local_experts, block_m, tile_expert.numel())
+    launch = {"launch_pdl": True} if pdl else {}
+    if parallel is None:
+        parallel = M >= PARALLEL_MIN_M and num_local_experts >= PARALLEL_MIN_L
+    if parallel:
+        l_pad = triton.next_power_of_2(num_local_experts)
+        experts = min(PARALLEL_EXPERTS, l_pad)
+        _align_parallel_kernel[(triton.cdiv(num_local_experts, experts),)](
+            *args, PAIRS=min(PARALLEL_PAIRS, triton.next_power_of_2(M * top_k)), L_PAD=l_pad, EXPERTS=experts,
+            TOP_K=top_k, HAS_MAP=expert_map is not None, PDL=pdl, num_warps=PARALLEL_WARPS, **launch,
+        )
+    else:
+        _align_kernel[(1,)](*args, **align_meta(num_local_experts, top_k, expert_map, M), PDL=pdl,
+                            num_warps=ALIGN_NUM_WARPS if M <= 16 else ALIGN_NUM_WARPS_ABOVE_16, **launch)
     return sorted_ids, tile_expert, num_tiles
