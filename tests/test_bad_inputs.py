@@ -175,6 +175,22 @@ def test_shared_weights_in_another_dtype_are_refused_before_any_launch(weight, m
     assert len(dispatch.fallback_reasons) == 1
 
 
+def test_fp8_shared_expert_gate_in_another_dtype_is_refused_before_any_launch(monkeypatch):
+    """The fp8 shared expert on the expert kernels (MOE_FUSION_SHARED_FP8) computes its gate in the
+    hidden states' dtype."""
+    monkeypatch.setattr(layer.options, "shared_fp8", True)
+    monkeypatch.setattr(layer.options, "shared_expert", "inline")
+    spec = SPECS["dsv3_fp8"].replace(shared_gate=True)
+    w = random_weights(spec)
+    w.shared_expert_gate = w.shared_expert_gate.float()
+    assert layer.plan_layer(spec, 2, torch.device("cpu")).shared_fp8
+    launched = []
+    monkeypatch.setattr(preamble, "norm_quant", lambda *a, **k: launched.append(1))
+    with pytest.raises(experts.Unsupported, match="shared_expert_gate"):
+        layer.moe_layer(spec, torch.randn(2, spec.hidden_size).half(), w)
+    assert not launched
+
+
 def test_fp32_layer_runs_the_reference_with_a_reason():
     """The expert kernels take bf16/fp16 activations; an fp32 layer is computed by the reference
     (refused before the preamble launches anything)."""

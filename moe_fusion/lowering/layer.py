@@ -1,14 +1,16 @@
 """The whole MoE layer on the GPU: the plan for (spec, M, device), then
 
     main stream:  norm (+fp8 quant) ─▶ router + routing + alignment ─▶ GEMM1 ─▶ GEMM2 ─▶ + shared
-    side stream:                 └─▶ shared expert (cuBLAS, into preallocated buffers) ──────┘
+    side stream:                 └─▶ shared expert (into preallocated buffers) ────────────────┘
 
 The shared expert needs only the normed hidden states, so it forks right after the norm and
 overlaps the routing chain and the routed experts (strategy "stream"); "inline" runs it on the
 main stream after the routed experts; "fused" computes it in the routed experts' GEMM launches,
 as extra experts every token selects (experts.SharedTail; with fp8 experts it is computed in
-fp8 from block-quantised copies of its weights). Semantics: reference.moe_layer (fused fp8:
-reference.shared_experts_fp8 for the shared part).
+fp8 from block-quantised copies of its weights). A separate shared expert runs on cuBLAS in
+the model dtype, or, with fp8 experts and LoweringOptions.shared_fp8, as a launch of the fp8
+expert kernels of its own (shared_expert.py). Semantics: reference.moe_layer (an fp8 shared
+expert: reference.shared_experts_fp8 for the shared part).
 """
 from __future__ import annotations
 
@@ -108,8 +110,12 @@ def moe_layer(spec: MoESpec, x: torch.Tensor, w: MoEWeights, plan: Optional[Laye
         raise experts.Unsupported(f"model dtype {normed_dtype}: the expert kernels take bf16/fp16 activations")
     separate = plan.shared_expert in ("stream", "inline")
     on_kernels = separate and plan.shared_fp8
-    if separate and not on_kernels:  # cuBLAS into preallocated buffers: one dtype throughout
-        for name in ("shared_gate", "shared_up", "shared_down") + (("shared_expert_gate",) if spec.shared_gate else ()):
+    # Into preallocated buffers in the hidden states' dtype: every shared weight on cuBLAS, the gate
+    # on the expert kernels (their fp8 copies are made from any dtype).
+    names = (("shared_expert_gate",) if spec.shared_gate else ()) + (() if on_kernels else
+                                                                      ("shared_gate", "shared_up", "shared_down"))
+    if separate:
+        for name in names:
             if getattr(w, name).dtype != x.dtype:
                 raise experts.Unsupported(f"shared expert weight {name} is {getattr(w, name).dtype}, "
                                           f"hidden states {x.dtype}")
