@@ -84,7 +84,8 @@ def main() -> None:
                               f"{t.kernels} kernels {row['pct']:.0f}%", flush=True)
                         _write(args.out, meta, rows)
                         if m == args.profile_m and shape.endswith("ep8") and not args.cpu:
-                            _profile(fn, inp.op_sets[0], os.path.join(args.out, f"profile_{shape}_{dtype}_M{m}_{name}.txt"))
+                            path = os.path.join(args.out, f"profile_{shape}_{dtype}_M{m}_{name}.txt")
+                            _profile(fn, inp.op_sets[0], path)
             finally:
                 layer.options.shared_expert, layer.options.shared_fp8 = None, False
                 sb.close()

@@ -87,8 +87,8 @@ def _shared_strategy(spec: MoESpec, m: int, device: torch.device) -> str:
         if measured is not None and (measured != "fused" or experts.shared_tail_problem(spec) is None):
             return measured
         # fp8 experts compute a fused shared expert in fp8: only when asked for.
-        fits = (not spec.fp8 or fp8_shared) and m <= FUSED_SHARED_MAX_M and experts.shared_tail_problem(spec) is None
-        return "fused" if fits else separate
+        fits = (not spec.fp8 or fp8_shared) and m <= FUSED_SHARED_MAX_M
+        return "fused" if fits and experts.shared_tail_problem(spec) is None else separate
     shared = options.shared_expert or separate
     if shared not in SHARED_STRATEGIES:
         raise ValueError(f"shared_expert strategy {shared!r}; expected one of {SHARED_STRATEGIES}")
@@ -101,6 +101,13 @@ def _shared_strategy(spec: MoESpec, m: int, device: torch.device) -> str:
     return shared
 
 
+def _shared_weights_in_model_dtype(spec: MoESpec, plan: LayerPlan) -> tuple:
+    """The shared weights that must come in the hidden states' dtype: all of them on cuBLAS or in a
+    bf16/fp16 expert launch; only the gate where the experts run on fp8 copies (made from any dtype)."""
+    gate = ("shared_expert_gate",) if spec.shared_gate else ()
+    return gate if plan.shared_fp8 else gate + ("shared_gate", "shared_up", "shared_down")
+
+
 def moe_layer(spec: MoESpec, x: torch.Tensor, w: MoEWeights, plan: Optional[LayerPlan] = None) -> torch.Tensor:
     """reference.moe_layer on the kernels; raises preamble/experts.Unsupported before any launch
     it cannot make."""
@@ -110,12 +117,8 @@ def moe_layer(spec: MoESpec, x: torch.Tensor, w: MoEWeights, plan: Optional[Laye
         raise experts.Unsupported(f"model dtype {normed_dtype}: the expert kernels take bf16/fp16 activations")
     separate = plan.shared_expert in ("stream", "inline")
     on_kernels = separate and plan.shared_fp8
-    # Into preallocated buffers in the hidden states' dtype: every shared weight on cuBLAS, the gate
-    # on the expert kernels (their fp8 copies are made from any dtype).
-    names = (("shared_expert_gate",) if spec.shared_gate else ()) + (() if on_kernels else
-                                                                      ("shared_gate", "shared_up", "shared_down"))
-    if separate:
-        for name in names:
+    if spec.has_shared_experts:  # the dtypes the shared expert's kernels take, checked before any launch
+        for name in _shared_weights_in_model_dtype(spec, plan):
             if getattr(w, name).dtype != x.dtype:
                 raise experts.Unsupported(f"shared expert weight {name} is {getattr(w, name).dtype}, "
                                           f"hidden states {x.dtype}")

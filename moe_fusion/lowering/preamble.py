@@ -2,8 +2,9 @@
 
 Planned path (any M), launches chained by programmatic dependent launch (PDL) on CUDA, no host
 synchronisation: norm_quant (RMSNorm, fp8 activation groups, zeroing of the router workspace),
-split-K router GEMM, a row-parallel routing kernel, then the one-program alignment kernel up to
-ALIGN_KERNEL_MAX_M tokens and ``reference.align_pairs`` (sync-free torch) above. Where a kernel's
+split-K router GEMM, a row-parallel routing kernel, then the alignment kernel (align_kernel: one
+program, or from 16 tokens one per two local experts) up to ALIGN_KERNEL_MAX_M tokens and
+``reference.align_pairs`` (sync-free torch) above. Where a kernel's
 register tile cannot hold a spec's experts, that stage runs the reference instead;
 ``plan_preamble`` says which and why.
 
