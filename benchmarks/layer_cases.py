@@ -90,12 +90,12 @@ def rel_err(got: torch.Tensor, expected: torch.Tensor) -> float:
 @contextlib.contextmanager
 def recorded_parts() -> Iterator[Dict[str, object]]:
     """While active, layer.moe_layer's parts are kept: "preamble" (its PreambleOut), "routed" (a
-    copy of the expert block's fp32 output, taken before the shared expert is added into it in
-    place) and "shared" (the shared expert's output buffer). The layer is observed through the
-    functions it calls, so what is checked is the very call the layer makes; the copy is one
-    extra kernel on the main stream."""
+    copy of the expert block's fp32 output) and "shared" (the separately computed shared expert's
+    output buffer). The layer is observed through the functions and classes it calls, so what is
+    checked is the very call the layer makes; the copy is one extra kernel on the main stream."""
     parts: Dict[str, object] = {}
-    real_preamble, real_experts, real_shared = preamble.fused_preamble, experts.fused_experts, layer.shared_expert_into
+    real_preamble, real_experts = preamble.fused_preamble, experts.fused_experts
+    real_shared = (layer.CublasSharedExpert, layer.SharedExpertOnExpertKernels)
 
     def fused_preamble(*args, **kwargs):
         parts["preamble"] = real_preamble(*args, **kwargs)
@@ -106,17 +106,20 @@ def recorded_parts() -> Iterator[Dict[str, object]]:
         parts["routed"] = out.clone()
         return out
 
-    def shared_expert_into(spec, x, w, buffers):
-        real_shared(spec, x, w, buffers)
-        parts["shared"] = buffers.out
+    def recording(shared_expert_class):
+        class Recorded(shared_expert_class):
+            def run(self):
+                super().run()
+                parts["shared"] = self.out
+        return Recorded
 
-    preamble.fused_preamble, experts.fused_experts, layer.shared_expert_into = (
-        fused_preamble, fused_experts, shared_expert_into)
+    preamble.fused_preamble, experts.fused_experts = fused_preamble, fused_experts
+    layer.CublasSharedExpert, layer.SharedExpertOnExpertKernels = (recording(c) for c in real_shared)
     try:
         yield parts
     finally:
-        preamble.fused_preamble, experts.fused_experts, layer.shared_expert_into = (
-            real_preamble, real_experts, real_shared)
+        preamble.fused_preamble, experts.fused_experts = real_preamble, real_experts
+        layer.CublasSharedExpert, layer.SharedExpertOnExpertKernels = real_shared
 
 
 @contextlib.contextmanager
