@@ -122,7 +122,7 @@ def test_random_expert_block(seed):
     STATS["expert_cases"] += 1
 
 
-def _expected_from_kernel_routing(spec, pre, w):
+def _expected_from_kernel_routing(spec, pre, w, shared_fp8=False):
     """float64 reference of the layer for the routing the kernels chose (the preamble tests check
     the routing itself), so a near tie that flips an expert is not mistaken for a wrong kernel.
 
@@ -139,7 +139,8 @@ def _expected_from_kernel_routing(spec, pre, w):
     out = reference.routed_experts(spec.replace(dtype="float32"), routed_input, pre.topk_ids,
                                    pre.topk_weights.to(wide), w64)
     if spec.has_shared_experts:
-        out = out + reference.shared_experts(spec, normed, w64).to(out.dtype)
+        shared = reference.shared_experts_fp8 if shared_fp8 else reference.shared_experts
+        out = out + shared(spec, normed, w64).to(out.dtype)
     return out
 
 
@@ -148,6 +149,7 @@ def test_random_layer(seed, monkeypatch):
     rng = random.Random(seed)
     spec = random_spec(seed, dtypes=("float16",), hidden=(8, 128), inter=(8, 48), max_experts=256)
     monkeypatch.setattr(layer.options, "deterministic", rng.random() < 0.5)
+    monkeypatch.setattr(layer.options, "shared_fp8", rng.random() < 0.5)  # MOE_FUSION_SHARED_FP8
     M = _capped_m(seed, spec.top_k, allow_general=True)
     kind = input_kind(seed)
     w = random_layer_weights(spec, seed, kind)
@@ -158,10 +160,10 @@ def test_random_layer(seed, monkeypatch):
     pre = preamble.fused_preamble(spec, x.to(DEVICE), _to(w, DEVICE), block_m=plan.expert_config.block_m)
     pre = type(pre)(*(t.cpu() for t in pre))
     tol = 3e-2 if spec.fp8 else 2e-3
-    expected = _expected_from_kernel_routing(spec, pre, w)
+    expected = _expected_from_kernel_routing(spec, pre, w, plan.shared_fp8)
     assert _rel_err(got, expected) < tol, (spec, M)
     # Rows routed (and, for fp8, quantised) like the reference: the reference layer itself, row by row.
-    ref = reference.moe_layer(spec, x, w)
+    ref = reference.moe_layer(spec, x, w, shared_fp8=plan.shared_fp8)
     ref_normed, ref_ids, _ = reference.moe_preamble(spec, x, w)
     same = (pre.topk_ids == ref_ids).all(-1)
     if spec.fp8:
@@ -171,6 +173,7 @@ def test_random_layer(seed, monkeypatch):
         scale = ref[same].double().norm(dim=-1).clamp(min=1e-3 * ref.double().abs().max().clamp(min=1e-30))
         assert (err / scale).max() < (6e-2 if spec.fp8 else 1e-2), (spec, M)
     STATS["layer_cases"] += 1
+    STATS["layer_cases_fp8_shared_expert"] += int(plan.shared_fp8)
     STATS["layer_rows"] += M
     STATS["layer_rows_routed_as_reference"] += int(same.sum())
 

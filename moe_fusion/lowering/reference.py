@@ -230,16 +230,17 @@ def preamble_outputs(spec: MoESpec, x: torch.Tensor, w: MoEWeights):
     return normed, x_fp8, x_scale, ids, weights.float()
 
 
-def moe_layer(spec: MoESpec, x: torch.Tensor, w: MoEWeights) -> torch.Tensor:
+def moe_layer(spec: MoESpec, x: torch.Tensor, w: MoEWeights, shared_fp8: bool = False) -> torch.Tensor:
     """The whole MoE layer on x [M, H]: preamble, routed experts, shared experts; output [M, H] in x's dtype.
 
     With expert parallelism the routed part covers local experts only; shared experts are
     computed on every rank, so callers summing ranks' outputs count them once per rank.
+    shared_fp8: the shared experts as shared_experts_fp8 (the lowering's fp8 shared expert).
     """
     normed, ids, weights = moe_preamble(spec, x, w)
     out = routed_experts(spec, normed, ids, weights, w)
     if spec.has_shared_experts:
-        out = out + shared_experts(spec, normed, w).to(out.dtype)
+        out = out + (shared_experts_fp8 if shared_fp8 else shared_experts)(spec, normed, w).to(out.dtype)
     return out.to(x.dtype)
 
 
