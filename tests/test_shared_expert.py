@@ -50,7 +50,7 @@ def test_side_stream_overlap_is_graph_capturable():
     torch.testing.assert_close(doubled, x * 2)
 
 
-@pytest.mark.parametrize("M,n,block_m", [(1, 1, 16), (5, 2, 4), (16, 3, 16)])
+@pytest.mark.parametrize("M,n,block_m", [(1, 1, 16), (5, 2, 4), (16, 3, 16), (1030, 1, 16)])
 def test_dense_routing_is_the_alignment_of_every_token_on_every_shared_expert(M, n, block_m):
     ids, weights, (sorted_ids, tile_expert, num_tiles) = experts.dense_routing(M, n, block_m, torch.device("cpu"))
     assert torch.equal(ids, torch.arange(n, dtype=torch.int32).repeat(M, 1)) and bool((weights == 1).all())
@@ -59,3 +59,5 @@ def test_dense_routing_is_the_alignment_of_every_token_on_every_shared_expert(M,
     assert int(num_tiles) == tiles == tile_expert.numel()
     assert torch.equal(tile_expert, ref_tiles[:tiles])
     assert torch.equal(sorted_ids, ref_ids[:tiles * block_m])
+    cached = experts.dense_routing(M, n, block_m, torch.device("cpu"))[0] is ids
+    assert cached == (M <= experts.DENSE_ROUTING_CACHE_MAX_M)  # decode sizes only: the cache stays small

@@ -203,16 +203,20 @@ def shared_tail_problem(spec: MoESpec) -> Optional[str]:
     return None
 
 
-# (device, M, n, block_m) -> dense_routing's constant tensors
+# (device, M, n, block_m) -> dense_routing's constant tensors, up to DENSE_ROUTING_CACHE_MAX_M tokens
+# (decode sizes: at most that many entries of a few KB). Entries are never dropped: a captured
+# CUDA graph may read them.
 _dense_routing_cache: Dict[tuple, Tuple[torch.Tensor, torch.Tensor, Alignment]] = {}
+DENSE_ROUTING_CACHE_MAX_M = 1024
 
 
 def dense_routing(M: int, n: int, block_m: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, Alignment]:
     """Every token selecting local experts 0..n-1 with weight 1 (the shared experts run as a
     routed block of their own): topk_ids [M, n] int32, weights [M, n] fp32 and their alignment
     (reference.align_pairs' format: expert e's M tokens in cdiv(M, block_m) tiles, in order).
-    Constants, made once per (device, M, n, block_m); under CUDA-graph capture a miss makes them
-    inside the graph without caching."""
+    Constants, made once per (device, M, n, block_m) up to DENSE_ROUTING_CACHE_MAX_M tokens, and
+    per call above (a few small launches, next to a prefill-sized layer) or under CUDA-graph
+    capture (inside the graph)."""
     key = (str(device), M, n, block_m)
     hit = _dense_routing_cache.get(key)
     if hit is not None:
@@ -226,7 +230,7 @@ def dense_routing(M: int, n: int, block_m: int, device: torch.device) -> Tuple[t
     tile_expert = expert.expand(n, tiles_per_expert).reshape(-1).contiguous()
     num_tiles = torch.full((1,), n * tiles_per_expert, dtype=torch.int32, device=device)
     made = (ids, weights, (sorted_pair_ids.to(torch.int32), tile_expert, num_tiles))
-    if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+    if M <= DENSE_ROUTING_CACHE_MAX_M and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         _dense_routing_cache[key] = made
     return made
 
