@@ -36,11 +36,12 @@ ALIGN_NUM_WARPS, ALIGN_NUM_WARPS_ABOVE_16 = 8, 16
 # local experts (H100, alignment alone, session 5: dsv3 M = 16 / 64 / 256 3.4 / 3.8 / 6.6 us against
 # the one program's 4.9 / 13.4 / 39.7; dsv3-ep8 2.5 / 3.0 / 5.4 against 2.8 / 4.7 / 13.0; below 16
 # tokens the one program was as fast or faster), with 2 experts per program (4 or 8: slower) and
-# 8 warps, pairs in steps of PARALLEL_PAIRS.
+# 8 warps, pairs in steps of up to PARALLEL_PAIRS (4096 against 1024: dsv3 M = 1024 / 4096 15.5 /
+# 54.9 against 19.3 / 70.9 us, the same at M <= 256).
 PARALLEL_MIN_M = 16
 PARALLEL_MIN_L = 32
 PARALLEL_EXPERTS = 2
-PARALLEL_PAIRS = 1024
+PARALLEL_PAIRS = 4096
 PARALLEL_WARPS = 8
 
 

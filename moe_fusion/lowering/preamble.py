@@ -36,7 +36,9 @@ from .router_kernel import _router_kernel, _router_route_align_kernel
 # Largest M for the one-launch path: none (v5, H100: dsv3 M = 1 11.8 vs 10.0 us, mixtral 9.9 vs
 # 5.4 us, and no better at any other M). Its router tile holds all rows, so at most 64 if re-enabled.
 FUSED_MAX_M = 0
-ALIGN_KERNEL_MAX_M = 1024
+# Above this many tokens torch's sort-based alignment is faster (H100, session 5, alignment alone,
+# dsv3: many-program kernel 54.9 / 213 us against torch's 144 / 171 at M = 4096 / 16384).
+ALIGN_KERNEL_MAX_M = 4096
 # Each kernel after the norm is a programmatic dependent launch (CUDA): it starts while the kernel
 # before it runs and waits (griddepcontrol.wait) before reading that kernel's outputs.
 USE_PDL = True
