@@ -40,6 +40,9 @@ ALIGN_NUM_WARPS, ALIGN_NUM_WARPS_ABOVE_16 = 8, 16
 # 54.9 against 19.3 / 70.9 us, the same at M <= 256).
 PARALLEL_MIN_M = 16
 PARALLEL_MIN_L = 32
+# Beyond this many tokens the many-program kernel whatever L: the one program was never planned
+# above it (its cost is O(M * L * top_k)), the many-program kernel was measured to 16384.
+ONE_PROGRAM_MAX_M = 1024
 PARALLEL_EXPERTS = 2
 PARALLEL_PAIRS = 4096
 PARALLEL_WARPS = 8
@@ -203,14 +206,15 @@ def align_pairs(topk_ids: torch.Tensor, expert_map: Optional[torch.Tensor], num_
                 pdl: bool = False, parallel: Optional[bool] = None):
     """Same contract as ``reference.align_pairs`` (for moderate M); ``pdl``: launched as a
     programmatic dependent of the kernel that writes topk_ids (CUDA only). ``parallel``: the
-    many-program kernel or the one-program one (default: PARALLEL_MIN_M / PARALLEL_MIN_L)."""
+    many-program kernel or the one-program one (default: PARALLEL_MIN_M, PARALLEL_MIN_L and
+    ONE_PROGRAM_MAX_M)."""
     M, top_k = topk_ids.shape
     sorted_ids, tile_expert, num_tiles = alloc_align_outputs(M, top_k, num_local_experts, block_m, topk_ids.device)
     args = (topk_ids, topk_ids.stride(0), topk_ids if expert_map is None else expert_map, sorted_ids, tile_expert,
             num_tiles, M, num_local_experts, block_m, tile_expert.numel())
     launch = {"launch_pdl": True} if pdl else {}
     if parallel is None:
-        parallel = M >= PARALLEL_MIN_M and num_local_experts >= PARALLEL_MIN_L
+        parallel = M > ONE_PROGRAM_MAX_M or M >= PARALLEL_MIN_M and num_local_experts >= PARALLEL_MIN_L
     if parallel:
         l_pad = triton.next_power_of_2(num_local_experts)
         experts = min(PARALLEL_EXPERTS, l_pad)
