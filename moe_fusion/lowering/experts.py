@@ -497,7 +497,8 @@ class ExpertLaunch:
         grid = max(1, min(items, self.num_sms * g.programs_per_sm))
         quant_h = (self.experts.fp8 and FUSED_H_QUANT and not self.on_side_stream and g.block_n <= FP8_BLOCK
                    and g.split_k == 1)
-        sums = self.gemm1_sums if self.gemm1_sums is not None else self.pair_weights.view(1, 1, self.pair_weights.numel())  # unused
+        unused = self.pair_weights.view(1, 1, self.pair_weights.numel())
+        sums = self.gemm1_sums if self.gemm1_sums is not None else unused
         tickets = _ticket_buffer(self.x.device, tiles * triton.cdiv(I, FP8_BLOCK)) if quant_h else self.pair_weights
         operands, constants = self._gemm1_operands(config)
         expert_gemm1_kernel[(grid,)](

@@ -67,7 +67,7 @@ class LayerPlan:
 
 def plan_layer(spec: MoESpec, m: int, device: torch.device) -> LayerPlan:
     shared = _shared_strategy(spec, m, device)
-    fp8 = spec.fp8 and (shared == "fused" or shared in ("stream", "inline") and _fp8_shared_allowed(spec))
+    fp8 = spec.fp8 and shared == "fused" or shared in ("stream", "inline") and _fp8_shared_allowed(spec)
     return LayerPlan(experts.expert_config(spec, m, device), shared, options.deterministic, fp8)
 
 

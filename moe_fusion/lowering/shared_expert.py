@@ -44,9 +44,14 @@ def shared_expert_into(spec: MoESpec, x: torch.Tensor, w: MoEWeights, buffers: S
     buffers.gate.mul_(buffers.up)
     torch.mm(buffers.gate, w.shared_down.t(), out=buffers.out)
     if spec.shared_gate:
-        torch.mm(x, w.shared_expert_gate.t(), out=buffers.gate_logit)
-        buffers.gate_logit.sigmoid_()
+        _sigmoid_gate_into(x, w.shared_expert_gate, buffers.gate_logit)
         buffers.out.mul_(buffers.gate_logit)
+
+
+def _sigmoid_gate_into(x: torch.Tensor, gate_weight: torch.Tensor, out: torch.Tensor) -> None:
+    """out [M, 1] = sigmoid(x gate_weight^T) in x's dtype (gate_weight [1, H]), without allocating."""
+    torch.mm(x, gate_weight.t(), out=out)
+    out.sigmoid_()
 
 
 class CublasSharedExpert:
@@ -77,8 +82,9 @@ class SharedExpertOnExpertKernels:
         tail = experts.shared_tail(spec, w)
         M, n = normed.shape[0], tail.count
         ids, ones, alignment = experts.dense_routing(M, n, config.block_m, normed.device)
-        self.normed, self.gate, self.config = normed, tail.gate, config
-        if tail.gate is not None:  # written by run(), on whichever stream runs it
+        self.normed, self.config = normed, config
+        self.gate_weight = w.shared_expert_gate if spec.shared_gate else None
+        if self.gate_weight is not None:  # written by run(), on whichever stream runs it
             self.weights = torch.empty((M, n), dtype=torch.float32, device=normed.device)
             self.gate_logit = normed.new_empty((M, 1))
         else:
@@ -93,9 +99,8 @@ class SharedExpertOnExpertKernels:
         self.launch.quantize_input(x_fp8 if given else None, x_scale if given else None)
 
     def run(self) -> None:
-        if self.gate is not None:
-            torch.mm(self.normed, self.gate.unsqueeze(1), out=self.gate_logit)
-            self.gate_logit.sigmoid_()
+        if self.gate_weight is not None:
+            _sigmoid_gate_into(self.normed, self.gate_weight, self.gate_logit)
             self.weights.copy_(self.gate_logit.expand_as(self.weights))
         self.launch.gemm1(self.config)
         self.launch.prepare_h()
