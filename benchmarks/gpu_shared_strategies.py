@@ -6,9 +6,9 @@ these rows by ``python -m moe_fusion.lowering.shared_plan``):
 
 For each (shape, dtype) the weights are built once (moe-fusion bench's ShapeBench) and the whole
 layer is timed with the same method as ``moe-fusion bench`` (CUDA-graph replays over rotated
-inputs) for each shared-expert strategy: stream, inline, fused, and with fp8 experts also
-stream-fp8 and inline-fp8 (the shared expert as its own launch of the fp8 expert kernels,
-LoweringOptions.shared_fp8). Rows go to DIR/shared_strategies.json and .md after every point (a
+inputs) for each shared-expert strategy: stream, inline, fused, stream-kernels and inline-kernels (the
+shared expert as its own launch of the expert kernels in the model dtype), and with fp8 experts also
+stream-fp8 and inline-fp8 (that launch on the fp8 expert kernels, LoweringOptions.shared_fp8). Rows go to DIR/shared_strategies.json and .md after every point (a
 cut-off run keeps what it did); with --profile-m, the per-kernel times of one layer call per
 strategy at that M (ep8 shapes).
 """
@@ -33,7 +33,7 @@ _TAG = os.environ.get("RESULT_TAG", "")  # the issue's copy bandwidth (what % co
 def _variants(fp8: bool, strategies):
     """(name, shared strategy, shared expert on the fp8 expert kernels)."""
     rows = [(s, s, False) for s in strategies]
-    return rows + [(f"{s}-fp8", s, True) for s in strategies if fp8 and s != "fused"]
+    return rows + [(f"{s}-fp8", s, True) for s in strategies if fp8 and s in ("stream", "inline")]
 
 
 def _profile(fn, inputs, path: str) -> None:
@@ -54,7 +54,7 @@ def main() -> None:
     p.add_argument("--dtypes", default="fp8,bf16")
     p.add_argument("--m", default="1,2,4,16,64")
     p.add_argument("--profile-m", type=int, default=0)
-    p.add_argument("--strategies", default="stream,inline,fused")
+    p.add_argument("--strategies", default=",".join(layer.SHARED_STRATEGIES))
     p.add_argument("--seconds-per-point", type=float, default=0.15)
     p.add_argument("--cpu", action="store_true", help="plumbing smoke run (tiny shapes; the CPU runs the reference)")
     args = p.parse_args()

@@ -7,7 +7,7 @@ import torch
 
 from moe_fusion.lowering import reference
 from moe_fusion.tools import bench, bench_report
-from moe_fusion.tools.bench_layers import SHAPES, build_layer, canonical_weights
+from moe_fusion.tools.bench_layers import SHAPES, build_layer, canonical_weights, expert_bytes, shared_bytes
 
 TINY = SHAPES["tiny"].replace(dtype="float32")
 BASELINE_SPECS = {
@@ -49,6 +49,16 @@ def test_baseline_layer_computes_the_reference(name):
         torch.testing.assert_close(experts, reference.routed_experts(ref_spec, ref_normed, ref_ids, ref_weights, ref_w))
         torch.testing.assert_close(out, reference.moe_layer(ref_spec, x, ref_w))
         assert out.abs().sum() > 0  # not trivially zero, even with experts on other ranks
+
+
+def test_floor_counts_the_shared_expert_as_the_plan_reads_it():
+    """dsv3's shared expert has the routed width: in fp8 it is one fp8 expert's bytes (weights and
+    128x128 block scales), in the model dtype twice the weight bytes."""
+    spec = SHAPES["dsv3"].replace(quant="fp8_block")
+    H, I = spec.hidden_size, spec.shared_intermediate_size
+    assert I == spec.intermediate_size
+    assert shared_bytes(spec, fp8=True) == expert_bytes(spec) == 3 * H * I + 4 * 3 * (H // 128) * (I // 128)
+    assert shared_bytes(spec) == 3 * H * I * 2
 
 
 def test_canonical_weights_are_views_of_the_layer():

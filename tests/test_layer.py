@@ -85,21 +85,33 @@ def test_fused_shared_experts_on_interpreter(M, gate, n_shared, deterministic, f
     _check_fp16_layer(spec, M, "fused", seed=M)
 
 
-# (M, shared gate, shared experts, deterministic, expert parallel)
-FP8_SHARED_ON_ITS_OWN_CASES = [(1, False, 1, False, True), (5, True, 2, True, False)]
+# (M, shared gate, shared experts, deterministic, expert parallel, fp8 routed experts, fp8 shared expert)
+SHARED_ON_ITS_OWN_LAUNCH_CASES = [
+    (1, False, 1, False, True, True, True),
+    (5, True, 2, True, False, True, True),
+    (1, False, 1, False, True, True, False),
+    (5, True, 2, True, False, False, False),
+]
 
 
-@pytest.mark.parametrize("M,gate,n_shared,deterministic,ep", FP8_SHARED_ON_ITS_OWN_CASES)
-def test_fp8_shared_expert_on_its_own_expert_launch(M, gate, n_shared, deterministic, ep, monkeypatch):
-    """MOE_FUSION_SHARED_FP8 with a separate shared expert: a launch of the fp8 expert kernels of
-    its own (on the side stream on CUDA; in order on the interpreter)."""
+@pytest.mark.parametrize("M,gate,n_shared,deterministic,ep,fp8,shared_fp8", SHARED_ON_ITS_OWN_LAUNCH_CASES)
+def test_shared_expert_on_its_own_expert_launch(M, gate, n_shared, deterministic, ep, fp8, shared_fp8, monkeypatch):
+    """A separate shared expert as a launch of the expert kernels of its own (on the side stream on
+    CUDA; in order on the interpreter): in fp8 with MOE_FUSION_SHARED_FP8, else in the model dtype
+    ("inline-kernels"), whatever the routed experts' dtype."""
     if torch.cuda.is_available():
         pytest.skip("the interpreter variant runs where there is no GPU")
-    _with_options(monkeypatch, deterministic=deterministic, shared_expert="inline", shared_fp8=True)
+    _with_options(monkeypatch, deterministic=deterministic, shared_fp8=shared_fp8,
+                  shared_expert="inline" if shared_fp8 else "inline-kernels")
     spec = dsv3_like(dtype="float16", hidden_size=48, intermediate_size=24, shared_intermediate_size=24 * n_shared,
-                     shared_gate=gate, quant="fp8_block", **(dict(num_local_experts=4) if ep else {}))
-    assert layer.plan_layer(spec, M, torch.device("cpu")).shared_fp8
+                     shared_gate=gate, quant="fp8_block" if fp8 else "none", **(dict(num_local_experts=4) if ep else {}))
+    plan = layer.plan_layer(spec, M, torch.device("cpu"))
+    assert (plan.shared_on_kernels, plan.shared_fp8) == (True, shared_fp8)
+    launches = []
+    real = layer.SharedExpertOnExpertKernels
+    monkeypatch.setattr(layer, "SharedExpertOnExpertKernels", lambda *a: launches.append(a) or real(*a))
     _check_fp16_layer(spec, M, "inline", seed=M)
+    assert len(launches) == 1
 
 
 def test_fused_is_refused_where_the_kernels_cannot_take_the_shared_expert(monkeypatch, caplog):
@@ -129,10 +141,12 @@ GPU_SPECS = {
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name,shared_expert", [(n, s) for n in GPU_SPECS for s in ("stream", "inline", "fused")]
-                         + [("dsv3-ep8-fp8", "stream-fp8")])
+                         + [("dsv3-ep8-fp8", "stream-fp8"), ("dsv3-ep8-fp8", "stream-kernels"),
+                            ("qwen2-like-gated-shared", "stream-kernels")])
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_layer_on_gpu(name, shared_expert, deterministic, monkeypatch):
-    """"stream-fp8": the shared expert on the side stream as its own launch of the fp8 expert kernels."""
+    """"stream-fp8" / "stream-kernels": the shared expert on the side stream as its own launch of the
+    expert kernels, in fp8 / in bf16."""
     fp8_shared = shared_expert == "stream-fp8"
     _with_options(monkeypatch, deterministic=deterministic, shared_expert=shared_expert.replace("-fp8", ""),
                   shared_fp8=fp8_shared)
@@ -150,7 +164,7 @@ def test_layer_on_gpu(name, shared_expert, deterministic, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name,shared_expert", [("dsv3-ep8", "stream"), ("dsv3-ep8-fp8", "fused"),
-                                                ("dsv3-ep8-fp8", "stream-fp8")])
+                                                ("dsv3-ep8-fp8", "stream-fp8"), ("dsv3-ep8-fp8", "stream-kernels")])
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_layer_op_under_cuda_graphs(name, shared_expert, deterministic, monkeypatch):
     """The op captured in a CUDA graph and replayed on new inputs; deterministic replays are bitwise equal."""

@@ -19,7 +19,8 @@ def test_best_strategies_take_the_fastest_allowed_mean():
         _row("dsv3-ep8", "fp8", "fused", 1, 10.0), _row("dsv3-ep8", "fp8", "inline", 1, 120.0),
         _row("dsv3-ep8", "fp8", "stream", 1, 126.0), _row("dsv3-ep8", "fp8", "stream+kernel-hquant", 1, 1.0),
         _row("dsv3-ep8", "fp8", "stream-fp8", 4, 70.0), _row("dsv3-ep8", "fp8", "fused", 4, 80.0),
-        _row("dsv3-ep8", "fp8", "inline", 4, 60.0),
+        _row("dsv3-ep8", "fp8", "inline", 4, 60.0), _row("dsv3-ep8", "fp8", "stream-kernels", 16, 150.0),
+        _row("dsv3-ep8", "fp8", "stream", 16, 160.0), _row("dsv3-ep8", "fp8", "stream-fp8", 16, 140.0),
     ]
     plans = shared_plan.best_strategies(rows, SHAPES)
     bf16 = shared_plan.shape_key(SHAPES["dsv3-ep8"])
@@ -27,8 +28,8 @@ def test_best_strategies_take_the_fastest_allowed_mean():
     fp8, fp8_shared = shared_plan.shape_key(fp8_spec), shared_plan.shape_key(fp8_spec, fp8_shared=True)
     assert plans[bf16] == {"1": "fused", "64": "stream"}
     # An fp8 shared expert changes the numerics: those rows make their own entries; unknown variants are ignored.
-    assert plans[fp8] == {"1": "inline", "4": "inline"}
-    assert plans[fp8_shared] == {"1": "fused", "4": "stream"}
+    assert plans[fp8] == {"1": "inline", "4": "inline", "16": "stream-kernels"}
+    assert plans[fp8_shared] == {"1": "fused", "4": "stream", "16": "stream"}
 
 
 def test_lookup_takes_the_next_measured_m(monkeypatch):
@@ -44,9 +45,33 @@ def test_lookup_takes_the_next_measured_m(monkeypatch):
 def test_log_rows_parse(tmp_path):
     path = tmp_path / "run.log"
     path.write_text("noise\ndsv3-ep8  fp8  layer   inline                 M=  1     119.5 us 13 kernels 41%\n"
-                    "dsv3-ep8  fp8  layer   stream-fp8             M=  4      70.5 us 11 kernels 80%\n")
+                    "dsv3-ep8  fp8  layer   stream-fp8             M=  4      70.5 us 11 kernels 80%\n"
+                    "dsv3  fp8  layer   stream-kernels         M=  4     476.5 us 11 kernels 90%\n")
     assert shared_plan.rows_from_log(str(path)) == [_row("dsv3-ep8", "fp8", "inline", 1, 119.5),
-                                                    _row("dsv3-ep8", "fp8", "stream-fp8", 4, 70.5)]
+                                                    _row("dsv3-ep8", "fp8", "stream-fp8", 4, 70.5),
+                                                    _row("dsv3", "fp8", "stream-kernels", 4, 476.5)]
+
+
+def test_a_measured_kernels_strategy_plans_a_model_dtype_launch_of_the_expert_kernels(monkeypatch):
+    monkeypatch.setattr(experts, "device_facts", lambda device: (H100, 132))
+    monkeypatch.setattr(layer.options, "shared_expert", None)
+    spec = SHAPES["dsv3"].replace(quant="fp8_block")
+    table = {H100: {shared_plan.shape_key(spec): {"4": "stream-kernels"},
+                    shared_plan.shape_key(spec, fp8_shared=True): {"4": "inline"}}}
+    monkeypatch.setattr(shared_plan, "_table", lambda: table)
+    monkeypatch.setattr(experts, "expert_config", lambda *a: None)
+    cuda = torch.device("cuda")
+    plan = layer.plan_layer(spec, 4, cuda)
+    assert (plan.shared_expert, plan.shared_on_kernels, plan.shared_fp8) == ("stream", True, False)
+    monkeypatch.setattr(layer.options, "shared_fp8", True)
+    plan = layer.plan_layer(spec, 4, cuda)
+    assert (plan.shared_expert, plan.shared_on_kernels, plan.shared_fp8) == ("inline", True, True)
+    # A shared width the kernels cannot take: the plan's kernels entry is not used.
+    odd = spec.replace(shared_intermediate_size=3000)
+    monkeypatch.setattr(layer.options, "shared_fp8", False)
+    table[H100][shared_plan.shape_key(odd)] = {"4": "stream-kernels"}
+    plan = layer.plan_layer(odd, 4, cuda)
+    assert (plan.shared_expert, plan.shared_on_kernels) == ("stream", False)
 
 
 def test_layer_plan_follows_the_shipped_table(monkeypatch):
@@ -54,10 +79,10 @@ def test_layer_plan_follows_the_shipped_table(monkeypatch):
     monkeypatch.setattr(layer.options, "shared_expert", None)
     cuda = torch.device("cuda")
     ep8_fp8 = SHAPES["dsv3-ep8"].replace(quant="fp8_block")
-    assert layer._shared_strategy(ep8_fp8, 1, cuda) == "stream"
-    assert layer._shared_strategy(SHAPES["dsv3"].replace(quant="fp8_block"), 16, cuda) == "inline"
+    assert layer._shared_strategy(ep8_fp8, 1, cuda) == "stream-kernels"
+    assert layer._shared_strategy(SHAPES["dsv3"].replace(quant="fp8_block"), 16, cuda) == "inline-kernels"
     monkeypatch.setattr(layer.options, "shared_fp8", True)  # the fp8-shared entries
-    assert [layer._shared_strategy(ep8_fp8, m, cuda) for m in (1, 4, 64)] == ["stream", "fused", "stream"]
+    assert [layer._shared_strategy(ep8_fp8, m, cuda) for m in (1, 8, 64)] == ["stream", "fused", "stream"]
     assert layer.plan_layer(ep8_fp8, 1, cuda).shared_fp8
     monkeypatch.setattr(layer.options, "shared_fp8", False)
     assert layer._shared_strategy(SHAPES["dsv3-ep8"], 3, cuda) == "fused"

@@ -318,9 +318,18 @@ def problem_key(experts: ExpertTensors, hidden: int, top_k: int) -> ProblemKey:
 
 def expert_config(spec: MoESpec, m: int, device: torch.device) -> ExpertConfig:
     """The tile configuration fused_experts uses for m tokens (its block_m is the alignment's)."""
-    dtype = "fp8" if spec.fp8 else spec.dtype
-    key = ProblemKey(dtype, spec.hidden_size, spec.intermediate_size, spec.num_local_experts, spec.num_experts,
-                     spec.top_k)
+    return _tiles(spec, spec.num_local_experts, spec.num_experts, spec.top_k, m, device)
+
+
+def shared_expert_config(spec: MoESpec, m: int, device: torch.device) -> ExpertConfig:
+    """The tiles of the shared experts run as a launch of their own: every one of m tokens selects
+    all n chunks of width I (a dense problem, tuned apart: "dsv3-shared" in tune_experts)."""
+    n = spec.shared_intermediate_size // spec.intermediate_size
+    return _tiles(spec, n, n, n, m, device)
+
+
+def _tiles(spec: MoESpec, local: int, routed: int, top_k: int, m: int, device: torch.device) -> ExpertConfig:
+    key = ProblemKey("fp8" if spec.fp8 else spec.dtype, spec.hidden_size, spec.intermediate_size, local, routed, top_k)
     name, sms = device_facts(device)
     return expert_configs.lookup(key, m, name, sms)[0]
 

@@ -8,9 +8,10 @@ overlaps the routing chain and the routed experts (strategy "stream"); "inline" 
 main stream after the routed experts; "fused" computes it in the routed experts' GEMM launches,
 as extra experts every token selects (experts.SharedTail; with fp8 experts it is computed in
 fp8 from block-quantised copies of its weights). A separate shared expert runs on cuBLAS in
-the model dtype, or, with fp8 experts and LoweringOptions.shared_fp8, as a launch of the fp8
-expert kernels of its own (shared_expert.py). Semantics: reference.moe_layer (an fp8 shared
-expert: reference.shared_experts_fp8 for the shared part).
+the model dtype, or as a launch of the expert kernels of its own: in the model dtype ("stream-kernels",
+"inline-kernels": the measured plan picks them where cuBLAS's many split-K programs hold the SMs
+the routing needs), or, with fp8 experts and LoweringOptions.shared_fp8, in fp8 (shared_expert.py).
+Semantics: reference.moe_layer (an fp8 shared expert: reference.shared_experts_fp8 for the shared part).
 """
 from __future__ import annotations
 
@@ -26,14 +27,15 @@ from . import experts, preamble, shared_plan, streams
 from .expert_configs import ExpertConfig
 from .shared_expert import CublasSharedExpert, SharedExpertOnExpertKernels
 
-SHARED_STRATEGIES = ("stream", "inline", "fused")
+SHARED_STRATEGIES = shared_plan.STRATEGIES
+ON_KERNELS = "-kernels"  # a separate shared expert as its own launch of the expert kernels, not cuBLAS
 # The plan's choice on CUDA where shared_plan.json (measured per device and shape) has no entry:
 # "fused" up to this M (bf16 experts), "stream" above. Measured on the H100 at dsv3-ep8
 # (benchmarks/experts_notes.md, run 5): fused was 5-31% faster at M <= 16, 5% slower at M = 64
 # (the dense tail reads the shared weights once per 16-token tile).
 FUSED_SHARED_MAX_M = 16
 log = logging.getLogger("moe_fusion.lowering")
-_refused_fused: set = set()
+_refused_tail: set = set()
 
 
 @dataclass
@@ -42,7 +44,7 @@ class LoweringOptions:
 
     deterministic: the same bits on every run: the router without split-K atomics, the expert
         block with a fixed-order reduction.
-    shared_expert: "stream", "inline", "fused", or None to let the plan choose.
+    shared_expert: one of SHARED_STRATEGIES, or None to let the plan choose.
     shared_fp8: with fp8 experts, compute the shared expert in fp8 too (from block-quantised
         copies of its weights), whatever the strategy; "fused" always does.
     """
@@ -63,12 +65,18 @@ class LayerPlan:
     # The shared expert is computed in fp8 (reference.shared_experts_fp8): "fused" with fp8 experts,
     # or "stream"/"inline" as a launch of the fp8 expert kernels of its own when asked for.
     shared_fp8: bool = False
+    # A separate ("stream"/"inline") shared expert runs as its own launch of the expert kernels
+    # (always when in fp8), not on cuBLAS.
+    shared_on_kernels: bool = False
 
 
 def plan_layer(spec: MoESpec, m: int, device: torch.device) -> LayerPlan:
-    shared = _shared_strategy(spec, m, device)
-    fp8 = spec.fp8 and shared == "fused" or shared in ("stream", "inline") and _fp8_shared_allowed(spec)
-    return LayerPlan(experts.expert_config(spec, m, device), shared, options.deterministic, fp8)
+    strategy = _shared_strategy(spec, m, device)
+    shared = strategy.replace(ON_KERNELS, "")
+    separate = shared in ("stream", "inline")
+    fp8 = spec.fp8 and shared == "fused" or separate and _fp8_shared_allowed(spec)
+    on_kernels = separate and (fp8 or strategy.endswith(ON_KERNELS))
+    return LayerPlan(experts.expert_config(spec, m, device), shared, options.deterministic, fp8, on_kernels)
 
 
 def _fp8_shared_allowed(spec: MoESpec) -> bool:
@@ -84,7 +92,7 @@ def _shared_strategy(spec: MoESpec, m: int, device: torch.device) -> str:
     if options.shared_expert is None and device.type == "cuda":
         fp8_shared = _fp8_shared_allowed(spec)
         measured = shared_plan.lookup(spec, m, experts.device_facts(device)[0], fp8_shared=fp8_shared)
-        if measured is not None and (measured != "fused" or experts.shared_tail_problem(spec) is None):
+        if measured is not None and (not _needs_tail(measured) or experts.shared_tail_problem(spec) is None):
             return measured
         # fp8 experts compute a fused shared expert in fp8: only when asked for.
         fits = (not spec.fp8 or fp8_shared) and m <= FUSED_SHARED_MAX_M
@@ -92,13 +100,19 @@ def _shared_strategy(spec: MoESpec, m: int, device: torch.device) -> str:
     shared = options.shared_expert or separate
     if shared not in SHARED_STRATEGIES:
         raise ValueError(f"shared_expert strategy {shared!r}; expected one of {SHARED_STRATEGIES}")
-    problem = experts.shared_tail_problem(spec) if shared == "fused" else None
+    problem = experts.shared_tail_problem(spec) if _needs_tail(shared) else None
     if problem:
-        if spec.to_json() not in _refused_fused:
-            _refused_fused.add(spec.to_json())
-            log.warning("moe_fusion: shared expert %r instead of 'fused': %s", separate, problem)
-        return separate
+        fallback = separate if shared == "fused" else shared.replace(ON_KERNELS, "")
+        if (spec.to_json(), shared) not in _refused_tail:
+            _refused_tail.add((spec.to_json(), shared))
+            log.warning("moe_fusion: shared expert %r instead of %r: %s", fallback, shared, problem)
+        return fallback
     return shared
+
+
+def _needs_tail(strategy: str) -> bool:
+    """The strategy runs the shared expert on the expert kernels (experts.shared_tail)."""
+    return strategy == "fused" or strategy.endswith(ON_KERNELS)
 
 
 def _shared_weights_in_model_dtype(spec: MoESpec, plan: LayerPlan) -> tuple:
@@ -116,7 +130,6 @@ def moe_layer(spec: MoESpec, x: torch.Tensor, w: MoEWeights, plan: Optional[Laye
     if normed_dtype not in experts.MODEL_DTYPES:  # checked here, before the preamble launches anything
         raise experts.Unsupported(f"model dtype {normed_dtype}: the expert kernels take bf16/fp16 activations")
     separate = plan.shared_expert in ("stream", "inline")
-    on_kernels = separate and plan.shared_fp8
     if spec.has_shared_experts:  # the dtypes the shared expert's kernels take, checked before any launch
         for name in _shared_weights_in_model_dtype(spec, plan):
             if getattr(w, name).dtype != x.dtype:
@@ -127,8 +140,8 @@ def moe_layer(spec: MoESpec, x: torch.Tensor, w: MoEWeights, plan: Optional[Laye
 
     def start_shared_expert(normed: torch.Tensor, x_fp8: torch.Tensor, x_scale: torch.Tensor) -> None:
         """Allocate (on this stream), then run on the side stream ("stream") or later ("inline")."""
-        if on_kernels:
-            job = SharedExpertOnExpertKernels(spec, normed, x_fp8, x_scale, w, plan.expert_config, plan.deterministic)
+        if plan.shared_on_kernels:
+            job = SharedExpertOnExpertKernels(spec, normed, x_fp8, x_scale, w, plan.shared_fp8, plan.deterministic)
         else:
             job = CublasSharedExpert(spec, normed, w)
         separate_shared.append(job)

@@ -3,7 +3,8 @@
 Writing into preallocated buffers is what lets it run on the side stream (see streams.py):
 nothing run() does allocates. Two ways: cuBLAS in the model dtype (a dense MLP whose weights are
 read once, which a library GEMV does at bandwidth), or a launch of the expert kernels of its
-own, which with fp8 experts computes it in fp8 and reads half the bytes.
+own: in the model dtype (a persistent grid, where cuBLAS's split-K programs would hold the SMs
+the routing chain needs), or, with fp8 experts, in fp8, reading half the bytes.
 """
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ import torch
 
 from ..spec import MoESpec, MoEWeights
 from . import experts
-from .expert_configs import ExpertConfig
 
 
 @dataclass
@@ -73,14 +73,17 @@ class CublasSharedExpert:
 class SharedExpertOnExpertKernels:
     """The shared experts as a launch of their own on the routed-expert kernels: the n chunks of
     experts.shared_tail as n experts that every token selects with weight 1 or its sigmoid gate.
-    With fp8 experts they are computed in fp8 (reference.shared_experts_fp8), from the
-    pre-quantised x the norm made. Buffers are allocated by the constructor on the current stream,
-    so that run() may go to the side stream; ``out`` is fp32 [M, H]."""
+    In the model dtype, or with ``in_fp8`` (fp8 experts) in fp8 (reference.shared_experts_fp8) from
+    the pre-quantised x the norm made. Its tiles are those tuned for this dense problem
+    (experts.shared_expert_config), not the routed experts'. Buffers are allocated by the
+    constructor on the current stream, so that run() may go to the side stream; ``out`` is fp32 [M, H]."""
 
     def __init__(self, spec: MoESpec, normed: torch.Tensor, x_fp8: Optional[torch.Tensor],
-                 x_scale: Optional[torch.Tensor], w: MoEWeights, config: ExpertConfig, deterministic: bool):
-        tail = experts.shared_tail(spec, w)
+                 x_scale: Optional[torch.Tensor], w: MoEWeights, in_fp8: bool, deterministic: bool):
+        launch_spec = spec if in_fp8 else spec.replace(quant="none")
+        tail = experts.shared_tail(launch_spec, w)
         M, n = normed.shape[0], tail.count
+        config = experts.shared_expert_config(launch_spec, M, normed.device)
         ids, ones, alignment = experts.dense_routing(M, n, config.block_m, normed.device)
         self.normed, self.config = normed, config
         self.gate_weight = w.shared_expert_gate if spec.shared_gate else None
@@ -95,7 +98,7 @@ class SharedExpertOnExpertKernels:
             use_pdl=experts.USE_PDL and normed.is_cuda, on_side_stream=True,
         )
         self.launch.allocate(config, deterministic, torch.float32)
-        given = spec.fp8 and x_fp8 is not None and x_fp8.numel() > 0
+        given = in_fp8 and x_fp8 is not None and x_fp8.numel() > 0
         self.launch.quantize_input(x_fp8 if given else None, x_scale if given else None)
 
     def run(self) -> None:

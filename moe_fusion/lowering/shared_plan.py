@@ -7,7 +7,8 @@ Regenerate it from the rows of ``benchmarks/gpu_shared_strategies.py`` (its --ou
 For each (shape, expert dtype, M) the fastest *allowed* strategy is kept. With fp8 experts an fp8
 shared expert ("fused", "stream-fp8", "inline-fp8" rows) is a numerical change the user must ask
 for (MOE_FUSION_SHARED_FP8=1), so those rows make entries of their own (keys ending in "fp8"),
-and the plain fp8 key chooses only between the model-dtype "stream" and "inline".
+and the plain fp8 key chooses only among the model-dtype "stream", "inline", "stream-kernels" and
+"inline-kernels" (cuBLAS, or the expert kernels, in the model dtype).
 A spec, M or device the table does not cover gets the rule in layer.py.
 """
 from __future__ import annotations
@@ -22,8 +23,9 @@ from typing import Dict, Iterable, List, Optional
 from ..spec import MoESpec
 
 TABLE_PATH = os.path.join(os.path.dirname(__file__), "shared_plan.json")
-STRATEGIES = ("stream", "inline", "fused")
-_LOG_ROW = re.compile(r"^(\S+)\s+(fp8|bf16)\s+layer\s+((?:stream|inline|fused)(?:-fp8)?)\s+M=\s*(\d+)\s+([\d.]+) us")
+STRATEGIES = ("stream", "inline", "fused", "stream-kernels", "inline-kernels")
+_LOG_ROW = re.compile(
+    r"^(\S+)\s+(fp8|bf16)\s+layer\s+((?:stream|inline|fused)(?:-fp8|-kernels)?)\s+M=\s*(\d+)\s+([\d.]+) us")
 
 
 def shape_key(spec: MoESpec, fp8_shared: bool = False) -> str:

@@ -1,6 +1,6 @@
 """Regenerate the expert kernels' tile table by timing candidates on this GPU:
 
-    python -m moe_fusion.lowering.tune_experts [--shapes dsv3,dsv3-ep8,qwen3-30b-a3b,mixtral]
+    python -m moe_fusion.lowering.tune_experts [--shapes dsv3,dsv3-ep8,qwen3-30b-a3b,mixtral,dsv3-shared]
         [--dtypes bfloat16,fp8] [--m 1,2,4,8,16,32,64] [--out moe_fusion/lowering/expert_configs.json]
 
 For each (shape, dtype, M bucket) GEMM1 and GEMM2 are timed separately (CUDA-graph replays over
@@ -37,6 +37,9 @@ SHAPES: Dict[str, Shape] = {
     "dsv3-ep8": Shape(7168, 2048, 256, 32, 8),
     "qwen3-30b-a3b": Shape(2048, 768, 128, 128, 8),
     "mixtral": Shape(4096, 14336, 8, 8, 2),
+    # DeepSeek-V3's shared expert as a launch of its own (experts.shared_expert_config): one expert
+    # every token selects.
+    "dsv3-shared": Shape(7168, 2048, 1, 1, 1),
 }
 M_VALUES = (1, 2, 4, 8, 16, 32, 64)
 

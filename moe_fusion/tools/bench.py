@@ -30,6 +30,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..lowering import layer as layer_plan
 from ..spec import MoESpec
 from . import bench_layers, bench_report
 from .bench_layers import SHAPES, SMOKE_SHAPES
@@ -318,7 +319,8 @@ class ShapeBench:
                 sets=[(layer.experts, h, ids, w) for h, ids, w in routed],
                 op_sets=[(h, ids, w, self.weights) for h, ids, w in routed],
                 distinct_experts=distinct, bytes=round(distinct * per_expert))
-        fixed = bench_layers.preamble_bytes(spec) + bench_layers.shared_bytes(spec)
+        shared_fp8 = spec.has_shared_experts and layer_plan.plan_layer(spec, m, self.cfg.device).shared_fp8
+        fixed = bench_layers.preamble_bytes(spec) + bench_layers.shared_bytes(spec, shared_fp8)
         return PartInputs(
             sets=[(layer, x) for x in xs], op_sets=[(x, self.weights) for x in xs],
             distinct_experts=distinct, bytes=fixed + round(distinct * per_expert))

@@ -307,13 +307,18 @@ def canonical_weights(layer: MoELayer, preamble: Optional[MoEPreamble] = None) -
 
 
 # --------------------------------------------------------------------------- bytes
+def _gated_mlp_bytes(spec: MoESpec, inter: int, fp8: bool) -> int:
+    """Bytes of one gated MLP's three matrices of width ``inter`` (with fp8 block scales)."""
+    H = spec.hidden_size
+    if fp8:
+        blocks = 3 * (-(-H // FP8_BLOCK)) * (-(-inter // FP8_BLOCK))
+        return 3 * H * inter + 4 * blocks
+    return 3 * H * inter * spec.torch_dtype.itemsize
+
+
 def expert_bytes(spec: MoESpec) -> int:
     """Bytes of one routed expert's weights (with its fp8 scales)."""
-    H, I = spec.hidden_size, spec.intermediate_size
-    if spec.fp8:
-        blocks = 3 * (-(-H // FP8_BLOCK)) * (-(-I // FP8_BLOCK))
-        return 3 * H * I + 4 * blocks
-    return 3 * H * I * spec.torch_dtype.itemsize
+    return _gated_mlp_bytes(spec, spec.intermediate_size, spec.fp8)
 
 
 def preamble_bytes(spec: MoESpec) -> int:
@@ -322,8 +327,10 @@ def preamble_bytes(spec: MoESpec) -> int:
     return spec.num_experts * spec.hidden_size * elt + spec.hidden_size * elt * spec.rms_norm + 4 * spec.num_experts * spec.correction_bias
 
 
-def shared_bytes(spec: MoESpec) -> int:
-    return 3 * spec.hidden_size * spec.shared_intermediate_size * spec.torch_dtype.itemsize
+def shared_bytes(spec: MoESpec, fp8: bool = False) -> int:
+    """The shared experts' weights as the layer reads them: in the model dtype, or the
+    block-quantised fp8 copies when the plan computes them in fp8 (LayerPlan.shared_fp8)."""
+    return _gated_mlp_bytes(spec, spec.shared_intermediate_size, fp8)
 
 
 def layer_weight_bytes(spec: MoESpec) -> int:
