@@ -1,10 +1,12 @@
 """Shared expert on the side stream (issue 6): does the preamble hide behind the shared expert?
 
-    python benchmarks/gpu_overlap.py --out DIR [--m 1,4] [--dtypes bf16,fp8] [--smoke]
+    python benchmarks/gpu_overlap.py --out DIR [--m 1,4] [--dtypes bf16,fp8] [--shared-on cublas|kernels] [--smoke]
 
 For the dsv3-ep8 layer (the full dsv3 router, 32 local experts; bf16 or fp8 experts) at each M,
 under CUDA-graph replay (moe_fusion.tools.timing: median of batches, inputs rotated over 8 sets):
-  shared            the shared expert alone (shared_expert.shared_expert_into on normed states)
+  shared            the shared expert alone, in the model dtype, on cuBLAS (shared_expert.CublasSharedExpert)
+                    or with --shared-on kernels as a launch of the expert kernels of its own
+                    (shared_expert.SharedExpertOnExpertKernels: the layer's "stream-kernels")
   preamble          preamble.fused_preamble alone (norm [+ fp8 quantisation], router, routing, alignment)
   pre+shared stream the preamble with the shared expert forked onto the side stream right after the
                     norm (its after_norm hook, streams.fork), joined at the end: what the layer does
@@ -44,7 +46,7 @@ import triton  # noqa: E402
 
 from layer_cases import layer_options, layer_weights  # noqa: E402
 from moe_fusion.lowering import layer, preamble, streams  # noqa: E402
-from moe_fusion.lowering.shared_expert import SharedExpertBuffers, shared_expert_into  # noqa: E402
+from moe_fusion.lowering.shared_expert import CublasSharedExpert, SharedExpertOnExpertKernels  # noqa: E402
 from moe_fusion.spec import MoESpec, MoEWeights  # noqa: E402
 from moe_fusion.tools import timing  # noqa: E402
 from moe_fusion.tools.bench_layers import SHAPES  # noqa: E402
@@ -58,28 +60,31 @@ VARIANTS = ("shared", "preamble", "pre+shared stream", "pre+shared inline", "lay
 
 
 # ----------------------------------------------------------------------------- the timed calls
-def variant_fn(name: str, spec: MoESpec, w: MoEWeights, block_m: int) -> Callable:
+def variant_fn(name: str, spec: MoESpec, w: MoEWeights, block_m: int, on_kernels: bool = False) -> Callable:
     """fn(x, normed) for one variant; every variant allocates its buffers on the current stream,
     as the layer does (streams.py: the side stream never allocates)."""
+    def shared_job(normed):  # allocates now, on the current stream; run() may go to the side stream
+        if on_kernels:
+            return SharedExpertOnExpertKernels(spec, normed, None, None, w, False, False)
+        return CublasSharedExpert(spec, normed, w)
+
     def shared(x, normed):
-        shared_expert_into(spec, normed, w, SharedExpertBuffers.allocate(spec, normed))
+        shared_job(normed).run()
 
     def pre(x, normed):
         preamble.fused_preamble(spec, x, w, block_m=block_m)
 
     def pre_shared_stream(x, normed):
-        buffers = SharedExpertBuffers.allocate(spec, x)
-        fork = lambda n, *_: streams.fork(x.device, lambda: shared_expert_into(spec, n, w, buffers))  # noqa: E731
+        fork = lambda n, *_: streams.fork(x.device, shared_job(n).run)  # noqa: E731
         preamble.fused_preamble(spec, x, w, block_m=block_m, after_norm=fork)
         streams.join(x.device)
 
     def pre_shared_inline(x, normed):
-        buffers = SharedExpertBuffers.allocate(spec, x)
-        shared_expert_into(spec, preamble.fused_preamble(spec, x, w, block_m=block_m).normed, w, buffers)
+        shared_job(preamble.fused_preamble(spec, x, w, block_m=block_m).normed).run()
 
     def whole_layer(strategy):
         def fn(x, normed):
-            with layer_options(False, strategy):
+            with layer_options(False, strategy + ("-kernels" if on_kernels else "")):
                 layer.moe_layer(spec, x, w)
         return fn
 
@@ -170,7 +175,7 @@ def profile_overlap(fn: Callable, inputs: tuple, trace_path: str) -> Dict[str, d
 
 
 # ----------------------------------------------------------------------------- run and report
-def measure(spec: MoESpec, w: MoEWeights, M: int, device: torch.device, trace_path: str) -> dict:
+def measure(spec: MoESpec, w: MoEWeights, M: int, device: torch.device, trace_path: str, on_kernels: bool) -> dict:
     """One (dtype, M) row: µs per variant, the ratios, and the profile of one overlapped call. On the
     CPU each variant that needs no second stream is called once instead (no timing)."""
     block_m = layer.plan_layer(spec, M, device).expert_config.block_m
@@ -178,7 +183,7 @@ def measure(spec: MoESpec, w: MoEWeights, M: int, device: torch.device, trace_pa
     sets = input_sets(spec, M, device, N_SETS if on_gpu else 1)
     row = dict(M=M, block_m=block_m, us={})
     for name in VARIANTS:
-        fn = variant_fn(name, spec, w, block_m)
+        fn = variant_fn(name, spec, w, block_m, on_kernels)
         if on_gpu:
             row["us"][name] = round(timing.graph_replay_us(fn, sets), 2)
         elif "stream" not in name:  # the side stream needs CUDA
@@ -186,12 +191,13 @@ def measure(spec: MoESpec, w: MoEWeights, M: int, device: torch.device, trace_pa
     if on_gpu:
         row["ratio_stream"] = round(row["us"]["pre+shared stream"] / row["us"]["shared"], 3)
         row["ratio_inline"] = round(row["us"]["pre+shared inline"] / row["us"]["shared"], 3)
-        row["profile"] = profile_overlap(variant_fn("pre+shared stream", spec, w, block_m), sets[0], trace_path)
+        row["profile"] = profile_overlap(variant_fn("pre+shared stream", spec, w, block_m, on_kernels), sets[0],
+                                         trace_path)
     return row
 
 
 def markdown(result: dict) -> str:
-    lines = [f"Shared expert vs preamble overlap, {result['shape']}, "
+    lines = [f"Shared expert ({result['shared_on']}) vs preamble overlap, {result['shape']}, "
              f"{result['device']}, torch {result['torch']}, triton {result['triton']}, {result['date']}. "
              f"µs per call under CUDA-graph replay (median of batches, {N_SETS} input sets rotated); "
              f"ratio = (pre+shared stream) / shared, target <= {TARGET_RATIO}.", "",
@@ -228,6 +234,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"))
     ap.add_argument("--m", default="1,4")
     ap.add_argument("--dtypes", default="bf16,fp8")
+    ap.add_argument("--shared-on", choices=("cublas", "kernels"), default="cublas",
+                    help="the shared expert on cuBLAS or as its own launch of the expert kernels")
     ap.add_argument("--smoke", action="store_true", help="a tiny layer; on the CPU each variant once, no timing")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -239,7 +247,7 @@ def main(argv=None) -> int:
     result = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu (Triton interpreter)",
                   torch=torch.__version__, triton=triton.__version__,
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  shape=shape, spec=base.to_json(), rows=[])
+                  shape=shape, shared_on=args.shared_on, spec=base.to_json(), rows=[])
     t0 = time.time()
     scratch = tempfile.mkdtemp()
     for dtype in args.dtypes.split(","):
@@ -247,7 +255,7 @@ def main(argv=None) -> int:
         w = layer_weights(spec, device, seed=0)
         for M in (int(m) for m in args.m.split(",")):
             trace = os.path.join(scratch, f"{dtype}_{M}.json")
-            row = dict(dtype=dtype, **measure(spec, w, M, device, trace))
+            row = dict(dtype=dtype, **measure(spec, w, M, device, trace, args.shared_on == "kernels"))
             result["rows"].append(row)
             if not os.path.exists(os.path.join(args.out, "overlap_trace.json")) and os.path.exists(trace):
                 shutil.copy(trace, os.path.join(args.out, "overlap_trace.json"))
