@@ -43,6 +43,7 @@ from preamble_checks import assert_routing_matches, check_preamble, one_launch_p
 
 # Every kernel a launch site of moe_fusion/lowering starts; a full run must launch each one.
 KERNELS = ("_norm_quant_kernel", "_router_route_align_kernel", "_router_kernel", "_topk_kernel", "_align_kernel",
+           "_route_align_kernel",
            "expert_gemm1_kernel", "expert_gemm2_kernel", "fp8_act_quant_kernel", "fp8_weight_quant_kernel",
            "moe_finalize_kernel")
 # Small tiles and a GEMM2 split so that the expert kernels' loops and split-K path run more than once.

@@ -199,14 +199,15 @@ def check_preamble(spec: MoESpec, x: torch.Tensor, w, out, block_m: int, expert_
                              block_m)
 
 
-def one_launch_plan(spec: MoESpec, M: int, device, dtype=None, fused: bool = True):
+def one_launch_plan(spec: MoESpec, M: int, device, dtype=None, fused: bool = True, route_align: bool = False):
     """The one-launch router + routing + alignment plan (``fused=False``: the general multi-launch
-    path), whatever the planner would pick for this M."""
+    path, with ``route_align`` routing and alignment in one program), whatever the planner would
+    pick for this M."""
     from moe_fusion.lowering import preamble
 
     dtype = dtype or spec.torch_dtype
     plan = preamble.plan_preamble(spec, M, dtype, dtype, torch.device(device))
-    plan.fused, plan.align = fused, "fused" if fused else "kernel"
+    plan.fused, plan.align = fused, "fused" if fused else ("with_routing" if route_align else "kernel")
     sms = preamble._sm_count(None if torch.device(device).type == "cpu" else 0)
     plan.router = preamble.router_config(M, spec.num_experts, spec.hidden_size, preamble._dot_fp32(spec, dtype, dtype),
                                          sms, fused)

@@ -6,7 +6,7 @@ import torch
 import pytest
 
 from moe_cases import dsv3_like
-from moe_fusion.lowering import preamble
+from moe_fusion.lowering import preamble, topk_kernel
 from moe_fusion.spec import MoESpec
 from preamble_checks import check_preamble, one_launch_plan, poisoned_empty, preamble_weights, real_shapes
 
@@ -35,18 +35,35 @@ def _run(spec, M, block_m, device=DEVICE, seed=0, plan=None):
     return spec, x, w, out
 
 
+PATHS = {"one_launch": dict(fused=True), "general": dict(fused=False),
+         "route_align": dict(fused=False, route_align=True)}
+
+
 @pytest.mark.parametrize("name", list(SMALL))
 @pytest.mark.parametrize("M,block_m", [(1, 16), (7, 4)])
-@pytest.mark.parametrize("fused", [True, False])
-def test_one_launch_and_general_paths_match_reference(name, M, block_m, fused):
+@pytest.mark.parametrize("path", list(PATHS))
+def test_one_launch_and_general_paths_match_reference(name, M, block_m, path):
+    """route_align: routing and alignment in one program (planned at one token), here also over
+    7 rows (its row loop) and every spec's routing (groups, softmax after top-k, expert parallel)."""
     spec = SMALL[name]
-    spec, x, w, out = _run(spec, M, block_m, plan=one_launch_plan(spec, M, DEVICE, fused=fused))
+    spec, x, w, out = _run(spec, M, block_m, plan=one_launch_plan(spec, M, DEVICE, **PATHS[path]))
     check_preamble(spec, x, w, out, block_m)
+
+
+@pytest.mark.parametrize("name,routed_with_alignment", [("dsv3_experts_fp16", (1,)), ("one_group_top1_no_norm", (1, 2, 4))])
+def test_few_tokens_route_and_align_in_one_program(name, routed_with_alignment):
+    """The plan: one program while tokens x padded experts <= ROUTE_ALIGN_MAX_TILE (256 experts: one
+    token; 10 experts, padded to 16: up to 16 tokens)."""
+    spec = SMALL[name]
+    for M in (1, 2, 4):
+        plan = preamble.plan_preamble(spec, M, spec.torch_dtype, spec.torch_dtype, torch.device(DEVICE))
+        assert (plan.align == "with_routing") == (M in routed_with_alignment), (M, plan.align)
+    check_preamble(*_run(spec, routed_with_alignment[-1], 4), block_m=4)
 
 
 def test_general_path_matches_reference():
     spec = SMALL["groups_not_pow2_fp16_fp8"]
-    M = preamble.FUSED_MAX_M + 3
+    M = max(preamble.FUSED_MAX_M, preamble.ROUTE_ALIGN_MAX_TILE // topk_kernel.padded_experts(spec)) + 3
     plan = preamble.plan_preamble(spec, M, spec.torch_dtype, spec.torch_dtype, torch.device(DEVICE))
     assert not plan.fused and plan.route == "kernel" and plan.align == "kernel"
     check_preamble(*_run(spec, M, 8), block_m=8)

@@ -191,6 +191,13 @@ def align_meta(num_local_experts: int, top_k: int, expert_map: Optional[torch.Te
                 HAS_MAP=expert_map is not None, ONE_CHUNK=M <= max(1, tokens))
 
 
+def align_meta_after_routing(num_local_experts: int, top_k: int, expert_map: Optional[torch.Tensor], M: int) -> dict:
+    """align_meta for a kernel that routes first: its routing constexprs already carry TOP_K."""
+    meta = align_meta(num_local_experts, top_k, expert_map, M)
+    del meta["TOP_K"]
+    return meta
+
+
 def align_fits(num_local_experts: int) -> bool:
     return triton.next_power_of_2(num_local_experts) <= MAX_SELECTION_TILE
 

@@ -4,7 +4,8 @@ Planned path (any M), launches chained by programmatic dependent launch (PDL) on
 synchronisation: norm_quant (RMSNorm, fp8 activation groups, zeroing of the router workspace),
 split-K router GEMM, a row-parallel routing kernel, then the alignment kernel (align_kernel: one
 program, or from 16 tokens one per two local experts) up to ALIGN_KERNEL_MAX_M tokens and
-``reference.align_pairs`` (sync-free torch) above. Where a kernel's
+``reference.align_pairs`` (sync-free torch) above. For the fewest tokens (ROUTE_ALIGN_MAX_TILE) one
+program routes and aligns (route_align_kernel), one launch instead of two. Where a kernel's
 register tile cannot hold a spec's experts, that stage runs the reference instead;
 ``plan_preamble`` says which and why.
 
@@ -31,11 +32,19 @@ from ..spec import MoESpec, MoEWeights
 from .unsupported import Unsupported
 from . import align_kernel, reference, topk_kernel
 from .norm_quant_kernel import N_COUNTERS, norm_quant
+from .route_align_kernel import route_and_align
 from .router_kernel import _router_kernel, _router_route_align_kernel
 
 # Largest M for the one-launch path: none (v5, H100: dsv3 M = 1 11.8 vs 10.0 us, mixtral 9.9 vs
 # 5.4 us, and no better at any other M). Its router tile holds all rows, so at most 64 if re-enabled.
 FUSED_MAX_M = 0
+# One program routes and aligns (route_align_kernel) instead of the routing kernel and the alignment
+# kernel each launching, while tokens x padded experts stay within this tile. H100, session 6, the
+# preamble at M = 1 / 2 / 4, µs, two launches against one program: mixtral (8 experts) 5.05 / 5.10 /
+# 5.11 against 4.16 / 4.54 / 4.77; qwen3 (128) 6.54 / 7.38 / 7.73 against 6.61 / 6.94 / 9.29; dsv3
+# (256) 8.48 / 8.99 against 8.43 / 11.81; dsv3-ep8 M = 1 8.59 against 8.32. Above the tile one
+# program routing its rows one after another costs more than the launch it saves.
+ROUTE_ALIGN_MAX_TILE = 256
 # Above this many tokens torch's sort-based alignment is faster (H100, session 5, alignment alone,
 # dsv3: many-program kernel 54.9 / 213 us against torch's 144 / 171 at M = 4096 / 16384).
 ALIGN_KERNEL_MAX_M = 4096
@@ -70,7 +79,7 @@ class RouterConfig:
 class PreamblePlan:
     fused: bool  # one launch after the norm: router + routing + alignment
     route: str  # "kernel" | "reference"
-    align: str  # "fused" | "kernel" | "reference"
+    align: str  # "fused" | "with_routing" (route_align_kernel) | "kernel" | "reference"
     router: RouterConfig
     reasons: List[str] = field(default_factory=list)
 
@@ -118,6 +127,8 @@ def plan_preamble(spec: MoESpec, M: int, normed_dtype: torch.dtype, router_dtype
     fused = route == "kernel" and align_ok and 0 < M <= FUSED_MAX_M
     if fused:
         align = "fused"
+    elif route == "kernel" and align_ok and 0 < M * topk_kernel.padded_experts(spec) <= ROUTE_ALIGN_MAX_TILE:
+        align = "with_routing"
     elif align_ok and M <= ALIGN_KERNEL_MAX_M:
         align = "kernel"
     else:
@@ -220,7 +231,7 @@ def fused_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights, block_m: int,
             bias, ids, weights, ids.stride(0), spec.renormalize_eps, spec.routed_scaling_factor,
             expert_map if expert_map is not None else ids, sorted_ids, tile_expert, num_tiles, L, block_m,
             tile_expert.numel(), BM=cfg.block_m, BE=cfg.block_e, BK=cfg.block_k, DOT_FP32=dot_fp32,
-            **route_meta, **_align_constexprs(spec, expert_map, M),
+            **route_meta, **align_kernel.align_meta_after_routing(L, spec.top_k, expert_map, M),
             ALIGN=with_alignment, PDL=pdl, num_warps=cfg.num_warps, **_launch_pdl(pdl),
         )
         return PreambleOut(normed, x_fp8, x_scale, ids, weights, sorted_ids, tile_expert, num_tiles)
@@ -228,6 +239,10 @@ def fused_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights, block_m: int,
     _router_kernel[cfg.grid](*gemm_args, M, spec.num_experts, spec.hidden_size, cfg.k_per_program,
                              BM=cfg.block_m, BE=cfg.block_e, BK=cfg.block_k, DOT_FP32=dot_fp32, PDL=pdl,
                              num_warps=cfg.num_warps, **_launch_pdl(pdl))
+    if plan.align == "with_routing" and with_alignment:
+        sorted_ids, tile_expert, num_tiles = route_and_align(spec, logits, bias, normed_dtype, ids, weights,
+                                                             expert_map, block_m, pdl=pdl)
+        return PreambleOut(normed, x_fp8, x_scale, ids, weights, sorted_ids, tile_expert, num_tiles)
     if plan.route == "kernel":
         topk_kernel.select_experts(spec, logits, bias, normed_dtype, ids, weights, pdl=pdl)
     else:
@@ -237,7 +252,7 @@ def fused_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights, block_m: int,
         weights.copy_(ref_weights)
     if not with_alignment:
         sorted_ids, tile_expert, num_tiles = aligned
-    elif plan.align == "kernel":
+    elif plan.align in ("kernel", "with_routing"):
         sorted_ids, tile_expert, num_tiles = align_kernel.align_pairs(ids, expert_map, L, block_m, pdl=pdl)
     else:
         sorted_ids, tile_expert, num_tiles = reference.align_pairs(ids, expert_map, L, block_m)
@@ -246,12 +261,6 @@ def fused_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights, block_m: int,
 
 def _launch_pdl(pdl: bool) -> dict:
     return {"launch_pdl": True} if pdl else {}
-
-
-def _align_constexprs(spec: MoESpec, expert_map, M: int) -> dict:
-    meta = align_kernel.align_meta(spec.num_local_experts, spec.top_k, expert_map, M)
-    del meta["TOP_K"]  # shared with the routing constexprs
-    return meta
 
 
 def reference_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights, block_m: int,

@@ -212,8 +212,13 @@ def route_warps(meta: dict) -> int:
     return 1 if one_row else 4
 
 
+def padded_experts(spec: MoESpec) -> int:
+    """Columns of one routing row: groups and experts per group each padded to a power of two."""
+    return triton.next_power_of_2(spec.n_group) * triton.next_power_of_2(spec.experts_per_group)
+
+
 def route_fits(spec: MoESpec) -> bool:
-    return triton.next_power_of_2(spec.n_group) * triton.next_power_of_2(spec.experts_per_group) <= MAX_ROUTE_TILE
+    return padded_experts(spec) <= MAX_ROUTE_TILE
 
 
 def select_experts(spec: MoESpec, logits: torch.Tensor, correction_bias, model_dtype: torch.dtype, ids=None,

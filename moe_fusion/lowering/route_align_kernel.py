@@ -1,0 +1,69 @@
+"""Routing and alignment in one program, for the fewest tokens: the router logits [M, E] ->
+topk ids and weights, then the aligned pair list, in one launch instead of the routing kernel's
+and the alignment kernel's.
+
+At decode batch 1 both kernels are a dependent chain of tiny steps (8 picks; one selection row),
+so each launch costs mostly its start and its wait for the one before it; one program does both
+and reads its own ids back after a barrier (global writes of one program are visible to its own
+threads after it). Above a few tokens the row-parallel routing kernel is faster, since one program
+routes rows one after another (preamble.ROUTE_ALIGN_MAX_TILE).
+Reference: reference.select_experts, then reference.align_pairs.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..spec import MoESpec
+from . import align_kernel, topk_kernel
+from .align_kernel import align_pairs_cta
+from .topk_kernel import route_rows
+
+# Warps of the one program: routing one row ran best on one warp, the one-program alignment on 8
+# (topk_kernel.ONE_WARP_ROUTE_TILE, align_kernel.ALIGN_NUM_WARPS); 4 is between the two.
+ROUTE_ALIGN_WARPS = 4
+
+
+@triton.jit
+def _route_align_kernel(
+    logits_ptr, stride_lm, bias_ptr, ids_ptr, weights_ptr, stride_om, M, renorm_eps, routed_scale,
+    map_ptr, sorted_ptr, tile_expert_ptr, num_tiles_ptr, L, block_m, max_tiles,
+    ROWS: tl.constexpr, N_GROUP: tl.constexpr, G_PAD: tl.constexpr, EPG: tl.constexpr,
+    EPG_PAD: tl.constexpr, TOP_K: tl.constexpr, K_PAD: tl.constexpr, TOPK_GROUP: tl.constexpr,
+    SCORING: tl.constexpr, SCORE_BEFORE_TOPK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    GROUP_MAX: tl.constexpr, RENORMALIZE: tl.constexpr, ROUND_TO: tl.constexpr,
+    TOKENS: tl.constexpr, L_PAD: tl.constexpr, HAS_MAP: tl.constexpr, ONE_CHUNK: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    if PDL:  # a programmatic dependent launch of the router GEMM
+        tl.extra.cuda.gdc_wait()
+    for row0 in range(0, M, ROWS):
+        route_rows(
+            logits_ptr, stride_lm, bias_ptr, ids_ptr, weights_ptr, stride_om, row0, M, renorm_eps, routed_scale,
+            ROWS, N_GROUP, G_PAD, EPG, EPG_PAD, TOP_K, K_PAD, TOPK_GROUP, SCORING, SCORE_BEFORE_TOPK, HAS_BIAS,
+            GROUP_MAX, RENORMALIZE, ROUND_TO, False,
+        )
+    tl.debug_barrier()  # every thread's ids are stored before any thread reads them back
+    align_pairs_cta(ids_ptr, stride_om, map_ptr, sorted_ptr, tile_expert_ptr, num_tiles_ptr, M, L, block_m,
+                    max_tiles, TOKENS, L_PAD, TOP_K, HAS_MAP, ONE_CHUNK)
+
+
+def route_and_align(spec: MoESpec, logits: torch.Tensor, correction_bias: torch.Tensor, model_dtype: torch.dtype,
+                    ids: torch.Tensor, weights: torch.Tensor, expert_map: Optional[torch.Tensor], block_m: int,
+                    pdl: bool = False):
+    """topk_kernel.select_experts into ``ids``/``weights``, then align_kernel.align_pairs, as one
+    program; returns the alignment (sorted pair ids, tile expert, number of tiles)."""
+    M, L = logits.shape[0], spec.num_local_experts
+    sorted_ids, tile_expert, num_tiles = align_kernel.alloc_align_outputs(M, spec.top_k, L, block_m, logits.device)
+    route = topk_kernel.route_meta(spec, model_dtype, M, topk_kernel.ROWS_TILE)
+    align = align_kernel.align_meta_after_routing(L, spec.top_k, expert_map, M)
+    _route_align_kernel[(1,)](
+        logits, logits.stride(0), correction_bias, ids, weights, ids.stride(0), M, spec.renormalize_eps,
+        spec.routed_scaling_factor, ids if expert_map is None else expert_map, sorted_ids, tile_expert, num_tiles,
+        L, block_m, tile_expert.numel(), **route, **align, PDL=pdl, num_warps=ROUTE_ALIGN_WARPS,
+        **({"launch_pdl": True} if pdl else {}),
+    )
+    return sorted_ids, tile_expert, num_tiles
