@@ -47,7 +47,7 @@ def _profile(fn, inputs, path: str) -> None:
         f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20))
 
 
-def main() -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
     p.add_argument("--shapes", default="dsv3-ep8,dsv3")
@@ -57,7 +57,7 @@ def main() -> None:
     p.add_argument("--strategies", default=",".join(layer.SHARED_STRATEGIES))
     p.add_argument("--seconds-per-point", type=float, default=0.15)
     p.add_argument("--cpu", action="store_true", help="plumbing smoke run (tiny shapes; the CPU runs the reference)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     cfg = bench.Config(device=torch.device("cpu" if args.cpu else "cuda"), shapes=[], ms=[int(m) for m in args.m.split(",")], parts=[],
                        dtypes=[], variants=["moe_fusion"], sets=8, seconds_per_point=args.seconds_per_point,
@@ -76,9 +76,10 @@ def main() -> None:
                     for name, strategy, shared_fp8 in _variants(spec.fp8, args.strategies.split(",")):
                         layer.options.shared_expert, layer.options.shared_fp8 = strategy, shared_fp8
                         t = bench.time_point(cfg, fn, inp.op_sets)
+                        floor_bytes = sb.layer_bytes(m, inp.distinct_experts)  # this variant's shared expert
                         row = dict(shape=shape, dtype=dtype, part="layer", variant=name, m=m, us=t.us,
-                                   kernels=t.kernels, bytes=inp.bytes,
-                                   pct=100 * inp.bytes / (t.us * 1e-6) / COPY_CEILING if t.us else None)
+                                   kernels=t.kernels, bytes=floor_bytes,
+                                   pct=100 * floor_bytes / (t.us * 1e-6) / COPY_CEILING if t.us else None)
                         rows.append(row)
                         print(f"{shape:9s} {dtype:4s} layer   {name:22s} M={m:3d} {t.us:9.1f} us "
                               f"{t.kernels} kernels {row['pct']:.0f}%", flush=True)

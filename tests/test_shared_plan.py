@@ -1,4 +1,8 @@
 """The measured shared-expert plan (lowering/shared_plan.py, shared_plan.json) and its use by the layer plan."""
+import json
+import os
+import sys
+
 import torch
 
 from moe_fusion.lowering import experts, layer, shared_plan
@@ -91,3 +95,21 @@ def test_layer_plan_follows_the_shipped_table(monkeypatch):
     other = SHAPES["dsv3-ep8"].replace(num_local_experts=16)
     assert layer._shared_strategy(other, layer.FUSED_SHARED_MAX_M, cuda) == "fused"
     assert layer._shared_strategy(other, layer.FUSED_SHARED_MAX_M + 1, cuda) == "stream"
+
+
+def test_strategy_script_rows_feed_the_table(tmp_path):
+    """benchmarks/gpu_shared_strategies.py's plumbing on the CPU (the reference runs; the times mean
+    nothing): every variant gives a row, an fp8 shared expert's floor counts it in fp8, and
+    best_strategies reads the rows."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import gpu_shared_strategies
+
+    gpu_shared_strategies.main(["--cpu", "--out", str(tmp_path), "--shapes", "tiny", "--dtypes", "fp8", "--m", "1",
+                                "--seconds-per-point", "0"])
+    rows = json.loads((tmp_path / "shared_strategies.json").read_text())["rows"]
+    by_variant = {r["variant"]: r for r in rows}
+    assert set(by_variant) == set(layer.SHARED_STRATEGIES) | {"stream-fp8", "inline-fp8"}
+    assert by_variant["stream-fp8"]["bytes"] < by_variant["stream"]["bytes"] == by_variant["stream-kernels"]["bytes"]
+    assert by_variant["fused"]["bytes"] == by_variant["stream-fp8"]["bytes"]
+    tiny_fp8 = shared_plan.shape_key(SHAPES["tiny"].replace(quant="fp8_block"))
+    assert set(shared_plan.best_strategies(rows, SHAPES)[tiny_fp8]) == {"1"}

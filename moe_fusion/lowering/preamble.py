@@ -252,7 +252,7 @@ def fused_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights, block_m: int,
         weights.copy_(ref_weights)
     if not with_alignment:
         sorted_ids, tile_expert, num_tiles = aligned
-    elif plan.align in ("kernel", "with_routing"):
+    elif plan.align == "kernel":
         sorted_ids, tile_expert, num_tiles = align_kernel.align_pairs(ids, expert_map, L, block_m, pdl=pdl)
     else:
         sorted_ids, tile_expert, num_tiles = reference.align_pairs(ids, expert_map, L, block_m)

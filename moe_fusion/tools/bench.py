@@ -319,11 +319,17 @@ class ShapeBench:
                 sets=[(layer.experts, h, ids, w) for h, ids, w in routed],
                 op_sets=[(h, ids, w, self.weights) for h, ids, w in routed],
                 distinct_experts=distinct, bytes=round(distinct * per_expert))
-        shared_fp8 = spec.has_shared_experts and layer_plan.plan_layer(spec, m, self.cfg.device).shared_fp8
-        fixed = bench_layers.preamble_bytes(spec) + bench_layers.shared_bytes(spec, shared_fp8)
         return PartInputs(
             sets=[(layer, x) for x in xs], op_sets=[(x, self.weights) for x in xs],
-            distinct_experts=distinct, bytes=fixed + round(distinct * per_expert))
+            distinct_experts=distinct, bytes=self.layer_bytes(m, distinct))
+
+    def layer_bytes(self, m: int, distinct_experts: float) -> int:
+        """Weights one layer call reads: router and norm, the shared expert as the plan (under the
+        current options) reads it, and the routed experts the routing hits."""
+        spec = self.spec
+        shared_fp8 = spec.has_shared_experts and layer_plan.plan_layer(spec, m, self.cfg.device).shared_fp8
+        return (bench_layers.preamble_bytes(spec) + bench_layers.shared_bytes(spec, shared_fp8)
+                + round(distinct_experts * bench_layers.expert_bytes(spec)))
 
     def moe_fusion_fn(self, part: str) -> Callable:
         from .. import ops
