@@ -43,12 +43,14 @@ from preamble_checks import assert_routing_matches, check_preamble, one_launch_p
 
 # Every kernel a launch site of moe_fusion/lowering starts; a full run must launch each one.
 KERNELS = ("_norm_quant_kernel", "_router_route_align_kernel", "_router_kernel", "_topk_kernel", "_align_kernel",
-           "_route_align_kernel",
-           "expert_gemm1_kernel", "expert_gemm2_kernel", "fp8_act_quant_kernel", "fp8_weight_quant_kernel",
-           "moe_finalize_kernel")
-# Small tiles and a GEMM2 split so that the expert kernels' loops and split-K path run more than once.
-SPLIT_CONFIG = ExpertConfig(16, GemmTiles(32, 64, programs_per_sm=1), GemmTiles(32, 64, split_k=2, programs_per_sm=1))
-SPLIT_CONFIG_FP8 = ExpertConfig(16, GemmTiles(32, 128, programs_per_sm=1),
+           "_align_parallel_kernel", "_route_align_kernel",
+           "expert_gemm1_kernel", "gemm1_combine_kernel", "expert_gemm2_kernel", "fp8_act_quant_kernel",
+           "fp8_weight_quant_kernel", "moe_finalize_kernel")
+# Small tiles and both GEMMs split over K, so that the expert kernels' loops and split-K paths (GEMM1's
+# with gemm1_combine_kernel) run more than once.
+SPLIT_CONFIG = ExpertConfig(16, GemmTiles(32, 64, programs_per_sm=1, split_k=2),
+                            GemmTiles(32, 64, split_k=2, programs_per_sm=1))
+SPLIT_CONFIG_FP8 = ExpertConfig(16, GemmTiles(32, 128, programs_per_sm=1, split_k=2),
                                 GemmTiles(32, 128, split_k=2, programs_per_sm=1))
 
 
@@ -90,10 +92,11 @@ def _layer_case(M: int, deterministic: bool, shared_expert: str = "", **spec_cha
     return run
 
 
-def _general_preamble_case(M: int) -> Callable[[torch.device, str], str]:
-    """The planned (general) path: split-K router, standalone routing and alignment kernels."""
+def _general_preamble_case(M: int, local_experts: int = 8) -> Callable[[torch.device, str], str]:
+    """The planned (general) path: split-K router, standalone routing and alignment kernels (from 16
+    tokens and 32 local experts the many-program alignment)."""
     def run(device, dtype):
-        spec = _dsv3_small(dtype, num_local_experts=8, quant="fp8_block")
+        spec = _dsv3_small(dtype, num_local_experts=local_experts, quant="fp8_block")
         w = layer_weights(spec, device, seed=M)
         x = _x(spec, M, device, seed=M)
         plan = preamble.plan_preamble(spec, M, spec.torch_dtype, w.router_weight.dtype, device)
@@ -169,6 +172,7 @@ CASES: List[Case] = [
     Case("layer fp8 ep 8/64 M=7 deterministic", _layer_case(7, deterministic=True, quant="fp8_block",
                                                             num_local_experts=8)),
     Case("preamble general fp8 ep M=67", _general_preamble_case(67)),
+    Case("preamble general fp8 M=40, 64 local experts", _general_preamble_case(40, local_experts=64)),
     Case("preamble fused without alignment M=2", _unaligned_preamble_case(2)),
     Case("preamble one launch fp8 ep M=3", _one_launch_preamble_case(3)),
     Case("layer shared expert fused M=3 atomic", _layer_case(3, deterministic=False, shared_expert="fused")),
