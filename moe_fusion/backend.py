@@ -60,28 +60,39 @@ def _capture_compile(gm, example_inputs, graph_modules, **kwargs):
     return make_boxed_func(gm.forward)
 
 
+# torch.compile(model, backend="moe_fusion", options={FP8_EXPERTS_OPTION: True}): routed experts in
+# fp8 on a bf16/fp16 model (MoEFusionPass.fp8_experts).
+FP8_EXPERTS_OPTION = "moe_fusion.fp8_experts"
+
+
 class MoEFusionBackend:
     """A torch.compile backend: Inductor plus the MoE fusion pass.
 
     codegen=False stops after the post-grad passes and runs the rewritten graph eagerly (fast,
     for matching tests and ``moe-fusion inspect``); keep_graphs records each layer's nodes before
     and after the rewrite. Inductor's FX graph and AOT autograd caches are bypassed so that every
-    compile runs the pass and produces its report."""
+    compile runs the pass and produces its report. fp8_experts: matched layers with bf16/fp16
+    experts run them in fp8 (128x128 blocks, quantised once from the model's weights and cached:
+    MoESpec quant "fp8_block_quantize"); one compile can also ask with options={FP8_EXPERTS_OPTION: True}."""
 
-    def __init__(self, codegen: bool = True, keep_graphs: bool = False, report: Optional[MatchReport] = None):
+    def __init__(self, codegen: bool = True, keep_graphs: bool = False, report: Optional[MatchReport] = None,
+                 fp8_experts: bool = False):
         self.codegen = codegen
         self.report = report if report is not None else MatchReport()
-        self.fusion_pass = MoEFusionPass(self.report, keep_graphs=keep_graphs)
+        self.fusion_pass = MoEFusionPass(self.report, keep_graphs=keep_graphs, fp8_experts=fp8_experts)
         self.graph_modules = []  # codegen=False: the rewritten post-grad graphs, as they run
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs, mode: Optional[str] = None,
                  options: Optional[dict] = None):
-        """``mode`` and ``options`` mean what they mean for backend="inductor"."""
+        """``mode`` and ``options`` mean what they mean for backend="inductor", but for the option
+        FP8_EXPERTS_OPTION, which is this compile's fp8_experts (see the constructor's)."""
         from torch._inductor import config as inductor_config
         from torch._inductor.compile_fx import compile_fx
 
         from . import ops  # noqa: F401  (registers the ops the pass emits)
 
+        options = dict(options or {})
+        fp8_experts = options.pop(FP8_EXPERTS_OPTION, self.fusion_pass.fp8_experts)
         patches = {
             **inductor_mode_patches(mode, options),
             "post_grad_custom_post_pass": _with_existing(self.fusion_pass, inductor_config.post_grad_custom_post_pass),
@@ -90,10 +101,12 @@ class MoEFusionBackend:
         extra = {} if self.codegen else {
             "inner_compile": functools.partial(_capture_compile, graph_modules=self.graph_modules)}
         token = set_example_inputs(list(example_inputs))
+        default_fp8, self.fusion_pass.fp8_experts = self.fusion_pass.fp8_experts, fp8_experts
         try:
             with _autograd_cache_disabled():
                 return compile_fx(gm, example_inputs, config_patches=patches, **extra)
         finally:
+            self.fusion_pass.fp8_experts = default_fp8
             reset_example_inputs(token)
 
 

@@ -17,7 +17,7 @@ import torch
 SCORINGS = ("softmax", "sigmoid", "none")
 GROUP_SCORES = ("top2_sum", "max")
 WEIGHT_PLACEMENTS = ("output", "input")
-QUANTIZATIONS = ("none", "fp8_block")
+QUANTIZATIONS = ("none", "fp8_block", "fp8_block_quantize")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -62,7 +62,10 @@ class MoESpec:
 
     # Types.
     dtype: str = "bfloat16"  # activations and non-quantized weights
-    quant: str = "none"  # none | fp8_block: e4m3 weights in 128x128 blocks, activations in 1x128 groups
+    # none | fp8_block: e4m3 weights in 128x128 blocks, activations in 1x128 groups |
+    # fp8_block_quantize: weights in the model dtype, computed as fp8_block from their block
+    # quantisation (reference.quantize_fp8_blocks), made once (the backend's fp8_experts option)
+    quant: str = "none"
 
     def __post_init__(self):
         if self.num_local_experts == 0:
@@ -94,7 +97,17 @@ class MoESpec:
 
     @property
     def fp8(self) -> bool:
+        """The expert weights come as e4m3 blocks with their scales."""
         return self.quant == "fp8_block"
+
+    @property
+    def quantizes_experts(self) -> bool:
+        """The expert weights come in the model dtype and run as fp8_block (quant fp8_block_quantize)."""
+        return self.quant == "fp8_block_quantize"
+
+    def as_run(self) -> "MoESpec":
+        """The layer the kernels run: fp8_block_quantize runs as fp8_block."""
+        return self.replace(quant="fp8_block") if self.quantizes_experts else self
 
     # ---- transport through a custom op's string argument ----
     def to_json(self) -> str:

@@ -114,6 +114,21 @@ def test_shared_expert_on_its_own_expert_launch(M, gate, n_shared, deterministic
     assert len(launches) == 1
 
 
+@pytest.mark.parametrize("shared_expert", ["inline", "fused"])
+def test_fp8_experts_from_model_dtype_weights_on_interpreter(shared_expert, monkeypatch):
+    """quant fp8_block_quantize (the backend's fp8_experts): fp16 expert weights, run as fp8 blocks
+    quantised once on the way in; the plan is the fp8 layer's."""
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter variant runs where there is no GPU")
+    _with_options(monkeypatch, shared_expert=shared_expert)
+    spec = dsv3_like(dtype="float16", hidden_size=48, intermediate_size=24, shared_intermediate_size=24,
+                     quant="fp8_block_quantize")
+    plan = layer.plan_layer(spec, 3, torch.device("cpu"))
+    assert plan.shared_fp8 == (shared_expert == "fused")
+    assert plan.expert_config == layer.plan_layer(spec.as_run(), 3, torch.device("cpu")).expert_config
+    _check_fp16_layer(spec, 3, shared_expert, seed=3)
+
+
 def test_fused_is_refused_where_the_kernels_cannot_take_the_shared_expert(monkeypatch, caplog):
     _with_options(monkeypatch, shared_expert="fused")
     spec = dsv3_like(dtype="float16", hidden_size=48, intermediate_size=24, shared_intermediate_size=36)

@@ -122,6 +122,7 @@ def fused_experts(
     shared (shared_tail(spec, w)): the shared experts are added by the same launches.
     Raises Unsupported when the spec or tensors are outside what the kernels take.
     """
+    spec, w = with_fp8_experts(spec, w)
     if spec.quant not in ("none", "fp8_block"):
         raise Unsupported(f"quantization {spec.quant!r}")
     if x.dtype != spec.torch_dtype:
@@ -177,7 +178,7 @@ class SharedTail:
 
 def shared_tail(spec: MoESpec, w: MoEWeights) -> SharedTail:
     """The shared experts of ``spec`` as a SharedTail (fp8 copies made once and cached, see
-    _fp8_shared_chunks). Raises Unsupported for shared experts the tail cannot express."""
+    _fp8_copies). Raises Unsupported for shared experts the tail cannot express."""
     problem = shared_tail_problem(spec)
     if problem:
         raise Unsupported(problem)
@@ -186,7 +187,7 @@ def shared_tail(spec: MoESpec, w: MoEWeights) -> SharedTail:
     chunks = ExpertTensors(w.shared_gate.unflatten(0, (n, I)), w.shared_up.unflatten(0, (n, I)),
                            w.shared_down.unflatten(1, (n, I)).permute(1, 0, 2))
     if spec.fp8:
-        chunks = _fp8_shared_chunks(chunks, (w.shared_gate, w.shared_up, w.shared_down))
+        chunks = _fp8_copies("shared expert", chunks, (w.shared_gate, w.shared_up, w.shared_down))
     gate = w.shared_expert_gate.reshape(-1).contiguous() if spec.shared_gate else None
     return SharedTail(chunks, gate)
 
@@ -235,38 +236,51 @@ def dense_routing(M: int, n: int, block_m: int, device: torch.device) -> Tuple[t
     return made
 
 
-# (storage, offset, shape, stride, dtype, version) of the three shared weights -> their fp8 chunks
-_fp8_shared_cache: Dict[tuple, Tuple[list, ExpertTensors]] = {}
+# (storage, offset, shape, stride, dtype, version) of three weights -> their fp8 copies
+_fp8_cache: Dict[tuple, Tuple[list, ExpertTensors]] = {}
 
 
-def _fp8_shared_chunks(chunks: ExpertTensors, sources: Tuple[torch.Tensor, ...]) -> ExpertTensors:
-    """Block-quantised shared chunks, made once per set of shared weights.
+def _fp8_copies(what: str, tensors: ExpertTensors, sources: Tuple[torch.Tensor, ...]) -> ExpertTensors:
+    """``tensors`` block-quantised (quantize_expert_tensors_fp8), made once per set of ``sources``
+    (the model's weights they are views of).
 
     The key is each weight's storage, view and version counter, so an in-place update of the
     weights (load_state_dict) makes new copies; the storages are held weakly (an entry whose
     storage was freed is dropped, and a live weak reference keeps a freed storage's address from
-    being reused). Costs I*H*3 bytes + scales per chunk (DeepSeek-V3: 44 MB per layer), logged.
+    being reused). Costs 3*I*H bytes + scales per expert (DeepSeek-V3: 44 MB), logged.
     Under CUDA-graph capture a miss quantises inside the graph without caching (correct, slower).
     """
     key = tuple((StorageWeakRef(t.untyped_storage()).cdata, t.storage_offset(), tuple(t.shape), t.stride(),
                  t.dtype, str(t.device), t._version) for t in sources)
-    hit = _fp8_shared_cache.get(key)
+    hit = _fp8_cache.get(key)
     if hit is not None and not any(ref.expired() for ref in hit[0]):
         return hit[1]
-    quantized = quantize_expert_tensors_fp8(chunks)
+    quantized = quantize_expert_tensors_fp8(tensors)
     if sources[0].is_cuda and torch.cuda.is_current_stream_capturing():
-        log.warning("moe_fusion: fp8 shared-expert copies made inside CUDA-graph capture are not cached; "
-                    "run the layer once before capturing")
+        log.warning("moe_fusion: fp8 copies of the %s weights made inside CUDA-graph capture are not cached; "
+                    "run the layer once before capturing", what)
         return quantized
-    for stale in [k for k, (refs, _) in _fp8_shared_cache.items() if any(r.expired() for r in refs)]:
-        del _fp8_shared_cache[stale]
-    _fp8_shared_cache[key] = ([StorageWeakRef(t.untyped_storage()) for t in sources], quantized)
+    for stale in [k for k, (refs, _) in _fp8_cache.items() if any(r.expired() for r in refs)]:
+        del _fp8_cache[stale]
+    _fp8_cache[key] = ([StorageWeakRef(t.untyped_storage()) for t in sources], quantized)
     size = sum(t.numel() * t.element_size() for t in (quantized.w_gate, quantized.w_up, quantized.w_down,
                                                       quantized.w_gate_scale, quantized.w_up_scale,
                                                       quantized.w_down_scale))
-    log.info("moe_fusion: fused shared experts: fp8 copy of the shared expert weights, %.1f MB "
-             "(%d cached sets)", size / 2**20, len(_fp8_shared_cache))
+    log.info("moe_fusion: fp8 copy of the %s weights, %.1f MB (%d cached sets)", what, size / 2**20, len(_fp8_cache))
     return quantized
+
+
+def with_fp8_experts(spec: MoESpec, w: MoEWeights) -> Tuple[MoESpec, MoEWeights]:
+    """reference.with_fp8_experts with the copies made once per set of weights (_fp8_copies) by
+    the quantisation kernel (bitwise reference.quantize_fp8_blocks)."""
+    def cached(gate, up, down):
+        return _fp8_fields(_fp8_copies("routed expert", ExpertTensors(gate, up, down), (gate, up, down)))
+
+    return reference.with_fp8_experts(spec, w, cached)
+
+
+def _fp8_fields(q: ExpertTensors) -> tuple:
+    return q.w_gate, q.w_up, q.w_down, q.w_gate_scale, q.w_up_scale, q.w_down_scale
 
 
 def quantize_expert_weights_fp8(spec: MoESpec, w: MoEWeights) -> Tuple[MoESpec, MoEWeights]:
@@ -274,11 +288,8 @@ def quantize_expert_weights_fp8(spec: MoESpec, w: MoEWeights) -> Tuple[MoESpec, 
     e4m3 w_gate/w_up/w_down in 128x128 blocks and fp32 scales (bitwise reference.quantize_fp8_blocks)."""
     if spec.fp8:
         return spec, w
-    q = quantize_expert_tensors_fp8(ExpertTensors(w.w_gate, w.w_up, w.w_down))
-    quantized = MoEWeights(**{f: getattr(w, f) for f in w.__dataclass_fields__})
-    quantized.w_gate, quantized.w_up, quantized.w_down = q.w_gate, q.w_up, q.w_down
-    quantized.w_gate_scale, quantized.w_up_scale, quantized.w_down_scale = q.w_gate_scale, q.w_up_scale, q.w_down_scale
-    return spec.replace(quant="fp8_block"), quantized
+    return reference.with_fp8_experts(spec.replace(quant="fp8_block_quantize"), w,
+                                      lambda *three: _fp8_fields(quantize_expert_tensors_fp8(ExpertTensors(*three))))
 
 
 def quantize_expert_tensors_fp8(e: ExpertTensors) -> ExpertTensors:

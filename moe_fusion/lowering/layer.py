@@ -71,6 +71,7 @@ class LayerPlan:
 
 
 def plan_layer(spec: MoESpec, m: int, device: torch.device) -> LayerPlan:
+    spec = spec.as_run()
     strategy = _shared_strategy(spec, m, device)
     shared = strategy.replace(ON_KERNELS, "")
     separate = shared in ("stream", "inline")
@@ -125,6 +126,7 @@ def _shared_weights_in_model_dtype(spec: MoESpec, plan: LayerPlan) -> tuple:
 def moe_layer(spec: MoESpec, x: torch.Tensor, w: MoEWeights, plan: Optional[LayerPlan] = None) -> torch.Tensor:
     """reference.moe_layer on the kernels; raises preamble/experts.Unsupported before any launch
     it cannot make."""
+    spec, w = experts.with_fp8_experts(spec, w)
     plan = plan or plan_layer(spec, x.shape[0], x.device)
     normed_dtype = preamble.normed_dtype_of(spec, x, w)
     if normed_dtype not in experts.MODEL_DTYPES:  # checked here, before the preamble launches anything

@@ -155,6 +155,23 @@ def local_expert_ids(spec: MoESpec, topk_ids: torch.Tensor, expert_map: Optional
     return ids if expert_map is None else expert_map.long()[ids]
 
 
+def with_fp8_experts(spec: MoESpec, w: MoEWeights, quantize=None) -> Tuple[MoESpec, MoEWeights]:
+    """quant fp8_block_quantize -> the fp8_block layer it means: the same weights with w_gate,
+    w_up and w_down block-quantised (``quantize``: a function of the three weights returning
+    (q_gate, q_up, q_down, s_gate, s_up, s_down); quantize_fp8_blocks by default). Other specs
+    are returned as they are."""
+    if not spec.quantizes_experts:
+        return spec, w
+    if quantize is None:
+        (qg, sg), (qu, su), (qd, sd) = (quantize_fp8_blocks(t) for t in (w.w_gate, w.w_up, w.w_down))
+    else:
+        qg, qu, qd, sg, su, sd = quantize(w.w_gate, w.w_up, w.w_down)
+    quantized = MoEWeights(**{f: getattr(w, f) for f in w.__dataclass_fields__})
+    quantized.w_gate, quantized.w_up, quantized.w_down = qg, qu, qd
+    quantized.w_gate_scale, quantized.w_up_scale, quantized.w_down_scale = sg, su, sd
+    return spec.as_run(), quantized
+
+
 def routed_experts(
     spec: MoESpec, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w: MoEWeights
 ) -> torch.Tensor:
@@ -164,6 +181,7 @@ def routed_experts(
     (not multiplied by zero, so an Inf in an unselected row cannot turn into NaN); this keeps
     the reference free of data-dependent shapes and host synchronisation.
     """
+    spec, w = with_fp8_experts(spec, w)
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     local = local_expert_ids(spec, topk_ids, w.expert_map)
     out = torch.zeros(x.shape, dtype=acc_dtype, device=x.device)

@@ -42,21 +42,24 @@ _SOURCE_HASH = _source_hash()
 class MoEFusionPass(CustomGraphPass):
     """Post-grad pass: rewrites every MoE layer it recognizes; records each attempt in ``report``."""
 
-    def __init__(self, report: Optional[MatchReport] = None, keep_graphs: bool = False):
+    def __init__(self, report: Optional[MatchReport] = None, keep_graphs: bool = False, fp8_experts: bool = False):
         self.report = report if report is not None else MatchReport()
         self.keep_graphs = keep_graphs
+        # Layers with bf16/fp16 experts run them in fp8 (quant fp8_block_quantize: 128x128 blocks
+        # made once from the model's weights): the backend's fp8_experts option.
+        self.fp8_experts = fp8_experts
 
     def __call__(self, graph: Graph) -> None:
         record = self.report.new_graph()
         before = _signature(graph)
         record.nodes_before = len(before)
-        rewrite_moe_layers(graph, record, self.keep_graphs)
+        rewrite_moe_layers(graph, record, self.keep_graphs, self.fp8_experts)
         after = _signature(graph)
         record.nodes_after, record.changed = len(after), after != before
         publish(record)
 
     def uuid(self) -> str:
-        return _SOURCE_HASH
+        return _SOURCE_HASH + ("-fp8-experts" if self.fp8_experts else "")
 
 
 def _signature(graph: Graph) -> List[str]:
@@ -95,7 +98,7 @@ def routing_candidates(graph: Graph) -> List[Node]:
 
 
 # --------------------------------------------------------------------------- the pass
-def rewrite_moe_layers(graph: Graph, record: GraphRecord, keep_graphs: bool = False) -> None:
+def rewrite_moe_layers(graph: Graph, record: GraphRecord, keep_graphs: bool = False, fp8_experts: bool = False) -> None:
     candidates = routing_candidates(graph)
     if not candidates:
         record.note = "no top-k in the graph: nothing routes tokens to experts"
@@ -106,14 +109,14 @@ def rewrite_moe_layers(graph: Graph, record: GraphRecord, keep_graphs: bool = Fa
         layer = LayerRecord(status=NOT_MATCHED, anchor=topk.name, graph=record.index)
         record.layers.append(layer)
         try:
-            _match_and_rewrite(graph, topk, layer, keep_graphs)
+            _match_and_rewrite(graph, topk, layer, keep_graphs, fp8_experts)
         except MatchFailure as failure:
             layer.failures.append({"step": failure.step, "node": failure.node, "reason": failure.reason})
     if all(layer.status == NOT_MATCHED for layer in record.layers):
         record.note = "no MoE layer recognized; graph unchanged"
 
 
-def _match_and_rewrite(graph: Graph, topk: Node, layer: LayerRecord, keep_graphs: bool) -> None:
+def _match_and_rewrite(graph: Graph, topk: Node, layer: LayerRecord, keep_graphs: bool, fp8_experts: bool) -> None:
     try:
         router = match_router(topk)
     except MatchFailure as failure:
@@ -136,7 +139,7 @@ def _match_and_rewrite(graph: Graph, topk: Node, layer: LayerRecord, keep_graphs
     if experts is None:
         _rewrite_preamble(graph, router, layer, keep_graphs)
         return
-    _rewrite_layer(graph, router, experts, layer, keep_graphs)
+    _rewrite_layer(graph, router, experts, layer, keep_graphs, fp8_experts)
 
 
 def _dtype_name(node: Node, step: str) -> str:
@@ -182,7 +185,7 @@ def _glue(node: Node, shared: Optional[SharedMatch]) -> bool:
 
 
 def _rewrite_layer(graph: Graph, router: RouterMatch, experts: ExpertsMatch, layer: LayerRecord,
-                   keep_graphs: bool) -> None:
+                   keep_graphs: bool, fp8_experts: bool) -> None:
     shared = match_shared(experts.out, router.x)
     out = _layer_output(experts, shared)
     parts = router.region | experts.region | (shared.region if shared else set())
@@ -205,6 +208,8 @@ def _rewrite_layer(graph: Graph, router: RouterMatch, experts: ExpertsMatch, lay
         fields.update(shared_intermediate_size=shared.intermediate_size, shared_gate=shared.expert_gate is not None)
     if norm is not None:
         fields.update(rms_norm=True, rms_norm_eps=norm.eps)
+    if fp8_experts:
+        fields.update(quant="fp8_block_quantize")
     spec = _spec("layer", router.topk, **fields)
 
     before = _format(covered) if keep_graphs else None
