@@ -35,8 +35,8 @@ Reference: reference.gated_mlp / reference._fp8_gated_mlp (the first two product
 import triton
 import triton.language as tl
 
-from .expert_tiles import (A_MODEL_DTYPE, FP8_GROUP, load_tile, outer, quantize_h_group, store_quantized_groups,
-                           tile_dot, work_tile, zero_block)
+from .expert_tiles import (A_MODEL_DTYPE, FP8_GROUP, load_tile, outer, quantize_h_group, silu_mul,
+                           store_quantized_groups, tile_dot, work_tile, zero_block)
 
 
 @triton.jit
@@ -97,7 +97,7 @@ def _combine_group_if_last(sums_ptr, stride_ps, stride_pm, split_k, h_ptr, hq_pt
             sums = sums_ptr + split * stride_ps + row[:, None] * stride_pm + cols[None, :]
             gate += tl.load(sums, mask=mask, other=0.0, cache_modifier=".cg")
             up += tl.load(sums + N, mask=mask, other=0.0, cache_modifier=".cg")
-        h = (gate * tl.sigmoid(gate) * up).to(h_ptr.dtype.element_ty)
+        h = silu_mul(gate, up, h_ptr)
         if QUANT:
             store_quantized_groups(h.to(tl.float32), hq_ptr + row[:, None] * stride_hqm + cols[None, :],
                                    hs_ptr + row * stride_hsm + group, mask, row_ok)
@@ -198,7 +198,7 @@ def gemm1_item(
                                    tile, n_block, row, row_ok, N, stride_hm, stride_hqm, stride_hsm, BLOCK_M,
                                    BLOCK_N, A_MODE != A_MODEL_DTYPE)
     else:
-        h = (acc_g * tl.sigmoid(acc_g) * acc_u).to(h_ptr.dtype.element_ty)
+        h = silu_mul(acc_g, acc_u, h_ptr)
         tl.store(h_ptr + row[:, None] * stride_hm + offs_n[None, :], h, mask=mask)
         if QUANT_H:
             _quantize_group_if_last(h_ptr, hq_ptr, hs_ptr, ticket_ptr, tile, n_block, row, row_ok, N,

@@ -176,6 +176,13 @@ def row_groups(row, K, ids_ptr, map_ptr, routed_rows, GROUPS: tl.constexpr, GROU
 
 
 @triton.jit
+def silu_mul(gate, up, h_ptr):
+    """h = SiLU(gate) * up from fp32 gate and up, rounded once to h_ptr's (the model's) dtype: the one
+    arithmetic of every path that makes h (GEMM1's epilogue, its last programs, gemm1_combine_kernel)."""
+    return (gate * tl.sigmoid(gate) * up).to(h_ptr.dtype.element_ty)
+
+
+@triton.jit
 def store_quantized_groups(x, q_ptrs, scale_ptrs, mask, scale_mask):
     """fp32 x [n, 128], one quantisation group per row of the tile -> e4m3 at q_ptrs [n, 128] and
     the n group scales at scale_ptrs [n]."""

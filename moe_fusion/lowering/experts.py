@@ -284,6 +284,11 @@ def with_fp8_experts(spec: MoESpec, w: MoEWeights) -> Tuple[MoESpec, MoEWeights]
     return reference.with_fp8_experts(spec, w, cached)
 
 
+def _quantized_fields(gate, up, down) -> tuple:
+    """reference.with_fp8_experts' quantize on the kernel, without caching."""
+    return _fp8_fields(quantize_expert_tensors_fp8(ExpertTensors(gate, up, down)))
+
+
 def _fp8_fields(q: ExpertTensors) -> tuple:
     return q.w_gate, q.w_up, q.w_down, q.w_gate_scale, q.w_up_scale, q.w_down_scale
 
@@ -293,8 +298,7 @@ def quantize_expert_weights_fp8(spec: MoESpec, w: MoEWeights) -> Tuple[MoESpec, 
     e4m3 w_gate/w_up/w_down in 128x128 blocks and fp32 scales (bitwise reference.quantize_fp8_blocks)."""
     if spec.fp8:
         return spec, w
-    return reference.with_fp8_experts(spec.replace(quant="fp8_block_quantize"), w,
-                                      lambda *three: _fp8_fields(quantize_expert_tensors_fp8(ExpertTensors(*three))))
+    return reference.with_fp8_experts(spec.replace(quant="fp8_block_quantize"), w, _quantized_fields)
 
 
 def quantize_expert_tensors_fp8(e: ExpertTensors) -> ExpertTensors:

@@ -13,7 +13,7 @@ of reference.quantize_fp8_groups).
 import triton
 import triton.language as tl
 
-from .expert_tiles import row_groups, store_quantized_groups
+from .expert_tiles import row_groups, silu_mul, store_quantized_groups
 
 
 @triton.jit
@@ -30,7 +30,7 @@ def gemm1_combine_kernel(
         sums = sums_ptr + split * stride_ss + row * stride_sm + cols
         gate += tl.load(sums, mask=mask, other=0.0)
         up += tl.load(sums + N, mask=mask, other=0.0)
-    h = (gate * tl.sigmoid(gate) * up).to(h_ptr.dtype.element_ty)
+    h = silu_mul(gate, up, h_ptr)
     if QUANT:
         store_quantized_groups(h.to(tl.float32), hq_ptr + row * stride_hqm + cols, hs_ptr + row * stride_hsm + groups,
                                mask, group_ok)
