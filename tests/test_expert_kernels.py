@@ -265,65 +265,11 @@ def test_fp8_h_quantised_in_gemm1_epilogue_is_bitwise_the_kernels(block_n, n_sha
     launch.allocate(cfg, False, torch.float32)
     launch.quantize_input()
     launch.gemm1(cfg)
-    assert launch.h_finished
+    assert launch.h_quantized
     q_ref, s_ref = reference.quantize_fp8_groups(launch.h)  # every row is a real pair or shared row
     assert torch.equal(launch.h_scale, s_ref)
     assert torch.equal(launch.h_fp8.view(torch.uint8), q_ref.view(torch.uint8))
     assert all(int(t.abs().sum()) == 0 for t in experts._tickets.values())
-
-
-def _split_gemm1_h(spec, w, x, ids, weights, g1, combine_last, monkeypatch, shared=None):
-    """GEMM1 split over K, then h finished by the combine launch or by GEMM1's last programs."""
-    monkeypatch.setattr(experts, "GEMM1_COMBINE_IN_GEMM1", combine_last)
-    cfg = ExpertConfig(16, g1, GemmTiles(32, 128, programs_per_sm=1))
-    launch = experts.ExpertLaunch(x=x, pair_weights=weights.reshape(-1).float(), topk_ids=ids,
-                                  experts=experts.ExpertTensors.of(spec, w),
-                                  alignment=reference.align_pairs(ids, w.expert_map, spec.num_local_experts, 16),
-                                  weight_on_input=False, num_sms=4, shared=shared)
-    launch.allocate(cfg, False, torch.float32)
-    launch.quantize_input()
-    launch.gemm1(cfg)
-    assert launch.h_finished == combine_last
-    launch.prepare_h()
-    return (launch.h_fp8.view(torch.uint8), launch.h_scale) if spec.fp8 else (launch.h,)
-
-
-@pytest.mark.parametrize("fp8", [False, True])
-@pytest.mark.parametrize("block_n", [32, 128])
-def test_split_gemm1_finished_by_its_last_programs_is_bitwise_the_combine_launch(fp8, block_n, monkeypatch):
-    """MOE_FUSION_GEMM1_COMBINE=last_program: the last program of each (tile, 128-column group), over
-    every split (fp16: 3, fp8: 2; the last one short), finishes h as gemm1_combine_kernel does, bit
-    for bit (I = 136: one full group, one of 8 columns; expert parallel; a dense shared tail), and
-    re-arms the tickets."""
-    changes = dict(num_experts=8, num_local_experts=4, shared_intermediate_size=136)
-    if fp8:
-        spec, w, x = _fp8_case(seed=20, M=9, **changes)
-        g1 = GemmTiles(block_n, 128, split_k=2, programs_per_sm=1)  # H 200: 128 + 72
-    else:
-        spec = _spec(**changes).replace(intermediate_size=136)
-        w = random_weights(spec, seed=20, device=DEVICE)
-        x = _x(9, spec.hidden_size)
-        g1 = GemmTiles(block_n, 32, split_k=3, programs_per_sm=1)
-    ids, weights = _routing(spec, 9)
-    shared = experts.shared_tail(spec, w)
-    by_launch = _split_gemm1_h(spec, w, x, ids, weights, g1, False, monkeypatch, shared)
-    by_last = _split_gemm1_h(spec, w, x, ids, weights, g1, True, monkeypatch, shared)
-    local_rows = torch.cat([experts.ExpertTensors.of(spec, w).expert_map.long()[ids.long()].flatten() >= 0,
-                            torch.ones(by_launch[0].shape[0] - ids.numel(), dtype=torch.bool)])
-    for a, b in zip(by_launch, by_last):  # rows of other ranks' pairs are written by neither
-        assert torch.equal(a[local_rows], b[local_rows])
-    assert all(int(t.abs().sum()) == 0 for t in experts._tickets.values())
-
-
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_split_gemm1_finished_by_its_last_programs_matches_reference(deterministic, monkeypatch):
-    monkeypatch.setattr(experts, "GEMM1_COMBINE_IN_GEMM1", True)
-    spec, w, x = _fp8_case(seed=21, M=5, shared_intermediate_size=136)
-    ids, weights = _routing(spec, 5)
-    cfg = ExpertConfig(16, GemmTiles(32, 128, split_k=2, programs_per_sm=1), SMALL_FP8.gemm2)
-    out = experts.fused_experts(spec, x, ids, weights, w, config=cfg, deterministic=deterministic,
-                                shared=experts.shared_tail(spec, w))
-    assert _rel_err(out, _shared_reference(spec, x, ids, weights, w)) < FP8_TOL * 5
 
 
 @pytest.mark.parametrize("deterministic", [False, True])

@@ -24,9 +24,7 @@ resets the counter to zero for the next launch (the counters live in a persisten
 experts._ticket_buffer).
 
 Split over K (split_k > 1, SPLIT_OUT): items are (tile, K split, BLOCK_N slice) and write fp32 gate
-and up sums per split; gemm1_combine_kernel sums them and applies SiLU*up, or, with COMBINE_LAST
-(experts.GEMM1_COMBINE_IN_GEMM1, off by default: not measured yet), the last program of each
-(tile, 128-column group) does it, bitwise the same, with the tickets of QUANT_H. With swapped operands
+and up sums per split; gemm1_combine_kernel sums them and applies SiLU*up. With swapped operands
 (SWAP_AB) the tiles are weights . tokens^T, transposed once before the epilogue.
 
 The same launch zeroes GEMM2's fp32 accumulator (``zero_ptr``), saving a memset launch.
@@ -35,8 +33,8 @@ Reference: reference.gated_mlp / reference._fp8_gated_mlp (the first two product
 import triton
 import triton.language as tl
 
-from .expert_tiles import (A_MODEL_DTYPE, FP8_GROUP, load_tile, outer, quantize_h_group, silu_mul,
-                           store_quantized_groups, tile_dot, work_tile, zero_block)
+from .expert_tiles import (A_MODEL_DTYPE, FP8_GROUP, load_tile, outer, quantize_h_group, silu_mul, tile_dot,
+                           work_tile, zero_block)
 
 
 @triton.jit
@@ -55,54 +53,17 @@ def _gate_partials(gx_ptr, gw_ptr, partial_ptr, token, row_ok, n_block, n_blocks
 
 
 @triton.jit
-def _last_of_group(ticket_ptr, tile, n_block, N, arrivals_per_slice, BLOCK_N: tl.constexpr):
-    """Called by every program after storing its part of a (tile, 128-column group); returns
-    (whether this program arrived last, its 128-column group, the group's counter slot). The last
-    one must re-arm the counter (store 0) once it has used the others' stores."""
-    group = n_block * BLOCK_N // FP8_GROUP
-    slot = tile * tl.cdiv(N, FP8_GROUP) + group
-    arrivals = arrivals_per_slice * tl.cdiv(tl.minimum(FP8_GROUP, N - group * FP8_GROUP), BLOCK_N)
-    # Every thread's stores are issued before the one release below that publishes them.
-    tl.debug_barrier()
-    last = tl.atomic_add(ticket_ptr + slot, 1, sem="acq_rel") == arrivals - 1
-    return last, group, slot
-
-
-@triton.jit
 def _quantize_group_if_last(h_ptr, hq_ptr, hs_ptr, ticket_ptr, tile, n_block, row, row_ok, N,
                             stride_hm, stride_hqm, stride_hsm, BLOCK_N: tl.constexpr):
     """Called by every program after storing its h slice; the last one of its 128-column group
     quantises the group (fp8_act_quant_kernel's arithmetic) and re-arms the group's counter."""
-    last, group, slot = _last_of_group(ticket_ptr, tile, n_block, N, 1, BLOCK_N)
-    if last:
+    group = n_block * BLOCK_N // FP8_GROUP
+    slot = tile * tl.cdiv(N, FP8_GROUP) + group
+    slices = tl.cdiv(tl.minimum(FP8_GROUP, N - group * FP8_GROUP), BLOCK_N)
+    # Every thread's h stores are issued before the one release below that publishes them.
+    tl.debug_barrier()
+    if tl.atomic_add(ticket_ptr + slot, 1, sem="acq_rel") == slices - 1:
         quantize_h_group(h_ptr, hq_ptr, hs_ptr, row, row_ok, group, N, stride_hm, stride_hqm, stride_hsm)
-        tl.store(ticket_ptr + slot, 0)
-
-
-@triton.jit
-def _combine_group_if_last(sums_ptr, stride_ps, stride_pm, split_k, h_ptr, hq_ptr, hs_ptr, ticket_ptr, tile, n_block,
-                           row, row_ok, N, stride_hm, stride_hqm, stride_hsm, BLOCK_M: tl.constexpr,
-                           BLOCK_N: tl.constexpr, QUANT: tl.constexpr):
-    """Called by every program of a split GEMM1 after storing its sums; the last of its (tile,
-    128-column group), over every split and slice, finishes h there with gemm1_combine_kernel's
-    arithmetic (splits summed in order, SiLU*up, rounding to the model dtype, fp8 quantisation):
-    bitwise that kernel's result, one launch fewer. The others' sums are read from L2 (.cg)."""
-    last, group, slot = _last_of_group(ticket_ptr, tile, n_block, N, split_k, BLOCK_N)
-    if last:
-        cols = group * FP8_GROUP + tl.arange(0, FP8_GROUP)
-        mask = row_ok[:, None] & (cols[None, :] < N)
-        gate = tl.zeros((BLOCK_M, FP8_GROUP), tl.float32)
-        up = tl.zeros((BLOCK_M, FP8_GROUP), tl.float32)
-        for split in range(split_k):
-            sums = sums_ptr + split * stride_ps + row[:, None] * stride_pm + cols[None, :]
-            gate += tl.load(sums, mask=mask, other=0.0, cache_modifier=".cg")
-            up += tl.load(sums + N, mask=mask, other=0.0, cache_modifier=".cg")
-        h = silu_mul(gate, up, h_ptr)
-        if QUANT:
-            store_quantized_groups(h.to(tl.float32), hq_ptr + row[:, None] * stride_hqm + cols[None, :],
-                                   hs_ptr + row * stride_hsm + group, mask, row_ok)
-        else:
-            tl.store(h_ptr + row[:, None] * stride_hm + cols[None, :], h, mask=mask)
         tl.store(ticket_ptr + slot, 0)
 
 
@@ -125,7 +86,7 @@ def gemm1_item(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr, SWAP_AB: tl.constexpr,
     A_MODE: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr,
     N_SHARED: tl.constexpr, SHARED_GATE: tl.constexpr, QUANT_H: tl.constexpr,
-    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_OUT: tl.constexpr, COMBINE_LAST: tl.constexpr,
+    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_OUT: tl.constexpr,
 ):
     """One work item: the h slice of one (token tile, BLOCK_N columns), or with SPLIT_OUT the fp32
     gate and up sums of one K split of it (gemm1_combine_kernel finishes h)."""
@@ -193,10 +154,6 @@ def gemm1_item(
         sums = partial_ptr + split * stride_ps + row[:, None] * stride_pm + offs_n[None, :]
         tl.store(sums, acc_g, mask=mask)
         tl.store(sums + N, acc_u, mask=mask)
-        if COMBINE_LAST:
-            _combine_group_if_last(partial_ptr, stride_ps, stride_pm, split_k, h_ptr, hq_ptr, hs_ptr, ticket_ptr,
-                                   tile, n_block, row, row_ok, N, stride_hm, stride_hqm, stride_hsm, BLOCK_M,
-                                   BLOCK_N, A_MODE != A_MODEL_DTYPE)
     else:
         h = silu_mul(acc_g, acc_u, h_ptr)
         tl.store(h_ptr + row[:, None] * stride_hm + offs_n[None, :], h, mask=mask)
@@ -231,7 +188,7 @@ def expert_gemm1_kernel(
     A_MODE: tl.constexpr,
     WEIGHT_ON_INPUT: tl.constexpr,
     N_SHARED: tl.constexpr, SHARED_GATE: tl.constexpr, QUANT_H: tl.constexpr,
-    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_OUT: tl.constexpr, COMBINE_LAST: tl.constexpr,
+    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_OUT: tl.constexpr,
     ZERO_BLOCK: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
@@ -264,5 +221,5 @@ def expert_gemm1_kernel(
             stride_ssge, stride_ssgn, stride_ssgk, stride_ssue, stride_ssun, stride_ssuk,
             stride_gxm, stride_gxk, stride_hm, stride_hqm, stride_hsm,
             BLOCK_M, BLOCK_N, BLOCK_K, SUB_K, SWAP_AB, A_MODE, WEIGHT_ON_INPUT, N_SHARED, SHARED_GATE, QUANT_H,
-            EVEN_N, EVEN_K, SPLIT_OUT, COMBINE_LAST,
+            EVEN_N, EVEN_K, SPLIT_OUT,
         )

@@ -2,8 +2,7 @@
 deterministic mode) over the aligned token list of reference.align_pairs.
 
     GEMM1  h[pair] = SiLU(x Wg^T) * (x Wu^T)              expert_gemm1_kernel (also zeroes out)
-           or, split over K, fp32 sums per split        + gemm1_combine_kernel (SiLU*up, fp8 quant;
-                                                          or GEMM1's last programs: GEMM1_COMBINE_IN_GEMM1)
+           or, split over K, fp32 sums per split        + gemm1_combine_kernel (SiLU*up, fp8 quant)
     GEMM2  out[token] += weight[pair] * h[pair] Wd^T       expert_gemm2_kernel (atomics, split-K)
     or     y[split, pair] = weight * h Wd^T; out = sum y   + moe_finalize_kernel (deterministic)
 
@@ -59,10 +58,6 @@ PREFETCH_BYTES = 64 * 1024
 # default: on the H100 (run 5) it was 6-7 us slower at dsv3-ep8 M = 1-2 and 1 us faster at M = 4
 # (the ticket's barrier and acq_rel atomic after every GEMM1 item cost more than the launch saved).
 FUSED_H_QUANT = os.environ.get("MOE_FUSION_FP8_H_QUANT", "kernel") == "gemm1"
-# A split GEMM1's last program of each (tile, 128-column group) finishes h (gemm1_combine_kernel's
-# work, bitwise) instead of a launch of its own: one fence per program, where FUSED_H_QUANT's
-# measured loss came from one per item. Not measured on the GPU yet, so off by default.
-GEMM1_COMBINE_IN_GEMM1 = os.environ.get("MOE_FUSION_GEMM1_COMBINE", "launch") == "last_program"
 
 log = logging.getLogger("moe_fusion.lowering")
 
@@ -453,7 +448,7 @@ class ExpertLaunch:
         self.scales = _scales(self.experts)
         self.shared_scales = _scales(self.shared.experts) if self.shared is not None else self.scales
         self.gate_partial = self.pair_weights  # unused unless the shared experts are gated (gemm1)
-        self.h_finished = False  # GEMM1 leaves GEMM2's A operand complete (no prepare_h launch)
+        self.h_quantized = False
         self.a, self.a_scale, self.a_row_divisor = self.x, self.pair_weights, self.topk_ids.shape[1]
 
     def use_gemm1_splits(self, splits: int) -> None:
@@ -482,11 +477,9 @@ class ExpertLaunch:
     def prepare_h(self) -> None:
         """GEMM2's A operand: h from a split GEMM1's sums, and for fp8 experts its quantisation
         (h_fp8, h_scale), unless GEMM1 already did it."""
-        if self.h_finished:
-            return
         if self.gemm1_sums is not None:
             self._combine_gemm1_splits()
-        elif self.experts.fp8:
+        elif self.experts.fp8 and not self.h_quantized:
             self._quantize_rows(self.h, self.h_fp8, self.h_scale, 1, scale_rows=False, after_gemm=True)
 
     def _combine_gemm1_splits(self) -> None:
@@ -526,14 +519,11 @@ class ExpertLaunch:
         tiles = self._work_tiles(config)
         items = tiles * triton.cdiv(I, g.block_n) * g.split_k
         grid = max(1, min(items, self.num_sms * g.programs_per_sm))
-        # Both use the tickets, one set per device under CUDA graphs: not beside another launch.
-        in_epilogue = not self.on_side_stream and g.block_n <= FP8_BLOCK
-        quant_h = in_epilogue and self.experts.fp8 and FUSED_H_QUANT and g.split_k == 1
-        combine_last = in_epilogue and GEMM1_COMBINE_IN_GEMM1 and g.split_k > 1
+        quant_h = (self.experts.fp8 and FUSED_H_QUANT and not self.on_side_stream and g.block_n <= FP8_BLOCK
+                   and g.split_k == 1)
         unused = self.pair_weights.view(1, 1, self.pair_weights.numel())
         sums = self.gemm1_sums if self.gemm1_sums is not None else unused
-        ticketed = quant_h or combine_last
-        tickets = _ticket_buffer(self.x.device, tiles * triton.cdiv(I, FP8_BLOCK)) if ticketed else self.pair_weights
+        tickets = _ticket_buffer(self.x.device, tiles * triton.cdiv(I, FP8_BLOCK)) if quant_h else self.pair_weights
         operands, constants = self._gemm1_operands(config)
         expert_gemm1_kernel[(grid,)](
             *operands, self.partial, tickets,
@@ -541,10 +531,9 @@ class ExpertLaunch:
             self.topk_ids.numel(), self.a_row_divisor, M, I, H, self._zero_numel(),
             **constants, BLOCK_N=g.block_n, BLOCK_K=g.block_k, SUB_K=self._sub_k(g), SWAP_AB=g.swap_ab,
             QUANT_H=quant_h, EVEN_N=I % g.block_n == 0, EVEN_K=H % g.block_k == 0, SPLIT_OUT=g.split_k > 1,
-            COMBINE_LAST=combine_last, ZERO_BLOCK=ZERO_BLOCK, USE_PDL=self.use_pdl, num_warps=g.num_warps,
-            num_stages=g.num_stages,
+            ZERO_BLOCK=ZERO_BLOCK, USE_PDL=self.use_pdl, num_warps=g.num_warps, num_stages=g.num_stages,
         )
-        self.h_finished = ticketed or (g.split_k == 1 and not self.experts.fp8)
+        self.h_quantized = quant_h
 
     def gemm2(self, config: ExpertConfig) -> None:
         H = self.x.shape[1]
