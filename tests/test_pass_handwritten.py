@@ -1,8 +1,9 @@
 """The pass on MoE code written by hand (moe_fusion/tools/example_models.py): gpt-fast style
 einsum experts, a DeepSeek-style layer with nn.RMSNorm and torch._grouped_mm, and one model
-with two kinds of MoE layer."""
+with two kinds of MoE layer; and a grouped-GEMM expert block with transformers 5.17's sentinel-id masks."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from moe_fusion.tools import example_models
 from pass_helpers import compile_and_compare, count_ops, hidden_states
@@ -49,3 +50,57 @@ def test_two_kinds_of_moe_layer_get_two_specs():
     assert first != second
     assert (first["scoring"], first["n_group"]) == ("sigmoid", 4)
     assert (second["scoring"], second["n_group"]) == ("softmax", 1)
+
+
+class SentinelMaskedMoE(torch.nn.Module):
+    """Softmax top-k routing and fused gate_up experts on torch._grouped_mm that, like transformers
+    5.17's grouped-GEMM experts, clamp the sorted expert ids into range and zero the rows of
+    "sentinel" ids (>= mask_from) in the GEMM input and both GEMM outputs. With mask_from = E no
+    top-k id is ever a sentinel, so the masks never apply; with E - 1 they drop the last expert."""
+
+    def __init__(self, mask_from_last_expert: bool, hidden=64, experts=8, intermediate=32, top_k=2):
+        super().__init__()
+        gen = torch.Generator().manual_seed(3)
+        self.top_k, self.experts = top_k, experts
+        self.mask_from = experts - 1 if mask_from_last_expert else experts
+        self.router = torch.nn.Parameter(torch.randn(experts, hidden, generator=gen) / hidden ** 0.5)
+        self.gate_up = torch.nn.Parameter(torch.randn(experts, 2 * intermediate, hidden, generator=gen) / hidden ** 0.5)
+        self.down = torch.nn.Parameter(torch.randn(experts, hidden, intermediate, generator=gen) / intermediate ** 0.5)
+
+    def forward(self, x):
+        probs = torch.softmax(x @ self.router.t(), dim=-1, dtype=torch.float32)
+        weights, ids = probs.topk(self.top_k, dim=-1)
+        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
+        order = ids.reshape(-1).argsort()
+        sorted_ids = ids.reshape(-1)[order].clamp(0, self.experts - 1)
+        sentinel = (sorted_ids >= self.mask_from).unsqueeze(-1)
+        offsets = torch.cumsum(torch.histc(sorted_ids.float(), bins=self.experts, min=0, max=self.experts - 1),
+                               0, dtype=torch.int32)
+        rows = x[order // self.top_k].masked_fill(sentinel, 0.0)
+        gate_up = torch._grouped_mm(rows, self.gate_up.transpose(1, 2), offs=offsets).masked_fill(sentinel, 0.0)
+        gate, up = gate_up.chunk(2, dim=-1)
+        y = torch._grouped_mm(F.silu(gate) * up, self.down.transpose(1, 2), offs=offsets).masked_fill(sentinel, 0.0)
+        y = y * weights.reshape(-1)[order].unsqueeze(-1)
+        out = torch.zeros_like(y)
+        out[order] = y
+        return out.view(x.shape[0], self.top_k, -1).sum(dim=1)
+
+
+@pytest.mark.parametrize("mask_from_last_expert", [False, True])
+def test_sentinel_masks_that_never_apply_are_seen_through(mask_from_last_expert):
+    """Masks of ids >= num_experts after a top-k over num_experts, and a clamp to [0, E - 1], are
+    no-ops: the layer matches as if they were not there. A mask that can apply (ids >= E - 1) is
+    part of what the layer computes: the experts are left as written (routing fused only)."""
+    dtype = torch.bfloat16  # torch._grouped_mm takes bf16 only
+    model = SentinelMaskedMoE(mask_from_last_expert).to(dtype).eval()
+    backend = compile_and_compare(model, hidden_states(64, dtype), dtype)
+    (layer,) = backend.report.layers
+    if mask_from_last_expert:
+        assert layer.status == "partial", backend.report.format_text()
+        assert "the first expert GEMM output is not split into gate and up halves" in layer.reason
+        assert count_ops(backend.graph_modules[-1], "_grouped_mm") == 2
+    else:
+        assert layer.status == "matched", backend.report.format_text()
+        assert (layer.spec["top_k"], layer.spec["num_experts"], layer.spec["intermediate_size"]) == (2, 8, 32)
+        gm = backend.graph_modules[-1]
+        assert count_ops(gm, "moe_fusion.moe_layer") == 1 and count_ops(gm, "_grouped_mm", "aten.where", "clamp") == 0

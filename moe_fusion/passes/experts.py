@@ -14,8 +14,9 @@ from typing import List, Optional, Set, Tuple
 from torch.fx import Node
 
 from .graph_utils import (
-    CAST_OPS, VIEW_OPS, MatchFailure, aten, check_region, forward_through, is_getitem, is_op, is_param, op_name,
-    prims, region_between, require, same_shape, same_size, shape, strip_layout, users_breadth_first,
+    CAST_OPS, VIEW_OPS, MatchFailure, aten, check_region, forward_through, is_getitem, is_idle_clamp, is_never_true,
+    is_op, is_param, masked_value, op_name, prims, region_between, require, same_shape, same_size, shape,
+    strip_layout, users_breadth_first,
 )
 from .router import RouterMatch
 
@@ -235,13 +236,14 @@ ALLOWED_OPS = (
     aten.sigmoid, aten.neg, aten.exp, aten.add, aten.mul, aten.sum, aten.index_put, aten.index_put_,
     aten.arange, aten.empty, aten.full, aten.zeros, aten.repeat, aten.repeat_interleave, aten.index_add,
     aten.scatter_add, aten.permute, aten.transpose, aten.new_zeros, aten.copy, aten.squeeze, aten.empty_like,
-    aten.zeros_like, aten.index_select, prims.iota, aten.sym_size, aten.clamp,
+    aten.zeros_like, aten.index_select, prims.iota, aten.sym_size,
 ) + VIEW_OPS + CAST_OPS
 
 
 def _allowed(node: Node) -> bool:
     return (is_getitem(node) or is_op(node, *ALLOWED_OPS) or op_name(node) in GROUPED_GEMMS
-            or node.target in (operator.mul, operator.add, operator.floordiv, operator.sub))
+            or node.target in (operator.mul, operator.add, operator.floordiv, operator.sub)
+            or masked_value(node) is not None or is_never_true(node) or is_idle_clamp(node))
 
 
 def _output_candidates(g2: Node, tokens_shape: tuple):

@@ -146,7 +146,8 @@ def users_breadth_first(start: Node, max_depth: int, expand: Callable[[Node], bo
 
 
 def forward_through(node: Node, views: bool = True, casts: bool = True, permutes: bool = False) -> List[Node]:
-    """The users of ``node`` reached through shape-only ops and casts (the first non-transparent ones)."""
+    """The users of ``node`` reached through shape-only ops, casts and masks that never apply
+    (masked_value): the first non-transparent ones."""
     out, stack, seen = [], [node], set()
     while stack:
         n = stack.pop()
@@ -155,11 +156,79 @@ def forward_through(node: Node, views: bool = True, casts: bool = True, permutes
                 continue
             seen.add(user)
             if ((views and is_op(user, *VIEW_OPS)) or (casts and is_op(user, *CAST_OPS))
-                    or (permutes and is_op(user, aten.permute, aten.transpose))):
+                    or (permutes and is_op(user, aten.permute, aten.transpose)) or masked_value(user) is n):
                 stack.append(user)
             else:
                 out.append(user)
     return out
+
+
+# --------------------------------------------------------------------------- masks that never apply
+def index_bound(node) -> Optional[int]:
+    """An exclusive upper bound on an integer tensor's values that holds by how it is computed:
+    the indices of a top-k over a dimension of size n are below n, and views, integer casts,
+    sorting, gathering and clamping keep (or lower) the bound. None where it is not known."""
+    if is_getitem(node, 1) and is_op(node.args[0], aten.topk):
+        topk = node.args[0]
+        dim = topk.args[2] if len(topk.args) > 2 else topk.kwargs.get("dim", -1)
+        size = shape(topk.args[0])[dim] if shape(topk.args[0]) else None
+        return size if isinstance(size, int) else None
+    if is_getitem(node, 0) and is_op(node.args[0], aten.sort):
+        return index_bound(node.args[0].args[0])
+    integer = dtype(node) is not None and not dtype(node).is_floating_point and dtype(node) != torch.bool
+    if integer and (is_op(node, *VIEW_OPS, *CAST_OPS, aten.index, aten.gather, aten.index_select)):
+        source = node.args[0]
+        return index_bound(source) if dtype(source) is not None and not dtype(source).is_floating_point else None
+    if integer and is_op(node, aten.clamp, aten.clamp_min, aten.clamp_max):
+        bound = index_bound(node.args[0])
+        high = _clamp_limits(node)[1]
+        return min(bound, high + 1) if isinstance(high, int) and bound is not None else bound
+    return None
+
+
+def _clamp_limits(node: Node) -> tuple:
+    """(min, max) of a clamp / clamp_min / clamp_max (None where that side is open)."""
+    if is_op(node, aten.clamp_min):
+        return node.args[1], None
+    if is_op(node, aten.clamp_max):
+        return None, node.args[1]
+    low = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
+    high = node.args[2] if len(node.args) > 2 else node.kwargs.get("max")
+    return low, high
+
+
+def is_idle_clamp(node) -> bool:
+    """A clamp of top-k-derived ids (>= 0, below their index_bound) to a range that holds them all
+    (transformers 5.17 clamps expert ids to [0, num_experts - 1] whether or not any is a sentinel)."""
+    if not is_op(node, aten.clamp, aten.clamp_min, aten.clamp_max):
+        return False
+    bound = index_bound(node.args[0])
+    low, high = _clamp_limits(node)
+    return (bound is not None and (low is None or (isinstance(low, int) and low <= 0))
+            and (high is None or (isinstance(high, int) and high + 1 >= bound)))
+
+
+def is_never_true(cond) -> bool:
+    """A boolean tensor that is False everywhere by construction: ``ids >= c`` (or ``ids > c``) on
+    ids whose index_bound says they stay below that, through views."""
+    cond = strip(cond, casts=False)
+    if not is_op(cond, aten.ge, aten.gt) or not isinstance(cond.args[1], int):
+        return False
+    bound = index_bound(cond.args[0])
+    limit = cond.args[1] + (1 if is_op(cond, aten.gt) else 0)
+    return bound is not None and bound <= limit
+
+
+def masked_value(node) -> Optional[Node]:
+    """x for ``where(cond, other, x)`` whose condition is_never_true (so it returns x, same shape
+    and dtype), else None. transformers 5.17's grouped-GEMM experts mask "sentinel" expert ids
+    (>= num_experts, only there under expert parallelism) this way around both GEMMs."""
+    if not is_op(node, aten.where) or len(node.args) != 3 or not isinstance(node.args[2], Node):
+        return None
+    x = node.args[2]
+    if not is_never_true(node.args[0]) or not same_shape(shape(node), shape(x)) or dtype(node) != dtype(x):
+        return None
+    return x
 
 
 def single_user(node: Node) -> Optional[Node]:
