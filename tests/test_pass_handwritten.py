@@ -54,15 +54,14 @@ def test_two_kinds_of_moe_layer_get_two_specs():
 
 class SentinelMaskedMoE(torch.nn.Module):
     """Softmax top-k routing and fused gate_up experts on torch._grouped_mm that, like transformers
-    5.17's grouped-GEMM experts, clamp the sorted expert ids into range and zero the rows of
-    "sentinel" ids (>= mask_from) in the GEMM input and both GEMM outputs. With mask_from = E no
-    top-k id is ever a sentinel, so the masks never apply; with E - 1 they drop the last expert."""
+    5.17's grouped-GEMM experts, clamp the sorted expert ids to [0, clamp_max] and zero the rows of
+    "sentinel" ids (>= mask_from) in the GEMM input and both GEMM outputs. With clamp_max = E - 1
+    and mask_from = E neither ever changes a value; below that they change what the layer computes."""
 
-    def __init__(self, mask_from_last_expert: bool, hidden=64, experts=8, intermediate=32, top_k=2):
+    def __init__(self, mask_from: int, clamp_max: int, hidden=64, experts=8, intermediate=32, top_k=2):
         super().__init__()
         gen = torch.Generator().manual_seed(3)
-        self.top_k, self.experts = top_k, experts
-        self.mask_from = experts - 1 if mask_from_last_expert else experts
+        self.top_k, self.experts, self.mask_from, self.clamp_max = top_k, experts, mask_from, clamp_max
         self.router = torch.nn.Parameter(torch.randn(experts, hidden, generator=gen) / hidden ** 0.5)
         self.gate_up = torch.nn.Parameter(torch.randn(experts, 2 * intermediate, hidden, generator=gen) / hidden ** 0.5)
         self.down = torch.nn.Parameter(torch.randn(experts, hidden, intermediate, generator=gen) / intermediate ** 0.5)
@@ -72,7 +71,7 @@ class SentinelMaskedMoE(torch.nn.Module):
         weights, ids = probs.topk(self.top_k, dim=-1)
         weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
         order = ids.reshape(-1).argsort()
-        sorted_ids = ids.reshape(-1)[order].clamp(0, self.experts - 1)
+        sorted_ids = ids.reshape(-1)[order].clamp(0, self.clamp_max)
         sentinel = (sorted_ids >= self.mask_from).unsqueeze(-1)
         offsets = torch.cumsum(torch.histc(sorted_ids.float(), bins=self.experts, min=0, max=self.experts - 1),
                                0, dtype=torch.int32)
@@ -86,21 +85,25 @@ class SentinelMaskedMoE(torch.nn.Module):
         return out.view(x.shape[0], self.top_k, -1).sum(dim=1)
 
 
-@pytest.mark.parametrize("mask_from_last_expert", [False, True])
-def test_sentinel_masks_that_never_apply_are_seen_through(mask_from_last_expert):
+# (mask_from, clamp_max) for 8 experts: masks and clamp idle; a mask that drops expert 7; a clamp
+# that sends expert 7's tokens to expert 6.
+SENTINEL_CASES = {"idle": (8, 7), "mask_applies": (7, 7), "clamp_applies": (8, 6)}
+
+
+@pytest.mark.parametrize("case", list(SENTINEL_CASES))
+def test_sentinel_masks_and_clamps_that_never_apply_are_seen_through(case):
     """Masks of ids >= num_experts after a top-k over num_experts, and a clamp to [0, E - 1], are
-    no-ops: the layer matches as if they were not there. A mask that can apply (ids >= E - 1) is
-    part of what the layer computes: the experts are left as written (routing fused only)."""
+    no-ops: the layer matches as if they were not there. A mask or clamp that can apply is part of
+    what the layer computes: the experts are left as written (routing fused only)."""
     dtype = torch.bfloat16  # torch._grouped_mm takes bf16 only
-    model = SentinelMaskedMoE(mask_from_last_expert).to(dtype).eval()
+    model = SentinelMaskedMoE(*SENTINEL_CASES[case]).to(dtype).eval()
     backend = compile_and_compare(model, hidden_states(64, dtype), dtype)
     (layer,) = backend.report.layers
-    if mask_from_last_expert:
-        assert layer.status == "partial", backend.report.format_text()
-        assert "the first expert GEMM output is not split into gate and up halves" in layer.reason
-        assert count_ops(backend.graph_modules[-1], "_grouped_mm") == 2
-    else:
+    gm = backend.graph_modules[-1]
+    if case == "idle":
         assert layer.status == "matched", backend.report.format_text()
         assert (layer.spec["top_k"], layer.spec["num_experts"], layer.spec["intermediate_size"]) == (2, 8, 32)
-        gm = backend.graph_modules[-1]
         assert count_ops(gm, "moe_fusion.moe_layer") == 1 and count_ops(gm, "_grouped_mm", "aten.where", "clamp") == 0
+    else:
+        assert layer.status == "partial", backend.report.format_text()
+        assert count_ops(gm, "_grouped_mm") == 2

@@ -3,7 +3,7 @@ casts, scalar constants, and the region of nodes between a layer's inputs and it
 from __future__ import annotations
 
 import contextvars
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch.fx import Node
@@ -164,26 +164,32 @@ def forward_through(node: Node, views: bool = True, casts: bool = True, permutes
 
 
 # --------------------------------------------------------------------------- masks that never apply
-def index_bound(node) -> Optional[int]:
-    """An exclusive upper bound on an integer tensor's values that holds by how it is computed:
-    the indices of a top-k over a dimension of size n are below n, and views, integer casts,
-    sorting, gathering and clamping keep (or lower) the bound. None where it is not known."""
+def index_range(node) -> Optional[Tuple[int, int]]:
+    """[low, high): where an integer tensor's values lie by how they are computed. The indices of
+    a top-k over a dimension of size n lie in [0, n); views, integer casts, sorting and gathering
+    keep the range, a clamp narrows it. None where it is not known."""
     if is_getitem(node, 1) and is_op(node.args[0], aten.topk):
         topk = node.args[0]
         dim = topk.args[2] if len(topk.args) > 2 else topk.kwargs.get("dim", -1)
         size = shape(topk.args[0])[dim] if shape(topk.args[0]) else None
-        return size if isinstance(size, int) else None
+        return (0, size) if isinstance(size, int) else None
     if is_getitem(node, 0) and is_op(node.args[0], aten.sort):
-        return index_bound(node.args[0].args[0])
-    integer = dtype(node) is not None and not dtype(node).is_floating_point and dtype(node) != torch.bool
-    if integer and (is_op(node, *VIEW_OPS, *CAST_OPS, aten.index, aten.gather, aten.index_select)):
-        source = node.args[0]
-        return index_bound(source) if dtype(source) is not None and not dtype(source).is_floating_point else None
-    if integer and is_op(node, aten.clamp, aten.clamp_min, aten.clamp_max):
-        bound = index_bound(node.args[0])
-        high = _clamp_limits(node)[1]
-        return min(bound, high + 1) if isinstance(high, int) and bound is not None else bound
+        return index_range(node.args[0].args[0])
+    if not (_is_integer(node) and isinstance(node.args[0], Node) and _is_integer(node.args[0])):
+        return None
+    if is_op(node, *VIEW_OPS, *CAST_OPS, aten.index, aten.gather, aten.index_select):
+        return index_range(node.args[0])
+    if is_op(node, aten.clamp, aten.clamp_min, aten.clamp_max):
+        values, limits = index_range(node.args[0]), _clamp_limits(node)
+        if values is None or not all(v is None or isinstance(v, int) for v in limits):
+            return None
+        return _clip(values[0], limits), _clip(values[1] - 1, limits) + 1
     return None
+
+
+def _is_integer(node: Node) -> bool:
+    kind = dtype(node)
+    return kind is not None and not kind.is_floating_point and not kind.is_complex and kind != torch.bool
 
 
 def _clamp_limits(node: Node) -> tuple:
@@ -197,26 +203,30 @@ def _clamp_limits(node: Node) -> tuple:
     return low, high
 
 
+def _clip(value: int, limits: tuple) -> int:
+    low, high = limits
+    value = value if low is None else max(value, low)
+    return value if high is None else min(value, high)
+
+
 def is_idle_clamp(node) -> bool:
-    """A clamp of top-k-derived ids (>= 0, below their index_bound) to a range that holds them all
-    (transformers 5.17 clamps expert ids to [0, num_experts - 1] whether or not any is a sentinel)."""
+    """A clamp whose range holds every value of its input's index_range (transformers 5.17 clamps
+    top-k expert ids into [0, num_experts - 1] whether or not any is a sentinel)."""
     if not is_op(node, aten.clamp, aten.clamp_min, aten.clamp_max):
         return False
-    bound = index_bound(node.args[0])
-    low, high = _clamp_limits(node)
-    return (bound is not None and (low is None or (isinstance(low, int) and low <= 0))
-            and (high is None or (isinstance(high, int) and high + 1 >= bound)))
+    values = index_range(node.args[0])
+    return values is not None and index_range(node) == values
 
 
 def is_never_true(cond) -> bool:
     """A boolean tensor that is False everywhere by construction: ``ids >= c`` (or ``ids > c``) on
-    ids whose index_bound says they stay below that, through views."""
+    ids whose index_range lies below that, through views."""
     cond = strip(cond, casts=False)
     if not is_op(cond, aten.ge, aten.gt) or not isinstance(cond.args[1], int):
         return False
-    bound = index_bound(cond.args[0])
+    values = index_range(cond.args[0])
     limit = cond.args[1] + (1 if is_op(cond, aten.gt) else 0)
-    return bound is not None and bound <= limit
+    return values is not None and values[1] <= limit
 
 
 def masked_value(node) -> Optional[Node]:
