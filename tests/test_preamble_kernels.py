@@ -103,3 +103,22 @@ def test_align_pairs(M, k, E, L, block_m, parallel):
     want = reference.align_pairs(topk_ids, expert_map, L, block_m)
     for g, w in zip(got, want):
         assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("tokens_above_kernel_limit", [False, True])
+def test_align_pairs_fastest_takes_any_ids_and_falls_back_to_torch_above_its_limit(tokens_above_kernel_limit,
+                                                                                   monkeypatch):
+    """The alignment the expert block makes for itself (no preamble): int64 ids in a non-contiguous
+    view go to the kernel as int32 rows; above ALIGN_KERNEL_MAX_M tokens torch's sort aligns."""
+    monkeypatch.setattr(align_kernel, "ALIGN_KERNEL_MAX_M", 4 if tokens_above_kernel_limit else 4096)
+    launched = []
+    real = align_kernel.align_pairs
+    monkeypatch.setattr(align_kernel, "align_pairs", lambda *a, **k: launched.append(a) or real(*a, **k))
+    wide = torch.stack([torch.randperm(12)[:6] for _ in range(7)]).to(DEVICE)  # int64
+    topk_ids = wide[:, ::2]  # [7, 3], row stride 6
+    expert_map = torch.tensor([-1, 0, -1, 1, 2, -1, 3, 4, -1, 5, -1, 6], dtype=torch.int32, device=DEVICE)
+    with poisoned_empty():
+        got = align_kernel.align_pairs_fastest(topk_ids, expert_map, 7, 4)
+    assert len(launched) == (0 if tokens_above_kernel_limit else 1)
+    for g, w in zip(got, reference.align_pairs(topk_ids, expert_map, 7, 4)):
+        assert torch.equal(g, w)

@@ -32,7 +32,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from ..spec import FP8_BLOCK, FP8_DTYPE, MoESpec, MoEWeights
 from .unsupported import Unsupported
-from . import expert_configs, reference
+from . import align_kernel, expert_configs, reference
 from .expert_configs import ExpertConfig, ProblemKey
 from .expert_gemm1_kernel import expert_gemm1_kernel
 from .expert_gemm2_kernel import expert_gemm2_kernel
@@ -381,7 +381,7 @@ def run_experts(
         raise Unsupported(f"config {config}: {problem}")
     block_m = config.block_m
     if alignment is None:
-        alignment = reference.align_pairs(topk_ids, experts.expert_map, experts.num_local, block_m)
+        alignment = align_kernel.align_pairs_fastest(topk_ids, experts.expert_map, experts.num_local, block_m)
     sorted_pair_ids, tile_expert, num_tiles = alignment
     max_tiles = tile_expert.numel()
     if sorted_pair_ids.numel() != max_tiles * block_m:

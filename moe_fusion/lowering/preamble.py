@@ -3,7 +3,7 @@
 Planned path (any M), launches chained by programmatic dependent launch (PDL) on CUDA, no host
 synchronisation: norm_quant (RMSNorm, fp8 activation groups, zeroing of the router workspace),
 split-K router GEMM, a row-parallel routing kernel, then the alignment kernel (align_kernel: one
-program, or from 16 tokens one per two local experts) up to ALIGN_KERNEL_MAX_M tokens and
+program, or from 16 tokens one per two local experts) up to align_kernel.ALIGN_KERNEL_MAX_M tokens and
 ``reference.align_pairs`` (sync-free torch) above. For the fewest tokens (ROUTE_ALIGN_MAX_TILE) one
 program routes and aligns (route_align_kernel), one launch instead of two. Where a kernel's
 register tile cannot hold a spec's experts, that stage runs the reference instead;
@@ -45,9 +45,6 @@ FUSED_MAX_M = 0
 # (256) 8.48 / 8.99 against 8.43 / 11.81; dsv3-ep8 M = 1 8.59 against 8.32. Above the tile one
 # program routing its rows one after another costs more than the launch it saves.
 ROUTE_ALIGN_MAX_TILE = 256
-# Above this many tokens torch's sort-based alignment is faster (H100, session 5, alignment alone,
-# dsv3: many-program kernel 54.9 / 213 us against torch's 144 / 171 at M = 4096 / 16384).
-ALIGN_KERNEL_MAX_M = 4096
 # Each kernel after the norm is a programmatic dependent launch (CUDA): it starts while the kernel
 # before it runs and waits (griddepcontrol.wait) before reading that kernel's outputs.
 USE_PDL = True
@@ -129,12 +126,13 @@ def plan_preamble(spec: MoESpec, M: int, normed_dtype: torch.dtype, router_dtype
         align = "fused"
     elif route == "kernel" and align_ok and 0 < M * topk_kernel.padded_experts(spec) <= ROUTE_ALIGN_MAX_TILE:
         align = "with_routing"
-    elif align_ok and M <= ALIGN_KERNEL_MAX_M:
+    elif align_ok and M <= align_kernel.ALIGN_KERNEL_MAX_M:
         align = "kernel"
     else:
         align = "reference"
         if align_ok:
-            reasons.append(f"alignment: M={M} > {ALIGN_KERNEL_MAX_M}, the sort-based torch alignment is faster")
+            reasons.append(f"alignment: M={M} > {align_kernel.ALIGN_KERNEL_MAX_M}, "
+                           "the sort-based torch alignment is faster")
     sm = _sm_count(torch.device(device).index or 0) if torch.device(device).type == "cuda" else _sm_count(None)
     cfg = router_config(M, spec.num_experts, spec.hidden_size, _dot_fp32(spec, normed_dtype, router_dtype), sm,
                         fused, split_k=not deterministic, **router_overrides)
