@@ -107,3 +107,32 @@ def test_sentinel_masks_and_clamps_that_never_apply_are_seen_through(case):
     else:
         assert layer.status == "partial", backend.report.format_text()
         assert count_ops(gm, "_grouped_mm") == 2
+
+
+class OnlineSoftmaxRouterMoE(example_models.GptFastMoE):
+    """The gpt-fast layer with its router softmax written as Inductor's CUDA post-grad pass leaves
+    it: prepare_softmax_online(x) gives the row max and the sum of exp(x - max), then
+    exp(x - max) / sum (on the CPU Inductor keeps the decomposed softmax, so the form is written here)."""
+
+    def forward(self, x):
+        logits = self.gate(x)
+        row_max, row_sum = torch.ops.prims.prepare_softmax_online(logits, -1)
+        scores = torch.exp(logits - row_max) / row_sum
+        expert_weights, expert_indices = torch.topk(scores, self.top_k, dim=-1)
+        expert_weights = expert_weights / expert_weights.sum(dim=-1, keepdim=True)
+        w1, w3, w2 = self.w1[expert_indices], self.w3[expert_indices], self.w2[expert_indices]
+        x1 = F.silu(torch.einsum("ti,taoi->tao", x, w1))
+        x3 = torch.einsum("ti,taoi->tao", x, w3)
+        out = torch.einsum("tao,taio->tai", x1 * x3, w2)
+        return torch.einsum("tai,ta->ti", out, expert_weights)
+
+
+def test_softmax_router_in_inductors_online_form_on_cuda():
+    """Qwen3 / Mixtral / Qwen2 routers on CUDA reach the pass in this form."""
+    model = OnlineSoftmaxRouterMoE().eval()
+    backend = compile_and_compare(model, hidden_states(example_models.HIDDEN, torch.float32), torch.float32)
+    (layer,) = backend.report.layers
+    assert layer.status == "matched", backend.report.format_text()
+    assert (layer.spec["scoring"], layer.spec["top_k"], layer.spec["renormalize"]) == ("softmax", 2, True)
+    gm = backend.graph_modules[-1]
+    assert count_ops(gm, "moe_fusion.moe_layer") == 1 and count_ops(gm, "prepare_softmax_online", "aten.topk") == 0

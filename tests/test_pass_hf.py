@@ -75,6 +75,7 @@ CASES = [
     ("mixtral", "batched_mm", torch.float32, {}),
     ("qwen2_moe", "grouped_mm", torch.float32, {}),
     ("llama4_text", "grouped_mm", torch.float32, {}),
+    ("llama4_text", "grouped_mm", torch.bfloat16, {}),  # the router's sigmoid on an fp32 upcast
 ]
 
 

@@ -6,6 +6,7 @@ import contextvars
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import torch
+import torch._inductor.inductor_prims  # noqa: F401  (registers prims.prepare_softmax_online)
 from torch.fx import Node
 
 aten = torch.ops.aten

@@ -10,8 +10,8 @@ import torch
 from torch.fx import Node
 
 from .graph_utils import (
-    CAST_OPS, VIEW_OPS, BakedScalars, MatchFailure, aten, prims, check_region, dtype, is_getitem, is_neg_inf, is_op, is_param,
-    op_name, region_between, require, scalar_value, shape, strip, strip_upcasts,
+    CAST_OPS, VIEW_OPS, BakedScalars, MatchFailure, aten, prims, check_region, dtype, forward_through, is_getitem,
+    is_neg_inf, is_op, is_param, op_name, region_between, require, scalar_value, shape, strip, strip_upcasts,
 )
 
 STEP = "router"
@@ -77,19 +77,35 @@ def _router_gemm(logits: Node, blockers: List[MatchFailure]):
 
 
 def _softmax_input(node: Node) -> Optional[Node]:
-    """The logits of a softmax over the last dim, whether kept as one op or decomposed
-    (exp(x - amax) / sum)."""
+    """The logits of a softmax over the last dim, whether kept as one op, decomposed
+    (exp(x - amax) / sum), or in the online form Inductor gives it on CUDA (its post-grad pass
+    turns amax and sum into one prepare_softmax_online(x): exp(x - max) / sum)."""
     if is_op(node, aten._softmax, aten.softmax):
         return node.args[0]
     if not is_op(node, aten.div):
         return None
     num, den = strip(node.args[0]), strip(node.args[1])
-    if not (is_op(num, aten.exp) and is_op(den, aten.sum) and strip(den.args[0]) is num):
+    if not is_op(num, aten.exp):
         return None
     inner = strip(num.args[0])
+    online = _online_softmax_of(den)
+    if online is not None:
+        subtracts_its_max = (is_op(inner, aten.sub) and strip(inner.args[0]) is strip(online.args[0])
+                             and _online_softmax_of(inner.args[1], 0) is online)
+        return inner.args[0] if subtracts_its_max else None
+    if not (is_op(den, aten.sum) and strip(den.args[0]) is num):
+        return None
     if is_op(inner, aten.sub) and is_op(strip(inner.args[1]), aten.amax):
         return inner.args[0]
     return inner
+
+
+def _online_softmax_of(node, output: int = 1) -> Optional[Node]:
+    """The prepare_softmax_online node whose ``output`` (0: max, 1: sum) ``node`` is (through views)."""
+    node = strip(node, casts=False)
+    if is_getitem(node, output) and is_op(node.args[0], prims.prepare_softmax_online):
+        return node.args[0]
+    return None
 
 
 def _scores_of(node: Node):
@@ -273,7 +289,8 @@ def _dense_weights(values: Node, ids: Node, fields: Dict[str, object]):
     for user in values.users:
         if is_op(user, aten.scatter) and user.args[2] is ids and user.args[3] is values \
                 and _fill_value(user.args[0]) == float("-inf"):
-            scored = [u for u in user.users if is_op(u, aten.sigmoid)]
+            # In a bf16/fp16 model the sigmoid may run on an fp32 upcast of them.
+            scored = [u for u in forward_through(user, views=False) if is_op(u, aten.sigmoid)]
             require(len(scored) == 1 and len(user.users) == 1, STEP, user, "scattered top-k logits are not scored by a sigmoid")
             return "sigmoid", scored[0], True
         if is_op(user, aten.sigmoid):
@@ -294,6 +311,7 @@ def _nodes_after(node: Node, depth: int):
 
 ALLOWED_OPS = (
     aten.mm, aten.addmm, aten.permute, aten.sigmoid, aten._softmax, aten.softmax, aten.amax, aten.sub, aten.exp, aten.sum,
+    prims.prepare_softmax_online,
     aten.div, aten.add, aten.mul, aten.topk, aten.gather, aten.where, aten.full, aten.scatter, aten.bitwise_not,
     aten.logical_not, aten.eq, aten.ne, aten.scalar_tensor, aten.arange, prims.iota, aten.zeros_like, aten.ones_like, aten.full_like, aten.zeros, aten.ones,
 ) + VIEW_OPS + CAST_OPS
