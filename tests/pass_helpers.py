@@ -64,10 +64,10 @@ def compile_and_compare(model, make_input, dtype, codegen: bool = False):
     return backend
 
 
-def token_ids(vocab_size: int):
+def token_ids(vocab_size: int, device: str = "cpu"):
     """Decode-style inputs: one new token for each of `batch` sequences."""
     def make(batch):
-        return torch.randint(3, vocab_size, (batch, 1))
+        return torch.randint(3, vocab_size, (batch, 1), device=device)
     return make
 
 
