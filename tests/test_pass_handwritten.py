@@ -112,11 +112,16 @@ def test_sentinel_masks_and_clamps_that_never_apply_are_seen_through(case):
 class OnlineSoftmaxRouterMoE(example_models.GptFastMoE):
     """The gpt-fast layer with its router softmax written as Inductor's CUDA post-grad pass leaves
     it: prepare_softmax_online(x) gives the row max and the sum of exp(x - max), then
-    exp(x - max) / sum (on the CPU Inductor keeps the decomposed softmax, so the form is written here)."""
+    exp(x - max) / sum (on the CPU Inductor keeps the decomposed softmax, so the form is written here).
+    softmax_dim 0 normalises over the tokens instead: not a router softmax."""
+
+    def __init__(self, softmax_dim: int):
+        super().__init__()
+        self.softmax_dim = softmax_dim
 
     def forward(self, x):
         logits = self.gate(x)
-        row_max, row_sum = torch.ops.prims.prepare_softmax_online(logits, -1)
+        row_max, row_sum = torch.ops.prims.prepare_softmax_online(logits, self.softmax_dim)
         scores = torch.exp(logits - row_max) / row_sum
         expert_weights, expert_indices = torch.topk(scores, self.top_k, dim=-1)
         expert_weights = expert_weights / expert_weights.sum(dim=-1, keepdim=True)
@@ -127,11 +132,15 @@ class OnlineSoftmaxRouterMoE(example_models.GptFastMoE):
         return torch.einsum("tai,ta->ti", out, expert_weights)
 
 
-def test_softmax_router_in_inductors_online_form_on_cuda():
-    """Qwen3 / Mixtral / Qwen2 routers on CUDA reach the pass in this form."""
-    model = OnlineSoftmaxRouterMoE().eval()
+@pytest.mark.parametrize("softmax_dim", [-1, 0])
+def test_softmax_router_in_inductors_online_form_on_cuda(softmax_dim):
+    """Qwen3 / Mixtral / Qwen2 routers on CUDA reach the pass in this form (over the experts)."""
+    model = OnlineSoftmaxRouterMoE(softmax_dim).eval()
     backend = compile_and_compare(model, hidden_states(example_models.HIDDEN, torch.float32), torch.float32)
     (layer,) = backend.report.layers
+    if softmax_dim == 0:
+        assert layer.status == "not matched", backend.report.format_text()
+        return
     assert layer.status == "matched", backend.report.format_text()
     assert (layer.spec["scoring"], layer.spec["top_k"], layer.spec["renormalize"]) == ("softmax", 2, True)
     gm = backend.graph_modules[-1]

@@ -101,11 +101,13 @@ def _softmax_input(node: Node) -> Optional[Node]:
 
 
 def _online_softmax_of(node, output: int = 1) -> Optional[Node]:
-    """The prepare_softmax_online node whose ``output`` (0: max, 1: sum) ``node`` is (through views)."""
+    """The prepare_softmax_online node over the last dim whose ``output`` (0: max, 1: sum) ``node``
+    is (through views)."""
     node = strip(node, casts=False)
-    if is_getitem(node, output) and is_op(node.args[0], prims.prepare_softmax_online):
-        return node.args[0]
-    return None
+    if not (is_getitem(node, output) and is_op(node.args[0], prims.prepare_softmax_online)):
+        return None
+    online = node.args[0]
+    return online if online.args[1] in (-1, len(shape(online.args[0])) - 1) else None
 
 
 def _scores_of(node: Node):
