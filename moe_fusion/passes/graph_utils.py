@@ -181,11 +181,16 @@ def index_range(node) -> Optional[Tuple[int, int]]:
     if is_op(node, *VIEW_OPS, *CAST_OPS, aten.index, aten.gather, aten.index_select):
         return index_range(node.args[0])
     if is_op(node, aten.clamp, aten.clamp_min, aten.clamp_max):
-        values, limits = index_range(node.args[0]), _clamp_limits(node)
-        if values is None or not all(v is None or isinstance(v, int) for v in limits):
-            return None
-        return _clip(values[0], limits), _clip(values[1] - 1, limits) + 1
+        return _clamped(index_range(node.args[0]), node)
     return None
+
+
+def _clamped(values: Optional[Tuple[int, int]], clamp: Node) -> Optional[Tuple[int, int]]:
+    """The range of ``clamp``'s output when its input lies in ``values`` (None if either is unknown)."""
+    limits = _clamp_limits(clamp)
+    if values is None or not all(v is None or isinstance(v, int) for v in limits):
+        return None
+    return _clip(values[0], limits), _clip(values[1] - 1, limits) + 1
 
 
 def _is_integer(node: Node) -> bool:
@@ -216,7 +221,7 @@ def is_idle_clamp(node) -> bool:
     if not is_op(node, aten.clamp, aten.clamp_min, aten.clamp_max):
         return False
     values = index_range(node.args[0])
-    return values is not None and index_range(node) == values
+    return values is not None and _clamped(values, node) == values
 
 
 def is_never_true(cond) -> bool:

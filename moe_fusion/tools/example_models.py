@@ -31,7 +31,7 @@ class GptFastMoE(nn.Module):
         self.w2 = _randn(experts, hidden, intermediate, gen=gen)
 
     def forward(self, x):
-        scores = F.softmax(self.gate(x), dim=-1)
+        scores = self.scores(self.gate(x))
         expert_weights, expert_indices = torch.topk(scores, self.top_k, dim=-1)
         expert_weights = expert_weights / expert_weights.sum(dim=-1, keepdim=True)
         w1, w3, w2 = self.w1[expert_indices], self.w3[expert_indices], self.w2[expert_indices]
@@ -39,6 +39,9 @@ class GptFastMoE(nn.Module):
         x3 = torch.einsum("ti,taoi->tao", x, w3)
         out = torch.einsum("tao,taio->tai", x1 * x3, w2)
         return torch.einsum("tai,ta->ti", out, expert_weights)
+
+    def scores(self, logits):
+        return F.softmax(logits, dim=-1)
 
 
 class DeepSeekStyleMoE(nn.Module):
