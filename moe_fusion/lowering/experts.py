@@ -490,8 +490,8 @@ class ExpertLaunch:
         hq, hs = (self.h_fp8, self.h_scale) if self.experts.fp8 else (self.h, self.pair_weights)
         gemm1_combine_kernel[grid](
             self.gemm1_sums, self.h, hq, hs, ids, expert_map if expert_map is not None else ids,
-            self.topk_ids.numel(), I, self.gemm1_splits, self.gemm1_sums.stride(0), self.gemm1_sums.stride(1),
-            self.h.stride(0), hq.stride(0), hs.stride(0),
+            self.topk_ids.numel(), I, self.gemm1_sums.stride(0), self.gemm1_sums.stride(1),
+            self.h.stride(0), hq.stride(0), hs.stride(0), SPLITS=self.gemm1_splits,
             GROUPS=per_program, GROUP=FP8_BLOCK, QUANT=self.experts.fp8, ONLY_LOCAL_ROWS=expert_map is not None,
             num_warps=4,
         )

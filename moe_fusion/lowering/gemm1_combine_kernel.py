@@ -18,15 +18,19 @@ from .expert_tiles import row_groups, silu_mul, store_quantized_groups
 
 @triton.jit
 def gemm1_combine_kernel(
-    sums_ptr, h_ptr, hq_ptr, hs_ptr, ids_ptr, map_ptr, routed_rows, N, splits,
+    sums_ptr, h_ptr, hq_ptr, hs_ptr, ids_ptr, map_ptr, routed_rows, N,
     stride_ss, stride_sm, stride_hm, stride_hqm, stride_hsm,
-    GROUPS: tl.constexpr, GROUP: tl.constexpr, QUANT: tl.constexpr, ONLY_LOCAL_ROWS: tl.constexpr,
+    SPLITS: tl.constexpr, GROUPS: tl.constexpr, GROUP: tl.constexpr, QUANT: tl.constexpr,
+    ONLY_LOCAL_ROWS: tl.constexpr,
 ):
     row = tl.program_id(0)
     groups, cols, mask, group_ok = row_groups(row, N, ids_ptr, map_ptr, routed_rows, GROUPS, GROUP, ONLY_LOCAL_ROWS)
     gate = tl.zeros((GROUPS, GROUP), tl.float32)
     up = tl.zeros((GROUPS, GROUP), tl.float32)
-    for split in range(splits):
+    # Unrolled, so that every split's loads are in flight at once: a loop over the splits waits a
+    # memory round trip per split, and while the other stream's GEMM saturates HBM each round trip
+    # costs ~1 us (H100, dsv3-ep8 M = 1: the shared expert's combine took 5.9 us rolled, 3.7 unrolled).
+    for split in tl.static_range(SPLITS):
         sums = sums_ptr + split * stride_ss + row * stride_sm + cols
         gate += tl.load(sums, mask=mask, other=0.0)
         up += tl.load(sums + N, mask=mask, other=0.0)
