@@ -104,6 +104,26 @@ def _store_pairs(slot, t0, before, pair_start, sorted_ptr, TOKENS: tl.constexpr,
 
 
 @triton.jit
+def selection_of_local_ids(local, K_PAD: tl.constexpr, L_PAD: tl.constexpr):
+    """_selection's [TOKENS, L_PAD] from local expert ids already in registers ([TOKENS, K_PAD] int32,
+    -1 for slots past top-k, pairs of no local expert and rows past M)."""
+    e = tl.arange(0, L_PAD)[None, None, :]
+    k = tl.arange(0, K_PAD)[None, :, None]
+    return tl.max(tl.where(local[:, :, None] == e, k, -1), axis=1)
+
+
+@triton.jit
+def align_selection(slot, M, L, block_m, max_tiles, sorted_ptr, tile_expert_ptr, num_tiles_ptr,
+                    TOKENS: tl.constexpr, L_PAD: tl.constexpr, TOP_K: tl.constexpr):
+    """The whole alignment of M <= TOKENS tokens from their selection (_selection's format)."""
+    e = tl.arange(0, L_PAD)
+    counts = tl.sum((slot >= 0).to(tl.int32), axis=0)
+    pair_start = _tiles_and_padding(counts, e, e < L, M, block_m, M * TOP_K, max_tiles, sorted_ptr,
+                                    tile_expert_ptr, num_tiles_ptr, 0, 1)
+    _store_pairs(slot, 0, tl.zeros((L_PAD,), dtype=tl.int32), pair_start, sorted_ptr, TOKENS, TOP_K)
+
+
+@triton.jit
 def align_pairs_cta(
     ids_ptr, stride_im, map_ptr, sorted_ptr, tile_expert_ptr, num_tiles_ptr, M, L, block_m, max_tiles,
     TOKENS: tl.constexpr, L_PAD: tl.constexpr, TOP_K: tl.constexpr, HAS_MAP: tl.constexpr,
@@ -113,10 +133,8 @@ def align_pairs_cta(
     e = tl.arange(0, L_PAD)
     if ONE_CHUNK:  # M <= TOKENS: the selection is built once and kept
         slot = _selection(ids_ptr, stride_im, map_ptr, 0, M, TOKENS, L_PAD, TOP_K, HAS_MAP)
-        counts = tl.sum((slot >= 0).to(tl.int32), axis=0)
-        pair_start = _tiles_and_padding(counts, e, e < L, M, block_m, num_pairs, max_tiles, sorted_ptr,
-                                        tile_expert_ptr, num_tiles_ptr, 0, 1)
-        _store_pairs(slot, 0, tl.zeros((L_PAD,), dtype=tl.int32), pair_start, sorted_ptr, TOKENS, TOP_K)
+        align_selection(slot, M, L, block_m, max_tiles, sorted_ptr, tile_expert_ptr, num_tiles_ptr, TOKENS, L_PAD,
+                        TOP_K)
     else:
         counts = tl.zeros((L_PAD,), dtype=tl.int32)
         for t0 in range(0, M, TOKENS):

@@ -3,9 +3,10 @@ topk ids and weights, then the aligned pair list, in one launch instead of the r
 and the alignment kernel's.
 
 At decode batch 1 both kernels are a dependent chain of tiny steps (8 picks; one selection row),
-so each launch costs mostly its start and its wait for the one before it; one program does both
-and reads its own ids back after a barrier (global writes of one program are visible to its own
-threads after it). Above a few tokens the row-parallel routing kernel is faster, since one program
+so each launch costs mostly its start and its wait for the one before it; one program does both.
+When its rows fit one routing tile it aligns from the ids still in registers; otherwise it reads
+its own ids back after a barrier (global writes of one program are visible to its own threads
+after it). Above a few tokens the row-parallel routing kernel is faster, since one program
 routes rows one after another (preamble.ROUTE_ALIGN_MAX_TILE).
 Reference: reference.select_experts, then reference.align_pairs.
 """
@@ -19,8 +20,8 @@ import triton.language as tl
 
 from ..spec import MoESpec
 from . import align_kernel, topk_kernel
-from .align_kernel import align_pairs_cta
-from .topk_kernel import route_rows
+from .align_kernel import align_pairs_cta, align_selection, selection_of_local_ids
+from .topk_kernel import load_route_bias, route_columns, route_rows
 
 # Warps of the one program: routing one row ran best on one warp, the one-program alignment on 8
 # (topk_kernel.ONE_WARP_ROUTE_TILE, align_kernel.ALIGN_NUM_WARPS); 4 is between the two.
@@ -36,19 +37,42 @@ def _route_align_kernel(
     SCORING: tl.constexpr, SCORE_BEFORE_TOPK: tl.constexpr, HAS_BIAS: tl.constexpr,
     GROUP_MAX: tl.constexpr, RENORMALIZE: tl.constexpr, ROUND_TO: tl.constexpr,
     TOKENS: tl.constexpr, L_PAD: tl.constexpr, HAS_MAP: tl.constexpr, ONE_CHUNK: tl.constexpr,
-    PDL: tl.constexpr,
+    ONE_TILE: tl.constexpr, PDL: tl.constexpr,
 ):
+    """ONE_TILE (M <= ROWS): the alignment takes the ids from the routing's registers, local ids
+    through the expert map read before the wait, so no memory round trip follows the picks.
+    Otherwise the rows are routed tile after tile and their ids read back."""
+    bias = load_route_bias(bias_ptr, HAS_BIAS, N_GROUP, G_PAD, EPG, EPG_PAD)
+    if ONE_TILE and HAS_MAP:
+        expert, col_ok = route_columns(N_GROUP, G_PAD, EPG, EPG_PAD)
+        local_of_column = tl.load(map_ptr + expert, mask=col_ok, other=-1)
     if PDL:  # a programmatic dependent launch of the router GEMM
         tl.extra.cuda.gdc_wait()
-    for row0 in range(0, M, ROWS):
-        route_rows(
-            logits_ptr, stride_lm, bias_ptr, ids_ptr, weights_ptr, stride_om, row0, M, renorm_eps, routed_scale,
+    if ONE_TILE:
+        ids = route_rows(
+            logits_ptr, stride_lm, bias, ids_ptr, weights_ptr, stride_om, 0, M, renorm_eps, routed_scale,
             ROWS, N_GROUP, G_PAD, EPG, EPG_PAD, TOP_K, K_PAD, TOPK_GROUP, SCORING, SCORE_BEFORE_TOPK, HAS_BIAS,
             GROUP_MAX, RENORMALIZE, ROUND_TO, False,
         )
-    tl.debug_barrier()  # every thread's ids are stored before any thread reads them back
-    align_pairs_cta(ids_ptr, stride_om, map_ptr, sorted_ptr, tile_expert_ptr, num_tiles_ptr, M, L, block_m,
-                    max_tiles, TOKENS, L_PAD, TOP_K, HAS_MAP, ONE_CHUNK)
+        if HAS_MAP:  # local_of_column at each id: a one-hot max over the columns
+            hit = expert[:, None, :] == ids[:, :, None]
+            local = tl.max(tl.where(hit, local_of_column[:, None, :], -1), axis=2)
+        else:
+            local = ids
+        real = (tl.arange(0, ROWS) < M)[:, None] & (tl.arange(0, K_PAD) < TOP_K)[None, :]
+        slot = selection_of_local_ids(tl.where(real, local, -1), K_PAD, L_PAD)
+        align_selection(slot, M, L, block_m, max_tiles, sorted_ptr, tile_expert_ptr, num_tiles_ptr, ROWS, L_PAD,
+                        TOP_K)
+    else:
+        for row0 in range(0, M, ROWS):
+            route_rows(
+                logits_ptr, stride_lm, bias, ids_ptr, weights_ptr, stride_om, row0, M, renorm_eps, routed_scale,
+                ROWS, N_GROUP, G_PAD, EPG, EPG_PAD, TOP_K, K_PAD, TOPK_GROUP, SCORING, SCORE_BEFORE_TOPK,
+                HAS_BIAS, GROUP_MAX, RENORMALIZE, ROUND_TO, False,
+            )
+        tl.debug_barrier()  # every thread's ids are stored before any thread reads them back
+        align_pairs_cta(ids_ptr, stride_om, map_ptr, sorted_ptr, tile_expert_ptr, num_tiles_ptr, M, L, block_m,
+                        max_tiles, TOKENS, L_PAD, TOP_K, HAS_MAP, ONE_CHUNK)
 
 
 def route_and_align(spec: MoESpec, logits: torch.Tensor, correction_bias: torch.Tensor, model_dtype: torch.dtype,
@@ -63,7 +87,8 @@ def route_and_align(spec: MoESpec, logits: torch.Tensor, correction_bias: torch.
     _route_align_kernel[(1,)](
         logits, logits.stride(0), correction_bias, ids, weights, ids.stride(0), M, spec.renormalize_eps,
         spec.routed_scaling_factor, ids if expert_map is None else expert_map, sorted_ids, tile_expert, num_tiles,
-        L, block_m, tile_expert.numel(), **route, **align, PDL=pdl, num_warps=ROUTE_ALIGN_WARPS,
+        L, block_m, tile_expert.numel(), **route, **align, ONE_TILE=M <= route["ROWS"], PDL=pdl,
+        num_warps=ROUTE_ALIGN_WARPS,
         **({"launch_pdl": True} if pdl else {}),
     )
     return sorted_ids, tile_expert, num_tiles

@@ -32,7 +32,7 @@ import triton.language as tl
 
 from .align_kernel import align_pairs_cta
 from .grid_sync import count_done, wait_until
-from .topk_kernel import route_rows
+from .topk_kernel import load_route_bias, route_rows
 
 
 @triton.jit
@@ -115,8 +115,9 @@ def _router_route_align_kernel(
     elif pid < gemm_programs + route_programs:
         if PDL:
             tl.extra.cuda.gdc_wait()  # the counters are zeroed by the norm kernel
+        bias = load_route_bias(bias_ptr, HAS_BIAS, N_GROUP, G_PAD, EPG, EPG_PAD)
         wait_until(counters_ptr, gemm_programs)
-        route_rows(logits_ptr, stride_lm, bias_ptr, ids_ptr, weights_ptr, stride_om, (pid - gemm_programs) * ROWS, M,
+        route_rows(logits_ptr, stride_lm, bias, ids_ptr, weights_ptr, stride_om, (pid - gemm_programs) * ROWS, M,
                    renorm_eps, routed_scale, ROWS, N_GROUP, G_PAD, EPG, EPG_PAD, TOP_K, K_PAD, TOPK_GROUP, SCORING,
                    SCORE_BEFORE_TOPK, HAS_BIAS, GROUP_MAX, RENORMALIZE, ROUND_TO, True)
         if ALIGN:
