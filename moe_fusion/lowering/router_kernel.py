@@ -113,9 +113,9 @@ def _router_route_align_kernel(
                       mask=(rows[:, None] < M) & (cols[None, :] < E), sem="relaxed")
         count_done(counters_ptr)
     elif pid < gemm_programs + route_programs:
+        bias = load_route_bias(bias_ptr, HAS_BIAS, N_GROUP, G_PAD, EPG, EPG_PAD)
         if PDL:
             tl.extra.cuda.gdc_wait()  # the counters are zeroed by the norm kernel
-        bias = load_route_bias(bias_ptr, HAS_BIAS, N_GROUP, G_PAD, EPG, EPG_PAD)
         wait_until(counters_ptr, gemm_programs)
         route_rows(logits_ptr, stride_lm, bias, ids_ptr, weights_ptr, stride_om, (pid - gemm_programs) * ROWS, M,
                    renorm_eps, routed_scale, ROWS, N_GROUP, G_PAD, EPG, EPG_PAD, TOP_K, K_PAD, TOPK_GROUP, SCORING,

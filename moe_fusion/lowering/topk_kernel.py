@@ -136,8 +136,8 @@ def route_rows(
         keys = tl.where(taken, NO_KEY, keys)
 
     # Weights in the columns, from the scores already in registers, then stored at their slots: no
-    # second read of the chosen logits, which waited a memory round trip after the picks (~1 us on
-    # the H100 while the shared expert streams), and no [rows, top-k, experts] gather.
+    # second read of the chosen logits, a memory round trip at the end of the dependent chain (on the
+    # H100 no change measured, on the H200 0.2-1.9 us off the layer: benchmarks/results/layer_session8.md).
     chosen = slot_of >= 0
     if SCORE_BEFORE_TOPK:
         weights = tl.where(chosen, scores, 0.0)
