@@ -428,6 +428,19 @@ def test_shipped_table_entries_are_valid_configs():
                 assert expert_configs.validate(cfg, name.startswith("fp8")) is None, (device, name, bucket)
 
 
+def test_a_gpu_with_the_sms_of_a_tuned_one_takes_its_entries(monkeypatch):
+    """The H200 (the H100's SMs) gets the H100's tuned tiles until it has entries of its own;
+    another GPU gets the heuristic."""
+    key = ProblemKey("fp8", 7168, 2048, 32, 256, 8)
+    tuned = ExpertConfig(16, GemmTiles(64, 256, split_k=4, swap_ab=True), GemmTiles(64, 256, split_k=2))
+    table = {"NVIDIA H100 80GB HBM3": {key.name(): {"1": tuned.to_dict()}}}
+    monkeypatch.setattr(expert_configs, "_table", lambda: table)
+    assert expert_configs.lookup(key, 1, "NVIDIA H200", 132) == (tuned, "table")
+    assert expert_configs.lookup(key, 1, "another GPU", 132)[1] == "heuristic"
+    table["NVIDIA H200"] = {}
+    assert expert_configs.lookup(key, 1, "NVIDIA H200", 132)[1] == "heuristic"  # its own (empty) entries win
+
+
 @pytest.mark.parametrize("fp8", [False, True])
 def test_heuristic_configs_are_valid_and_fill_the_gpu(fp8):
     for E_local, E in ((256, 256), (32, 256), (128, 128), (8, 8)):

@@ -44,6 +44,10 @@ def test_lookup_takes_the_next_measured_m(monkeypatch):
         "inline", "fused", "fused", "stream", "stream", "stream"]
     assert shared_plan.lookup(spec, 1, "another GPU") is None
     assert shared_plan.lookup(SHAPES["dsv3"], 1, H100) is None
+    # The H200 has the H100's SMs: the H100's measurements serve it until it has its own.
+    assert shared_plan.lookup(spec, 4, "NVIDIA H200") == "fused"
+    table["NVIDIA H200"] = {shared_plan.shape_key(spec): {"4": "inline"}}
+    assert shared_plan.lookup(spec, 4, "NVIDIA H200") == "inline"
 
 
 def test_log_rows_parse(tmp_path):

@@ -4,7 +4,8 @@ A small tuned table ships beside this file (``expert_configs.json``); ``python -
 moe_fusion.lowering.tune_experts`` regenerates it by timing candidates on the GPU. Shapes or
 devices missing from the table get a heuristic that keeps every SM streaming weights: at
 decode the expert block is bound by reading expert weights, so the grid is sized by how many
-weight tiles the active experts offer, not by how many tokens there are.
+weight tiles the active experts offer, not by how many tokens there are. A GPU built from the SMs
+of a tuned one (``SAME_SMS_AS``) takes that GPU's entries until it has its own.
 """
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ from typing import Dict, Optional, Tuple
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 TABLE_PATH = os.path.join(os.path.dirname(__file__), "expert_configs.json")
 FP8_GROUP = 128
+# (device-name prefix, tuned device): the H200 is the H100's chip (132 SMs, the same caches and
+# shared memory) with more and faster HBM. Its own measured entries, once tuned, take precedence.
+SAME_SMS_AS = (("NVIDIA H200", "NVIDIA H100 80GB HBM3"),)
 
 
 @dataclass(frozen=True)
@@ -77,9 +81,18 @@ def _table(path: str = TABLE_PATH) -> Dict[str, Dict[str, Dict[str, dict]]]:
         return json.load(f)
 
 
+def tuned_device(device_name: str, table: dict) -> str:
+    """The device whose entries of ``table`` serve ``device_name``: its own, else those of the
+    tuned GPU with its SMs (SAME_SMS_AS), else its own name (no entries)."""
+    if device_name in table:
+        return device_name
+    return next((tuned for prefix, tuned in SAME_SMS_AS if device_name.startswith(prefix)), device_name)
+
+
 def lookup(key: ProblemKey, m: int, device_name: str, num_sms: int) -> Tuple[ExpertConfig, str]:
     """The configuration for ``m`` tokens, and where it came from ("table" or "heuristic")."""
-    entry = _table().get(device_name, {}).get(key.name(), {}).get(str(m_bucket(m)))
+    table = _table()
+    entry = table.get(tuned_device(device_name, table), {}).get(key.name(), {}).get(str(m_bucket(m)))
     if entry is not None:
         return ExpertConfig.from_dict(entry), "table"
     return heuristic(key, m, num_sms), "heuristic"

@@ -9,7 +9,8 @@ shared expert ("fused", "stream-fp8", "inline-fp8" rows) is a numerical change t
 for (MOE_FUSION_SHARED_FP8=1), so those rows make entries of their own (keys ending in "fp8"),
 and the plain fp8 key chooses only among the model-dtype "stream", "inline", "stream-kernels" and
 "inline-kernels" (cuBLAS, or the expert kernels, in the model dtype).
-A spec, M or device the table does not cover gets the rule in layer.py.
+A spec, M or device the table does not cover gets the rule in layer.py (a GPU with the SMs of a
+tuned one takes its entries: expert_configs.SAME_SMS_AS).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import re
 from typing import Dict, Iterable, List, Optional
 
 from ..spec import MoESpec
+from .expert_configs import tuned_device
 
 TABLE_PATH = os.path.join(os.path.dirname(__file__), "shared_plan.json")
 STRATEGIES = ("stream", "inline", "fused", "stream-kernels", "inline-kernels")
@@ -46,7 +48,8 @@ def _table(path: str = TABLE_PATH) -> Dict[str, Dict[str, Dict[str, str]]]:
 def lookup(spec: MoESpec, m: int, device_name: str, fp8_shared: bool = False) -> Optional[str]:
     """The measured strategy for m tokens: the entry of the smallest measured M >= m (the largest
     measured M above them all), or None where the table has nothing for this device and shape."""
-    by_m = _table().get(device_name, {}).get(shape_key(spec, fp8_shared))
+    table = _table()
+    by_m = table.get(tuned_device(device_name, table), {}).get(shape_key(spec, fp8_shared))
     if not by_m:
         return None
     measured = sorted(int(k) for k in by_m)
