@@ -140,7 +140,7 @@ def route_rows(
     # H100 no change measured, on the H200 0.2-1.9 us off the layer: benchmarks/results/layer_session8.md).
     chosen = slot_of >= 0
     if SCORE_BEFORE_TOPK:
-        weights = tl.where(chosen, scores, 0.0)
+        weights = scores
     else:
         chosen_logits = tl.where(chosen, logits, float("-inf"))
         weights = _score(chosen_logits, chosen, tl.max(chosen_logits, axis=1)[:, None], SCORING)
