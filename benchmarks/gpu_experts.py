@@ -190,10 +190,12 @@ def bench_shape(name: str, shape: Shape, e: experts.ExpertTensors, dtype: str, b
         row["ours_us"] = graph_replay_us(ours, aligned, **targs)
         row["ours_frac"] = nbytes / (row["ours_us"] * 1e-6) / bw
         row["ours_frac_of_3.02TBps"] = nbytes / (row["ours_us"] * 1e-6) / ISSUE_COPY_BW
-        if m in (1, 4):
-            experts.USE_PDL = True
-            row["ours_pdl_us"] = graph_replay_us(ours, aligned, **targs)
-            experts.USE_PDL = False
+        if m in (1, 4):  # the expert block's programmatic dependent launches (experts.EXPERT_PDL)
+            default_pdl = experts.EXPERT_PDL
+            for mode in experts.PDL_MODES:
+                experts.EXPERT_PDL = mode
+                row[f"ours_pdl_{mode}_us"] = graph_replay_us(ours, aligned, **targs)
+            experts.EXPERT_PDL = default_pdl
         if e.fp8:  # x quantised by the preamble, as in the whole layer: no activation-quant launch
             given = [(s.x, s.ids, s.weights, al, *reference.quantize_fp8_groups(s.x)) for s, (_, _, _, al)
                      in zip(sets, aligned)]
@@ -228,8 +230,9 @@ def bench_shape(name: str, shape: Shape, e: experts.ExpertTensors, dtype: str, b
         RESULTS["rows"].append(row)
         log(f"bench {name:14s} {dtype:8s} M={m:3d} touched {touched:6.1f} floor {floor_us:8.1f} us | ours "
             f"{row['ours_us']:8.1f} us {100 * row['ours_frac']:5.1f}% ({source}) det {row['ours_deterministic_us']:8.1f}"
-            f" +align {row['ours_with_ref_align_us']:8.1f} pdl {row.get('ours_pdl_us', float('nan')):7.1f}"
-            f" xq-given {row.get('ours_x_fp8_given_us', float('nan')):7.1f} | grouped_mm {row.get('grouped_mm_us', float('nan')):8.1f}"
+            f" +align {row['ours_with_ref_align_us']:8.1f} pdl off/h/h+gemm2 "
+            + "/".join(f"{row.get(f'ours_pdl_{mode}_us', float('nan')):.1f}" for mode in experts.PDL_MODES)
+            + f" xq-given {row.get('ours_x_fp8_given_us', float('nan')):7.1f} | grouped_mm {row.get('grouped_mm_us', float('nan')):8.1f}"
             f" | eager {row.get('eager_us', float('nan')):9.1f} inductor {row.get('inductor_us', float('nan')):9.1f}")
 
 

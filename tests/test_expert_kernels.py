@@ -235,6 +235,46 @@ def test_split_gemm1_matches_reference(fp8, swap_ab):
         assert _rel_err(out, ref) < tol
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", experts.PDL_MODES)
+@pytest.mark.parametrize("case", ["fp8-split", "fp8", "fp16-split"])
+def test_programmatic_dependent_launches_match_reference(case, mode, monkeypatch):
+    """experts.EXPERT_PDL: the launch that prepares h (gemm1_combine_kernel after a split GEMM1,
+    fp8_act_quant_kernel otherwise) waits for GEMM1, and GEMM2 for it; eager, and replayed as a
+    CUDA graph on fresh inputs (the layer's path), against the reference each time."""
+    monkeypatch.setattr(experts, "EXPERT_PDL", mode)
+    split = 3 if case.endswith("-split") else 1
+    ep = dict(num_experts=8, num_local_experts=4)
+    if case.startswith("fp8"):
+        spec, w, x = _fp8_case(seed=21, M=19, **ep)
+        g1, g2, tol = GemmTiles(64, 128, split_k=split, swap_ab=True), GemmTiles(64, 128, split_k=2, swap_ab=True), 1e-2
+    else:
+        spec = _spec(**ep)
+        w = random_weights(spec, seed=21, device=DEVICE)
+        x = _x(19, spec.hidden_size)
+        g1, g2, tol = GemmTiles(16, 16, split_k=split), GemmTiles(32, 32, split_k=2), 3e-3
+    ids, weights = _routing(spec, 19)
+    cfg = ExpertConfig(16, g1, g2)
+
+    def call():
+        return experts.fused_experts(spec, x, ids, weights, w, config=cfg)
+
+    assert _rel_err(call(), _reference(spec, x, ids, weights, w)) < tol
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    for _ in range(2):
+        x.copy_(_x(*x.shape))
+        fresh_ids, fresh_weights = _routing(spec, 19)
+        ids.copy_(fresh_ids)
+        weights.copy_(fresh_weights)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert _rel_err(out, _reference(spec, x, ids, weights, w)) < tol
+
+
 def test_fp8_activation_quantisation_kernel_matches_reference():
     spec, w, x = _fp8_case(seed=6, M=5)
     ids, weights = _routing(spec, 5)
@@ -434,7 +474,7 @@ def test_a_gpu_with_the_sms_of_a_tuned_one_takes_its_entries(monkeypatch):
     key = ProblemKey("fp8", 7168, 2048, 32, 256, 8)
     tuned = ExpertConfig(16, GemmTiles(64, 256, split_k=4, swap_ab=True), GemmTiles(64, 256, split_k=2))
     table = {"NVIDIA H100 80GB HBM3": {key.name(): {"1": tuned.to_dict()}}}
-    monkeypatch.setattr(expert_configs, "_table", lambda: table)
+    monkeypatch.setattr(expert_configs, "_table", lambda path: table)
     assert expert_configs.lookup(key, 1, "NVIDIA H200", 132) == (tuned, "table")
     assert expert_configs.lookup(key, 1, "another GPU", 132)[1] == "heuristic"
     table["NVIDIA H200"] = {}

@@ -10,7 +10,7 @@ that flips an expert is not mistaken for a wrong kernel); the preamble tests che
 import pytest
 import torch
 
-from moe_fusion.lowering import layer, preamble, reference
+from moe_fusion.lowering import layer, layer_output_kernel, preamble, reference
 from moe_fusion.ops import call_moe_layer
 from moe_fusion.spec import FP8_DTYPE, MoEWeights
 
@@ -62,6 +62,21 @@ def _check_fp16_layer(spec, M, shared_strategy, seed):
     got = layer.moe_layer(spec, x, w, plan)
     assert got.dtype == torch.float16
     assert _rel_err(got, _expected(spec, x, w, plan)) < 2e-3
+
+
+@pytest.mark.parametrize("shared_dtype", [None, torch.float32, torch.float16])
+@pytest.mark.parametrize("M", [1, 3])
+def test_layer_output_kernel_is_the_fp32_sum_rounded_once(M, shared_dtype):
+    """layer_output_kernel against torch's add into the model dtype, bit for bit (fp16 on the CPU:
+    the interpreter's bf16 cast truncates; bf16 too, and the programmatic dependent launch, on a GPU)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    H = 2 * layer_output_kernel.BLOCK + 72  # several programs, the last one partial
+    routed = torch.randn(M, H, device=device) * 3
+    shared = torch.randn(M, H, device=device).to(shared_dtype) if shared_dtype else None
+    dtypes = (torch.float16, torch.bfloat16) if device == "cuda" else (torch.float16,)
+    for dtype, pdl in [(d, p) for d in dtypes for p in ((False, True) if device == "cuda" else (False,))]:
+        want = (routed + shared.float() if shared is not None else routed).to(dtype)
+        assert torch.equal(layer_output_kernel.layer_output(routed, shared, dtype, pdl), want)
 
 
 # (M, shared gate, shared experts, deterministic, fp8, expert parallel): fp16 stands in for bf16 on the

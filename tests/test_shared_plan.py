@@ -39,7 +39,7 @@ def test_best_strategies_take_the_fastest_allowed_mean():
 def test_lookup_takes_the_next_measured_m(monkeypatch):
     spec = SHAPES["dsv3-ep8"]
     table = {H100: {shared_plan.shape_key(spec): {"1": "inline", "4": "fused", "64": "stream"}}}
-    monkeypatch.setattr(shared_plan, "_table", lambda: table)
+    monkeypatch.setattr(shared_plan, "_table", lambda path: table)
     assert [shared_plan.lookup(spec, m, H100) for m in (1, 2, 4, 5, 64, 500)] == [
         "inline", "fused", "fused", "stream", "stream", "stream"]
     assert shared_plan.lookup(spec, 1, "another GPU") is None
@@ -66,7 +66,7 @@ def test_a_measured_kernels_strategy_plans_a_model_dtype_launch_of_the_expert_ke
     spec = SHAPES["dsv3"].replace(quant="fp8_block")
     table = {H100: {shared_plan.shape_key(spec): {"4": "stream-kernels"},
                     shared_plan.shape_key(spec, fp8_shared=True): {"4": "inline"}}}
-    monkeypatch.setattr(shared_plan, "_table", lambda: table)
+    monkeypatch.setattr(shared_plan, "_table", lambda path: table)
     monkeypatch.setattr(experts, "expert_config", lambda *a: None)
     cuda = torch.device("cuda")
     plan = layer.plan_layer(spec, 4, cuda)

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from . import reference
+from .grid_sync import pdl_launch
 
 MAX_SELECTION_TILE = 4096  # tokens x padded local experts held in registers at once
 FILL_BLOCK = tl.constexpr(1024)
@@ -249,7 +250,7 @@ def align_pairs(topk_ids: torch.Tensor, expert_map: Optional[torch.Tensor], num_
     sorted_ids, tile_expert, num_tiles = alloc_align_outputs(M, top_k, num_local_experts, block_m, topk_ids.device)
     args = (topk_ids, topk_ids.stride(0), topk_ids if expert_map is None else expert_map, sorted_ids, tile_expert,
             num_tiles, M, num_local_experts, block_m, tile_expert.numel())
-    launch = {"launch_pdl": True} if pdl else {}
+    launch = pdl_launch(pdl)
     if parallel is None:
         parallel = M > ONE_PROGRAM_MAX_M or M >= PARALLEL_MIN_M and num_local_experts >= PARALLEL_MIN_L
     if parallel:

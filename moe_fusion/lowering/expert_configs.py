@@ -91,7 +91,7 @@ def tuned_device(device_name: str, table: dict) -> str:
 
 def lookup(key: ProblemKey, m: int, device_name: str, num_sms: int) -> Tuple[ExpertConfig, str]:
     """The configuration for ``m`` tokens, and where it came from ("table" or "heuristic")."""
-    table = _table()
+    table = _table(TABLE_PATH)
     entry = table.get(tuned_device(device_name, table), {}).get(key.name(), {}).get(str(m_bucket(m)))
     if entry is not None:
         return ExpertConfig.from_dict(entry), "table"

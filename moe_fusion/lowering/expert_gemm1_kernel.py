@@ -190,13 +190,13 @@ def expert_gemm1_kernel(
     N_SHARED: tl.constexpr, SHARED_GATE: tl.constexpr, QUANT_H: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_OUT: tl.constexpr,
     ZERO_BLOCK: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    LAUNCH_DEPENDENTS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
-    if USE_PDL:
-        # GEMM2 may be scheduled now: its programs prefetch their Wd tiles into L2 and then wait
-        # (griddepcontrol.wait) for this grid to finish, hiding its launch and ramp-up.
+    if LAUNCH_DEPENDENTS:
+        # The launch that prepares h (a programmatic dependent, experts.EXPERT_PDL) may be placed
+        # now; it waits (griddepcontrol.wait) for this grid to finish before reading h.
         tl.extra.cuda.gdc_launch_dependents()
 
     # GEMM2 accumulates into zero_ptr with atomics; zeroing it here saves a launch.

@@ -137,19 +137,23 @@ def expert_gemm2_kernel(
     DETERMINISTIC: tl.constexpr,
     N_SHARED: tl.constexpr, SHARED_GATE: tl.constexpr, GATE_PARTS: tl.constexpr, MODEL_DTYPE: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-    USE_PDL: tl.constexpr, PREFETCH_LINES: tl.constexpr,
+    USE_PDL: tl.constexpr, PREFETCH_LINES: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
+    if LAUNCH_DEPENDENTS:
+        # The layer's output launch (layer_output_kernel, a programmatic dependent) may be placed
+        # now: a few programs that wait for this grid to finish.
+        tl.extra.cuda.gdc_launch_dependents()
     n_blocks = tl.cdiv(N, BLOCK_N)
     items_per_tile = n_blocks * split_k
     num_routed = tl.load(num_tiles_ptr)
     m_tiles = tl.cdiv(M, BLOCK_M)
     num_items = (num_routed + N_SHARED * m_tiles) * items_per_tile
     if USE_PDL:
-        # Launched early (programmatic dependent launch) while GEMM1 still runs: the alignment
-        # is already final, h and the accumulator are not. Pull this program's first Wd tile
-        # into L2, then wait for GEMM1 to complete and its writes to be visible.
+        # A programmatic dependent of the launch that prepares h, placed once GEMM1 has finished
+        # (experts.EXPERT_PDL): the alignment is final, h is not. Pull this program's first Wd
+        # tile into L2, then wait for h to be complete and visible.
         if PREFETCH_LINES > 0:
             if pid < num_routed * items_per_tile:
                 _prefetch_item_weights(pid, n_blocks, items_per_tile, tile_expert_ptr, wd_ptr, N, K, k_per_split,

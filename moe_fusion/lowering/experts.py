@@ -40,6 +40,7 @@ from . import expert_tiles
 from .fp8_act_quant_kernel import fp8_act_quant_kernel
 from .fp8_weight_quant_kernel import fp8_weight_quant_kernel
 from .gemm1_combine_kernel import gemm1_combine_kernel
+from .grid_sync import pdl_launch
 from .moe_finalize_kernel import moe_finalize_kernel
 
 INT32_MAX = 2**31 - 1
@@ -49,10 +50,20 @@ MODEL_DTYPES = (torch.bfloat16, torch.float16)
 ZERO_BLOCK = 1024
 FINALIZE_BLOCK_N = 1024
 INTERPRETER_SMS = 4  # "SM count" under TRITON_INTERPRET=1: a few programs, so the loops loop
-# Programmatic dependent launch of GEMM2 (CUDA only): it starts while GEMM1 finishes and pulls its
-# first weight tile into L2 (at most PREFETCH_BYTES per program) before waiting for GEMM1.
-# Off by default: measured on the H100 (run 3) it gained nothing and cost 4% at dsv3 M = 1.
-USE_PDL = False
+# Programmatic dependent launches inside the expert block (CUDA only), MOE_FUSION_EXPERT_PDL:
+#   "off": plain launches;
+#   "h": the small launches after a GEMM are placed while it runs and wait for it
+#        (griddepcontrol.wait), so their launch latency leaves the chain: the one that prepares
+#        GEMM2's A (gemm1_combine_kernel, or fp8_act_quant_kernel for h) after GEMM1, and the
+#        layer's output (layer_output_kernel) after GEMM2;
+#   "h+gemm2": GEMM2 is also placed early, as the h launch's dependent once GEMM1 has finished: it
+#        pulls its first weight tile into L2 (at most PREFETCH_BYTES per program), then waits.
+# H200 (session 9, dsv3-ep8 fp8 layer, H100 tiles): "h" took the h launch's latency off: 52.0 ->
+# 50.4 us at M = 1, 65.1 -> 64.1 at M = 2, none at M = 4; "h+gemm2" 0.3-0.8 us slower than "h".
+# A GEMM2 placed while GEMM1 itself still ran (run 3 of experts_notes.md) gained nothing and cost 4%
+# at dsv3 M = 1: its programs held the SM slots GEMM1's last wave needed.
+PDL_MODES = ("off", "h", "h+gemm2")
+EXPERT_PDL = os.environ.get("MOE_FUSION_EXPERT_PDL", "h")
 PREFETCH_BYTES = 64 * 1024
 # fp8: h quantised in GEMM1's epilogue (one launch fewer) with MOE_FUSION_FP8_H_QUANT=gemm1. Off by
 # default: on the H100 (run 5) it was 6-7 us slower at dsv3-ep8 M = 1-2 and 1 us faster at M = 4
@@ -318,6 +329,13 @@ def quantize_fp8_blocks(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------- configs
+def pdl_mode(device: torch.device) -> str:
+    """EXPERT_PDL where launches can be programmatic dependents (CUDA), "off" elsewhere."""
+    if EXPERT_PDL not in PDL_MODES:
+        raise ValueError(f"MOE_FUSION_EXPERT_PDL={EXPERT_PDL!r}; expected one of {PDL_MODES}")
+    return EXPERT_PDL if device.type == "cuda" else "off"
+
+
 def device_facts(device: torch.device) -> Tuple[str, int]:
     """(name used by the config table, SM count)."""
     if device.type == "cuda":
@@ -397,7 +415,7 @@ def run_experts(
         raise Unsupported("x_fp8 / x_scale do not match x [M, H] in 1x128 groups")
     launch = ExpertLaunch(
         x=x, pair_weights=pair_weights, topk_ids=topk_ids, experts=experts, alignment=alignment,
-        weight_on_input=weight_on_input, num_sms=num_sms, use_pdl=USE_PDL and x.is_cuda, shared=shared,
+        weight_on_input=weight_on_input, num_sms=num_sms, pdl=pdl_mode(x.device), shared=shared,
     )
     launch.allocate(config, deterministic, out_dtype)
     launch.quantize_input(x_fp8, x_scale)
@@ -419,7 +437,7 @@ class ExpertLaunch:
     alignment: Alignment
     weight_on_input: bool
     num_sms: int
-    use_pdl: bool = False
+    pdl: str = "off"  # one of PDL_MODES
     shared: Optional[SharedTail] = None  # shared experts as a dense tail after the routed tiles
     # May run beside another launch (on the side stream): then GEMM1 does not quantise h in its
     # epilogue, whose tickets are one set per device under CUDA graphs.
@@ -449,6 +467,7 @@ class ExpertLaunch:
         self.shared_scales = _scales(self.shared.experts) if self.shared is not None else self.scales
         self.gate_partial = self.pair_weights  # unused unless the shared experts are gated (gemm1)
         self.h_quantized = False
+        self.h_prepared_by_launch = False  # GEMM2 follows a launch of its own that made its A
         self.a, self.a_scale, self.a_row_divisor = self.x, self.pair_weights, self.topk_ids.shape[1]
 
     def use_gemm1_splits(self, splits: int) -> None:
@@ -481,6 +500,9 @@ class ExpertLaunch:
             self._combine_gemm1_splits()
         elif self.experts.fp8 and not self.h_quantized:
             self._quantize_rows(self.h, self.h_fp8, self.h_scale, 1, scale_rows=False, after_gemm=True)
+        else:
+            return
+        self.h_prepared_by_launch = True
 
     def _combine_gemm1_splits(self) -> None:
         I = self.h.shape[1]
@@ -493,21 +515,20 @@ class ExpertLaunch:
             self.topk_ids.numel(), I, self.gemm1_sums.stride(0), self.gemm1_sums.stride(1),
             self.h.stride(0), hq.stride(0), hs.stride(0), SPLITS=self.gemm1_splits,
             GROUPS=per_program, GROUP=FP8_BLOCK, QUANT=self.experts.fp8, ONLY_LOCAL_ROWS=expert_map is not None,
-            num_warps=4,
+            PDL=self.pdl != "off", num_warps=4, **pdl_launch(self.pdl != "off"),
         )
 
     def _quantize_rows(self, src, q, scale, rows_per_token, scale_rows: bool, after_gemm: bool) -> None:
         K = src.shape[1]
         grid, per_program = _row_group_grid(q.shape[0], K)
-        pdl = after_gemm and self.use_pdl
+        pdl = after_gemm and self.pdl != "off"
         expert_map = self.experts.expert_map if after_gemm else None  # h: GEMM1 wrote local pairs only
         ids = self.topk_ids.contiguous()  # row p of h is pair p = token * top_k + slot
         fp8_act_quant_kernel[grid](
             src, self.pair_weights, q, scale, ids, expert_map if expert_map is not None else ids,
             self.topk_ids.numel(), K, rows_per_token, *src.stride(), q.stride(0), scale.stride(0),
             SCALE_ROWS=scale_rows, GROUPS=per_program, GROUP=FP8_BLOCK, USE_PDL=pdl,
-            ONLY_LOCAL_ROWS=expert_map is not None, num_warps=4,
-            **({"launch_pdl": True} if pdl else {}),
+            ONLY_LOCAL_ROWS=expert_map is not None, num_warps=4, **pdl_launch(pdl),
         )
 
     def gemm1(self, config: ExpertConfig) -> None:
@@ -531,7 +552,8 @@ class ExpertLaunch:
             self.topk_ids.numel(), self.a_row_divisor, M, I, H, self._zero_numel(),
             **constants, BLOCK_N=g.block_n, BLOCK_K=g.block_k, SUB_K=self._sub_k(g), SWAP_AB=g.swap_ab,
             QUANT_H=quant_h, EVEN_N=I % g.block_n == 0, EVEN_K=H % g.block_k == 0, SPLIT_OUT=g.split_k > 1,
-            ZERO_BLOCK=ZERO_BLOCK, USE_PDL=self.use_pdl, num_warps=g.num_warps, num_stages=g.num_stages,
+            ZERO_BLOCK=ZERO_BLOCK, LAUNCH_DEPENDENTS=self.pdl != "off", num_warps=g.num_warps,
+            num_stages=g.num_stages,
         )
         self.h_quantized = quant_h
 
@@ -544,18 +566,18 @@ class ExpertLaunch:
         grid = max(1, min(items, self.num_sms * g.programs_per_sm))
         a, a_scale = (self.h_fp8, self.h_scale) if self.experts.fp8 else (self.h, self.scales[2][0])
         operands, constants = self._gemm2_operands(config)
+        pdl = self.pdl == "h+gemm2" and self.h_prepared_by_launch
         prefetch_lines = 0
-        if self.use_pdl:
+        if pdl:
             prefetch_lines = self._prefetch_lines(min(self._k_per_split(g, I),
                                                       PREFETCH_BYTES // g.block_n // self.experts.w_down.element_size()))
-        extra = {"launch_pdl": True} if self.use_pdl else {}
         expert_gemm2_kernel[(grid,)](
             a, a_scale, self.pair_weights, self.gate_partial, *a.stride(), *a_scale.stride(),
             *operands, *self.alignment, self.topk_ids.numel(), self.topk_ids.shape[1], M, H, I,
             **constants, BLOCK_N=g.block_n, BLOCK_K=g.block_k, SUB_K=self._sub_k(g), SWAP_AB=g.swap_ab,
             EVEN_N=H % g.block_n == 0, EVEN_K=I % g.block_k == 0,
-            USE_PDL=self.use_pdl, PREFETCH_LINES=prefetch_lines,
-            num_warps=g.num_warps, num_stages=g.num_stages, **extra,
+            USE_PDL=pdl, PREFETCH_LINES=prefetch_lines, LAUNCH_DEPENDENTS=self.pdl != "off",
+            num_warps=g.num_warps, num_stages=g.num_stages, **pdl_launch(pdl),
         )
 
     def _gemm1_operands(self, config: ExpertConfig):

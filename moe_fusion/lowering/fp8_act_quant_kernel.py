@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from .expert_tiles import row_groups, store_quantized_groups
+from .grid_sync import wait_then_release_dependents
 
 
 @triton.jit
@@ -21,13 +22,11 @@ def fp8_act_quant_kernel(
     SCALE_ROWS: tl.constexpr, GROUPS: tl.constexpr, GROUP: tl.constexpr, USE_PDL: tl.constexpr,
     ONLY_LOCAL_ROWS: tl.constexpr,
 ):
-    if USE_PDL:
-        # Quantising h between the GEMMs: let GEMM2 launch (and prefetch its weights) now, and
-        # wait for GEMM1's h to be complete and visible.
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
     row = tl.program_id(0)
+    # Which rows are local comes from the routing, complete before GEMM1 started.
     groups, offs_k, mask, group_ok = row_groups(row, K, ids_ptr, map_ptr, routed_rows, GROUPS, GROUP, ONLY_LOCAL_ROWS)
+    if USE_PDL:
+        wait_then_release_dependents()
     x = tl.load(x_ptr + (row // rows_per_token) * stride_xm + offs_k * stride_xk, mask=mask, other=0.0)
     if SCALE_ROWS:
         x = (x.to(tl.float32) * tl.load(row_weight_ptr + row)).to(x_ptr.dtype.element_ty)

@@ -1,4 +1,5 @@
-"""Counters in global memory through which the programs of one launch wait for each other.
+"""Counters in global memory through which the programs of one launch wait for each other, and
+the launch option that makes a launch a programmatic dependent of the one before it.
 
 A producer program counts itself done with a release after a CTA barrier (every thread's
 stores are issued before the one atomic that publishes them); a consumer spins on an acquire
@@ -25,3 +26,19 @@ def wait_until(counter_ptr, target):
     done = tl.atomic_add(counter_ptr, 0, sem="acquire")
     while done < target:
         done = tl.atomic_add(counter_ptr, 0, sem="acquire")
+
+
+@triton.jit
+def wait_then_release_dependents():
+    """In a programmatic dependent launch: wait until the kernel before it has finished and its
+    writes are visible, and only then let the next launch be placed, so that the next one never
+    holds SM slots while the kernel before this one still runs."""
+    tl.extra.cuda.gdc_wait()
+    tl.extra.cuda.gdc_launch_dependents()
+
+
+def pdl_launch(pdl: bool) -> dict:
+    """Keyword arguments of a Triton launch: with ``pdl`` a programmatic dependent launch (CUDA):
+    scheduled once the previous kernel in the stream lets it (griddepcontrol.launch_dependents),
+    it must griddepcontrol.wait before reading that kernel's outputs."""
+    return {"launch_pdl": True} if pdl else {}

@@ -25,6 +25,7 @@ import torch
 from ..spec import MoESpec, MoEWeights
 from . import experts, preamble, shared_plan, streams
 from .expert_configs import ExpertConfig
+from .layer_output_kernel import layer_output
 from .shared_expert import CublasSharedExpert, SharedExpertOnExpertKernels
 
 SHARED_STRATEGIES = shared_plan.STRATEGIES
@@ -160,11 +161,11 @@ def moe_layer(spec: MoESpec, x: torch.Tensor, w: MoEWeights, plan: Optional[Laye
         alignment=(pre.sorted_pair_ids, pre.tile_expert, pre.num_tiles),
         deterministic=plan.deterministic, config=plan.expert_config, shared=tail,
     )
+    pdl = experts.pdl_mode(x.device) != "off"
     if not separate_shared:
-        return out.to(x.dtype)
+        return layer_output(out, None, x.dtype, pdl)
     if plan.shared_expert == "stream":
         streams.join(x.device)
     else:
         separate_shared[0].run()
-    # One launch: the fp32 sum, rounded once into the model dtype.
-    return torch.add(out, separate_shared[0].out, out=torch.empty_like(out, dtype=x.dtype))
+    return layer_output(out, separate_shared[0].out, x.dtype, pdl)

@@ -31,6 +31,7 @@ import triton
 from ..spec import MoESpec, MoEWeights
 from .unsupported import Unsupported
 from . import align_kernel, reference, topk_kernel
+from .grid_sync import pdl_launch
 from .norm_quant_kernel import N_COUNTERS, norm_quant
 from .route_align_kernel import route_and_align
 from .router_kernel import _router_kernel, _router_route_align_kernel
@@ -230,13 +231,13 @@ def fused_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights, block_m: int,
             expert_map if expert_map is not None else ids, sorted_ids, tile_expert, num_tiles, L, block_m,
             tile_expert.numel(), BM=cfg.block_m, BE=cfg.block_e, BK=cfg.block_k, DOT_FP32=dot_fp32,
             **route_meta, **align_kernel.align_meta_after_routing(L, spec.top_k, expert_map, M),
-            ALIGN=with_alignment, PDL=pdl, num_warps=cfg.num_warps, **_launch_pdl(pdl),
+            ALIGN=with_alignment, PDL=pdl, num_warps=cfg.num_warps, **pdl_launch(pdl),
         )
         return PreambleOut(normed, x_fp8, x_scale, ids, weights, sorted_ids, tile_expert, num_tiles)
 
     _router_kernel[cfg.grid](*gemm_args, M, spec.num_experts, spec.hidden_size, cfg.k_per_program,
                              BM=cfg.block_m, BE=cfg.block_e, BK=cfg.block_k, DOT_FP32=dot_fp32, PDL=pdl,
-                             num_warps=cfg.num_warps, **_launch_pdl(pdl))
+                             num_warps=cfg.num_warps, **pdl_launch(pdl))
     if plan.align == "with_routing" and with_alignment:
         sorted_ids, tile_expert, num_tiles = route_and_align(spec, logits, bias, normed_dtype, ids, weights,
                                                              expert_map, block_m, pdl=pdl)
@@ -256,9 +257,6 @@ def fused_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights, block_m: int,
         sorted_ids, tile_expert, num_tiles = reference.align_pairs(ids, expert_map, L, block_m)
     return PreambleOut(normed, x_fp8, x_scale, ids, weights, sorted_ids, tile_expert, num_tiles)
 
-
-def _launch_pdl(pdl: bool) -> dict:
-    return {"launch_pdl": True} if pdl else {}
 
 
 def reference_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights, block_m: int,

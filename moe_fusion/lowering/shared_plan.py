@@ -48,7 +48,7 @@ def _table(path: str = TABLE_PATH) -> Dict[str, Dict[str, Dict[str, str]]]:
 def lookup(spec: MoESpec, m: int, device_name: str, fp8_shared: bool = False) -> Optional[str]:
     """The measured strategy for m tokens: the entry of the smallest measured M >= m (the largest
     measured M above them all), or None where the table has nothing for this device and shape."""
-    table = _table()
+    table = _table(TABLE_PATH)
     by_m = table.get(tuned_device(device_name, table), {}).get(shape_key(spec, fp8_shared))
     if not by_m:
         return None

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from ..spec import MoESpec
+from .grid_sync import pdl_launch
 
 SCORING_CODES = {"softmax": 0, "sigmoid": 1, "none": 2}
 # Largest routing tile one program holds in registers (rows x padded experts).
@@ -249,6 +250,6 @@ def select_experts(spec: MoESpec, logits: torch.Tensor, correction_bias, model_d
     _topk_kernel[(triton.cdiv(M, meta["ROWS"]),)](
         logits, logits.stride(0), bias, ids, weights, ids.stride(0), M, spec.renormalize_eps,
         spec.routed_scaling_factor, **meta, PDL=pdl, num_warps=route_warps(meta),
-        **({"launch_pdl": True} if pdl else {}),
+        **pdl_launch(pdl),
     )
     return ids, weights

@@ -1,0 +1,117 @@
+"""A/B of lowering settings inside one process: the whole layer (layer.moe_layer, the plan its
+settings give), or with --part preamble its preamble alone, timed as CUDA-graph replays (moe_fusion.tools.timing, inputs rotated) for each
+variant, the variants alternated round after round so that drift in clocks or memory hits each
+alike. Cheaper than benchmarks/gpu_ab.sh (one process, one set of weights, kernels compiled once)
+where the variants differ only in module attributes.
+
+    python benchmarks/gpu_layer_ab.py --shape dsv3-ep8 --dtype fp8 --m 1,2,4 --rounds 3 \\
+        --variant off:experts.EXPERT_PDL=off --variant h:experts.EXPERT_PDL=h
+
+A variant is NAME:SETTING[,SETTING...], a setting MODULE.ATTR[.ATTR]=VALUE on moe_fusion.lowering
+(VALUE a Python literal, else a string), e.g. layer.options.shared_fp8=True. Prints one line per
+(round, variant) and, last, each variant's median per M.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib
+import os
+import statistics
+import sys
+from typing import Dict, List, Tuple
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+for path in (os.path.dirname(HERE), HERE):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+from gpu_overlap import DTYPES, input_sets  # noqa: E402
+from layer_cases import layer_weights  # noqa: E402
+from moe_fusion.lowering import layer, preamble  # noqa: E402
+from moe_fusion.tools import timing  # noqa: E402
+from moe_fusion.tools.bench_layers import SHAPES  # noqa: E402
+
+Setting = Tuple[object, str, object]  # (object, attribute, value)
+
+
+def parse_variant(text: str) -> Tuple[str, List[Tuple[str, str]]]:
+    name, _, settings = text.partition(":")
+    pairs = []
+    for setting in filter(None, settings.split(",")):
+        target, _, value = setting.partition("=")
+        pairs.append((target, value))
+    return name, pairs
+
+
+def resolve(target: str, value: str) -> Setting:
+    module, *attrs = target.split(".")
+    obj = importlib.import_module(f"moe_fusion.lowering.{module}")
+    for attr in attrs[:-1]:
+        obj = getattr(obj, attr)
+    if not hasattr(obj, attrs[-1]):
+        raise AttributeError(f"{target}: no such attribute")
+    try:
+        parsed = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        parsed = value
+    return obj, attrs[-1], parsed
+
+
+def apply(settings: List[Setting]) -> List[Setting]:
+    """Set each attribute; returns the settings that undo it."""
+    undo = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in settings]
+    for obj, attr, value in settings:
+        setattr(obj, attr, value)
+    return undo
+
+
+def time_variant(spec, w, M: int, device, settings: List[Setting], part: str) -> float:
+    undo = apply(settings)
+    try:
+        plan = layer.plan_layer(spec, M, device)
+        sets = input_sets(spec, M, device, 8)
+        if part == "preamble":
+            def call(x, normed):
+                preamble.fused_preamble(spec, x, w, block_m=plan.expert_config.block_m)
+        else:
+            def call(x, normed):
+                layer.moe_layer(spec, x, w, plan)
+        return timing.graph_replay_us(call, sets)
+    finally:
+        apply(undo)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", default="dsv3-ep8")
+    ap.add_argument("--dtype", default="fp8", choices=list(DTYPES))
+    ap.add_argument("--m", default="1,2,4")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--part", choices=("layer", "preamble"), default="layer")
+    ap.add_argument("--variant", action="append", required=True)
+    args = ap.parse_args(argv)
+    device = torch.device("cuda")
+    spec = SHAPES[args.shape].replace(quant=DTYPES[args.dtype])
+    w = layer_weights(spec, device)
+    ms = [int(m) for m in args.m.split(",")]
+    variants = [(name, [resolve(t, v) for t, v in pairs]) for name, pairs in map(parse_variant, args.variant)]
+    times: Dict[Tuple[str, int], List[float]] = {}
+    for round_ in range(1, args.rounds + 1):
+        for name, settings in variants:
+            line = []
+            for M in ms:
+                us = time_variant(spec, w, M, device, settings, args.part)
+                times.setdefault((name, M), []).append(us)
+                line.append(f"M={M} {us:6.1f}")
+            print(f"{name:>10} round {round_}: " + "  ".join(line), flush=True)
+    print(f"median µs, {args.part}, {args.shape} {args.dtype}, {torch.cuda.get_device_name()}:")
+    for name, _ in variants:
+        print(f"{name:>10}: " + "  ".join(f"M={M} {statistics.median(times[name, M]):6.1f}" for M in ms))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
