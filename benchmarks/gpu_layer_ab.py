@@ -1,8 +1,11 @@
 """A/B of lowering settings inside one process: the whole layer (layer.moe_layer, the plan its
-settings give), or with --part preamble its preamble alone, timed as CUDA-graph replays (moe_fusion.tools.timing, inputs rotated) for each
-variant, the variants alternated round after round so that drift in clocks or memory hits each
-alike. Cheaper than benchmarks/gpu_ab.sh (one process, one set of weights, kernels compiled once)
-where the variants differ only in module attributes.
+settings give), or with --part preamble its preamble alone, timed as CUDA-graph replays
+(moe_fusion.tools.timing, inputs rotated) for each variant, the variants alternated round after
+round so that drift in clocks or memory hits each alike. Where the variants differ only in module
+attributes this resolves what benchmarks/gpu_ab.sh cannot: one process, one set of weights and
+kernels compiled once made its rounds agree to ~0.3 us on the H100, where separate processes
+differ by 3-5 us (session 9). Its inputs are gpu_overlap.input_sets, not the bench's routings:
+compare its numbers with each other only.
 
     python benchmarks/gpu_layer_ab.py --shape dsv3-ep8 --dtype fp8 --m 1,2,4 --rounds 3 \\
         --variant off:experts.EXPERT_PDL=off --variant h:experts.EXPERT_PDL=h

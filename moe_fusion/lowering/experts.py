@@ -58,8 +58,8 @@ INTERPRETER_SMS = 4  # "SM count" under TRITON_INTERPRET=1: a few programs, so t
 #        layer's output (layer_output_kernel) after GEMM2;
 #   "h+gemm2": GEMM2 is also placed early, as the h launch's dependent once GEMM1 has finished: it
 #        pulls its first weight tile into L2 (at most PREFETCH_BYTES per program), then waits.
-# H200 (session 9, dsv3-ep8 fp8 layer, H100 tiles): "h" took the h launch's latency off: 52.0 ->
-# 50.4 us at M = 1, 65.1 -> 64.1 at M = 2, none at M = 4; "h+gemm2" 0.3-0.8 us slower than "h".
+# Session 9, dsv3-ep8 fp8 layer, in-process A/B (benchmarks/gpu_layer_ab.py): on the H100 "h" was
+# 2.1 / 1.9 / 1.3 us faster than "off" at M = 1 / 2 / 4; on the H200 "h+gemm2" was 0.3-0.8 us slower than "h".
 # A GEMM2 placed while GEMM1 itself still ran (run 3 of experts_notes.md) gained nothing and cost 4%
 # at dsv3 M = 1: its programs held the SM slots GEMM1's last wave needed.
 PDL_MODES = ("off", "h", "h+gemm2")

@@ -258,7 +258,6 @@ def fused_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights, block_m: int,
     return PreambleOut(normed, x_fp8, x_scale, ids, weights, sorted_ids, tile_expert, num_tiles)
 
 
-
 def reference_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights, block_m: int,
                        expert_map: Optional[torch.Tensor] = None) -> PreambleOut:
     """The same outputs from plain PyTorch (reference.py): the baseline and the test oracle."""
