@@ -444,6 +444,11 @@ class ExpertLaunch:
     on_side_stream: bool = False
 
     @property
+    def small_launches_dependent(self) -> bool:
+        """The h launch and what follows GEMM2 are programmatic dependents (EXPERT_PDL "h" and up)."""
+        return self.pdl != "off"
+
+    @property
     def n_shared(self) -> int:
         return self.shared.count if self.shared is not None else 0
 
@@ -515,13 +520,14 @@ class ExpertLaunch:
             self.topk_ids.numel(), I, self.gemm1_sums.stride(0), self.gemm1_sums.stride(1),
             self.h.stride(0), hq.stride(0), hs.stride(0), SPLITS=self.gemm1_splits,
             GROUPS=per_program, GROUP=FP8_BLOCK, QUANT=self.experts.fp8, ONLY_LOCAL_ROWS=expert_map is not None,
-            PDL=self.pdl != "off", num_warps=4, **pdl_launch(self.pdl != "off"),
+            PDL=self.small_launches_dependent, num_warps=4,
+            **pdl_launch(self.small_launches_dependent),
         )
 
     def _quantize_rows(self, src, q, scale, rows_per_token, scale_rows: bool, after_gemm: bool) -> None:
         K = src.shape[1]
         grid, per_program = _row_group_grid(q.shape[0], K)
-        pdl = after_gemm and self.pdl != "off"
+        pdl = after_gemm and self.small_launches_dependent
         expert_map = self.experts.expert_map if after_gemm else None  # h: GEMM1 wrote local pairs only
         ids = self.topk_ids.contiguous()  # row p of h is pair p = token * top_k + slot
         fp8_act_quant_kernel[grid](
@@ -552,7 +558,7 @@ class ExpertLaunch:
             self.topk_ids.numel(), self.a_row_divisor, M, I, H, self._zero_numel(),
             **constants, BLOCK_N=g.block_n, BLOCK_K=g.block_k, SUB_K=self._sub_k(g), SWAP_AB=g.swap_ab,
             QUANT_H=quant_h, EVEN_N=I % g.block_n == 0, EVEN_K=H % g.block_k == 0, SPLIT_OUT=g.split_k > 1,
-            ZERO_BLOCK=ZERO_BLOCK, LAUNCH_DEPENDENTS=self.pdl != "off", num_warps=g.num_warps,
+            ZERO_BLOCK=ZERO_BLOCK, LAUNCH_DEPENDENTS=self.small_launches_dependent, num_warps=g.num_warps,
             num_stages=g.num_stages,
         )
         self.h_quantized = quant_h
@@ -576,7 +582,7 @@ class ExpertLaunch:
             *operands, *self.alignment, self.topk_ids.numel(), self.topk_ids.shape[1], M, H, I,
             **constants, BLOCK_N=g.block_n, BLOCK_K=g.block_k, SUB_K=self._sub_k(g), SWAP_AB=g.swap_ab,
             EVEN_N=H % g.block_n == 0, EVEN_K=I % g.block_k == 0,
-            USE_PDL=pdl, PREFETCH_LINES=prefetch_lines, LAUNCH_DEPENDENTS=self.pdl != "off",
+            USE_PDL=pdl, PREFETCH_LINES=prefetch_lines, LAUNCH_DEPENDENTS=self.small_launches_dependent,
             num_warps=g.num_warps, num_stages=g.num_stages, **pdl_launch(pdl),
         )
 

@@ -20,8 +20,8 @@ import triton.language as tl
 
 from ..spec import MoESpec
 from . import align_kernel, topk_kernel
-from .grid_sync import pdl_launch
 from .align_kernel import align_pairs_cta, align_selection, selection_of_local_ids
+from .grid_sync import pdl_launch
 from .topk_kernel import load_route_bias, route_columns, route_rows
 
 # Warps of the one program: routing one row ran best on one warp, the one-program alignment on 8
