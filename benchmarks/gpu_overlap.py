@@ -9,10 +9,7 @@ under CUDA-graph replay (moe_fusion.tools.timing: median of batches, inputs rota
                     (shared_expert.SharedExpertOnExpertKernels: the layer's "stream-kernels")
   preamble          preamble.fused_preamble alone (norm [+ fp8 quantisation], router, routing, alignment)
   pre+shared stream the preamble with the shared expert forked onto the side stream right after the
-                    norm (its after_norm hook, streams.fork), joined at the end: what the layer does;
-                    with --shared-on kernels the start of its weights is first asked into L2 beside
-                    the norm (layer.fork_shared_weight_prefetch), as the layer does. "shared" alone
-                    has no prefetch: its time is the shared expert's own, the ratio's denominator
+                    norm (its after_norm hook, streams.fork), joined at the end: what the layer does
   pre+shared inline the same on one stream, the shared expert after the preamble
   layer stream / layer inline   the whole layer (layer.moe_layer), for context
 ratio = (pre+shared stream) / shared; the target is <= 1.1 (the preamble almost entirely hidden).
@@ -77,9 +74,7 @@ def variant_fn(name: str, spec: MoESpec, w: MoEWeights, block_m: int, on_kernels
     def pre(x, normed):
         preamble.fused_preamble(spec, x, w, block_m=block_m)
 
-    def pre_shared_stream(x, normed):  # as the layer's "stream" strategy runs it
-        if on_kernels:
-            layer.fork_shared_weight_prefetch(spec, x, w, False)
+    def pre_shared_stream(x, normed):
         fork = lambda n, *_: streams.fork(x.device, shared_job(n).run)  # noqa: E731
         preamble.fused_preamble(spec, x, w, block_m=block_m, after_norm=fork)
         streams.join(x.device)

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from moe_fusion.lowering import layer, layer_output_kernel, preamble, reference
-from moe_fusion.lowering import shared_expert as shared_expert_module
 from moe_fusion.ops import call_moe_layer
 from moe_fusion.spec import FP8_DTYPE, MoEWeights
 
@@ -226,28 +225,6 @@ def test_layer_op_under_cuda_graphs(name, shared_expert, deterministic, monkeypa
         graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(out, first, rtol=1e-2, atol=1e-2)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("shared_expert", ["stream-fp8", "stream-kernels"])
-def test_shared_weight_prefetch_changes_no_result(shared_expert, monkeypatch):
-    """The shared expert's weights asked into L2 beside the norm are a hint: deterministic outputs are
-    bitwise the same without it, at the default budget and with whole rows asked for."""
-    _with_options(monkeypatch, deterministic=True, shared_expert=shared_expert.replace("-fp8", ""),
-                  shared_fp8=shared_expert.endswith("-fp8"))
-    spec = GPU_SPECS["dsv3-ep8-fp8"]
-    w = random_weights(spec, device="cuda")
-    x = torch.randn(4, spec.hidden_size, device="cuda", dtype=torch.bfloat16)
-    plan = layer.plan_layer(spec, 4, x.device)
-    assert plan.shared_expert == "stream" and plan.shared_on_kernels
-    outs = []
-    for budget in (0, shared_expert_module.PREFETCH_BYTES, 1 << 40):
-        monkeypatch.setattr(shared_expert_module, "PREFETCH_BYTES", budget)
-        outs.append(layer.moe_layer(spec, x, w, plan))
-    torch.cuda.synchronize()
-    assert _rel_err(outs[0], _expected(spec, x, w, plan)) < 3e-2
-    for out in outs[1:]:
-        assert torch.equal(out, outs[0])
 
 
 @pytest.mark.gpu

@@ -2,9 +2,7 @@ import pytest
 import torch
 
 from moe_fusion.lowering import experts, reference, streams
-from moe_fusion.lowering.expert_configs import ExpertConfig, GemmTiles
 from moe_fusion.lowering.shared_expert import SharedExpertBuffers, shared_expert_into
-from moe_fusion.spec import FP8_DTYPE
 
 from moe_cases import dsv3_like, random_weights
 
@@ -63,53 +61,3 @@ def test_dense_routing_is_the_alignment_of_every_token_on_every_shared_expert(M,
     assert torch.equal(sorted_ids, ref_ids[:tiles * block_m])
     cached = experts.dense_routing(M, n, block_m, torch.device("cpu"))[0] is ids
     assert cached == (M <= experts.DENSE_ROUTING_CACHE_MAX_M)  # decode sizes only: the cache stays small
-
-
-class _LaunchRecorder:
-    """Stands in for a Triton kernel: records (grid, args, constexprs) of each launch."""
-
-    def __init__(self):
-        self.launches = []
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.launches.append((grid, args, kwargs))
-
-
-@pytest.mark.parametrize("M", [1, 4, 40])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, FP8_DTYPE])
-@pytest.mark.parametrize("gemm1", [dict(block_n=64, split_k=4, programs_per_sm=1),  # the H100's dsv3-shared M = 1
-                                   dict(block_n=32, split_k=1, programs_per_sm=2)])
-def test_gemm1_weight_prefetch_covers_the_first_wave_within_its_budget(M, dtype, gemm1, monkeypatch):
-    """The prefetch's grid is GEMM1's first wave, and the lines it asks for (a power of 2 per row,
-    gate and up) stay within the byte budget; a budget below one line per row launches nothing."""
-    H, I, sms = 7168, 2048, 132
-    g = GemmTiles(block_k=128, num_stages=4, num_warps=4, **gemm1)
-    config = ExpertConfig(16, g, g)
-    shared = experts.ExpertTensors(torch.empty(1, I, H, dtype=dtype), torch.empty(1, I, H, dtype=dtype),
-                                   torch.empty(1, H, I, dtype=dtype))
-    _, _, alignment = experts.dense_routing(M, 1, config.block_m, torch.device("cpu"))
-    wave = experts.gemm1_grid(alignment[1].numel(), I, g, sms)
-    row_bytes = experts.ExpertLaunch._k_per_split(g, H) * shared.w_gate.element_size()
-    one_line_per_row = wave * 2 * g.block_n * 128
-    recorder = _LaunchRecorder()
-    monkeypatch.setattr(experts, "gemm1_prefetch_kernel", recorder)
-    for budget in (one_line_per_row - 1, one_line_per_row, 6 << 20, 1 << 40):
-        recorder.launches.clear()
-        experts.prefetch_gemm1_weights(shared, alignment, config, H, sms, budget)
-        if budget < one_line_per_row:
-            assert recorder.launches == []
-            continue
-        [(grid, _, constants)] = recorder.launches
-        lines = constants["PREFETCH_LINES"]
-        assert grid == (wave,) and lines & (lines - 1) == 0
-        assert wave * 2 * g.block_n * lines * 128 <= budget
-        assert lines * 128 <= row_bytes  # never past a row's K split
-
-
-def test_weight_prefetch_is_cuda_only_and_can_be_turned_off(monkeypatch):
-    from moe_fusion.lowering import shared_expert
-    spec = dsv3_like()
-    w = random_weights(spec)
-    assert shared_expert.weight_prefetch(spec, w, 4, torch.device("cpu"), False) is None
-    monkeypatch.setattr(shared_expert, "PREFETCH_BYTES", 0)
-    assert shared_expert.weight_prefetch(spec, w, 4, torch.device("cuda"), False) is None

@@ -40,7 +40,6 @@ from . import expert_tiles
 from .fp8_act_quant_kernel import fp8_act_quant_kernel
 from .fp8_weight_quant_kernel import fp8_weight_quant_kernel
 from .gemm1_combine_kernel import gemm1_combine_kernel
-from .gemm1_prefetch_kernel import gemm1_prefetch_kernel
 from .grid_sync import pdl_launch
 from .moe_finalize_kernel import moe_finalize_kernel
 
@@ -545,7 +544,8 @@ class ExpertLaunch:
         if g.split_k != self.gemm1_splits:
             raise ValueError("buffers were allocated for another GEMM1 split_k")
         tiles = self._work_tiles(config)
-        grid = gemm1_grid(tiles, I, g, self.num_sms)
+        items = tiles * triton.cdiv(I, g.block_n) * g.split_k
+        grid = max(1, min(items, self.num_sms * g.programs_per_sm))
         quant_h = (self.experts.fp8 and FUSED_H_QUANT and not self.on_side_stream and g.block_n <= FP8_BLOCK
                    and g.split_k == 1)
         unused = self.pair_weights.view(1, 1, self.pair_weights.numel())
@@ -674,33 +674,6 @@ class ExpertLaunch:
 # device -> zeroed int32 counters (GEMM1's h-quantisation tickets); every launch leaves them zero.
 _tickets: Dict[Tuple[torch.device, str], torch.Tensor] = {}
 _retired_tickets: list = []
-
-
-def gemm1_grid(tiles: int, I: int, g, num_sms: int) -> int:
-    """GEMM1's persistent grid: one program per work item, at most programs_per_sm x SMs."""
-    items = tiles * triton.cdiv(I, g.block_n) * g.split_k
-    return max(1, min(items, num_sms * g.programs_per_sm))
-
-
-def prefetch_gemm1_weights(e: ExpertTensors, alignment: Alignment, config: ExpertConfig, hidden: int,
-                           num_sms: int, budget_bytes: int) -> None:
-    """Ask L2 for the start of the Wg and Wu rows that each item of GEMM1's first wave reads, at
-    most budget_bytes in all (gemm1_prefetch_kernel), for a launch whose alignment is already
-    final (a constant: dense_routing). CUDA only."""
-    g = config.gemm1
-    I = e.w_gate.shape[1]
-    wave = gemm1_grid(alignment[1].numel(), I, g, num_sms)
-    k_per_split = ExpertLaunch._k_per_split(g, hidden)
-    row_lines = triton.cdiv(k_per_split * e.w_gate.element_size(), 128)
-    lines = min(row_lines, budget_bytes // (wave * 2 * g.block_n * 128))
-    if lines < 1:
-        return
-    n_blocks = triton.cdiv(I, g.block_n)
-    gemm1_prefetch_kernel[(wave,)](
-        e.w_gate, e.w_up, alignment[1], alignment[2], I, hidden, k_per_split, n_blocks, n_blocks * g.split_k,
-        *e.w_gate.stride(), *e.w_up.stride(), BLOCK_N=g.block_n,
-        PREFETCH_LINES=1 << (lines.bit_length() - 1), num_warps=4,  # a power of 2, within the budget
-    )
 
 
 def _ticket_buffer(device: torch.device, numel: int) -> torch.Tensor:

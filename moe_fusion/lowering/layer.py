@@ -1,12 +1,10 @@
 """The whole MoE layer on the GPU: the plan for (spec, M, device), then
 
     main stream:  norm (+fp8 quant) ─▶ router + routing + alignment ─▶ GEMM1 ─▶ GEMM2 ─▶ + shared
-    side stream:  [L2 prefetch]  └─▶ shared expert (into preallocated buffers) ────────────────┘
+    side stream:                 └─▶ shared expert (into preallocated buffers) ────────────────┘
 
 The shared expert needs only the normed hidden states, so it forks right after the norm and
-overlaps the routing chain and the routed experts (strategy "stream"); on the expert kernels, the
-start of its weights is asked into L2 beside the norm (shared_expert.weight_prefetch), since its
-routing is a constant and HBM would otherwise idle until the norm ends; "inline" runs it on the
+overlaps the routing chain and the routed experts (strategy "stream"); "inline" runs it on the
 main stream after the routed experts; "fused" computes it in the routed experts' GEMM launches,
 as extra experts every token selects (experts.SharedTail; with fp8 experts it is computed in
 fp8 from block-quantised copies of its weights). A separate shared expert runs on cuBLAS in
@@ -28,7 +26,7 @@ from ..spec import MoESpec, MoEWeights
 from . import experts, preamble, shared_plan, streams
 from .expert_configs import ExpertConfig
 from .layer_output_kernel import layer_output
-from .shared_expert import CublasSharedExpert, SharedExpertOnExpertKernels, weight_prefetch
+from .shared_expert import CublasSharedExpert, SharedExpertOnExpertKernels
 
 SHARED_STRATEGIES = shared_plan.STRATEGIES
 ON_KERNELS = "-kernels"  # a separate shared expert as its own launch of the expert kernels, not cuBLAS
@@ -153,8 +151,6 @@ def moe_layer(spec: MoESpec, x: torch.Tensor, w: MoEWeights, plan: Optional[Laye
         if plan.shared_expert == "stream":
             streams.fork(x.device, job.run)
 
-    if plan.shared_expert == "stream" and plan.shared_on_kernels:
-        fork_shared_weight_prefetch(spec, x, w, plan.shared_fp8)
     pre = preamble.fused_preamble(spec, x, w, block_m=plan.expert_config.block_m,
                                   after_norm=start_shared_expert if separate else None,
                                   deterministic=plan.deterministic)
@@ -173,11 +169,3 @@ def moe_layer(spec: MoESpec, x: torch.Tensor, w: MoEWeights, plan: Optional[Laye
     else:
         separate_shared[0].run()
     return layer_output(out, separate_shared[0].out, x.dtype, pdl)
-
-
-def fork_shared_weight_prefetch(spec: MoESpec, x: torch.Tensor, w: MoEWeights, in_fp8: bool) -> None:
-    """On the side stream, beside the norm: L2 takes the start of the shared expert's weights
-    while HBM would idle (shared_expert.weight_prefetch)."""
-    prefetch = weight_prefetch(spec, w, x.shape[0], x.device, in_fp8)
-    if prefetch is not None:
-        streams.fork(x.device, prefetch)

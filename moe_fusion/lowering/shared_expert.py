@@ -8,20 +8,13 @@ the routing chain needs), or, with fp8 experts, in fp8, reading half the bytes.
 """
 from __future__ import annotations
 
-import functools
-import os
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 from ..spec import MoESpec, MoEWeights
 from . import experts
-from .expert_configs import ExpertConfig
-
-# Bytes of the shared expert's GEMM1 weights asked into L2 while the norm runs (weight_prefetch;
-# 0: off). About what HBM streams during the norm on the H100 (~2.5 us at ~3 TB/s).
-PREFETCH_BYTES = int(os.environ.get("MOE_FUSION_SHARED_PREFETCH_BYTES", 6 << 20))
 
 
 @dataclass
@@ -87,12 +80,15 @@ class SharedExpertOnExpertKernels:
 
     def __init__(self, spec: MoESpec, normed: torch.Tensor, x_fp8: Optional[torch.Tensor],
                  x_scale: Optional[torch.Tensor], w: MoEWeights, in_fp8: bool, deterministic: bool):
-        M = normed.shape[0]
-        tail, config, (ids, ones, alignment) = _dense_launch(spec, w, M, normed.device, in_fp8)
+        launch_spec = spec if in_fp8 else spec.replace(quant="none")
+        tail = experts.shared_tail(launch_spec, w)
+        M, n = normed.shape[0], tail.count
+        config = experts.shared_expert_config(launch_spec, M, normed.device)
+        ids, ones, alignment = experts.dense_routing(M, n, config.block_m, normed.device)
         self.normed, self.config = normed, config
         self.gate_weight = w.shared_expert_gate if spec.shared_gate else None
         if self.gate_weight is not None:  # written by run(), on whichever stream runs it
-            self.weights = torch.empty_like(ones)
+            self.weights = torch.empty((M, n), dtype=torch.float32, device=normed.device)
             self.gate_logit = normed.new_empty((M, 1))
         else:
             self.weights = ones
@@ -113,25 +109,3 @@ class SharedExpertOnExpertKernels:
         self.launch.prepare_h()
         self.launch.gemm2(self.config)
         self.out = self.launch.finalize()
-
-
-def _dense_launch(spec: MoESpec, w: MoEWeights, M: int, device: torch.device,
-                  in_fp8: bool) -> tuple[experts.SharedTail, ExpertConfig, tuple]:
-    """The shared experts as a launch of their own: (tail, tiles, experts.dense_routing's constants)."""
-    launch_spec = spec if in_fp8 else spec.replace(quant="none")
-    tail = experts.shared_tail(launch_spec, w)
-    config = experts.shared_expert_config(launch_spec, M, device)
-    return tail, config, experts.dense_routing(M, tail.count, config.block_m, device)
-
-
-def weight_prefetch(spec: MoESpec, w: MoEWeights, M: int, device: torch.device,
-                    in_fp8: bool) -> Optional[Callable[[], None]]:
-    """The launch that warms L2 with the start of SharedExpertOnExpertKernels' GEMM1 weights
-    (gemm1_prefetch_kernel), to run on any stream before the norm: its routing is a constant, so
-    what GEMM1 reads first is known before its input. Everything it reads is made now, on the
-    current stream. None where there is nothing to do (PREFETCH_BYTES 0, or not CUDA)."""
-    if PREFETCH_BYTES <= 0 or device.type != "cuda":
-        return None
-    tail, config, (_, _, alignment) = _dense_launch(spec, w, M, device, in_fp8)
-    return functools.partial(experts.prefetch_gemm1_weights, tail.experts, alignment, config, spec.hidden_size,
-                             experts.device_facts(device)[1], PREFETCH_BYTES)
