@@ -3,7 +3,12 @@ profiler, each with its stream and start/end µs from the first kernel, and the 
 call (moe_fusion.tools.timing, inputs rotated). The plan is the layer's, as the MOE_FUSION_*
 environment sets it (e.g. MOE_FUSION_SHARED_EXPERT=stream MOE_FUSION_SHARED_FP8=1).
 
-    python benchmarks/gpu_layer_timeline.py [--shape dsv3-ep8] [--dtype fp8] [--m 1,4] [--out DIR] [--resources]
+    python benchmarks/gpu_layer_timeline.py [--shape dsv3-ep8] [--dtype fp8] [--m 1,4] [--part layer|experts]
+        [--out DIR] [--resources]
+
+--part experts: the routed-expert block alone (dispatch.routed_experts, as the bench's "experts" part
+calls it: alignment and x quantisation included) on the preamble's routings of the same inputs; the
+profiled call is a routing that reaches exactly one local expert where the sets have one.
 
 --resources also lists each compiled Triton kernel's registers per thread, spills, shared memory and
 warps: what decides how many of its programs fit on an SM beside the other stream's.
@@ -25,28 +30,50 @@ for path in (os.path.dirname(HERE), HERE):
 
 from gpu_overlap import DTYPES, input_sets, profile_overlap  # noqa: E402
 from layer_cases import layer_weights  # noqa: E402
-from moe_fusion.lowering import layer  # noqa: E402
+from moe_fusion.lowering import dispatch, layer, preamble  # noqa: E402
 from moe_fusion.tools import timing  # noqa: E402
+from moe_fusion.tools.bench import distinct_local_experts  # noqa: E402
 from moe_fusion.tools.bench_layers import SHAPES  # noqa: E402
 
 
-def timeline(spec, w, M: int, device: torch.device) -> dict:
+def timeline(spec, w, M: int, device: torch.device, part: str = "layer") -> dict:
     sets = input_sets(spec, M, device, 8)
     plan = layer.plan_layer(spec, M, device)
+    profiled = sets[0]
+    hits = None
+    if part == "layer":
+        def call(x, normed):
+            layer.moe_layer(spec, x, w, plan)
+    else:
+        sets, hits = routed_sets(spec, w, sets, plan.expert_config.block_m)
+        # Profile a routing that reaches exactly one local expert where there is one (M = 1's usual case).
+        profiled = next((s for s, n in zip(sets, hits) if n == 1), sets[0])
 
-    def call(x, normed):
-        layer.moe_layer(spec, x, w, plan)
+        def call(normed, ids, weights):
+            dispatch.routed_experts(spec, normed, ids, weights, w)
 
     us = timing.graph_replay_us(call, sets)
     with tempfile.TemporaryDirectory() as scratch:
-        replay = profile_overlap(call, sets[0], os.path.join(scratch, "trace.json"))["graph replay"]
-    return dict(M=M, us=round(us, 2), shared_expert=plan.shared_expert, shared_fp8=plan.shared_fp8,
-                config=plan.expert_config.to_dict(), kernels=replay.get("kernels", replay.get("error")))
+        replay = profile_overlap(call, profiled, os.path.join(scratch, "trace.json"))["graph replay"]
+    return dict(M=M, part=part, us=round(us, 2), shared_expert=plan.shared_expert, shared_fp8=plan.shared_fp8,
+                config=plan.expert_config.to_dict(), local_experts_hit=hits,
+                kernels=replay.get("kernels", replay.get("error")))
+
+
+def routed_sets(spec, w, sets, block_m: int):
+    """(normed, ids, weights) of each input set as the preamble routes it, and the local experts each reaches."""
+    routed, hits = [], []
+    for x, _ in sets:
+        pre = preamble.fused_preamble(spec, x, w, block_m=block_m)
+        routed.append((pre.normed, pre.topk_ids, pre.topk_weights))
+        hits.append(distinct_local_experts(spec, pre.topk_ids, w.expert_map))
+    return routed, hits
 
 
 def report(row: dict) -> str:
-    lines = [f"M={row['M']}: {row['us']} µs per call; shared expert {row['shared_expert']} "
-             f"(fp8: {row['shared_fp8']}); experts {row['config']}",
+    what = (f"shared expert {row['shared_expert']} (fp8: {row['shared_fp8']})" if row["part"] == "layer"
+            else f"expert block alone (dispatch.routed_experts), local experts hit per set {row['local_experts_hit']}")
+    lines = [f"M={row['M']}: {row['us']} µs per call; {what}; experts {row['config']}",
              f"{'start':>7} {'end':>7} {'dur':>6}  stream  kernel"]
     for k in row["kernels"] if isinstance(row["kernels"], list) else []:
         lines.append(f"{k['start_us']:7.1f} {k['end_us']:7.1f} {k['end_us'] - k['start_us']:6.1f}  "
@@ -82,13 +109,15 @@ def main(argv=None) -> int:
     ap.add_argument("--shape", default="dsv3-ep8")
     ap.add_argument("--dtype", default="fp8", choices=list(DTYPES))
     ap.add_argument("--m", default="1,4")
+    ap.add_argument("--part", choices=("layer", "experts"), default="layer",
+                    help="the whole layer, or the routed-expert block alone on the preamble's routings")
     ap.add_argument("--out", default="", help="also write timeline_<shape>_<dtype>.json here")
     ap.add_argument("--resources", action="store_true", help="list the compiled kernels' registers and shared memory")
     args = ap.parse_args(argv)
     device = torch.device("cuda")
     spec = SHAPES[args.shape].replace(quant=DTYPES[args.dtype])
     w = layer_weights(spec, device)
-    rows = [timeline(spec, w, int(m), device) for m in args.m.split(",")]
+    rows = [timeline(spec, w, int(m), device, args.part) for m in args.m.split(",")]
     for row in rows:
         print(report(row), flush=True)
     if args.resources:
@@ -96,7 +125,7 @@ def main(argv=None) -> int:
             print(f"{r['kernel']:32s} regs {r['regs']:4d} spills {r['spills']:3d} shared {r['shared']:7d} B "
                   f"warps {r['warps']}")
     if args.out:
-        with open(os.path.join(args.out, f"timeline_{args.shape}_{args.dtype}.json"), "w") as f:
+        with open(os.path.join(args.out, f"timeline_{args.part}_{args.shape}_{args.dtype}.json"), "w") as f:
             json.dump(rows, f, indent=1)
     return 0
 

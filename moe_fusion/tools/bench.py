@@ -182,6 +182,7 @@ def _sync(device: torch.device) -> None:
 class Timing:
     us: Optional[float] = None
     kernels: Optional[int] = None
+    kernel_names: Optional[List[str]] = None  # in launch order (GPU only)
     first_call_s: Optional[float] = None
     note: str = ""
 
@@ -206,10 +207,10 @@ def time_point(cfg: Config, fn: Callable, input_sets: Sequence[tuple]) -> Timing
     replays = max(1, min(20, int(cfg.seconds_per_point / (batches * len(input_sets) * call_s))))
     if cfg.on_gpu:
         us = timing.graph_replay_us(fn, input_sets, replays=replays, batches=batches)
-        kernels = timing.kernels_per_call(fn, input_sets[0])
+        names = timing.kernel_names_per_call(fn, input_sets[0])
     else:
-        us, kernels = wall_clock_us(fn, input_sets, replays, batches), None
-    return Timing(us=us, kernels=kernels, first_call_s=first_call_s)
+        us, names = wall_clock_us(fn, input_sets, replays, batches), None
+    return Timing(us=us, kernels=None if names is None else len(names), kernel_names=names, first_call_s=first_call_s)
 
 
 def wall_clock_us(fn: Callable, input_sets: Sequence[tuple], replays: int, batches: int) -> float:
@@ -468,6 +469,8 @@ def _measure_into(row, cfg, part, spec, fn, inputs, expected, variant, failed, b
     # Compilation is not charged: the budget is there to stop slow timings, not compiles.
     budget.charge(variant, time.perf_counter() - t0 - result.first_call_s)
     row["us"], row["kernels"], row["first_call_s"] = result.us, result.kernels, result.first_call_s
+    if result.kernel_names is not None:
+        row["kernel_names"] = result.kernel_names
     if result.note:
         row["note"] = result.note
     if row["us"] is not None:

@@ -4,7 +4,7 @@ ceiling and a kernels-per-call count from the profiler."""
 from __future__ import annotations
 
 import statistics
-from typing import Callable, Sequence
+from typing import Callable, List, Sequence
 
 import torch
 
@@ -51,12 +51,18 @@ def copy_bandwidth_bytes_per_s(nbytes: int = 1 << 30) -> float:
 
 def kernels_per_call(fn: Callable, inputs: tuple) -> int:
     """Number of GPU kernels one call launches (after warm-up), read off the profiler."""
+    return len(kernel_names_per_call(fn, inputs))
+
+
+def kernel_names_per_call(fn: Callable, inputs: tuple) -> List[str]:
+    """The GPU kernels one call launches (after warm-up), in launch order, read off the profiler."""
     fn(*inputs)
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         fn(*inputs)
         torch.cuda.synchronize()
-    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and _is_kernel(e.name))
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and _is_kernel(e.name)]
+    return [e.name for e in sorted(kernels, key=lambda e: e.time_range.start)]
 
 
 def _is_kernel(name: str) -> bool:
