@@ -1,5 +1,6 @@
 """A/B of lowering settings inside one process: the whole layer (layer.moe_layer, the plan its
-settings give), or with --part preamble its preamble alone, timed as CUDA-graph replays
+settings give), or with --part preamble its preamble alone, or with --part experts the expert block
+alone on the preamble's routings (dispatch.routed_experts: its own alignment and x quantisation), timed as CUDA-graph replays
 (moe_fusion.tools.timing, inputs rotated) for each variant, the variants alternated round after
 round so that drift in clocks or memory hits each alike. Where the variants differ only in module
 attributes this resolves what benchmarks/gpu_ab.sh cannot: one process, one set of weights and
@@ -31,9 +32,10 @@ for path in (os.path.dirname(HERE), HERE):
     if path not in sys.path:
         sys.path.insert(0, path)
 
+from gpu_layer_timeline import routed_sets  # noqa: E402
 from gpu_overlap import DTYPES, input_sets  # noqa: E402
 from layer_cases import layer_weights  # noqa: E402
-from moe_fusion.lowering import layer, preamble  # noqa: E402
+from moe_fusion.lowering import dispatch, layer, preamble  # noqa: E402
 from moe_fusion.tools import timing  # noqa: E402
 from moe_fusion.tools.bench_layers import SHAPES  # noqa: E402
 
@@ -79,6 +81,11 @@ def time_variant(spec, w, M: int, device, settings: List[Setting], part: str) ->
         if part == "preamble":
             def call(x, normed):
                 preamble.fused_preamble(spec, x, w, block_m=plan.expert_config.block_m)
+        elif part == "experts":
+            sets, _ = routed_sets(spec, w, sets, plan.expert_config.block_m)
+
+            def call(normed, ids, weights):
+                dispatch.routed_experts(spec, normed, ids, weights, w)
         else:
             def call(x, normed):
                 layer.moe_layer(spec, x, w, plan)
@@ -93,7 +100,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="fp8", choices=list(DTYPES))
     ap.add_argument("--m", default="1,2,4")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--part", choices=("layer", "preamble"), default="layer")
+    ap.add_argument("--part", choices=("layer", "preamble", "experts"), default="layer")
     ap.add_argument("--variant", action="append", required=True)
     args = ap.parse_args(argv)
     device = torch.device("cuda")

@@ -238,10 +238,12 @@ def test_split_gemm1_matches_reference(fp8, swap_ab):
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", experts.PDL_MODES)
 @pytest.mark.parametrize("case", ["fp8-split", "fp8", "fp16-split"])
-def test_programmatic_dependent_launches_match_reference(case, mode, monkeypatch):
+@pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64])
+def test_programmatic_dependent_launches_match_reference(case, mode, ids_dtype, monkeypatch):
     """experts.EXPERT_PDL: the launch that prepares h (gemm1_combine_kernel after a split GEMM1,
-    fp8_act_quant_kernel otherwise) waits for GEMM1, and GEMM2 for it; eager, and replayed as a
-    CUDA graph on fresh inputs (the layer's path), against the reference each time."""
+    fp8_act_quant_kernel otherwise) waits for GEMM1, and GEMM2 for it; fp8's x quantisation runs
+    beside the block's own alignment (int64 ids read as they are); eager, and replayed as a CUDA
+    graph on fresh inputs, against the reference each time."""
     monkeypatch.setattr(experts, "EXPERT_PDL", mode)
     split = 3 if case.endswith("-split") else 1
     ep = dict(num_experts=8, num_local_experts=4)
@@ -254,6 +256,7 @@ def test_programmatic_dependent_launches_match_reference(case, mode, monkeypatch
         x = _x(19, spec.hidden_size)
         g1, g2, tol = GemmTiles(16, 16, split_k=split), GemmTiles(32, 32, split_k=2), 3e-3
     ids, weights = _routing(spec, 19)
+    ids = ids.to(ids_dtype)
     cfg = ExpertConfig(16, g1, g2)
 
     def call():

@@ -91,8 +91,9 @@ def test_select_experts_rounds_model_dtype_logits():
     (200, 8, 256, 256, 16),  # 1600 pairs: the many-program kernel takes them in two steps
 ])
 @pytest.mark.parametrize("parallel", [False, True], ids=["one-program", "many-programs"])
-def test_align_pairs(M, k, E, L, block_m, parallel):
-    topk_ids = torch.stack([torch.randperm(E)[:k] for _ in range(M)]).to(torch.int32).to(DEVICE)
+@pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64])
+def test_align_pairs(M, k, E, L, block_m, parallel, ids_dtype):
+    topk_ids = torch.stack([torch.randperm(E)[:k] for _ in range(M)]).to(ids_dtype).to(DEVICE)
     expert_map = None
     if L != E:
         expert_map = torch.full((E,), -1, dtype=torch.int32)
@@ -109,7 +110,8 @@ def test_align_pairs(M, k, E, L, block_m, parallel):
 def test_align_pairs_fastest_takes_any_ids_and_falls_back_to_torch_above_its_limit(tokens_above_kernel_limit,
                                                                                    monkeypatch):
     """The alignment the expert block makes for itself (no preamble): int64 ids in a non-contiguous
-    view go to the kernel as int32 rows; above ALIGN_KERNEL_MAX_M tokens torch's sort aligns."""
+    view go to the kernel as contiguous int64 rows (no cast launch); above ALIGN_KERNEL_MAX_M tokens
+    torch's sort aligns."""
     monkeypatch.setattr(align_kernel, "ALIGN_KERNEL_MAX_M", 4 if tokens_above_kernel_limit else 4096)
     launched = []
     real = align_kernel.align_pairs
@@ -120,5 +122,6 @@ def test_align_pairs_fastest_takes_any_ids_and_falls_back_to_torch_above_its_lim
     with poisoned_empty():
         got = align_kernel.align_pairs_fastest(topk_ids, expert_map, 7, 4)
     assert len(launched) == (0 if tokens_above_kernel_limit else 1)
+    assert all(ids.dtype == torch.int64 and ids.is_contiguous() for ids, *_ in launched)
     for g, w in zip(got, reference.align_pairs(topk_ids, expert_map, 7, 4)):
         assert torch.equal(g, w)

@@ -60,7 +60,7 @@ def _selection(ids_ptr, stride_im, map_ptr, t0, M, TOKENS: tl.constexpr, L_PAD: 
     e = tl.arange(0, L_PAD)
     slot = tl.full((TOKENS, L_PAD), -1, tl.int32)
     for k in tl.static_range(TOP_K):
-        expert = tl.load(ids_ptr + t * stride_im + k, mask=t < M, other=-1)
+        expert = tl.load(ids_ptr + t * stride_im + k, mask=t < M, other=-1).to(tl.int32)
         if HAS_MAP:
             expert = tl.load(map_ptr + expert, mask=expert >= 0, other=-1)
         slot = tl.where(e[None, :] == expert[:, None], k, slot)
@@ -153,8 +153,10 @@ def align_pairs_cta(
 def _align_kernel(
     ids_ptr, stride_im, map_ptr, sorted_ptr, tile_expert_ptr, num_tiles_ptr, M, L, block_m, max_tiles,
     TOKENS: tl.constexpr, L_PAD: tl.constexpr, TOP_K: tl.constexpr, HAS_MAP: tl.constexpr,
-    ONE_CHUNK: tl.constexpr, PDL: tl.constexpr,
+    ONE_CHUNK: tl.constexpr, PDL: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr,
 ):
+    if LAUNCH_DEPENDENTS:
+        tl.extra.cuda.gdc_launch_dependents()  # the next launch reads nothing written here (run_experts)
     if PDL:
         tl.extra.cuda.gdc_wait()  # the ids come from the kernel before (a programmatic dependent launch)
     align_pairs_cta(ids_ptr, stride_im, map_ptr, sorted_ptr, tile_expert_ptr, num_tiles_ptr, M, L, block_m,
@@ -167,7 +169,7 @@ def _local_experts(ids_ptr, stride_im, map_ptr, p0, num_pairs, PAIRS: tl.constex
     """Local expert of pairs [p0, p0 + PAIRS) (pair p = token * TOP_K + slot), -1 where not local or past the end."""
     p = p0 + tl.arange(0, PAIRS)
     token = p // TOP_K
-    expert = tl.load(ids_ptr + token * stride_im + (p - token * TOP_K), mask=p < num_pairs, other=-1)
+    expert = tl.load(ids_ptr + token * stride_im + (p - token * TOP_K), mask=p < num_pairs, other=-1).to(tl.int32)
     if HAS_MAP:
         expert = tl.load(map_ptr + expert, mask=expert >= 0, other=-1)
     return expert
@@ -177,11 +179,13 @@ def _local_experts(ids_ptr, stride_im, map_ptr, p0, num_pairs, PAIRS: tl.constex
 def _align_parallel_kernel(
     ids_ptr, stride_im, map_ptr, sorted_ptr, tile_expert_ptr, num_tiles_ptr, M, L, block_m, max_tiles,
     PAIRS: tl.constexpr, L_PAD: tl.constexpr, EXPERTS: tl.constexpr, TOP_K: tl.constexpr, HAS_MAP: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr,
 ):
     """One program per EXPERTS local experts. Each counts every expert's pairs (a histogram of the
     ids: every program needs the runs before its own), then writes its experts' tiles, padding
     and pairs, and a strided share of the unused tail; no program waits for another."""
+    if LAUNCH_DEPENDENTS:
+        tl.extra.cuda.gdc_launch_dependents()
     if PDL:
         tl.extra.cuda.gdc_wait()
     pid = tl.program_id(0)
@@ -225,11 +229,16 @@ def align_fits(num_local_experts: int) -> bool:
 
 
 def align_pairs_fastest(topk_ids: torch.Tensor, expert_map: Optional[torch.Tensor], num_local_experts: int,
-                        block_m: int):
+                        block_m: int, launch_dependents: bool = False):
     """reference.align_pairs' result from whichever is faster for these ids: the kernels up to
-    ALIGN_KERNEL_MAX_M tokens (where the local experts fit their selection tile), torch's sort above."""
+    ALIGN_KERNEL_MAX_M tokens (where the local experts fit their selection tile), torch's sort above.
+    launch_dependents: a kernel launched next as a programmatic dependent may start at once (it
+    must not read the alignment before waiting for it)."""
     if 0 < topk_ids.shape[0] <= ALIGN_KERNEL_MAX_M and align_fits(num_local_experts):
-        return align_pairs(topk_ids.to(torch.int32).contiguous(), expert_map, num_local_experts, block_m)
+        # int64 ids (torch.topk's) are read as they are: a cast would be a launch of its own.
+        ids = topk_ids if topk_ids.dtype in (torch.int32, torch.int64) else topk_ids.to(torch.int32)
+        return align_pairs(ids.contiguous(), expert_map, num_local_experts, block_m,
+                           launch_dependents=launch_dependents)
     return reference.align_pairs(topk_ids, expert_map, num_local_experts, block_m)
 
 
@@ -241,11 +250,12 @@ def alloc_align_outputs(M: int, top_k: int, num_local_experts: int, block_m: int
 
 
 def align_pairs(topk_ids: torch.Tensor, expert_map: Optional[torch.Tensor], num_local_experts: int, block_m: int,
-                pdl: bool = False, parallel: Optional[bool] = None):
-    """Same contract as ``reference.align_pairs`` (for moderate M); ``pdl``: launched as a
-    programmatic dependent of the kernel that writes topk_ids (CUDA only). ``parallel``: the
-    many-program kernel or the one-program one (default: PARALLEL_MIN_M, PARALLEL_MIN_L and
-    ONE_PROGRAM_MAX_M)."""
+                pdl: bool = False, parallel: Optional[bool] = None, launch_dependents: bool = False):
+    """Same contract as ``reference.align_pairs`` (for moderate M; ids int32 or int64); ``pdl``:
+    launched as a programmatic dependent of the kernel that writes topk_ids (CUDA only).
+    ``parallel``: the many-program kernel or the one-program one (default: PARALLEL_MIN_M,
+    PARALLEL_MIN_L and ONE_PROGRAM_MAX_M). ``launch_dependents``: let the next launch, a
+    programmatic dependent that reads nothing written here, start at once."""
     M, top_k = topk_ids.shape
     sorted_ids, tile_expert, num_tiles = alloc_align_outputs(M, top_k, num_local_experts, block_m, topk_ids.device)
     args = (topk_ids, topk_ids.stride(0), topk_ids if expert_map is None else expert_map, sorted_ids, tile_expert,
@@ -258,9 +268,11 @@ def align_pairs(topk_ids: torch.Tensor, expert_map: Optional[torch.Tensor], num_
         experts = min(PARALLEL_EXPERTS, l_pad)
         _align_parallel_kernel[(triton.cdiv(num_local_experts, experts),)](
             *args, PAIRS=min(PARALLEL_PAIRS, triton.next_power_of_2(M * top_k)), L_PAD=l_pad, EXPERTS=experts,
-            TOP_K=top_k, HAS_MAP=expert_map is not None, PDL=pdl, num_warps=PARALLEL_WARPS, **launch,
+            TOP_K=top_k, HAS_MAP=expert_map is not None, PDL=pdl, LAUNCH_DEPENDENTS=launch_dependents,
+            num_warps=PARALLEL_WARPS, **launch,
         )
     else:
         _align_kernel[(1,)](*args, **align_meta(num_local_experts, top_k, expert_map, M), PDL=pdl,
+                            LAUNCH_DEPENDENTS=launch_dependents,
                             num_warps=ALIGN_NUM_WARPS if M <= 16 else ALIGN_NUM_WARPS_ABOVE_16, **launch)
     return sorted_ids, tile_expert, num_tiles

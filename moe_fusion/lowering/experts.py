@@ -37,6 +37,7 @@ from .expert_configs import ExpertConfig, ProblemKey
 from .expert_gemm1_kernel import expert_gemm1_kernel
 from .expert_gemm2_kernel import expert_gemm2_kernel
 from . import expert_tiles
+from . import fp8_act_quant_kernel as fp8_act_quant
 from .fp8_act_quant_kernel import fp8_act_quant_kernel
 from .fp8_weight_quant_kernel import fp8_weight_quant_kernel
 from .gemm1_combine_kernel import gemm1_combine_kernel
@@ -398,8 +399,10 @@ def run_experts(
     if problem:
         raise Unsupported(f"config {config}: {problem}")
     block_m = config.block_m
-    if alignment is None:
-        alignment = align_kernel.align_pairs_fastest(topk_ids, experts.expert_map, experts.num_local, block_m)
+    aligned_here = alignment is None
+    if aligned_here:  # the x quantisation below may run beside it (it releases its dependents at once)
+        alignment = align_kernel.align_pairs_fastest(topk_ids, experts.expert_map, experts.num_local, block_m,
+                                                     launch_dependents=pdl_mode(x.device) != "off")
     sorted_pair_ids, tile_expert, num_tiles = alignment
     max_tiles = tile_expert.numel()
     if sorted_pair_ids.numel() != max_tiles * block_m:
@@ -418,7 +421,7 @@ def run_experts(
         weight_on_input=weight_on_input, num_sms=num_sms, pdl=pdl_mode(x.device), shared=shared,
     )
     launch.allocate(config, deterministic, out_dtype)
-    launch.quantize_input(x_fp8, x_scale)
+    launch.quantize_input(x_fp8, x_scale, beside_alignment=aligned_here)
     launch.gemm1(config)
     launch.prepare_h()
     launch.gemm2(config)
@@ -481,9 +484,12 @@ class ExpertLaunch:
         self.gemm1_splits = splits
         self.gemm1_sums = _buffer((splits, rows, 2 * I), torch.float32, self.x.device) if splits > 1 else None
 
-    def quantize_input(self, x_fp8: Optional[torch.Tensor] = None, x_scale: Optional[torch.Tensor] = None) -> None:
+    def quantize_input(self, x_fp8: Optional[torch.Tensor] = None, x_scale: Optional[torch.Tensor] = None,
+                       beside_alignment: bool = False) -> None:
         """GEMM1's A operand: x; for fp8 experts its 1x128-group quantisation, given or computed
-        here (per (token, slot) pair when the routing weight scales the input)."""
+        here (per (token, slot) pair when the routing weight scales the input). beside_alignment:
+        the alignment kernel was launched just before (and lets its dependents start): quantise
+        alongside it (fp8_act_quant_kernel.PDL_BESIDE_PREVIOUS)."""
         if not self.experts.fp8:
             return
         if x_fp8 is not None and not self.weight_on_input:
@@ -493,8 +499,10 @@ class ExpertLaunch:
         rows = self.topk_ids.numel() if self.weight_on_input else M
         self.a = _buffer((rows, H), FP8_DTYPE, self.x.device)
         self.a_scale = _buffer((rows, triton.cdiv(H, FP8_BLOCK)), torch.float32, self.x.device)
+        beside = beside_alignment and self.small_launches_dependent
         self._quantize_rows(self.x, self.a, self.a_scale, self.topk_ids.shape[1] if self.weight_on_input else 1,
-                            scale_rows=self.weight_on_input, after_gemm=False)
+                            scale_rows=self.weight_on_input, after_gemm=False,
+                            pdl=fp8_act_quant.PDL_BESIDE_PREVIOUS if beside else fp8_act_quant.PDL_OFF)
         if self.weight_on_input:
             self.a_row_divisor = 1  # GEMM1 reads row `pair`, already scaled
 
@@ -504,7 +512,8 @@ class ExpertLaunch:
         if self.gemm1_sums is not None:
             self._combine_gemm1_splits()
         elif self.experts.fp8 and not self.h_quantized:
-            self._quantize_rows(self.h, self.h_fp8, self.h_scale, 1, scale_rows=False, after_gemm=True)
+            pdl = fp8_act_quant.PDL_READS_PREVIOUS if self.small_launches_dependent else fp8_act_quant.PDL_OFF
+            self._quantize_rows(self.h, self.h_fp8, self.h_scale, 1, scale_rows=False, after_gemm=True, pdl=pdl)
         else:
             return
         self.h_prepared_by_launch = True
@@ -524,17 +533,17 @@ class ExpertLaunch:
             **pdl_launch(self.small_launches_dependent),
         )
 
-    def _quantize_rows(self, src, q, scale, rows_per_token, scale_rows: bool, after_gemm: bool) -> None:
+    def _quantize_rows(self, src, q, scale, rows_per_token, scale_rows: bool, after_gemm: bool, pdl) -> None:
+        """pdl: one of fp8_act_quant_kernel's PDL_* modes."""
         K = src.shape[1]
         grid, per_program = _row_group_grid(q.shape[0], K)
-        pdl = after_gemm and self.small_launches_dependent
         expert_map = self.experts.expert_map if after_gemm else None  # h: GEMM1 wrote local pairs only
         ids = self.topk_ids.contiguous()  # row p of h is pair p = token * top_k + slot
         fp8_act_quant_kernel[grid](
             src, self.pair_weights, q, scale, ids, expert_map if expert_map is not None else ids,
             self.topk_ids.numel(), K, rows_per_token, *src.stride(), q.stride(0), scale.stride(0),
-            SCALE_ROWS=scale_rows, GROUPS=per_program, GROUP=FP8_BLOCK, USE_PDL=pdl,
-            ONLY_LOCAL_ROWS=expert_map is not None, num_warps=4, **pdl_launch(pdl),
+            SCALE_ROWS=scale_rows, GROUPS=per_program, GROUP=FP8_BLOCK, PDL=pdl,
+            ONLY_LOCAL_ROWS=expert_map is not None, num_warps=4, **pdl_launch(pdl != fp8_act_quant.PDL_OFF),
         )
 
     def gemm1(self, config: ExpertConfig) -> None:
