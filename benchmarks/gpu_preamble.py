@@ -30,7 +30,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from moe_fusion.lowering import preamble  # noqa: E402
-from moe_fusion.lowering.norm_quant_kernel import norm_constexprs  # noqa: E402
 from moe_fusion.lowering.router_kernel import _router_kernel  # noqa: E402
 from moe_fusion.spec import MoEWeights  # noqa: E402
 from moe_fusion.tools import timing  # noqa: E402
@@ -121,9 +120,8 @@ def router_only_fn(spec):
         logits = buffers[M]
         grid = (cfg.grid[0], cfg.grid[1], triton.cdiv(M, cfg.block_m))
         _router_kernel[grid](x, x.stride(0), rw, rw.stride(0), rw.stride(1), logits, logits.stride(0), M,
-                             spec.num_experts, spec.hidden_size, cfg.k_per_program, x, 1.0, 0.0, BM=cfg.block_m,
-                             BE=cfg.block_e, BK=cfg.block_k, DOT_FP32=False, PDL=False, NORM=False,
-                             **norm_constexprs(spec.hidden_size, x.dtype, x.dtype))
+                             spec.num_experts, spec.hidden_size, cfg.k_per_program, BM=cfg.block_m, BE=cfg.block_e,
+                             BK=cfg.block_k, DOT_FP32=False, PDL=False)
         return logits
     return fn
 

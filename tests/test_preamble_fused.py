@@ -169,20 +169,3 @@ def test_moe_preamble_op_uses_the_kernels_on_cuda():
     assert ("moe_preamble", spec.to_json()) not in dispatch.fallback_reasons
     aligned = reference.align_pairs(outputs[3], None, spec.num_local_experts, 16)
     check_preamble(spec, x, w, preamble.PreambleOut(*outputs, *aligned), 16)
-
-
-@pytest.mark.parametrize("name", ["dsv3_fp32_fp8", "groups_not_pow2_fp16_fp8", "softmax_after_topk", "expert_parallel"])
-@pytest.mark.parametrize("M", [1, 3])
-def test_router_that_normalises_for_itself_gives_the_same_bits(name, M, monkeypatch):
-    """preamble.ROUTER_NORMS_MAX_M: the router makes the normed rows from x with the norm kernel's
-    helpers, so the logits, and every routing output, are bitwise those of the router that reads the
-    norm kernel's output."""
-    spec = SMALL[name]
-    outs = []
-    for max_m in (0, M):
-        monkeypatch.setattr(preamble, "ROUTER_NORMS_MAX_M", max_m)
-        plan = preamble.plan_preamble(spec, M, spec.torch_dtype, spec.torch_dtype, torch.device(DEVICE))
-        assert plan.router_norms == (max_m > 0)
-        outs.append(_run(spec, M, 4, plan=plan)[3])
-    for got, want in zip(*outs):
-        assert torch.equal(got, want)

@@ -32,8 +32,6 @@ from .reference import FP8_MIN_SCALE
 SMALL_M_CHUNK_GROUPS, CHUNK_GROUPS, SMALL_M = 4, 8, 16
 # The statistic's loop step over the row (one step up to H = 8192).
 MAX_ROW_BLOCK = 8192
-# Warps of the norm kernel; inv_rms's reduction order depends on them (the router matches them).
-NORM_NUM_WARPS = 4
 # Counters the router kernel uses (zeroed here): partial logits done, rows routed.
 N_COUNTERS = 2
 
@@ -48,10 +46,9 @@ def _div_rn(a, b):
 
 
 @triton.jit
-def inv_rms(x_row, H, h_float, eps, ROW_BLOCK: tl.constexpr):
+def _inv_rms(x_row, H, h_float, eps, ROW_BLOCK: tl.constexpr):
     """r = 1 / sqrt(mean(x^2) + eps) of the whole row, correctly rounded step by step as torch does;
-    the same bits in every program of the row (same loads, same reduction order), and in the router
-    kernel's programs that normalise for themselves (4 warps there too: the same layout)."""
+    the same bits in every program of the row (same loads, same reduction order)."""
     sq = tl.zeros((ROW_BLOCK,), dtype=tl.float32)
     for c0 in range(0, H, ROW_BLOCK):
         offs = c0 + tl.arange(0, ROW_BLOCK)
@@ -62,18 +59,12 @@ def inv_rms(x_row, H, h_float, eps, ROW_BLOCK: tl.constexpr):
 
 
 @triton.jit
-def rms_normed(x, w, r, IN_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr):
-    """w * (x * r rounded to the input dtype), in OUT_DTYPE: reference.rms_norm's roundings (fp32 x, w, r)."""
-    return (w * (x * r).to(IN_DTYPE).to(tl.float32)).to(OUT_DTYPE)
-
-
-@triton.jit
 def _store_chunk(x, w, r, offs, in_row, row, normed_ptr, stride_nm, q_ptr, stride_qm, scale_ptr, stride_sm, c0, H,
                  HAS_NORM: tl.constexpr, QUANT: tl.constexpr, GROUPS: tl.constexpr, IN_DTYPE: tl.constexpr,
                  OUT_DTYPE: tl.constexpr):
     """normed = w * (x * r rounded to the input dtype) of one chunk, and its fp8 groups."""
     if HAS_NORM:
-        normed = rms_normed(x, w, r, IN_DTYPE, OUT_DTYPE)
+        normed = (w * (x * r).to(IN_DTYPE).to(tl.float32)).to(OUT_DTYPE)
     else:
         normed = x.to(OUT_DTYPE)
     tl.store(normed_ptr + row * stride_nm + offs, normed, mask=in_row)
@@ -120,7 +111,7 @@ def _norm_quant_kernel(
             tl.store(counters_ptr + tl.arange(0, N_COUNTERS), tl.zeros((N_COUNTERS,), tl.int32))
     r = 1.0
     if HAS_NORM:
-        r = inv_rms(x_row, H, h_float, eps, ROW_BLOCK)
+        r = _inv_rms(x_row, H, h_float, eps, ROW_BLOCK)
     _store_chunk(x, w, r, offs, in_row, row, normed_ptr, stride_nm, q_ptr, stride_qm, scale_ptr, stride_sm,
                  c0, H, HAS_NORM, QUANT, GROUPS, IN_DTYPE, OUT_DTYPE)
 
@@ -131,13 +122,6 @@ def _check_constants():
 
 
 _check_constants()
-
-
-def norm_constexprs(H: int, in_dtype: torch.dtype, out_dtype: torch.dtype) -> dict:
-    """The constexprs that fix inv_rms's and rms_normed's arithmetic: any kernel that normalises
-    with them (4 warps) gets the norm kernel's bits."""
-    return dict(ROW_BLOCK=min(triton.next_power_of_2(H), MAX_ROW_BLOCK), IN_DTYPE=_TL[in_dtype],
-                OUT_DTYPE=_TL[out_dtype])
 
 
 def norm_quant(
@@ -172,7 +156,8 @@ def norm_quant(
         logits_workspace if zero else x, logits_workspace.stride(0) if zero else 0,
         logits_workspace.shape[1] if zero else 0, counters if zero else x, H, float(H), eps,
         HAS_NORM=norm_weight is not None, QUANT=quant, ZERO_WORKSPACE=zero, GROUPS=groups,
-        **norm_constexprs(H, x.dtype, out_dtype), ZERO_BLOCK=128 if not zero else min(triton.next_power_of_2(logits_workspace.shape[1]), 256),
-        N_COUNTERS=N_COUNTERS, PDL=pdl, num_warps=NORM_NUM_WARPS,
+        ROW_BLOCK=min(triton.next_power_of_2(H), MAX_ROW_BLOCK), IN_DTYPE=_TL[x.dtype], OUT_DTYPE=_TL[out_dtype],
+        ZERO_BLOCK=128 if not zero else min(triton.next_power_of_2(logits_workspace.shape[1]), 256),
+        N_COUNTERS=N_COUNTERS, PDL=pdl, num_warps=4,
     )
     return normed, x_fp8, x_scale

@@ -22,7 +22,6 @@ ids equal to the reference's.
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass, field
 from typing import Callable, List, NamedTuple, Optional
 
@@ -33,7 +32,7 @@ from ..spec import MoESpec, MoEWeights
 from .unsupported import Unsupported
 from . import align_kernel, reference, topk_kernel
 from .grid_sync import pdl_launch
-from .norm_quant_kernel import N_COUNTERS, NORM_NUM_WARPS, norm_constexprs, norm_quant
+from .norm_quant_kernel import N_COUNTERS, norm_quant
 from .route_align_kernel import route_and_align
 from .router_kernel import _router_kernel, _router_route_align_kernel
 
@@ -47,10 +46,6 @@ FUSED_MAX_M = 0
 # (256) 8.48 / 8.99 against 8.43 / 11.81; dsv3-ep8 M = 1 8.59 against 8.32. Above the tile one
 # program routing its rows one after another costs more than the launch it saves.
 ROUTE_ALIGN_MAX_TILE = 256
-# Up to this many tokens every router program normalises its rows itself (r from the whole row, as
-# norm_quant_kernel does, bit for bit), so the router GEMM runs beside the norm kernel instead of
-# after it; each of its ~2 programs per SM re-reads M rows of x (14 KB each for dsv3) from L2.
-ROUTER_NORMS_MAX_M = int(os.environ.get("MOE_FUSION_ROUTER_NORMS_MAX_M", 4))
 # Each kernel after the norm is a programmatic dependent launch (CUDA): it starts while the kernel
 # before it runs and waits (griddepcontrol.wait) before reading that kernel's outputs.
 USE_PDL = True
@@ -85,8 +80,6 @@ class PreamblePlan:
     align: str  # "fused" | "with_routing" (route_align_kernel) | "kernel" | "reference"
     router: RouterConfig
     reasons: List[str] = field(default_factory=list)
-    # The router normalises x itself (ROUTER_NORMS_MAX_M) instead of reading the norm kernel's output.
-    router_norms: bool = False
 
 
 @functools.lru_cache(maxsize=None)
@@ -144,9 +137,7 @@ def plan_preamble(spec: MoESpec, M: int, normed_dtype: torch.dtype, router_dtype
     sm = _sm_count(torch.device(device).index or 0) if torch.device(device).type == "cuda" else _sm_count(None)
     cfg = router_config(M, spec.num_experts, spec.hidden_size, _dot_fp32(spec, normed_dtype, router_dtype), sm,
                         fused, split_k=not deterministic, **router_overrides)
-    router_norms = (spec.rms_norm and not fused and 0 < M <= ROUTER_NORMS_MAX_M
-                    and cfg.num_warps == NORM_NUM_WARPS)  # the norm kernel's warps: its reduction order
-    return PreamblePlan(fused, route, align, cfg, reasons, router_norms)
+    return PreamblePlan(fused, route, align, cfg, reasons)
 
 
 def _expert_map(spec: MoESpec, w: MoEWeights, expert_map: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -244,12 +235,8 @@ def fused_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights, block_m: int,
         )
         return PreambleOut(normed, x_fp8, x_scale, ids, weights, sorted_ids, tile_expert, num_tiles)
 
-    if plan.router_norms:  # the router normalises x itself: it need not wait for the norm kernel
-        gemm_args = (x, x.stride(0)) + gemm_args[2:]
     _router_kernel[cfg.grid](*gemm_args, M, spec.num_experts, spec.hidden_size, cfg.k_per_program,
-                             norm_weight if plan.router_norms else x, float(spec.hidden_size), spec.rms_norm_eps,
                              BM=cfg.block_m, BE=cfg.block_e, BK=cfg.block_k, DOT_FP32=dot_fp32, PDL=pdl,
-                             NORM=plan.router_norms, **norm_constexprs(spec.hidden_size, x.dtype, normed_dtype),
                              num_warps=cfg.num_warps, **pdl_launch(pdl))
     if plan.align == "with_routing" and with_alignment:
         sorted_ids, tile_expert, num_tiles = route_and_align(spec, logits, bias, normed_dtype, ids, weights,
