@@ -278,16 +278,6 @@ def test_programmatic_dependent_launches_match_reference(case, mode, ids_dtype, 
         assert _rel_err(out, _reference(spec, x, ids, weights, w)) < tol
 
 
-@pytest.mark.parametrize("budget,rows,row_bytes,lines", [
-    (8 << 20, 264 * 64, 1024, 2),  # dsv3-ep8 fp8 M = 1: GEMM2's 264 programs of 64 Wd rows, 1 KB per K split
-    (16 << 20, 264 * 64, 1024, 4), (16 << 20, 264 * 64, 512, 4), (16 << 20, 264 * 64, 300, 2),  # within a row
-    (1 << 40, 10, 4096, 32), (264 * 64 * 128 - 1, 264 * 64, 1024, 0), (0, 64, 1024, 0),
-])
-def test_prefetch_lines_within_budget(budget, rows, row_bytes, lines):
-    """experts.WD_PREFETCH_BYTES: a power of 2 of lines per row, within the budget and the row."""
-    assert experts.prefetch_lines_within(budget, rows, row_bytes) == lines
-
-
 def test_fp8_activation_quantisation_kernel_matches_reference():
     spec, w, x = _fp8_case(seed=6, M=5)
     ids, weights = _routing(spec, 5)

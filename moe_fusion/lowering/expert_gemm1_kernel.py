@@ -33,8 +33,8 @@ Reference: reference.gated_mlp / reference._fp8_gated_mlp (the first two product
 import triton
 import triton.language as tl
 
-from .expert_tiles import (A_MODEL_DTYPE, FP8_GROUP, load_tile, outer, prefetch_item_rows, quantize_h_group, silu_mul,
-                           tile_dot, work_tile, zero_block)
+from .expert_tiles import (A_MODEL_DTYPE, FP8_GROUP, load_tile, outer, quantize_h_group, silu_mul, tile_dot,
+                           work_tile, zero_block)
 
 
 @triton.jit
@@ -184,14 +184,13 @@ def expert_gemm1_kernel(
     zero_ptr, ticket_ptr, partial_ptr, stride_ps, stride_pm, split_k, k_per_split,
     sorted_pair_ids_ptr, tile_expert_ptr, num_tiles_ptr,
     num_pairs, top_k, M, N, K, zero_numel,
-    wd_ptr, stride_wde, stride_wdn, stride_wdk, gemm2_n_blocks, gemm2_items_per_tile, gemm2_k_per_split, gemm2_wave,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr, SWAP_AB: tl.constexpr,
     A_MODE: tl.constexpr,
     WEIGHT_ON_INPUT: tl.constexpr,
     N_SHARED: tl.constexpr, SHARED_GATE: tl.constexpr, QUANT_H: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_OUT: tl.constexpr,
     ZERO_BLOCK: tl.constexpr,
-    LAUNCH_DEPENDENTS: tl.constexpr, GEMM2_BLOCK_N: tl.constexpr, WD_LINES: tl.constexpr,
+    LAUNCH_DEPENDENTS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
@@ -224,10 +223,3 @@ def expert_gemm1_kernel(
             BLOCK_M, BLOCK_N, BLOCK_K, SUB_K, SWAP_AB, A_MODE, WEIGHT_ON_INPUT, N_SHARED, SHARED_GATE, QUANT_H,
             EVEN_N, EVEN_K, SPLIT_OUT,
         )
-    if WD_LINES > 0:
-        # Its items done, this program asks L2 for the first lines of the Wd rows of GEMM2's first
-        # wave (Wd [E, K, N]), which HBM streams while GEMM1's last programs, the h launch and GEMM2's
-        # start would leave it idle (experts.WD_PREFETCH_BYTES).
-        for item2 in range(pid, tl.minimum(gemm2_wave, num_routed * gemm2_items_per_tile), num_programs):
-            prefetch_item_rows(item2, gemm2_n_blocks, gemm2_items_per_tile, tile_expert_ptr, wd_ptr, K, N,
-                               gemm2_k_per_split, stride_wde, stride_wdn, stride_wdk, GEMM2_BLOCK_N, WD_LINES)

@@ -19,7 +19,21 @@ summed over the top-k as in reference.routed_experts (shared experts: reference.
 import triton
 import triton.language as tl
 
-from .expert_tiles import A_MODEL_DTYPE, FP8_GROUP, load_tile, outer, prefetch_item_rows, split_item, tile_dot, work_tile
+from .expert_tiles import A_MODEL_DTYPE, FP8_GROUP, load_tile, outer, prefetch_l2, split_item, tile_dot, work_tile
+
+
+@triton.jit
+def _prefetch_item_weights(item, n_blocks, items_per_tile, tile_expert_ptr, wd_ptr, N, K, k_per_split,
+                           stride_we, stride_wn, stride_wk, BLOCK_N: tl.constexpr, PREFETCH_LINES: tl.constexpr):
+    """Ask L2 for the first PREFETCH_LINES 128-byte lines of each Wd row a (routed) item reads."""
+    tile, split, n_block = split_item(item, n_blocks, items_per_tile)
+    expert = tl.load(tile_expert_ptr + tile).to(tl.int64)
+    offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    per_line = 128 // wd_ptr.dtype.element_ty.primitive_bitwidth * 8  # elements per 128-byte line
+    k_start = split * k_per_split
+    offs_k = k_start + tl.arange(0, PREFETCH_LINES) * per_line
+    mask = (offs_n[:, None] < N) & (offs_k[None, :] < tl.minimum(K, k_start + k_per_split))
+    prefetch_l2(wd_ptr + expert * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk, mask)
 
 
 @triton.jit
@@ -142,8 +156,8 @@ def expert_gemm2_kernel(
         # tile into L2, then wait for h to be complete and visible.
         if PREFETCH_LINES > 0:
             if pid < num_routed * items_per_tile:
-                prefetch_item_rows(pid, n_blocks, items_per_tile, tile_expert_ptr, wd_ptr, N, K, k_per_split,
-                                   stride_we, stride_wn, stride_wk, BLOCK_N, PREFETCH_LINES)
+                _prefetch_item_weights(pid, n_blocks, items_per_tile, tile_expert_ptr, wd_ptr, N, K, k_per_split,
+                                       stride_we, stride_wn, stride_wk, BLOCK_N, PREFETCH_LINES)
         tl.extra.cuda.gdc_wait()
     for item in range(pid, num_items, num_programs):
         gemm2_item(

@@ -204,18 +204,3 @@ def prefetch_l2(ptrs, mask):
         "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
         "=r,l,r", [ptrs, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1,
     )
-
-
-@triton.jit
-def prefetch_item_rows(item, n_blocks, items_per_tile, tile_expert_ptr, w_ptr, N, K, k_per_split,
-                       stride_we, stride_wn, stride_wk, BLOCK_N: tl.constexpr, PREFETCH_LINES: tl.constexpr):
-    """Ask L2 for the first PREFETCH_LINES 128-byte lines of each weight row [n, K split] that a
-    routed work item of a GEMM reads from w [E, N, K]."""
-    tile, split, n_block = split_item(item, n_blocks, items_per_tile)
-    expert = tl.load(tile_expert_ptr + tile).to(tl.int64)
-    offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
-    per_line = 128 // w_ptr.dtype.element_ty.primitive_bitwidth * 8  # elements per 128-byte line
-    k_start = split * k_per_split
-    offs_k = k_start + tl.arange(0, PREFETCH_LINES) * per_line
-    mask = (offs_n[:, None] < N) & (offs_k[None, :] < tl.minimum(K, k_start + k_per_split))
-    prefetch_l2(w_ptr + expert * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk, mask)

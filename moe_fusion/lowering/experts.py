@@ -66,9 +66,6 @@ INTERPRETER_SMS = 4  # "SM count" under TRITON_INTERPRET=1: a few programs, so t
 PDL_MODES = ("off", "h", "h+gemm2")
 EXPERT_PDL = os.environ.get("MOE_FUSION_EXPERT_PDL", "h")
 PREFETCH_BYTES = 64 * 1024
-# GEMM1's programs, their items done, ask L2 for the start of the Wd rows GEMM2's first wave reads,
-# this many bytes at most in all (expert_gemm1_kernel, WD_LINES; 0: off). CUDA only.
-WD_PREFETCH_BYTES = int(os.environ.get("MOE_FUSION_WD_PREFETCH_BYTES", 8 << 20))
 # fp8: h quantised in GEMM1's epilogue (one launch fewer) with MOE_FUSION_FP8_H_QUANT=gemm1. Off by
 # default: on the H100 (run 5) it was 6-7 us slower at dsv3-ep8 M = 1-2 and 1 us faster at M = 4
 # (the ticket's barrier and acq_rel atomic after every GEMM1 item cost more than the launch saved).
@@ -564,20 +561,14 @@ class ExpertLaunch:
         sums = self.gemm1_sums if self.gemm1_sums is not None else unused
         tickets = _ticket_buffer(self.x.device, tiles * triton.cdiv(I, FP8_BLOCK)) if quant_h else self.pair_weights
         operands, constants = self._gemm1_operands(config)
-        wd = self.experts.w_down
-        g2 = config.gemm2
-        gemm2_blocks = triton.cdiv(H, g2.block_n)
-        gemm2_wave = self._gemm2_grid(config)
-        wd_lines = self._wd_prefetch_lines(config, gemm2_wave)
         expert_gemm1_kernel[(grid,)](
             *operands, self.partial, tickets,
             sums, sums.stride(0), sums.stride(1), g.split_k, self._k_per_split(g, H), *self.alignment,
             self.topk_ids.numel(), self.a_row_divisor, M, I, H, self._zero_numel(),
-            wd, *wd.stride(), gemm2_blocks, gemm2_blocks * g2.split_k, self._k_per_split(g2, I), gemm2_wave,
             **constants, BLOCK_N=g.block_n, BLOCK_K=g.block_k, SUB_K=self._sub_k(g), SWAP_AB=g.swap_ab,
             QUANT_H=quant_h, EVEN_N=I % g.block_n == 0, EVEN_K=H % g.block_k == 0, SPLIT_OUT=g.split_k > 1,
-            ZERO_BLOCK=ZERO_BLOCK, LAUNCH_DEPENDENTS=self.small_launches_dependent, GEMM2_BLOCK_N=g2.block_n,
-            WD_LINES=wd_lines, num_warps=g.num_warps, num_stages=g.num_stages,
+            ZERO_BLOCK=ZERO_BLOCK, LAUNCH_DEPENDENTS=self.small_launches_dependent, num_warps=g.num_warps,
+            num_stages=g.num_stages,
         )
         self.h_quantized = quant_h
 
@@ -586,7 +577,8 @@ class ExpertLaunch:
         I = self.experts.w_gate.shape[1]
         g = config.gemm2
         M = self.x.shape[0]
-        grid = self._gemm2_grid(config)
+        items = self._work_tiles(config) * triton.cdiv(H, g.block_n) * g.split_k
+        grid = max(1, min(items, self.num_sms * g.programs_per_sm))
         a, a_scale = (self.h_fp8, self.h_scale) if self.experts.fp8 else (self.h, self.scales[2][0])
         operands, constants = self._gemm2_operands(config)
         pdl = self.pdl == "h+gemm2" and self.h_prepared_by_launch
@@ -655,20 +647,6 @@ class ExpertLaunch:
         """Static bound on token tiles: the alignment's, then the shared experts' dense tail."""
         return self.alignment[1].numel() + self.n_shared * triton.cdiv(self.x.shape[0], config.block_m)
 
-    def _gemm2_grid(self, config: ExpertConfig) -> int:
-        """GEMM2's persistent grid: one program per work item, at most programs_per_sm x SMs."""
-        g = config.gemm2
-        items = self._work_tiles(config) * triton.cdiv(self.x.shape[1], g.block_n) * g.split_k
-        return max(1, min(items, self.num_sms * g.programs_per_sm))
-
-    def _wd_prefetch_lines(self, config: ExpertConfig, gemm2_wave: int) -> int:
-        """GEMM1's WD_LINES: none off CUDA (the prefetch is inline PTX)."""
-        if self.x.device.type != "cuda":
-            return 0
-        g = config.gemm2
-        row_bytes = self._k_per_split(g, self.experts.w_gate.shape[1]) * self.experts.w_down.element_size()
-        return prefetch_lines_within(WD_PREFETCH_BYTES, gemm2_wave * g.block_n, row_bytes)
-
     def _sub_k(self, g) -> int:
         """K width of one dot: the 128-wide scale group for fp8 (a K step may hold several)."""
         return FP8_BLOCK if self.experts.fp8 else g.block_k
@@ -705,13 +683,6 @@ class ExpertLaunch:
 # device -> zeroed int32 counters (GEMM1's h-quantisation tickets); every launch leaves them zero.
 _tickets: Dict[Tuple[torch.device, str], torch.Tensor] = {}
 _retired_tickets: list = []
-
-
-def prefetch_lines_within(budget_bytes: int, rows: int, row_bytes: int) -> int:
-    """128-byte lines to prefetch at the start of each of ``rows`` weight rows: a power of 2 (a
-    kernel's arange), no more than a row holds, ``budget_bytes`` at most in all; 0 if not one line each."""
-    lines = min(triton.cdiv(row_bytes, 128), budget_bytes // (rows * 128))
-    return 1 << (lines.bit_length() - 1) if lines > 0 else 0
 
 
 def _ticket_buffer(device: torch.device, numel: int) -> torch.Tensor:
