@@ -464,7 +464,7 @@ def test_unsupported_inputs_are_refused_with_a_reason():
 
 # --------------------------------------------------------------------------- configs
 def test_shipped_table_entries_are_valid_configs():
-    for device, shapes in expert_configs._table().items():
+    for device, shapes in expert_configs.read_table(expert_configs.TABLE_PATH).items():
         for name, buckets in shapes.items():
             for bucket, entry in buckets.items():
                 cfg = ExpertConfig.from_dict(entry)
@@ -477,7 +477,7 @@ def test_a_gpu_with_the_sms_of_a_tuned_one_takes_its_entries(monkeypatch):
     key = ProblemKey("fp8", 7168, 2048, 32, 256, 8)
     tuned = ExpertConfig(16, GemmTiles(64, 256, split_k=4, swap_ab=True), GemmTiles(64, 256, split_k=2))
     table = {"NVIDIA H100 80GB HBM3": {key.name(): {"1": tuned.to_dict()}}}
-    monkeypatch.setattr(expert_configs, "_table", lambda path: table)
+    monkeypatch.setattr(expert_configs, "read_table", lambda path: table)
     assert expert_configs.lookup(key, 1, "NVIDIA H200", 132) == (tuned, "table")
     assert expert_configs.lookup(key, 1, "another GPU", 132)[1] == "heuristic"
     table["NVIDIA H200"] = {}

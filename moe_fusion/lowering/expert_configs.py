@@ -74,7 +74,8 @@ def m_bucket(m: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _table(path: str = TABLE_PATH) -> Dict[str, Dict[str, Dict[str, dict]]]:
+def read_table(path: str) -> dict:
+    """A shipped JSON table (this one or shared_plan's), read once per path; {} where it is missing."""
     if not os.path.exists(path):
         return {}
     with open(path) as f:
@@ -91,7 +92,7 @@ def tuned_device(device_name: str, table: dict) -> str:
 
 def lookup(key: ProblemKey, m: int, device_name: str, num_sms: int) -> Tuple[ExpertConfig, str]:
     """The configuration for ``m`` tokens, and where it came from ("table" or "heuristic")."""
-    table = _table(TABLE_PATH)
+    table = read_table(TABLE_PATH)
     entry = table.get(tuned_device(device_name, table), {}).get(key.name(), {}).get(str(m_bucket(m)))
     if entry is not None:
         return ExpertConfig.from_dict(entry), "table"

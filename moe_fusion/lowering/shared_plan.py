@@ -15,14 +15,13 @@ tuned one takes its entries: expert_configs.SAME_SMS_AS).
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import re
 from typing import Dict, Iterable, List, Optional
 
 from ..spec import MoESpec
-from .expert_configs import tuned_device
+from .expert_configs import read_table, tuned_device
 
 TABLE_PATH = os.path.join(os.path.dirname(__file__), "shared_plan.json")
 STRATEGIES = ("stream", "inline", "fused", "stream-kernels", "inline-kernels")
@@ -37,12 +36,8 @@ def shape_key(spec: MoESpec, fp8_shared: bool = False) -> str:
             f"{spec.num_experts}-k{spec.top_k}-S{spec.shared_intermediate_size}{'fp8' if fp8_shared else ''}")
 
 
-@functools.lru_cache(maxsize=None)
 def _table(path: str = TABLE_PATH) -> Dict[str, Dict[str, Dict[str, str]]]:
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)["plans"]
+    return read_table(path).get("plans", {})
 
 
 def lookup(spec: MoESpec, m: int, device_name: str, fp8_shared: bool = False) -> Optional[str]:
