@@ -493,3 +493,25 @@ def test_heuristic_configs_are_valid_and_fill_the_gpu(fp8):
             assert expert_configs.validate(cfg, fp8) is None
     one_expert = expert_configs.heuristic(ProblemKey("bfloat16", 7168, 2048, 32, 256, 8), 1, num_sms=132)
     assert 2048 // one_expert.gemm1.block_n >= 128  # a single active expert still spans the SMs
+
+
+@pytest.mark.parametrize("local_experts,fp8,n_sets,copies", [(1, True, 8, 3), (1, False, 2, 2), (64, False, 8, 1)])
+def test_tuner_rotates_over_weight_copies_where_the_experts_would_stay_in_l2(local_experts, fp8, n_sets, copies,
+                                                                              monkeypatch):
+    """tune_experts.weight_copies: a shape whose weights fit ROTATED_WEIGHT_BYTES a few times over gets
+    copies up to those bytes and at most one per input set, each equal to the original in its own
+    memory; a shape larger than the bytes none."""
+    from moe_fusion.lowering import tune_experts
+    H, I = 256, 128
+    e = experts.ExpertTensors(*(torch.randn(local_experts, n, k) for n, k in ((I, H), (I, H), (H, I))))
+    if fp8:
+        e = experts.quantize_expert_tensors_fp8(e)
+    monkeypatch.setattr(tune_experts, "ROTATED_WEIGHT_BYTES", 3 * tune_experts.expert_bytes(e) - 1)
+    got = tune_experts.weight_copies(e, n_sets)
+    assert len(got) == copies and got[0] is e
+    for copy in got[1:]:
+        for name in ("w_gate", "w_up", "w_down", "w_gate_scale", "w_up_scale", "w_down_scale"):
+            original, copied = getattr(e, name), getattr(copy, name)
+            assert (original is None) == (copied is None)
+            if original is not None:
+                assert copied.data_ptr() != original.data_ptr() and torch.equal(copied.float(), original.float())

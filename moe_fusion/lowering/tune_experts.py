@@ -6,11 +6,13 @@
 For each (shape, dtype, M bucket) GEMM1 and GEMM2 are timed separately (CUDA-graph replays over
 rotated random routings, never zeros) for each token tile block_m; the fastest pair is written
 under this device's name, merged into the existing table. Weights are random, all experts of
-a shape are allocated once per shape (dsv3 bf16: 22.5 GB).
+a shape are allocated once per shape (dsv3 bf16: 22.5 GB); a shape whose experts would stay in L2
+between replays (dsv3-shared) gets a copy per input set (weight_copies).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -92,6 +94,24 @@ def expert_bytes(e: experts.ExpertTensors) -> int:
         if t is not None:
             total += t[0].numel() * t.element_size()
     return total
+
+
+# The replays of a timing rotate over the input sets. Where all of a shape's experts fit in L2 a few
+# times over (dsv3-shared: one expert, 44 MB in fp8, 88 MB in bf16, against the H100's 50 MB L2), a
+# replay would find what the one before it read still in L2: such shapes get a copy of their weights
+# per input set, up to this many bytes in all, so that each replay reads its weights from HBM as a
+# layer does (session 9 found dsv3-shared's tiles tuned partly from L2).
+ROTATED_WEIGHT_BYTES = 256 << 20
+
+
+def weight_copies(e: experts.ExpertTensors, n_sets: int) -> List[experts.ExpertTensors]:
+    """``e`` and as many copies of its weights as keep n_sets rotated replays reading distinct bytes,
+    within ROTATED_WEIGHT_BYTES."""
+    total = expert_bytes(e) * e.num_local
+    n = min(n_sets, max(1, -(-ROTATED_WEIGHT_BYTES // total)))
+    weights = ("w_gate", "w_up", "w_down", "w_gate_scale", "w_up_scale", "w_down_scale")
+    return [e] + [dataclasses.replace(e, **{f: getattr(e, f).clone() for f in weights if getattr(e, f) is not None})
+                  for _ in range(n - 1)]
 
 
 @dataclass
@@ -182,14 +202,15 @@ def time_us(fn, launches: Sequence, replays: int = 5, batches: int = 3) -> float
     return graph_replay_us(fn, inputs, replays=replays, batches=batches)
 
 
-def tune_point(shape: Shape, e: experts.ExpertTensors, dtype: str, m: int, sets: List[InputSet],
+def tune_point(shape: Shape, copies: List[experts.ExpertTensors], dtype: str, m: int, sets: List[InputSet],
                log=print) -> ExpertConfig:
+    """The fastest tiles for m tokens; input set i runs on copies[i % len(copies)] (weight_copies)."""
     _, sms = experts.device_facts(torch.device("cuda"))
     best = None
     for block_m in candidate_block_m(shape, m):
         g1_best = g2_best = None
         base = ExpertConfig(block_m, GemmTiles(16, 128), GemmTiles(32, 128))
-        launches = [make_launch(s, e, base) for s in sets]
+        launches = [make_launch(s, copies[i % len(copies)], base) for i, s in enumerate(sets)]
         for launch in launches:  # GEMM2 is timed on real h, not on an uninitialised buffer
             launch.gemm1(base)
             launch.prepare_h()
@@ -241,6 +262,7 @@ def main(argv=None) -> None:
         shape = SHAPES[shape_name]
         for dtype in args.dtypes.split(","):
             e = random_experts(shape, dtype)
+            copies = weight_copies(e, args.sets)
             for m in map(int, args.m.split(",")):
                 if args.budget_s and time.time() - start > args.budget_s:
                     print(f"budget spent: stopping before {shape_name} {dtype} M={m}")
@@ -248,13 +270,13 @@ def main(argv=None) -> None:
                 t0 = time.time()
                 sets = input_sets(shape, e, m, args.sets)
                 print(f"{shape_name} {dtype} M={m}:", flush=True)
-                cfg = tune_point(shape, e, dtype, m, sets)
+                cfg = tune_point(shape, copies, dtype, m, sets)
                 entry = table.setdefault(device_name, {}).setdefault(_key(shape, dtype).name(), {})
                 entry[str(expert_configs.m_bucket(m))] = cfg.to_dict()
                 print(f"  -> {cfg}  ({time.time() - t0:.0f} s)", flush=True)
                 with open(args.out, "w") as f:
                     json.dump(table, f, indent=1, sort_keys=True)
-            del e
+            del e, copies
             torch.cuda.empty_cache()
     print(f"wrote {args.out}")
 
