@@ -1,12 +1,15 @@
 """Shared expert on the side stream (issue 6): does the preamble hide behind the shared expert?
 
-    python benchmarks/gpu_overlap.py --out DIR [--m 1,4] [--dtypes bf16,fp8] [--shared-on cublas|kernels] [--smoke]
+    python benchmarks/gpu_overlap.py --out DIR [--m 1,4] [--dtypes bf16,fp8] [--shared-on cublas|kernels|kernels-fp8]
+        [--smoke]
 
 For the dsv3-ep8 layer (the full dsv3 router, 32 local experts; bf16 or fp8 experts) at each M,
 under CUDA-graph replay (moe_fusion.tools.timing: median of batches, inputs rotated over 8 sets):
   shared            the shared expert alone, in the model dtype, on cuBLAS (shared_expert.CublasSharedExpert)
                     or with --shared-on kernels as a launch of the expert kernels of its own
-                    (shared_expert.SharedExpertOnExpertKernels: the layer's "stream-kernels")
+                    (shared_expert.SharedExpertOnExpertKernels: the layer's "stream-kernels"), or with
+                    --shared-on kernels-fp8 that launch in fp8 on x's fp8 groups made beforehand (what
+                    the layer runs with MOE_FUSION_SHARED_FP8=1; fp8 experts only)
   preamble          preamble.fused_preamble alone (norm [+ fp8 quantisation], router, routing, alignment)
   pre+shared stream the preamble with the shared expert forked onto the side stream right after the
                     norm (its after_norm hook, streams.fork), joined at the end: what the layer does
@@ -30,7 +33,7 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -45,7 +48,7 @@ for path in (os.path.dirname(HERE), HERE):
 import triton  # noqa: E402
 
 from layer_cases import layer_options, layer_weights  # noqa: E402
-from moe_fusion.lowering import layer, preamble, streams  # noqa: E402
+from moe_fusion.lowering import layer, preamble, reference, streams  # noqa: E402
 from moe_fusion.lowering.shared_expert import CublasSharedExpert, SharedExpertOnExpertKernels  # noqa: E402
 from moe_fusion.spec import MoESpec, MoEWeights  # noqa: E402
 from moe_fusion.tools import timing  # noqa: E402
@@ -57,34 +60,43 @@ TARGET_RATIO = 1.1
 PREAMBLE_KERNELS = ("_norm_quant_kernel", "_router_route_align_kernel", "_router_kernel", "_topk_kernel",
                     "_align_kernel")
 VARIANTS = ("shared", "preamble", "pre+shared stream", "pre+shared inline", "layer stream", "layer inline")
+SHARED_ON = ("cublas", "kernels", "kernels-fp8")
 
 
 # ----------------------------------------------------------------------------- the timed calls
-def variant_fn(name: str, spec: MoESpec, w: MoEWeights, block_m: int, on_kernels: bool = False) -> Callable:
+def variant_fn(name: str, spec: MoESpec, w: MoEWeights, block_m: int, shared_on: str = "cublas",
+               quantized: Optional[Dict[int, tuple]] = None) -> Callable:
     """fn(x, normed) for one variant; every variant allocates its buffers on the current stream,
-    as the layer does (streams.py: the side stream never allocates)."""
-    def shared_job(normed):  # allocates now, on the current stream; run() may go to the side stream
-        if on_kernels:
-            return SharedExpertOnExpertKernels(spec, normed, None, None, w, False, False)
-        return CublasSharedExpert(spec, normed, w)
+    as the layer does (streams.py: the side stream never allocates). shared_on: one of SHARED_ON;
+    with "kernels-fp8", ``quantized`` maps id(normed) of each input set to its fp8 groups, which the
+    shared expert alone reads as it would read the norm kernel's."""
+    in_fp8 = shared_on == "kernels-fp8"
+
+    def shared_job(normed, x_fp8=None, x_scale=None):  # allocates now; run() may go to the side stream
+        if shared_on == "cublas":
+            return CublasSharedExpert(spec, normed, w)
+        return SharedExpertOnExpertKernels(spec, normed, x_fp8, x_scale, w, in_fp8, False)
 
     def shared(x, normed):
-        shared_job(normed).run()
+        shared_job(normed, *(quantized or {}).get(id(normed), (None, None))).run()
 
     def pre(x, normed):
         preamble.fused_preamble(spec, x, w, block_m=block_m)
 
     def pre_shared_stream(x, normed):
-        fork = lambda n, *_: streams.fork(x.device, shared_job(n).run)  # noqa: E731
+        fork = lambda *norm_outputs: streams.fork(x.device, shared_job(*norm_outputs).run)  # noqa: E731
         preamble.fused_preamble(spec, x, w, block_m=block_m, after_norm=fork)
         streams.join(x.device)
 
     def pre_shared_inline(x, normed):
-        shared_job(preamble.fused_preamble(spec, x, w, block_m=block_m).normed).run()
+        pre = preamble.fused_preamble(spec, x, w, block_m=block_m)
+        shared_job(pre.normed, pre.x_fp8, pre.x_scale).run()
 
     def whole_layer(strategy):
+        on_kernels = shared_on == "kernels"  # in fp8 the layer always runs it on the expert kernels
+
         def fn(x, normed):
-            with layer_options(False, strategy + ("-kernels" if on_kernels else "")):
+            with layer_options(False, strategy + ("-kernels" if on_kernels else ""), shared_fp8=in_fp8):
                 layer.moe_layer(spec, x, w)
         return fn
 
@@ -175,15 +187,16 @@ def profile_overlap(fn: Callable, inputs: tuple, trace_path: str) -> Dict[str, d
 
 
 # ----------------------------------------------------------------------------- run and report
-def measure(spec: MoESpec, w: MoEWeights, M: int, device: torch.device, trace_path: str, on_kernels: bool) -> dict:
+def measure(spec: MoESpec, w: MoEWeights, M: int, device: torch.device, trace_path: str, shared_on: str) -> dict:
     """One (dtype, M) row: µs per variant, the ratios, and the profile of one overlapped call. On the
     CPU each variant that needs no second stream is called once instead (no timing)."""
     block_m = layer.plan_layer(spec, M, device).expert_config.block_m
     on_gpu = device.type == "cuda"
     sets = input_sets(spec, M, device, N_SETS if on_gpu else 1)
+    quantized = {id(normed): reference.quantize_fp8_groups(normed) for _, normed in sets} if shared_on == "kernels-fp8" else {}
     row = dict(M=M, block_m=block_m, us={})
     for name in VARIANTS:
-        fn = variant_fn(name, spec, w, block_m, on_kernels)
+        fn = variant_fn(name, spec, w, block_m, shared_on, quantized)
         if on_gpu:
             row["us"][name] = round(timing.graph_replay_us(fn, sets), 2)
         elif "stream" not in name:  # the side stream needs CUDA
@@ -191,7 +204,7 @@ def measure(spec: MoESpec, w: MoEWeights, M: int, device: torch.device, trace_pa
     if on_gpu:
         row["ratio_stream"] = round(row["us"]["pre+shared stream"] / row["us"]["shared"], 3)
         row["ratio_inline"] = round(row["us"]["pre+shared inline"] / row["us"]["shared"], 3)
-        row["profile"] = profile_overlap(variant_fn("pre+shared stream", spec, w, block_m, on_kernels), sets[0],
+        row["profile"] = profile_overlap(variant_fn("pre+shared stream", spec, w, block_m, shared_on), sets[0],
                                          trace_path)
     return row
 
@@ -234,8 +247,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"))
     ap.add_argument("--m", default="1,4")
     ap.add_argument("--dtypes", default="bf16,fp8")
-    ap.add_argument("--shared-on", choices=("cublas", "kernels"), default="cublas",
-                    help="the shared expert on cuBLAS or as its own launch of the expert kernels")
+    ap.add_argument("--shared-on", choices=SHARED_ON, default="cublas",
+                    help="the shared expert on cuBLAS, as its own launch of the expert kernels in the model dtype, "
+                         "or in fp8 (MOE_FUSION_SHARED_FP8's; fp8 experts only)")
     ap.add_argument("--smoke", action="store_true", help="a tiny layer; on the CPU each variant once, no timing")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -248,6 +262,8 @@ def main(argv=None) -> int:
                   torch=torch.__version__, triton=triton.__version__,
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   shape=shape, shared_on=args.shared_on, spec=base.to_json(), rows=[])
+    if args.shared_on == "kernels-fp8" and set(args.dtypes.split(",")) != {"fp8"}:
+        ap.error("--shared-on kernels-fp8 needs --dtypes fp8 (an fp8 shared expert rides on fp8 experts)")
     t0 = time.time()
     scratch = tempfile.mkdtemp()
     for dtype in args.dtypes.split(","):
@@ -255,7 +271,7 @@ def main(argv=None) -> int:
         w = layer_weights(spec, device, seed=0)
         for M in (int(m) for m in args.m.split(",")):
             trace = os.path.join(scratch, f"{dtype}_{M}.json")
-            row = dict(dtype=dtype, **measure(spec, w, M, device, trace, args.shared_on == "kernels"))
+            row = dict(dtype=dtype, **measure(spec, w, M, device, trace, args.shared_on))
             result["rows"].append(row)
             if not os.path.exists(os.path.join(args.out, "overlap_trace.json")) and os.path.exists(trace):
                 shutil.copy(trace, os.path.join(args.out, "overlap_trace.json"))

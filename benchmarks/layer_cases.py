@@ -123,11 +123,12 @@ def recorded_parts() -> Iterator[Dict[str, object]]:
 
 
 @contextlib.contextmanager
-def layer_options(deterministic: bool, shared_expert: Optional[str]) -> Iterator[None]:
+def layer_options(deterministic: bool, shared_expert: Optional[str], shared_fp8: bool = False) -> Iterator[None]:
     """layer.options set for the duration (process-wide, as MOE_FUSION_* would set them)."""
-    saved = (layer.options.deterministic, layer.options.shared_expert)
-    layer.options.deterministic, layer.options.shared_expert = deterministic, shared_expert
+    o = layer.options
+    saved = (o.deterministic, o.shared_expert, o.shared_fp8)
+    o.deterministic, o.shared_expert, o.shared_fp8 = deterministic, shared_expert, shared_fp8
     try:
         yield
     finally:
-        layer.options.deterministic, layer.options.shared_expert = saved
+        o.deterministic, o.shared_expert, o.shared_fp8 = saved

@@ -4,6 +4,8 @@ import json
 import os
 import sys
 
+import pytest
+
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 sys.path.insert(0, BENCHMARKS)
 
@@ -22,6 +24,16 @@ def test_overlap_smoke_with_the_shared_expert_on_the_expert_kernels(tmp_path):
                              "--shared-on", "kernels"]) == 0
     result = json.loads((tmp_path / "overlap.json").read_text())
     assert result["shared_on"] == "kernels" and [r["M"] for r in result["rows"]] == [1]
+
+
+def test_overlap_smoke_with_an_fp8_shared_expert(tmp_path):
+    """--shared-on kernels-fp8: the shared expert alone on x's fp8 groups, and after the preamble on the
+    norm's; it rides on fp8 experts only."""
+    assert gpu_overlap.main(["--smoke", "--out", str(tmp_path), "--m", "1", "--dtypes", "fp8",
+                             "--shared-on", "kernels-fp8"]) == 0
+    assert json.loads((tmp_path / "overlap.json").read_text())["shared_on"] == "kernels-fp8"
+    with pytest.raises(SystemExit):
+        gpu_overlap.main(["--smoke", "--out", str(tmp_path), "--dtypes", "bf16,fp8", "--shared-on", "kernels-fp8"])
 
 
 def _kernel(name, stream, ts, dur):
