@@ -38,7 +38,6 @@ from .expert_gemm1_kernel import expert_gemm1_kernel
 from .expert_gemm2_kernel import expert_gemm2_kernel
 from . import expert_tiles
 from . import fp8_act_quant_kernel as fp8_act_quant
-from .fp8_act_quant_kernel import fp8_act_quant_kernel
 from .fp8_weight_quant_kernel import fp8_weight_quant_kernel
 from .gemm1_combine_kernel import gemm1_combine_kernel
 from .grid_sync import pdl_launch
@@ -399,10 +398,11 @@ def run_experts(
     if problem:
         raise Unsupported(f"config {config}: {problem}")
     block_m = config.block_m
+    pdl = pdl_mode(x.device)
     aligned_here = alignment is None
     if aligned_here:  # the x quantisation below may run beside it (it releases its dependents at once)
         alignment = align_kernel.align_pairs_fastest(topk_ids, experts.expert_map, experts.num_local, block_m,
-                                                     launch_dependents=pdl_mode(x.device) != "off")
+                                                     launch_dependents=pdl != "off")
     sorted_pair_ids, tile_expert, num_tiles = alignment
     max_tiles = tile_expert.numel()
     if sorted_pair_ids.numel() != max_tiles * block_m:
@@ -418,7 +418,7 @@ def run_experts(
         raise Unsupported("x_fp8 / x_scale do not match x [M, H] in 1x128 groups")
     launch = ExpertLaunch(
         x=x, pair_weights=pair_weights, topk_ids=topk_ids, experts=experts, alignment=alignment,
-        weight_on_input=weight_on_input, num_sms=num_sms, pdl=pdl_mode(x.device), shared=shared,
+        weight_on_input=weight_on_input, num_sms=num_sms, pdl=pdl, shared=shared,
     )
     launch.allocate(config, deterministic, out_dtype)
     launch.quantize_input(x_fp8, x_scale, beside_alignment=aligned_here)
@@ -499,10 +499,8 @@ class ExpertLaunch:
         rows = self.topk_ids.numel() if self.weight_on_input else M
         self.a = _buffer((rows, H), FP8_DTYPE, self.x.device)
         self.a_scale = _buffer((rows, triton.cdiv(H, FP8_BLOCK)), torch.float32, self.x.device)
-        beside = beside_alignment and self.small_launches_dependent
         self._quantize_rows(self.x, self.a, self.a_scale, self.topk_ids.shape[1] if self.weight_on_input else 1,
-                            scale_rows=self.weight_on_input, after_gemm=False,
-                            pdl=fp8_act_quant.PDL_BESIDE_PREVIOUS if beside else fp8_act_quant.PDL_OFF)
+                            scale_rows=self.weight_on_input, after_gemm=False, beside_alignment=beside_alignment)
         if self.weight_on_input:
             self.a_row_divisor = 1  # GEMM1 reads row `pair`, already scaled
 
@@ -512,8 +510,7 @@ class ExpertLaunch:
         if self.gemm1_sums is not None:
             self._combine_gemm1_splits()
         elif self.experts.fp8 and not self.h_quantized:
-            pdl = fp8_act_quant.PDL_READS_PREVIOUS if self.small_launches_dependent else fp8_act_quant.PDL_OFF
-            self._quantize_rows(self.h, self.h_fp8, self.h_scale, 1, scale_rows=False, after_gemm=True, pdl=pdl)
+            self._quantize_rows(self.h, self.h_fp8, self.h_scale, 1, scale_rows=False, after_gemm=True)
         else:
             return
         self.h_prepared_by_launch = True
@@ -533,13 +530,19 @@ class ExpertLaunch:
             **pdl_launch(self.small_launches_dependent),
         )
 
-    def _quantize_rows(self, src, q, scale, rows_per_token, scale_rows: bool, after_gemm: bool, pdl) -> None:
-        """pdl: one of fp8_act_quant_kernel's PDL_* modes."""
+    def _quantize_rows(self, src, q, scale, rows_per_token, scale_rows: bool, after_gemm: bool,
+                       beside_alignment: bool = False) -> None:
+        """h after GEMM1 (after_gemm) waits for it; x may run beside the alignment launched just before."""
         K = src.shape[1]
         grid, per_program = _row_group_grid(q.shape[0], K)
+        pdl = fp8_act_quant.PDL_OFF
+        if self.small_launches_dependent and after_gemm:
+            pdl = fp8_act_quant.PDL_READS_PREVIOUS
+        elif self.small_launches_dependent and beside_alignment:
+            pdl = fp8_act_quant.PDL_BESIDE_PREVIOUS
         expert_map = self.experts.expert_map if after_gemm else None  # h: GEMM1 wrote local pairs only
         ids = self.topk_ids.contiguous()  # row p of h is pair p = token * top_k + slot
-        fp8_act_quant_kernel[grid](
+        fp8_act_quant.fp8_act_quant_kernel[grid](
             src, self.pair_weights, q, scale, ids, expert_map if expert_map is not None else ids,
             self.topk_ids.numel(), K, rows_per_token, *src.stride(), q.stride(0), scale.stride(0),
             SCALE_ROWS=scale_rows, GROUPS=per_program, GROUP=FP8_BLOCK, PDL=pdl,
