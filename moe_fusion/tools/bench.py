@@ -181,10 +181,13 @@ def _sync(device: torch.device) -> None:
 @dataclass
 class Timing:
     us: Optional[float] = None
-    kernels: Optional[int] = None
     kernel_names: Optional[List[str]] = None  # in launch order (GPU only)
     first_call_s: Optional[float] = None
     note: str = ""
+
+    @property
+    def kernels(self) -> Optional[int]:
+        return None if self.kernel_names is None else len(self.kernel_names)
 
 
 def time_point(cfg: Config, fn: Callable, input_sets: Sequence[tuple]) -> Timing:
@@ -210,7 +213,7 @@ def time_point(cfg: Config, fn: Callable, input_sets: Sequence[tuple]) -> Timing
         names = timing.kernel_names_per_call(fn, input_sets[0])
     else:
         us, names = wall_clock_us(fn, input_sets, replays, batches), None
-    return Timing(us=us, kernels=None if names is None else len(names), kernel_names=names, first_call_s=first_call_s)
+    return Timing(us=us, kernel_names=names, first_call_s=first_call_s)
 
 
 def wall_clock_us(fn: Callable, input_sets: Sequence[tuple], replays: int, batches: int) -> float:
