@@ -155,7 +155,7 @@ def gemm1_item(
         tl.store(sums, acc_g, mask=mask)
         tl.store(sums + N, acc_u, mask=mask)
     else:
-        h = silu_mul(acc_g, acc_u, h_ptr)
+        h = silu_mul(acc_g, acc_u, h_ptr.dtype.element_ty)
         tl.store(h_ptr + row[:, None] * stride_hm + offs_n[None, :], h, mask=mask)
         if QUANT_H:
             _quantize_group_if_last(h_ptr, hq_ptr, hs_ptr, ticket_ptr, tile, n_block, row, row_ok, N,

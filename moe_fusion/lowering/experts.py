@@ -69,6 +69,10 @@ PREFETCH_BYTES = 64 * 1024
 # default: on the H100 (run 5) it was 6-7 us slower at dsv3-ep8 M = 1-2 and 1 us faster at M = 4
 # (the ticket's barrier and acq_rel atomic after every GEMM1 item cost more than the launch saved).
 FUSED_H_QUANT = os.environ.get("MOE_FUSION_FP8_H_QUANT", "kernel") == "gemm1"
+# After a K-split GEMM1, MOE_FUSION_GEMM1_COMBINE=gemm2: each GEMM2 program sums the splits and makes
+# (and for fp8 quantises) the h columns it reads, instead of gemm1_combine_kernel's launch between
+# the GEMMs. With EXPERT_PDL "h+gemm2" GEMM2 is then GEMM1's programmatic dependent.
+COMBINE_IN_GEMM2 = os.environ.get("MOE_FUSION_GEMM1_COMBINE", "kernel") == "gemm2"
 
 log = logging.getLogger("moe_fusion.lowering")
 
@@ -476,6 +480,7 @@ class ExpertLaunch:
         self.gate_partial = self.pair_weights  # unused unless the shared experts are gated (gemm1)
         self.h_quantized = False
         self.h_prepared_by_launch = False  # GEMM2 follows a launch of its own that made its A
+        self.h_from_sums_in_gemm2 = False  # GEMM2 makes its A from GEMM1's split sums
         self.a, self.a_scale, self.a_row_divisor = self.x, self.pair_weights, self.topk_ids.shape[1]
 
     def use_gemm1_splits(self, splits: int) -> None:
@@ -507,6 +512,9 @@ class ExpertLaunch:
     def prepare_h(self) -> None:
         """GEMM2's A operand: h from a split GEMM1's sums, and for fp8 experts its quantisation
         (h_fp8, h_scale), unless GEMM1 already did it."""
+        if self.gemm1_sums is not None and COMBINE_IN_GEMM2:
+            self.h_from_sums_in_gemm2 = True
+            return
         if self.gemm1_sums is not None:
             self._combine_gemm1_splits()
         elif self.experts.fp8 and not self.h_quantized:
@@ -584,15 +592,16 @@ class ExpertLaunch:
         grid = max(1, min(items, self.num_sms * g.programs_per_sm))
         a, a_scale = (self.h_fp8, self.h_scale) if self.experts.fp8 else (self.h, self.scales[2][0])
         operands, constants = self._gemm2_operands(config)
-        pdl = self.pdl == "h+gemm2" and self.h_prepared_by_launch
+        sums, sums_constants = self._gemm1_sums_operands(g, I)
+        pdl = self.pdl == "h+gemm2" and (self.h_prepared_by_launch or self.h_from_sums_in_gemm2)
         prefetch_lines = 0
         if pdl:
             prefetch_lines = self._prefetch_lines(min(self._k_per_split(g, I),
                                                       PREFETCH_BYTES // g.block_n // self.experts.w_down.element_size()))
         expert_gemm2_kernel[(grid,)](
             a, a_scale, self.pair_weights, self.gate_partial, *a.stride(), *a_scale.stride(),
-            *operands, *self.alignment, self.topk_ids.numel(), self.topk_ids.shape[1], M, H, I,
-            **constants, BLOCK_N=g.block_n, BLOCK_K=g.block_k, SUB_K=self._sub_k(g), SWAP_AB=g.swap_ab,
+            *operands, *sums, *self.alignment, self.topk_ids.numel(), self.topk_ids.shape[1], M, H, I,
+            **constants, **sums_constants, BLOCK_N=g.block_n, BLOCK_K=g.block_k, SUB_K=self._sub_k(g), SWAP_AB=g.swap_ab,
             EVEN_N=H % g.block_n == 0, EVEN_K=I % g.block_k == 0,
             USE_PDL=pdl, PREFETCH_LINES=prefetch_lines, LAUNCH_DEPENDENTS=self.small_launches_dependent,
             num_warps=g.num_warps, num_stages=g.num_stages, **pdl_launch(pdl),
@@ -645,6 +654,16 @@ class ExpertLaunch:
                          DETERMINISTIC=self.deterministic, N_SHARED=self.n_shared, SHARED_GATE=gated,
                          GATE_PARTS=triton.next_power_of_2(gate_parts), MODEL_DTYPE=_TL_DTYPES[self.x.dtype])
         return operands, constants
+
+    def _gemm1_sums_operands(self, g, I: int):
+        """GEMM2's split-sums arguments (sums, their two strides) and SUM_SPLITS / SUM_GROUPS:
+        zero splits unless GEMM2 makes its A from them."""
+        if not self.h_from_sums_in_gemm2:
+            unused = self.pair_weights
+            return (unused, 0, 0), dict(SUM_SPLITS=0, SUM_GROUPS=1)
+        sums = self.gemm1_sums
+        groups = triton.next_power_of_2(triton.cdiv(self._k_per_split(g, I), FP8_BLOCK))
+        return (sums, sums.stride(0), sums.stride(1)), dict(SUM_SPLITS=self.gemm1_splits, SUM_GROUPS=groups)
 
     def _work_tiles(self, config: ExpertConfig) -> int:
         """Static bound on token tiles: the alignment's, then the shared experts' dense tail."""
