@@ -36,10 +36,12 @@ CONFIGS = [
     None,  # the heuristic the layer itself would pick
     ExpertConfig(16, GemmTiles(16, 32, programs_per_sm=1), GemmTiles(32, 32, split_k=2, programs_per_sm=1)),
     ExpertConfig(32, GemmTiles(32, 16, programs_per_sm=2), GemmTiles(16, 64, split_k=1, programs_per_sm=3)),
+    ExpertConfig(16, GemmTiles(16, 16, split_k=3, programs_per_sm=1), GemmTiles(32, 32, split_k=2)),
 ]
 FP8_CONFIGS = [
     None,
     ExpertConfig(16, GemmTiles(32, 128, programs_per_sm=1), GemmTiles(32, 128, split_k=2, programs_per_sm=1)),
+    ExpertConfig(16, GemmTiles(32, 128, split_k=2, swap_ab=True), GemmTiles(32, 128, split_k=2, swap_ab=True)),
 ]
 TOL = {"fp16": 3e-3, "fp8": 1e-4}  # fp8: the kernels make the emulation's products and scales
 FP8_FLIP_TOL = 1e-2
@@ -91,7 +93,7 @@ def _assert_fp8_close(out, want, case):
 
 
 @pytest.mark.parametrize("seed", EXPERT_CASES)
-def test_random_expert_block(seed):
+def test_random_expert_block(seed, monkeypatch):
     rng = random.Random(seed)
     spec = random_spec(seed, dtypes=("float16",), hidden=(8, 128), inter=(8, 64))
     M = _capped_m(seed, spec.top_k)
@@ -100,6 +102,8 @@ def test_random_expert_block(seed):
     ids, weights = _routing(spec, M, seed)
     config = rng.choice(FP8_CONFIGS if spec.fp8 else CONFIGS)
     deterministic = rng.random() < 0.5
+    # After a split GEMM1: its sums combined by their own launch, or by GEMM2 (MOE_FUSION_GEMM1_COMBINE).
+    monkeypatch.setattr(experts, "COMBINE_IN_GEMM2", rng.random() < 0.5)
     extra = {}
     if spec.fp8 and spec.weight_on == "output" and rng.random() < 0.5:
         extra["x_fp8"], extra["x_scale"] = reference.quantize_fp8_groups(x.to(DEVICE))
