@@ -33,6 +33,11 @@ Reference: reference.gated_mlp / reference._fp8_gated_mlp (the first two product
 import triton
 import triton.language as tl
 
+# When GEMM1 lets its programmatic dependent launch be placed (LAUNCH_DEPENDENTS).
+DEPENDENTS_NONE = tl.constexpr(0)
+DEPENDENTS_AT_START = tl.constexpr(1)
+DEPENDENTS_AFTER_ITEMS = tl.constexpr(2)
+
 from .expert_tiles import (A_MODEL_DTYPE, FP8_GROUP, load_tile, outer, quantize_h_group, silu_mul, tile_dot,
                            work_tile, zero_block)
 
@@ -194,7 +199,7 @@ def expert_gemm1_kernel(
 ):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
-    if LAUNCH_DEPENDENTS:
+    if LAUNCH_DEPENDENTS == DEPENDENTS_AT_START:
         # The launch that prepares h (a programmatic dependent, experts.EXPERT_PDL) may be placed
         # now; it waits (griddepcontrol.wait) for this grid to finish before reading h.
         tl.extra.cuda.gdc_launch_dependents()
@@ -223,3 +228,7 @@ def expert_gemm1_kernel(
             BLOCK_M, BLOCK_N, BLOCK_K, SUB_K, SWAP_AB, A_MODE, WEIGHT_ON_INPUT, N_SHARED, SHARED_GATE, QUANT_H,
             EVEN_N, EVEN_K, SPLIT_OUT,
         )
+    if LAUNCH_DEPENDENTS == DEPENDENTS_AFTER_ITEMS:
+        # GEMM2 itself is the dependent (experts.COMBINE_IN_GEMM2): placed once every program
+        # is past its items, so that its programs do not hold SM slots through GEMM1.
+        tl.extra.cuda.gdc_launch_dependents()

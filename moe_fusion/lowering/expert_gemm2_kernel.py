@@ -8,7 +8,9 @@ top-k reduction done in the epilogue:
     moe_finalize_kernel then sums them in a fixed order.
 Split-K gives small M*top_k enough work items for every SM to stream Wd. For fp8, A is h quantised
 per 1x128 group by fp8_act_quant_kernel (bitwise reference.quantize_fp8_groups(h)); a K step holds
-whole groups, each one fp8 dot multiplied by its activation and weight scales.
+whole groups, each one fp8 dot multiplied by its activation and weight scales. After a K-split
+GEMM1 each item may make its A itself from GEMM1's sums (SUM_SPLITS, experts.COMBINE_IN_GEMM2),
+with the arithmetic of gemm1_combine_kernel.
 Shared experts (N_SHARED > 0): the dense tail of expert_tiles.work_tile, with separate weight
 tensors (swd); their weight is 1, or with SHARED_GATE sigmoid of the gate logit, summed here from
 GEMM1's per-K-block partial dots in a fixed order and rounded like the reference's bf16 linear and
@@ -183,8 +185,9 @@ def expert_gemm2_kernel(
     num_items = (num_routed + N_SHARED * m_tiles) * items_per_tile
     if USE_PDL:
         # A programmatic dependent of the launch that prepares h, placed once GEMM1 has finished
-        # (experts.EXPERT_PDL): the alignment is final, h is not. Pull this program's first Wd
-        # tile into L2, then wait for h to be complete and visible.
+        # (experts.EXPERT_PDL), or of GEMM1 itself (SUM_SPLITS): the alignment is final, h (or
+        # GEMM1's sums) is not. Pull this program's first Wd tile into L2, then wait for it to be
+        # complete and visible.
         if PREFETCH_LINES > 0:
             if pid < num_routed * items_per_tile:
                 _prefetch_item_weights(pid, n_blocks, items_per_tile, tile_expert_ptr, wd_ptr, N, K, k_per_split,

@@ -2,7 +2,8 @@
 deterministic mode) over the aligned token list of reference.align_pairs.
 
     GEMM1  h[pair] = SiLU(x Wg^T) * (x Wu^T)              expert_gemm1_kernel (also zeroes out)
-           or, split over K, fp32 sums per split        + gemm1_combine_kernel (SiLU*up, fp8 quant)
+           or, split over K, fp32 sums per split        + gemm1_combine_kernel (SiLU*up, fp8 quant),
+                                                          or GEMM2 does that (COMBINE_IN_GEMM2)
     GEMM2  out[token] += weight[pair] * h[pair] Wd^T       expert_gemm2_kernel (atomics, split-K)
     or     y[split, pair] = weight * h Wd^T; out = sum y   + moe_finalize_kernel (deterministic)
 
@@ -34,6 +35,7 @@ from ..spec import FP8_BLOCK, FP8_DTYPE, MoESpec, MoEWeights
 from .unsupported import Unsupported
 from . import align_kernel, expert_configs, reference
 from .expert_configs import ExpertConfig, ProblemKey
+from . import expert_gemm1_kernel as gemm1_kernel
 from .expert_gemm1_kernel import expert_gemm1_kernel
 from .expert_gemm2_kernel import expert_gemm2_kernel
 from . import expert_tiles
@@ -71,7 +73,9 @@ PREFETCH_BYTES = 64 * 1024
 FUSED_H_QUANT = os.environ.get("MOE_FUSION_FP8_H_QUANT", "kernel") == "gemm1"
 # After a K-split GEMM1, MOE_FUSION_GEMM1_COMBINE=gemm2: each GEMM2 program sums the splits and makes
 # (and for fp8 quantises) the h columns it reads, instead of gemm1_combine_kernel's launch between
-# the GEMMs. With EXPERT_PDL "h+gemm2" GEMM2 is then GEMM1's programmatic dependent.
+# the GEMMs. With EXPERT_PDL "h+gemm2" GEMM2 is then GEMM1's programmatic dependent, placed once
+# GEMM1's programs are past their items. Off by default: not yet measured on a GPU (session 12 had
+# none; the A/B to run is in benchmarks/experts_notes.md).
 COMBINE_IN_GEMM2 = os.environ.get("MOE_FUSION_GEMM1_COMBINE", "kernel") == "gemm2"
 
 log = logging.getLogger("moe_fusion.lowering")
@@ -512,7 +516,7 @@ class ExpertLaunch:
     def prepare_h(self) -> None:
         """GEMM2's A operand: h from a split GEMM1's sums, and for fp8 experts its quantisation
         (h_fp8, h_scale), unless GEMM1 already did it."""
-        if self.gemm1_sums is not None and COMBINE_IN_GEMM2:
+        if self._gemm2_sums_splits:
             self.h_from_sums_in_gemm2 = True
             return
         if self.gemm1_sums is not None:
@@ -578,7 +582,7 @@ class ExpertLaunch:
             self.topk_ids.numel(), self.a_row_divisor, M, I, H, self._zero_numel(),
             **constants, BLOCK_N=g.block_n, BLOCK_K=g.block_k, SUB_K=self._sub_k(g), SWAP_AB=g.swap_ab,
             QUANT_H=quant_h, EVEN_N=I % g.block_n == 0, EVEN_K=H % g.block_k == 0, SPLIT_OUT=g.split_k > 1,
-            ZERO_BLOCK=ZERO_BLOCK, LAUNCH_DEPENDENTS=self.small_launches_dependent, num_warps=g.num_warps,
+            ZERO_BLOCK=ZERO_BLOCK, LAUNCH_DEPENDENTS=self._gemm1_releases_dependents(), num_warps=g.num_warps,
             num_stages=g.num_stages,
         )
         self.h_quantized = quant_h
@@ -606,6 +610,20 @@ class ExpertLaunch:
             USE_PDL=pdl, PREFETCH_LINES=prefetch_lines, LAUNCH_DEPENDENTS=self.small_launches_dependent,
             num_warps=g.num_warps, num_stages=g.num_stages, **pdl_launch(pdl),
         )
+
+    @property
+    def _gemm2_sums_splits(self) -> bool:
+        """GEMM2 makes its A from a split GEMM1's sums (COMBINE_IN_GEMM2)."""
+        return COMBINE_IN_GEMM2 and self.gemm1_sums is not None
+
+    def _gemm1_releases_dependents(self) -> int:
+        """When GEMM1 lets its programmatic dependent be placed: the h launch at GEMM1's start;
+        GEMM2, where it follows GEMM1 directly, once GEMM1's programs are past their items."""
+        if not self.small_launches_dependent:
+            return gemm1_kernel.DEPENDENTS_NONE.value
+        if self._gemm2_sums_splits and self.pdl == "h+gemm2":
+            return gemm1_kernel.DEPENDENTS_AFTER_ITEMS.value
+        return gemm1_kernel.DEPENDENTS_AT_START.value
 
     def _gemm1_operands(self, config: ExpertConfig):
         """GEMM1's tensors and strides (expert_gemm1_kernel's leading arguments) and its
