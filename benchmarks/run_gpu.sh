@@ -20,6 +20,9 @@
 #     E2E_ARGS [--config real --layers 2 --batch 1,4,16]
 #   OVERLAP_S [0]: seconds for benchmarks/gpu_overlap.py (shared expert vs preamble on two streams),
 #     0 skips it; OVERLAP_ARGS: extra flags. Writes overlap.{json,md}, overlap_trace.json
+#   STREAM_PROBE_S [0]: seconds for benchmarks/gpu_stream_probe.py (one fp8 expert's GEMM1 weights
+#     streamed in GEMM1's pattern without arithmetic, with dots, and GEMM1 itself), 0 skips it.
+#     Writes stream_probe.json
 #   EXPERTS_S [0]: seconds for benchmarks/gpu_experts.py (expert block: checks at real shapes, bench with
 #     both launch modes), 0 skips it; EXPERTS_ARGS [--check --bench --shapes dsv3-ep8,dsv3]. Writes
 #     experts.log, experts_bench.json
@@ -95,6 +98,11 @@ if [ "$E2E_S" -gt 0 ]; then
   tail -n 5 "$OUT/e2e.log"
 fi
 
+STREAM_PROBE_S=${STREAM_PROBE_S:-0}
+if [ "$STREAM_PROBE_S" -gt 0 ]; then
+  echo "== weight-stream probe (up to ${STREAM_PROBE_S} s): $OUT/stream_probe.json" | tee -a "$OUT/bench.log"
+  timeout -k 10 "$STREAM_PROBE_S" $PY benchmarks/gpu_stream_probe.py --json "$OUT/stream_probe.json" 2>&1 | tee -a "$OUT/bench.log"
+fi
 OVERLAP_S=${OVERLAP_S:-0}
 if [ "$OVERLAP_S" -gt 0 ]; then
   echo "== shared-expert overlap (up to ${OVERLAP_S} s): $OUT/overlap.{md,json}, overlap_trace.json" | tee -a "$OUT/bench.log"

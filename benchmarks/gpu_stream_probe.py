@@ -1,0 +1,193 @@
+"""How fast can one wave of programs stream one fp8 expert's gate and up weights (dsv3: 2 x 2048 x 7168
+bytes, 29 MB) from HBM, and what does GEMM1 lose against that? Issue 5's dsv3-ep8 fp8 M = 1 target
+needs the expert block near 3 TB/s; GEMM1 streams one expert at ~2.2 TB/s (experts_notes.md,
+sessions 9-11), and every tile the tuner tried lies on the same plateau. This separates the causes:
+
+  stream  the weights read in GEMM1's pattern (its grid, tiles and pipelining), no arithmetic: each
+          program XORs its tiles together (int32 view of the fp8 bytes) and stores one word;
+  dot     the same loads feeding GEMM1's swapped fp8 dots against a 16-row token tile, without the
+          per-step activation and weight scales;
+  gemm1   expert_gemm1_kernel itself at the shipped dsv3-shared fp8 M = 1 tiles (the scales, the
+          alignment reads and the split sums' stores included), and gemm1+combine as the tuner times it.
+
+stream at a fraction of K (the same programs, fewer bytes each) also gives the wave's start cost:
+time = start + bytes / rate. Every timing is a CUDA-graph replay rotating over copies of the weights
+(tune_experts.weight_copies), so each replay reads from HBM.
+
+    python benchmarks/gpu_stream_probe.py [--json OUT.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+from typing import Dict, List
+
+import torch
+import triton
+import triton.language as tl
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if os.path.dirname(HERE) not in sys.path:
+    sys.path.insert(0, os.path.dirname(HERE))
+
+from moe_fusion.lowering import expert_configs, experts, tune_experts  # noqa: E402
+from moe_fusion.tools import timing  # noqa: E402
+
+TOKEN_TILE = 16  # GEMM1's block_m at M = 1
+
+
+@triton.jit
+def stream_kernel(g_ptr, u_ptr, out_ptr, k_per_split, n_blocks, stride_n, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+    """Program (split, n block) reads rows [BLOCK_N] x K range [k_per_split] of g and u (int32 words),
+    BLOCK_K words per step, as GEMM1's item does, and stores the XOR of all of it. The loop's
+    num_stages makes Triton pipeline the loads through shared memory (cp.async, as GEMM1's dot
+    operands are); without it loads that feed no dot are not pipelined."""
+    pid = tl.program_id(0)
+    split = pid // n_blocks
+    rows = (pid - split * n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_K)
+    k_start = split * k_per_split
+    acc = tl.zeros((BLOCK_N, BLOCK_K), tl.int32)
+    for k in tl.range(k_start, k_start + k_per_split, BLOCK_K, num_stages=STAGES):
+        offs = rows[:, None] * stride_n + (k + cols)[None, :]
+        acc ^= tl.load(g_ptr + offs) ^ tl.load(u_ptr + offs)
+    tl.store(out_ptr + pid, tl.xor_sum(tl.xor_sum(acc, axis=1), axis=0))
+
+
+@triton.jit
+def dot_kernel(g_ptr, u_ptr, x_ptr, out_ptr, k_per_split, n_blocks, stride_n, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
+    """stream_kernel's loads (fp8) feeding GEMM1's swapped dots (weights . tokens^T) against a
+    BLOCK_M-row token tile x [BLOCK_M, K], without scales; stores the sum of both products."""
+    pid = tl.program_id(0)
+    split = pid // n_blocks
+    rows = (pid - split * n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tokens = tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_K)
+    k_start = split * k_per_split
+    acc_g = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    acc_u = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    for k in range(k_start, k_start + k_per_split, BLOCK_K):
+        a = tl.load(x_ptr + tokens[:, None] * stride_n + (k + cols)[None, :])
+        offs = rows[:, None] * stride_n + (k + cols)[None, :]
+        acc_g += tl.dot(tl.load(g_ptr + offs), tl.trans(a))
+        acc_u += tl.dot(tl.load(u_ptr + offs), tl.trans(a))
+    tl.store(out_ptr + pid, tl.sum(tl.sum(acc_g + acc_u, axis=1), axis=0))
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One launch of stream_kernel or dot_kernel: block_n rows x block_k bytes per step, split_k
+    K ranges, k_fraction of K read (1 = the whole expert)."""
+
+    kind: str  # "stream" | "dot"
+    block_n: int = 64
+    block_k: int = 256
+    split_k: int = 4
+    num_stages: int = 3
+    k_fraction: float = 1.0
+
+    def k_range(self, K: int) -> int:
+        """Bytes of K each program reads: a whole number of steps."""
+        per_split = int(K * self.k_fraction) // self.split_k
+        return max(self.block_k, per_split // self.block_k * self.block_k)
+
+    def programs(self, N: int) -> int:
+        return N // self.block_n * self.split_k
+
+    def bytes_read(self, N: int, K: int) -> int:
+        return 2 * N * self.k_range(K) * self.split_k
+
+    def launch(self, g: torch.Tensor, u: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> None:
+        """g, u: one expert's [N, K] fp8 weights; x: [BLOCK_M, K] fp8 tokens (dot only)."""
+        N, K = g.shape
+        n_blocks, k_range = N // self.block_n, self.k_range(K)
+        grid = (self.programs(N),)
+        if self.kind == "stream":
+            words = g.view(torch.int32), u.view(torch.int32)
+            stream_kernel[grid](*words, out, k_range // 4, n_blocks, K // 4, BLOCK_N=self.block_n,
+                                BLOCK_K=self.block_k // 4, STAGES=self.num_stages, num_warps=4)
+        else:
+            dot_kernel[grid](g, u, x, out, k_range, n_blocks, K, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
+                             BLOCK_M=x.shape[0], num_warps=4, num_stages=self.num_stages)
+
+
+PROBES: List[Probe] = [
+    Probe("stream"),  # GEMM1's tiles at dsv3-ep8 fp8 M = 1: 128 programs, 7 steps of 2 x 16 KB
+    Probe("dot"),
+    *(Probe("stream", k_fraction=f) for f in (0.25, 0.5, 0.75)),
+    Probe("stream", num_stages=2), Probe("stream", num_stages=5), Probe("stream", num_stages=8),
+    Probe("stream", block_k=128, num_stages=6),
+    Probe("stream", split_k=2), Probe("stream", split_k=8),  # 64 and 256 programs
+    Probe("stream", block_n=32, split_k=4),  # 256 programs of 32 rows
+    Probe("stream", block_n=128, split_k=8),
+]
+
+
+def _shipped_gemm1_config(shape: tune_experts.Shape) -> expert_configs.ExpertConfig:
+    name, sms = experts.device_facts(torch.device("cuda"))
+    key = expert_configs.ProblemKey("fp8", shape.hidden, shape.inter, shape.local_experts, shape.experts, shape.top_k)
+    return expert_configs.lookup(key, 1, name, sms)[0]
+
+
+def run(n_copies: int = 4) -> Dict:
+    shape = tune_experts.SHAPES["dsv3-shared"]
+    e = tune_experts.random_experts(shape, "fp8")
+    copies = tune_experts.weight_copies(e, n_copies)
+    N, K = e.w_gate.shape[1:]
+    x = torch.randn(TOKEN_TILE, K, device="cuda").to(e.w_gate.dtype)
+    out = torch.empty(4 * N, dtype=torch.int32, device="cuda")
+    weights = [(c.w_gate[0], c.w_up[0]) for c in copies]
+    copy_bw = timing.copy_bandwidth_bytes_per_s()
+    rows = []
+    for probe in PROBES:
+        sink = out if probe.kind == "stream" else out.view(torch.float32)
+        us = timing.graph_replay_us(lambda g, u: probe.launch(g, u, x, sink), weights)
+        rows.append(dict(probe=vars(probe), programs=probe.programs(N), bytes=probe.bytes_read(N, K), us=round(us, 2)))
+        print(f"{probe}: {us:.2f} us, {probe.bytes_read(N, K) / us / 1e6:.2f} TB/s", flush=True)
+    cfg = _shipped_gemm1_config(shape)
+    sets = tune_experts.input_sets(shape, e, 1, len(copies))
+    launches = [tune_experts.make_launch(s, copies[i], cfg) for i, s in enumerate(sets)]
+    gemm1_bytes = 2 * N * K + 2 * e.w_gate_scale[0].numel() * 4
+    for name, fn in (("gemm1", lambda l: l.gemm1(cfg)), ("gemm1+combine", lambda l: (l.gemm1(cfg), l.prepare_h()))):
+        us = timing.graph_replay_us(fn, [(l,) for l in launches])
+        rows.append(dict(probe=dict(kind=name, config=cfg.to_dict()), bytes=gemm1_bytes, us=round(us, 2)))
+        print(f"{name} {cfg}: {us:.2f} us, {gemm1_bytes / us / 1e6:.2f} TB/s", flush=True)
+    start, rate = _start_and_rate([r for r in rows if r["probe"]["kind"] == "stream" and r["probe"].get("num_stages") == 3
+                                   and r["probe"].get("block_n") == 64 and r["probe"].get("split_k") == 4
+                                   and r["probe"].get("block_k") == 256])
+    print(f"stream, GEMM1's grid: start {start:.2f} us, then {rate / 1e12:.2f} TB/s; copy bandwidth "
+          f"{copy_bw / 1e12:.2f} TB/s (read + write)")
+    return dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                copy_bytes_per_s=copy_bw, wave_start_us=start, wave_bytes_per_s=rate, rows=rows)
+
+
+def _start_and_rate(rows: List[Dict]) -> tuple:
+    """Least-squares time = start + bytes / rate over the K fractions of one probe."""
+    b = torch.tensor([float(r["bytes"]) for r in rows], dtype=torch.float64)
+    t = torch.tensor([r["us"] for r in rows], dtype=torch.float64)
+    slope, start = torch.linalg.lstsq(torch.stack([b, torch.ones_like(b)], 1), t.unsqueeze(1)).solution.flatten().tolist()
+    return start, 1e6 / slope
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--copies", type=int, default=4, help="weight copies rotated over (each 44 MB)")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu_stream_probe: needs a CUDA device")
+        return 0
+    result = run(args.copies)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
