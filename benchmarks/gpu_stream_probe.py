@@ -7,6 +7,10 @@ sessions 9-11), and every tile the tuner tried lies on the same plateau. This se
           program XORs its tiles together (int32 view of the fp8 bytes) and stores one word;
   dot     the same loads feeding GEMM1's swapped fp8 dots against a 16-row token tile, without the
           per-step activation and weight scales;
+  tma     dot's products with the tiles loaded by TMA (host tensor descriptors), then also with the loop
+          warp-specialized (a producer warp issues the loads, the others multiply: Triton 3.6 on sm_90),
+          each without and with GEMM1's per-group scales (-scaled): whether a TMA / warp-specialized
+          GEMM1 would stream one expert faster than the cp.async pipeline does;
   gemm1   expert_gemm1_kernel itself at the shipped dsv3-shared fp8 M = 1 tiles (the scales, the
           alignment reads and the split sums' stores included), and gemm1+combine as the tuner times it.
 
@@ -79,12 +83,55 @@ def dot_kernel(g_ptr, u_ptr, x_ptr, out_ptr, k_per_split, n_blocks, stride_n, BL
     tl.store(out_ptr + pid, tl.sum(tl.sum(acc_g + acc_u, axis=1), axis=0))
 
 
+@triton.jit
+def tma_dot_kernel(g_desc, u_desc, x_desc, g_scale_ptr, u_scale_ptr, x_scale_ptr, out_ptr, k_per_split, n_blocks,
+                   w_scale_stride, x_scale_stride, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                   STAGES: tl.constexpr, SCALED: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+    """dot_kernel with TMA loads (g_desc, u_desc: [BLOCK_N, BLOCK_K] boxes of one expert's weights,
+    x_desc: [BLOCK_M, BLOCK_K] of the tokens); SCALED: each 128-wide K group's product times the
+    weight block's scale and the tokens' scales, as GEMM1 does (BLOCK_K = 128, BLOCK_N <= 128)."""
+    pid = tl.program_id(0)
+    split = pid // n_blocks
+    row0 = (pid - split * n_blocks) * BLOCK_N
+    k_start = split * k_per_split
+    acc_g = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    acc_u = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    for k in tl.range(k_start, k_start + k_per_split, BLOCK_K, num_stages=STAGES, warp_specialize=WARP_SPECIALIZE):
+        g = g_desc.load([row0, k])
+        u = u_desc.load([row0, k])
+        x = x_desc.load([0, k])
+        if SCALED:
+            group = k // BLOCK_K
+            x_scale = tl.load(x_scale_ptr + tl.arange(0, BLOCK_M) * x_scale_stride + group)
+            g_scale = tl.load(g_scale_ptr + row0 // BLOCK_K * w_scale_stride + group)
+            u_scale = tl.load(u_scale_ptr + row0 // BLOCK_K * w_scale_stride + group)
+            acc_g += tl.dot(g, tl.trans(x)) * (g_scale * x_scale)[None, :]
+            acc_u += tl.dot(u, tl.trans(x)) * (u_scale * x_scale)[None, :]
+        else:
+            acc_g = tl.dot(g, tl.trans(x), acc_g)
+            acc_u = tl.dot(u, tl.trans(x), acc_u)
+    tl.store(out_ptr + pid, tl.sum(tl.sum(acc_g + acc_u, axis=1), axis=0))
+
+
+@dataclass
+class Operands:
+    """One expert's gate and up weights [N, K] fp8 with their [N/128, K/128] block scales, and a token
+    tile x [BLOCK_M, K] fp8 with its [BLOCK_M, K/128] group scales."""
+
+    g: torch.Tensor
+    u: torch.Tensor
+    g_scale: torch.Tensor
+    u_scale: torch.Tensor
+    x: torch.Tensor
+    x_scale: torch.Tensor
+
+
 @dataclass(frozen=True)
 class Probe:
     """One launch of stream_kernel or dot_kernel: block_n rows x block_k bytes per step, split_k
     K ranges, k_fraction of K read (1 = the whole expert)."""
 
-    kind: str  # "stream" | "dot"
+    kind: str  # "stream" | "dot" | "tma" | "tma-ws" | "tma-scaled" | "tma-ws-scaled"
     block_n: int = 64
     block_k: int = 256
     split_k: int = 4
@@ -102,18 +149,27 @@ class Probe:
     def bytes_read(self, N: int, K: int) -> int:
         return 2 * N * self.k_range(K) * self.split_k
 
-    def launch(self, g: torch.Tensor, u: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> None:
-        """g, u: one expert's [N, K] fp8 weights; x: [BLOCK_M, K] fp8 tokens (dot only)."""
-        N, K = g.shape
+    def launch(self, o: Operands, out: torch.Tensor) -> None:
+        """Into out: one int32 (stream) or fp32 word per program."""
+        N, K = o.g.shape
         n_blocks, k_range = N // self.block_n, self.k_range(K)
         grid = (self.programs(N),)
         if self.kind == "stream":
-            words = g.view(torch.int32), u.view(torch.int32)
+            words = o.g.view(torch.int32), o.u.view(torch.int32)
             stream_kernel[grid](*words, out, k_range // 4, n_blocks, K // 4, BLOCK_N=self.block_n,
                                 BLOCK_K=self.block_k // 4, STAGES=self.num_stages, num_warps=4)
+        elif self.kind == "dot":
+            dot_kernel[grid](o.g, o.u, o.x, out, k_range, n_blocks, K, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
+                             BLOCK_M=o.x.shape[0], num_warps=4, num_stages=self.num_stages)
         else:
-            dot_kernel[grid](g, u, x, out, k_range, n_blocks, K, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
-                             BLOCK_M=x.shape[0], num_warps=4, num_stages=self.num_stages)
+            from triton.tools.tensor_descriptor import TensorDescriptor
+
+            boxes = [TensorDescriptor.from_tensor(t, [self.block_n, self.block_k]) for t in (o.g, o.u)]
+            x_box = TensorDescriptor.from_tensor(o.x, [o.x.shape[0], self.block_k])
+            tma_dot_kernel[grid](*boxes, x_box, o.g_scale, o.u_scale, o.x_scale, out, k_range, n_blocks,
+                                 o.g_scale.stride(0), o.x_scale.stride(0), BLOCK_N=self.block_n, BLOCK_K=self.block_k,
+                                 BLOCK_M=o.x.shape[0], STAGES=self.num_stages, SCALED=self.kind.endswith("-scaled"),
+                                 WARP_SPECIALIZE="-ws" in self.kind, num_warps=4)
 
 
 PROBES: List[Probe] = [
@@ -125,6 +181,9 @@ PROBES: List[Probe] = [
     Probe("stream", split_k=2), Probe("stream", split_k=8, block_k=128, num_stages=6),  # 64 and 256 programs
     Probe("stream", block_n=32, split_k=4),  # 256 programs of 32 rows
     Probe("stream", block_n=128, split_k=8, block_k=128, num_stages=6),
+    Probe("dot", block_k=128, num_stages=4),  # the TMA probes' steps, loaded by cp.async
+    *(Probe(kind, block_k=128, num_stages=4) for kind in ("tma", "tma-ws", "tma-scaled", "tma-ws-scaled")),
+    Probe("tma-ws-scaled", block_k=128, num_stages=6),
 ]
 
 
@@ -140,14 +199,15 @@ def run(n_copies: int = 4) -> Dict:
     copies = tune_experts.weight_copies(e, n_copies)
     N, K = e.w_gate.shape[1:]
     x = torch.randn(TOKEN_TILE, K, device="cuda").to(e.w_gate.dtype)
+    x_scale = torch.rand(TOKEN_TILE, K // 128, device="cuda") + 0.5
     out = torch.empty(4 * N, dtype=torch.int32, device="cuda")
-    weights = [(c.w_gate[0], c.w_up[0]) for c in copies]
+    operands = [(Operands(c.w_gate[0], c.w_up[0], c.w_gate_scale[0], c.w_up_scale[0], x, x_scale),) for c in copies]
     copy_bw = timing.copy_bandwidth_bytes_per_s()
     rows = []
     for probe in PROBES:
         sink = out if probe.kind == "stream" else out.view(torch.float32)
         try:
-            us = timing.graph_replay_us(lambda g, u: probe.launch(g, u, x, sink), weights)
+            us = timing.graph_replay_us(lambda o: probe.launch(o, sink), operands)
         except Exception as exc:  # e.g. more shared memory than an SM has: reported, not fatal
             print(f"{probe}: skipped: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
             continue

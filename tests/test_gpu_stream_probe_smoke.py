@@ -1,6 +1,6 @@
-"""benchmarks/gpu_stream_probe.py's two probe kernels on small shapes (interpreter on the CPU, compiled
-where there is a GPU): each program's word is what its tiles give in torch, so the timings on the GPU
-time kernels that read every byte they claim to."""
+"""benchmarks/gpu_stream_probe.py's probe kernels on small shapes (interpreter on the CPU, compiled where
+there is a GPU): each program's word is what its tiles give in torch, so the timings on the GPU time
+kernels that read every byte they claim to."""
 import os
 import sys
 
@@ -11,36 +11,32 @@ BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 sys.path.insert(0, BENCHMARKS)
 
 import gpu_stream_probe  # noqa: E402
+from gpu_stream_probe import Operands, Probe  # noqa: E402
 from moe_fusion.spec import FP8_DTYPE  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                                 reason="needs TRITON_INTERPRET=1 or a CUDA device")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-N, K = 64, 1024  # 4 row blocks of 16, K bytes in 2 splits of 512 (2 steps of 256)
+N, K, TOKENS = 128, 1024, 16  # K bytes in 2 splits of 512: 2 steps of 256, or 4 of 128
 
 
-def _weights(seed):
+def _operands(seed) -> Operands:
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(N, K, generator=g) * 4).to(FP8_DTYPE).to(DEVICE) for _ in range(2)]
+
+    def fp8(*shape):
+        return (torch.randn(*shape, generator=g) * 4).to(FP8_DTYPE).to(DEVICE)
+
+    def scales(rows):
+        return (torch.rand(rows, K // 128, generator=g) + 0.5).to(DEVICE)
+
+    return Operands(fp8(N, K), fp8(N, K), scales(N // 128), scales(N // 128), fp8(TOKENS, K), scales(TOKENS))
 
 
-def _program_blocks(probe, t):
-    """[programs] list of each program's [block_n, k_range] slice of t, in program order."""
+def _blocks(probe, t):
+    """Each program's [block_n, k_range] slice of t, in program order, with its first column."""
     n_blocks, k_range = N // probe.block_n, probe.k_range(K)
-    return [t[(p % n_blocks) * probe.block_n:][:probe.block_n, (p // n_blocks) * k_range:][:, :k_range]
-            for p in range(probe.programs(N))]
-
-
-@pytest.mark.parametrize("k_fraction", [1.0, 0.5])
-def test_stream_probe_xors_every_word_it_reads(k_fraction):
-    probe = gpu_stream_probe.Probe("stream", block_n=16, block_k=256, split_k=2, k_fraction=k_fraction)
-    g, u = _weights(0)
-    out = torch.zeros(probe.programs(N), dtype=torch.int32, device=DEVICE)
-    probe.launch(g, u, None, out)
-    words = [torch.cat([a.contiguous().view(torch.int32).flatten(), b.contiguous().view(torch.int32).flatten()])
-             for a, b in zip(_program_blocks(probe, g), _program_blocks(probe, u))]
-    assert out.cpu().tolist() == [_xor(w) for w in words]
-    assert probe.bytes_read(N, K) == 2 * N * int(K * k_fraction)
+    return [(t[(p % n_blocks) * probe.block_n:][:probe.block_n, (p // n_blocks) * k_range:][:, :k_range],
+             (p // n_blocks) * k_range, (p % n_blocks) * probe.block_n) for p in range(probe.programs(N))]
 
 
 def _xor(words):
@@ -51,14 +47,45 @@ def _xor(words):
     return acc if acc < 2**31 else acc - 2**32
 
 
-def test_dot_probe_sums_both_products():
-    probe = gpu_stream_probe.Probe("dot", block_n=16, block_k=256, split_k=2)
-    g, u = _weights(1)
-    x = (torch.randn(16, K, generator=torch.Generator().manual_seed(2)) * 4).to(FP8_DTYPE).to(DEVICE)
+@pytest.mark.parametrize("k_fraction", [1.0, 0.5])
+def test_stream_probe_xors_every_word_it_reads(k_fraction):
+    probe = Probe("stream", block_n=32, block_k=256, split_k=2, k_fraction=k_fraction)
+    o = _operands(0)
+    out = torch.zeros(probe.programs(N), dtype=torch.int32, device=DEVICE)
+    probe.launch(o, out)
+    words = [torch.cat([a.contiguous().view(torch.int32).flatten(), b.contiguous().view(torch.int32).flatten()])
+             for (a, _, _), (b, _, _) in zip(_blocks(probe, o.g), _blocks(probe, o.u))]
+    assert out.cpu().tolist() == [_xor(w) for w in words]
+    assert probe.bytes_read(N, K) == 2 * N * int(K * k_fraction)
+
+
+def _products(probe, o, scaled):
+    """Per program: the sum of its gate and up products with the tokens (per 128-wide group times
+    the weight block's and the tokens' scales where scaled)."""
+    want = []
+    for (a, k0, r0), (b, _, _) in zip(_blocks(probe, o.g), _blocks(probe, o.u)):
+        total = 0.0
+        for j in range(0, a.shape[1], 128):
+            group = (k0 + j) // 128
+            x = o.x.float()[:, k0 + j:k0 + j + 128]
+            for w, s in ((a, o.g_scale), (b, o.u_scale)):
+                product = w.float()[:, j:j + 128] @ x.T
+                if scaled:
+                    product = product * s[r0 // 128, group] * o.x_scale[:, group][None, :]
+                total += float(product.sum())
+        want.append(total)
+    return torch.tensor(want)
+
+
+@pytest.mark.parametrize("kind", ["dot", "tma", "tma-ws", "tma-scaled", "tma-ws-scaled"])
+def test_dot_probes_sum_both_products(kind):
+    probe = Probe(kind, block_n=64, block_k=128, split_k=2, num_stages=2)
+    o = _operands(1)
     out = torch.zeros(probe.programs(N), dtype=torch.float32, device=DEVICE)
-    probe.launch(g, u, x, out)
-    k_range = probe.k_range(K)
-    want = [float((a.float() @ x.float()[:, (p // (N // 16)) * k_range:][:, :k_range].T).sum()
-                  + (b.float() @ x.float()[:, (p // (N // 16)) * k_range:][:, :k_range].T).sum())
-            for p, (a, b) in enumerate(zip(_program_blocks(probe, g), _program_blocks(probe, u)))]
-    torch.testing.assert_close(out.cpu(), torch.tensor(want), rtol=1e-4, atol=1e-2)
+    probe.launch(o, out)
+    torch.testing.assert_close(out.cpu(), _products(probe, o, kind.endswith("-scaled")), rtol=1e-4, atol=1e-1)
+
+
+def test_every_probe_reads_whole_steps_of_the_expert():
+    for probe in gpu_stream_probe.PROBES:
+        assert probe.k_range(7168) % probe.block_k == 0 and 2048 % probe.block_n == 0
