@@ -3,8 +3,10 @@ profiler, each with its stream and start/end µs from the first kernel, and the 
 call (moe_fusion.tools.timing, inputs rotated). The plan is the layer's, as the MOE_FUSION_*
 environment sets it (e.g. MOE_FUSION_SHARED_EXPERT=stream MOE_FUSION_SHARED_FP8=1).
 
-    python benchmarks/gpu_layer_timeline.py [--shape dsv3-ep8] [--dtype fp8] [--m 1,4] [--part layer|experts]
+    python benchmarks/gpu_layer_timeline.py [--shape dsv3-ep8] [--dtype fp8] [--m 1,4] [--part layer|experts|preamble]
         [--out DIR] [--resources]
+
+--part preamble: the preamble alone (norm, router, routing, alignment: what issue 4 times).
 
 --part experts: the routed-expert block alone (dispatch.routed_experts, as the bench's "experts" part
 calls it: alignment and x quantisation included) on the preamble's routings of the same inputs; the
@@ -44,6 +46,9 @@ def timeline(spec, w, M: int, device: torch.device, part: str = "layer") -> dict
     if part == "layer":
         def call(x, normed):
             layer.moe_layer(spec, x, w, plan)
+    elif part == "preamble":
+        def call(x, normed):
+            preamble.fused_preamble(spec, x, w, block_m=plan.expert_config.block_m)
     else:
         sets, hits = routed_sets(spec, w, sets, plan.expert_config.block_m)
         # Profile a routing that reaches exactly one local expert where there is one (M = 1's usual case).
@@ -71,8 +76,9 @@ def routed_sets(spec, w, sets, block_m: int):
 
 
 def report(row: dict) -> str:
-    what = (f"shared expert {row['shared_expert']} (fp8: {row['shared_fp8']})" if row["part"] == "layer"
-            else f"expert block alone (dispatch.routed_experts), local experts hit per set {row['local_experts_hit']}")
+    what = {"layer": f"shared expert {row['shared_expert']} (fp8: {row['shared_fp8']})",
+            "preamble": "preamble alone (preamble.fused_preamble)"}.get(
+        row["part"], f"expert block alone (dispatch.routed_experts), local experts hit per set {row['local_experts_hit']}")
     lines = [f"M={row['M']}: {row['us']} µs per call; {what}; experts {row['config']}",
              f"{'start':>7} {'end':>7} {'dur':>6}  stream  kernel"]
     for k in row["kernels"] if isinstance(row["kernels"], list) else []:
@@ -109,8 +115,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shape", default="dsv3-ep8")
     ap.add_argument("--dtype", default="fp8", choices=list(DTYPES))
     ap.add_argument("--m", default="1,4")
-    ap.add_argument("--part", choices=("layer", "experts"), default="layer",
-                    help="the whole layer, or the routed-expert block alone on the preamble's routings")
+    ap.add_argument("--part", choices=("layer", "experts", "preamble"), default="layer",
+                    help="the whole layer, the routed-expert block alone on the preamble's routings, or the preamble alone")
     ap.add_argument("--out", default="", help="also write timeline_<shape>_<dtype>.json here")
     ap.add_argument("--resources", action="store_true", help="list the compiled kernels' registers and shared memory")
     args = ap.parse_args(argv)

@@ -5,7 +5,8 @@
 #   1. the new paths on CUDA: GEMM2 making h from GEMM1's split sums, eager and under CUDA graphs, every PDL mode;
 #   2. benchmarks/gpu_stream_probe.py: what limits GEMM1 on one fp8 expert at M = 1 (issue 5);
 #   3. in-process A/B of experts.COMBINE_IN_GEMM2 (expert block alone, then the layer with the fp8 shared expert);
-#   4. in-process A/B of route_align_kernel.ROUTE_ALIGN_WARPS (dsv3 preamble M = 1, dsv3-ep8 layer).
+#   4. in-process A/B of route_align_kernel.ROUTE_ALIGN_WARPS (dsv3 preamble M = 1, dsv3-ep8 layer);
+#   5. the dsv3 preamble's kernels under graph replay at M = 1, 4, 16 (where issue 4's 8.6-11.2 µs go).
 set -u
 OUT=${OUT:-benchmarks/out}
 mkdir -p "$OUT"
@@ -25,6 +26,8 @@ timeout -k 5 150 python benchmarks/gpu_layer_ab.py --part experts --shape dsv3-e
 timeout -k 5 130 python benchmarks/gpu_layer_ab.py --part layer --shape dsv3-ep8 --dtype fp8 --m 1,2,4 --rounds 3 \
   --variant kernel:$S --variant gemm2:$S,$C --variant gemm2pdl:$S,$C,experts.EXPERT_PDL=h+gemm2 \
   --variant ra8:$S,route_align_kernel.ROUTE_ALIGN_WARPS=8 2>&1 | tee "$OUT/combine_layer_ab.txt"
-timeout -k 5 60 python benchmarks/gpu_layer_ab.py --part preamble --shape dsv3 --dtype fp8 --m 1 --rounds 3 \
+timeout -k 5 60 python benchmarks/gpu_layer_ab.py --part preamble --shape dsv3 --dtype bf16 --m 1 --rounds 3 \
   --variant ra4:route_align_kernel.ROUTE_ALIGN_WARPS=4 --variant ra8:route_align_kernel.ROUTE_ALIGN_WARPS=8 \
   --variant ra16:route_align_kernel.ROUTE_ALIGN_WARPS=16 2>&1 | tee "$OUT/route_align_warps_ab.txt"
+timeout -k 5 60 python benchmarks/gpu_layer_timeline.py --part preamble --shape dsv3 --dtype bf16 --m 1,4,16 \
+  --out "$OUT" 2>&1 | tee "$OUT/preamble_timeline.txt"
