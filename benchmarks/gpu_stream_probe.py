@@ -221,9 +221,8 @@ def run(n_copies: int = 4) -> Dict:
         us = timing.graph_replay_us(fn, [(l,) for l in launches])
         rows.append(dict(probe=dict(kind=name, config=cfg.to_dict()), bytes=gemm1_bytes, us=round(us, 2)))
         print(f"{name} {cfg}: {us:.2f} us, {gemm1_bytes / us / 1e6:.2f} TB/s", flush=True)
-    start, rate = _start_and_rate([r for r in rows if r["probe"]["kind"] == "stream" and r["probe"].get("num_stages") == 3
-                                   and r["probe"].get("block_n") == 64 and r["probe"].get("split_k") == 4
-                                   and r["probe"].get("block_k") == 256])
+    gemm1_grid = dict(kind="stream", block_n=64, block_k=256, split_k=4, num_stages=3)
+    start, rate = _start_and_rate([r for r in rows if all(r["probe"].get(k) == v for k, v in gemm1_grid.items())])
     print(f"stream, GEMM1's grid: start {start:.2f} us, then {rate / 1e12:.2f} TB/s; copy bandwidth "
           f"{copy_bw / 1e12:.2f} TB/s (read + write)")
     return dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,

@@ -33,13 +33,13 @@ Reference: reference.gated_mlp / reference._fp8_gated_mlp (the first two product
 import triton
 import triton.language as tl
 
+from .expert_tiles import (A_MODEL_DTYPE, FP8_GROUP, load_tile, outer, quantize_h_group, silu_mul, tile_dot,
+                           work_tile, zero_block)
+
 # When GEMM1 lets its programmatic dependent launch be placed (LAUNCH_DEPENDENTS).
 DEPENDENTS_NONE = tl.constexpr(0)
 DEPENDENTS_AT_START = tl.constexpr(1)
 DEPENDENTS_AFTER_ITEMS = tl.constexpr(2)
-
-from .expert_tiles import (A_MODEL_DTYPE, FP8_GROUP, load_tile, outer, quantize_h_group, silu_mul, tile_dot,
-                           work_tile, zero_block)
 
 
 @triton.jit

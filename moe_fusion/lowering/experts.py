@@ -484,7 +484,6 @@ class ExpertLaunch:
         self.gate_partial = self.pair_weights  # unused unless the shared experts are gated (gemm1)
         self.h_quantized = False
         self.h_prepared_by_launch = False  # GEMM2 follows a launch of its own that made its A
-        self.h_from_sums_in_gemm2 = False  # GEMM2 makes its A from GEMM1's split sums
         self.a, self.a_scale, self.a_row_divisor = self.x, self.pair_weights, self.topk_ids.shape[1]
 
     def use_gemm1_splits(self, splits: int) -> None:
@@ -516,8 +515,7 @@ class ExpertLaunch:
     def prepare_h(self) -> None:
         """GEMM2's A operand: h from a split GEMM1's sums, and for fp8 experts its quantisation
         (h_fp8, h_scale), unless GEMM1 already did it."""
-        if self._gemm2_sums_splits:
-            self.h_from_sums_in_gemm2 = True
+        if self._gemm2_combines_splits:
             return
         if self.gemm1_sums is not None:
             self._combine_gemm1_splits()
@@ -597,7 +595,7 @@ class ExpertLaunch:
         a, a_scale = (self.h_fp8, self.h_scale) if self.experts.fp8 else (self.h, self.scales[2][0])
         operands, constants = self._gemm2_operands(config)
         sums, sums_constants = self._gemm1_sums_operands(g, I)
-        pdl = self.pdl == "h+gemm2" and (self.h_prepared_by_launch or self.h_from_sums_in_gemm2)
+        pdl = self.pdl == "h+gemm2" and (self.h_prepared_by_launch or self._gemm2_combines_splits)
         prefetch_lines = 0
         if pdl:
             prefetch_lines = self._prefetch_lines(min(self._k_per_split(g, I),
@@ -605,15 +603,15 @@ class ExpertLaunch:
         expert_gemm2_kernel[(grid,)](
             a, a_scale, self.pair_weights, self.gate_partial, *a.stride(), *a_scale.stride(),
             *operands, *sums, *self.alignment, self.topk_ids.numel(), self.topk_ids.shape[1], M, H, I,
-            **constants, **sums_constants, BLOCK_N=g.block_n, BLOCK_K=g.block_k, SUB_K=self._sub_k(g), SWAP_AB=g.swap_ab,
-            EVEN_N=H % g.block_n == 0, EVEN_K=I % g.block_k == 0,
+            **constants, **sums_constants, BLOCK_N=g.block_n, BLOCK_K=g.block_k, SUB_K=self._sub_k(g),
+            SWAP_AB=g.swap_ab, EVEN_N=H % g.block_n == 0, EVEN_K=I % g.block_k == 0,
             USE_PDL=pdl, PREFETCH_LINES=prefetch_lines, LAUNCH_DEPENDENTS=self.small_launches_dependent,
             num_warps=g.num_warps, num_stages=g.num_stages, **pdl_launch(pdl),
         )
 
     @property
-    def _gemm2_sums_splits(self) -> bool:
-        """GEMM2 makes its A from a split GEMM1's sums (COMBINE_IN_GEMM2)."""
+    def _gemm2_combines_splits(self) -> bool:
+        """GEMM2 makes its A from a split GEMM1's sums (COMBINE_IN_GEMM2), with no launch between."""
         return COMBINE_IN_GEMM2 and self.gemm1_sums is not None
 
     def _gemm1_releases_dependents(self) -> int:
@@ -621,7 +619,7 @@ class ExpertLaunch:
         GEMM2, where it follows GEMM1 directly, once GEMM1's programs are past their items."""
         if not self.small_launches_dependent:
             return gemm1_kernel.DEPENDENTS_NONE.value
-        if self._gemm2_sums_splits and self.pdl == "h+gemm2":
+        if self._gemm2_combines_splits and self.pdl == "h+gemm2":
             return gemm1_kernel.DEPENDENTS_AFTER_ITEMS.value
         return gemm1_kernel.DEPENDENTS_AT_START.value
 
@@ -676,7 +674,7 @@ class ExpertLaunch:
     def _gemm1_sums_operands(self, g, I: int):
         """GEMM2's split-sums arguments (sums, their two strides) and SUM_SPLITS / SUM_GROUPS:
         zero splits unless GEMM2 makes its A from them."""
-        if not self.h_from_sums_in_gemm2:
+        if not self._gemm2_combines_splits:
             unused = self.pair_weights
             return (unused, 0, 0), dict(SUM_SPLITS=0, SUM_GROUPS=1)
         sums = self.gemm1_sums
