@@ -172,3 +172,23 @@ def test_gpu_bench_inductor_layer(tmp_path):
             "--seconds-per-point", "0.02", "--json", str(out)]
     assert bench.main(argv) == 0
     _check_rows(json.loads(out.read_text()), ["tiny"], ["bf16"], ["layer"], [8], ["eager", "inductor"], gpu=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", ["tiny", "tiny-ep"])
+def test_gpu_preamble_part_times_the_preamble_aligned_as_in_the_layer(shape):
+    """The bench's moe_fusion preamble also aligns the pairs for the layer's expert tiles (issue 4's
+    work; the op it used to time does not): the same routing as the op, one more kernel from 2 tokens."""
+    from moe_fusion import ops
+    from moe_fusion.lowering import dispatch
+    from moe_fusion.tools import timing
+
+    spec = SHAPES[shape].replace(dtype="bfloat16")
+    layer = build_layer(spec, torch.device("cuda"), seed=3)
+    w = canonical_weights(layer)
+    x = torch.randn(4, spec.hidden_size, device="cuda").to(spec.torch_dtype)
+    aligned, plain = bench.moe_fusion_fn(spec, "preamble")(x, w), ops.call_moe_preamble(spec, x, w)
+    for a, b in zip(aligned, plain):
+        assert torch.equal(a, b)
+    names = timing.kernel_names_per_call(lambda: dispatch.moe_preamble(spec, x, w, as_in_layer=True), ())
+    assert any("align" in n for n in names), names

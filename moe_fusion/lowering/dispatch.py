@@ -45,13 +45,17 @@ def moe_layer(spec: MoESpec, x: torch.Tensor, w: MoEWeights) -> torch.Tensor:
     return _on_kernels("moe_layer", spec, x, kernels, lambda: reference.moe_layer(spec, x, w))
 
 
-def moe_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights):
+def moe_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights, as_in_layer: bool = False):
+    """(normed, x_fp8, x_scale, topk_ids, topk_weights). as_in_layer: also align the pairs for the
+    layer's expert tiles, as moe_layer's preamble does (the work issue 4 times: the bench's preamble
+    part); the op, which feeds experts left as the model wrote them, does not."""
     _check_input(spec, x, w)
 
     def kernels():
         from . import layer, preamble
 
-        out = preamble.fused_preamble(spec, x, w, block_m=1, with_alignment=False,
+        block_m = layer.plan_layer(spec, x.shape[0], x.device).expert_config.block_m if as_in_layer else 1
+        out = preamble.fused_preamble(spec, x, w, block_m=block_m, with_alignment=as_in_layer,
                                       deterministic=layer.options.deterministic)
         return out.normed, out.x_fp8, out.x_scale, out.topk_ids, out.topk_weights
 
