@@ -6,15 +6,17 @@
 #   2. benchmarks/gpu_stream_probe.py: what limits GEMM1 on one fp8 expert at M = 1 (issue 5);
 #   3. in-process A/B of experts.COMBINE_IN_GEMM2 (expert block alone, then the layer with the fp8 shared expert);
 #   4. in-process A/B of route_align_kernel.ROUTE_ALIGN_WARPS (dsv3 preamble M = 1, dsv3-ep8 layer);
-#   5. the dsv3 preamble's kernels under graph replay at M = 1, 4, 16 (where issue 4's 8.6-11.2 µs go).
+#   5. the dsv3 preamble's kernels under graph replay at M = 1, 4, 16 (where issue 4's time goes);
+#   6. the bench's preamble part, now with the alignment (issue 4's figures; sessions 8-11 timed the op without it).
 set -u
 OUT=${OUT:-benchmarks/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name --format=csv,noheader
 python -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
-timeout -k 5 120 python -m pytest -v -p no:cacheprovider tests/test_expert_kernels.py \
-  -k "gemm2_making or (programmatic and split)" >"$OUT/tests.log" 2>&1
+timeout -k 5 120 python -m pytest -v -p no:cacheprovider tests/test_expert_kernels.py tests/test_bench.py \
+  tests/test_gpu_stream_probe_smoke.py -k "gemm2_making or (programmatic and split) or preamble_part or probe" \
+  >"$OUT/tests.log" 2>&1
 echo "tests: exit $?"; grep -E "passed|failed|error" "$OUT/tests.log" | tail -3
 timeout -k 5 100 python benchmarks/gpu_stream_probe.py --json "$OUT/stream_probe.json" 2>&1 | tee "$OUT/stream_probe.txt"
 C=experts.COMBINE_IN_GEMM2=True
@@ -31,3 +33,6 @@ timeout -k 5 60 python benchmarks/gpu_layer_ab.py --part preamble --shape dsv3 -
   --variant ra16:route_align_kernel.ROUTE_ALIGN_WARPS=16 2>&1 | tee "$OUT/route_align_warps_ab.txt"
 timeout -k 5 60 python benchmarks/gpu_layer_timeline.py --part preamble --shape dsv3 --dtype bf16 --m 1,4,16 \
   --out "$OUT" 2>&1 | tee "$OUT/preamble_timeline.txt"
+timeout -k 5 90 python -m moe_fusion.tools.bench --shape dsv3 --parts preamble --m 1,2,4,8,16,32,64 \
+  --variants moe_fusion --json "$OUT/preamble_bench.json" --markdown "$OUT/preamble_bench.md" >"$OUT/preamble_bench.log" 2>&1
+echo "preamble bench: exit $?"; grep "^| dsv3" "$OUT/preamble_bench.md"
