@@ -4,7 +4,8 @@
 # write the outcome into benchmarks/experts_notes.md / preamble_notes.md, and delete this script.
 #   1. the new paths on CUDA: GEMM2 making h from GEMM1's split sums, eager and under CUDA graphs, every PDL mode;
 #   2. benchmarks/gpu_stream_probe.py: what limits GEMM1 on one fp8 expert at M = 1 (issue 5);
-#   3. in-process A/B of experts.COMBINE_IN_GEMM2 (expert block alone, then the layer with the fp8 shared expert);
+#   3. in-process A/B of experts.COMBINE_IN_GEMM2 (expert block alone, then the layer with the fp8 shared expert,
+#      beside the fp8 shared expert computed in the routed launches, "fused", last measured before session 9's PDL);
 #   4. in-process A/B of route_align_kernel.ROUTE_ALIGN_WARPS (dsv3 preamble M = 1, dsv3-ep8 layer);
 #   5. the dsv3 preamble's kernels under graph replay at M = 1, 4, 16 (where issue 4's time goes);
 #   6. the bench's preamble part, now with the alignment (issue 4's figures; sessions 8-11 timed the op without it).
@@ -25,9 +26,10 @@ timeout -k 5 150 python benchmarks/gpu_layer_ab.py --part experts --shape dsv3-e
   --variant kernel:experts.COMBINE_IN_GEMM2=False --variant gemm2:$C \
   --variant gemm2pdl:$C,experts.EXPERT_PDL=h+gemm2 \
   --variant gemm2pdl0:$C,experts.EXPERT_PDL=h+gemm2,experts.PREFETCH_BYTES=0 2>&1 | tee "$OUT/combine_experts_ab.txt"
-timeout -k 5 130 python benchmarks/gpu_layer_ab.py --part layer --shape dsv3-ep8 --dtype fp8 --m 1,2,4 --rounds 3 \
+timeout -k 5 160 python benchmarks/gpu_layer_ab.py --part layer --shape dsv3-ep8 --dtype fp8 --m 1,2,4 --rounds 3 \
   --variant kernel:$S --variant gemm2:$S,$C --variant gemm2pdl:$S,$C,experts.EXPERT_PDL=h+gemm2 \
-  --variant ra8:$S,route_align_kernel.ROUTE_ALIGN_WARPS=8 2>&1 | tee "$OUT/combine_layer_ab.txt"
+  --variant ra8:$S,route_align_kernel.ROUTE_ALIGN_WARPS=8 \
+  --variant fused:$S,layer.options.shared_expert=fused 2>&1 | tee "$OUT/combine_layer_ab.txt"
 timeout -k 5 60 python benchmarks/gpu_layer_ab.py --part preamble --shape dsv3 --dtype bf16 --m 1 --rounds 3 \
   --variant ra4:route_align_kernel.ROUTE_ALIGN_WARPS=4 --variant ra8:route_align_kernel.ROUTE_ALIGN_WARPS=8 \
   --variant ra16:route_align_kernel.ROUTE_ALIGN_WARPS=16 2>&1 | tee "$OUT/route_align_warps_ab.txt"
