@@ -69,7 +69,7 @@ def main(argv=None) -> None:
         for dtype in args.dtypes.split(","):
             spec = bench.shape_spec(cfg, shape, dtype)
             sb = bench.ShapeBench(cfg, spec)
-            fn = sb.moe_fusion_fn("layer")
+            fn = bench.moe_fusion_fn(spec, "layer")
             try:
                 for m in cfg.ms:
                     inp = sb.inputs("layer", m)
