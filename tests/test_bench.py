@@ -178,7 +178,8 @@ def test_gpu_bench_inductor_layer(tmp_path):
 @pytest.mark.parametrize("shape", ["tiny", "tiny-ep"])
 def test_gpu_preamble_part_times_the_preamble_aligned_as_in_the_layer(shape):
     """The bench's moe_fusion preamble also aligns the pairs for the layer's expert tiles (issue 4's
-    work; the op it used to time does not): the same routing as the op, one more kernel from 2 tokens."""
+    work; the op it used to time does not): the same routing as the op, and an alignment kernel (of
+    its own, or routing and aligning in one) among its launches."""
     from moe_fusion import ops
     from moe_fusion.lowering import dispatch
     from moe_fusion.tools import timing
