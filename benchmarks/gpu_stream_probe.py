@@ -128,8 +128,8 @@ class Operands:
 
 @dataclass(frozen=True)
 class Probe:
-    """One launch of stream_kernel or dot_kernel: block_n rows x block_k bytes per step, split_k
-    K ranges, k_fraction of K read (1 = the whole expert)."""
+    """One launch of stream_kernel, dot_kernel or tma_dot_kernel (kind): block_n rows x block_k bytes
+    per step, split_k K ranges, k_fraction of K read (1 = the whole expert)."""
 
     kind: str  # "stream" | "dot" | "tma" | "tma-ws" | "tma-scaled" | "tma-ws-scaled"
     block_n: int = 64
