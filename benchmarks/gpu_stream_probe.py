@@ -12,10 +12,11 @@ sessions 9-11), and every tile the tuner tried lies on the same plateau. This se
           each without and with GEMM1's per-group scales (-scaled): whether a TMA / warp-specialized
           GEMM1 would stream one expert faster than the cp.async pipeline does;
   gemm1   expert_gemm1_kernel itself at the shipped dsv3-shared fp8 M = 1 tiles (the scales, the
-          alignment reads and the split sums' stores included), and gemm1+combine as the tuner times it.
+          alignment reads and the split sums' stores included), and gemm1+combine as the tuner times it;
+          gemm2 likewise.
 
 stream at a fraction of K (the same programs, fewer bytes each) also gives the wave's start cost:
-time = start + bytes / rate. Every timing is a CUDA-graph replay rotating over copies of the weights
+time = start + bytes / rate. The same for GEMM2's weights (w_down, 15 MB) against GEMM2 itself. Every timing is a CUDA-graph replay rotating over copies of the weights
 (tune_experts.weight_copies), so each replay reads from HBM.
 
     python benchmarks/gpu_stream_probe.py [--json OUT.json]
@@ -45,9 +46,10 @@ TOKEN_TILE = 16  # GEMM1's block_m at M = 1
 
 @triton.jit
 def stream_kernel(g_ptr, u_ptr, out_ptr, k_per_split, n_blocks, stride_n, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
-    """Program (split, n block) reads rows [BLOCK_N] x K range [k_per_split] of g and u (int32 words),
-    BLOCK_K words per step, as GEMM1's item does, and stores the XOR of all of it. The loop's
+                  BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PAIR: tl.constexpr):
+    """Program (split, n block) reads rows [BLOCK_N] x K range [k_per_split] of g and (PAIR) u, in int32
+    words, BLOCK_K words per step, as GEMM1's item does (GEMM2's without PAIR), and stores the XOR of
+    all of it. The loop's
     num_stages makes Triton pipeline the loads through shared memory (cp.async, as GEMM1's dot
     operands are); without it loads that feed no dot are not pipelined."""
     pid = tl.program_id(0)
@@ -58,7 +60,9 @@ def stream_kernel(g_ptr, u_ptr, out_ptr, k_per_split, n_blocks, stride_n, BLOCK_
     acc = tl.zeros((BLOCK_N, BLOCK_K), tl.int32)
     for k in tl.range(k_start, k_start + k_per_split, BLOCK_K, num_stages=STAGES):
         offs = rows[:, None] * stride_n + (k + cols)[None, :]
-        acc ^= tl.load(g_ptr + offs) ^ tl.load(u_ptr + offs)
+        acc ^= tl.load(g_ptr + offs)
+        if PAIR:
+            acc ^= tl.load(u_ptr + offs)
     tl.store(out_ptr + pid, tl.xor_sum(tl.xor_sum(acc, axis=1), axis=0))
 
 
@@ -115,8 +119,8 @@ def tma_dot_kernel(g_desc, u_desc, x_desc, g_scale_ptr, u_scale_ptr, x_scale_ptr
 
 @dataclass
 class Operands:
-    """One expert's gate and up weights [N, K] fp8 with their [N/128, K/128] block scales, and a token
-    tile x [BLOCK_M, K] fp8 with its [BLOCK_M, K/128] group scales."""
+    """One expert's gate and up weights [N, K] fp8 with their [N/128, K/128] block scales, its down
+    weights d [K, N], and a token tile x [BLOCK_M, K] fp8 with its [BLOCK_M, K/128] group scales."""
 
     g: torch.Tensor
     u: torch.Tensor
@@ -124,12 +128,14 @@ class Operands:
     u_scale: torch.Tensor
     x: torch.Tensor
     x_scale: torch.Tensor
+    d: torch.Tensor
 
 
 @dataclass(frozen=True)
 class Probe:
     """One launch of stream_kernel, dot_kernel or tma_dot_kernel (kind): block_n rows x block_k bytes
-    per step, split_k K ranges, k_fraction of K read (1 = the whole expert)."""
+    per step, split_k K ranges, k_fraction of K read (1 = the whole matrix); matrix "gate_up" (GEMM1's
+    two weights) or "down" (GEMM2's, stream only)."""
 
     kind: str  # "stream" | "dot" | "tma" | "tma-ws" | "tma-scaled" | "tma-ws-scaled"
     block_n: int = 64
@@ -137,6 +143,11 @@ class Probe:
     split_k: int = 4
     num_stages: int = 3
     k_fraction: float = 1.0
+    matrix: str = "gate_up"
+
+    def shape(self, o: Operands) -> tuple:
+        """(rows, K bytes) of each matrix this probe reads."""
+        return tuple((o.d if self.matrix == "down" else o.g).shape)
 
     def k_range(self, K: int) -> int:
         """Bytes of K each program reads: a whole number of steps."""
@@ -147,17 +158,18 @@ class Probe:
         return N // self.block_n * self.split_k
 
     def bytes_read(self, N: int, K: int) -> int:
-        return 2 * N * self.k_range(K) * self.split_k
+        return (1 if self.matrix == "down" else 2) * N * self.k_range(K) * self.split_k
 
     def launch(self, o: Operands, out: torch.Tensor) -> None:
         """Into out: one int32 (stream) or fp32 word per program."""
-        N, K = o.g.shape
+        N, K = self.shape(o)
         n_blocks, k_range = N // self.block_n, self.k_range(K)
         grid = (self.programs(N),)
         if self.kind == "stream":
-            words = o.g.view(torch.int32), o.u.view(torch.int32)
+            pair = self.matrix == "gate_up"
+            words = [t.view(torch.int32) for t in ((o.g, o.u) if pair else (o.d, o.d))]
             stream_kernel[grid](*words, out, k_range // 4, n_blocks, K // 4, BLOCK_N=self.block_n,
-                                BLOCK_K=self.block_k // 4, STAGES=self.num_stages, num_warps=4)
+                                BLOCK_K=self.block_k // 4, STAGES=self.num_stages, PAIR=pair, num_warps=4)
         elif self.kind == "dot":
             dot_kernel[grid](o.g, o.u, o.x, out, k_range, n_blocks, K, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
                              BLOCK_M=o.x.shape[0], num_warps=4, num_stages=self.num_stages)
@@ -184,10 +196,12 @@ PROBES: List[Probe] = [
     Probe("dot", block_k=128, num_stages=4),  # the TMA probes' steps, loaded by cp.async
     *(Probe(kind, block_k=128, num_stages=4) for kind in ("tma", "tma-ws", "tma-scaled", "tma-ws-scaled")),
     Probe("tma-ws-scaled", block_k=128, num_stages=6),
+    # GEMM2's weights with its tiles at dsv3-ep8 fp8 M = 1: 224 programs of 64 rows x 1 KB.
+    *(Probe("stream", split_k=2, matrix="down", k_fraction=f) for f in (1.0, 0.5, 0.25)),
 ]
 
 
-def _shipped_gemm1_config(shape: tune_experts.Shape) -> expert_configs.ExpertConfig:
+def _shipped_config(shape: tune_experts.Shape) -> expert_configs.ExpertConfig:
     name, sms = experts.device_facts(torch.device("cuda"))
     key = expert_configs.ProblemKey("fp8", shape.hidden, shape.inter, shape.local_experts, shape.experts, shape.top_k)
     return expert_configs.lookup(key, 1, name, sms)[0]
@@ -201,7 +215,8 @@ def run(n_copies: int = 4) -> Dict:
     x = torch.randn(TOKEN_TILE, K, device="cuda").to(e.w_gate.dtype)
     x_scale = torch.rand(TOKEN_TILE, K // 128, device="cuda") + 0.5
     out = torch.empty(4 * N, dtype=torch.int32, device="cuda")
-    operands = [(Operands(c.w_gate[0], c.w_up[0], c.w_gate_scale[0], c.w_up_scale[0], x, x_scale),) for c in copies]
+    operands = [(Operands(c.w_gate[0], c.w_up[0], c.w_gate_scale[0], c.w_up_scale[0], x, x_scale, c.w_down[0]),)
+                for c in copies]
     copy_bw = timing.copy_bandwidth_bytes_per_s()
     rows = []
     for probe in PROBES:
@@ -211,22 +226,46 @@ def run(n_copies: int = 4) -> Dict:
         except Exception as exc:  # e.g. more shared memory than an SM has: reported, not fatal
             print(f"{probe}: skipped: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
             continue
-        rows.append(dict(probe=vars(probe), programs=probe.programs(N), bytes=probe.bytes_read(N, K), us=round(us, 2)))
-        print(f"{probe}: {us:.2f} us, {probe.bytes_read(N, K) / us / 1e6:.2f} TB/s", flush=True)
-    cfg = _shipped_gemm1_config(shape)
+        n, k = probe.shape(operands[0][0])
+        rows.append(dict(probe=vars(probe), programs=probe.programs(n), bytes=probe.bytes_read(n, k), us=round(us, 2)))
+        print(f"{probe}: {us:.2f} us, {probe.bytes_read(n, k) / us / 1e6:.2f} TB/s", flush=True)
+    rows += _time_expert_gemms(shape, e, copies)
+    waves = {name: _start_and_rate([r for r in rows if all(r["probe"].get(f) == v for f, v in grid.items())])
+             for name, grid in WAVES.items()}
+    for name, (start, rate) in waves.items():
+        print(f"stream, {name}: start {start:.2f} us, then {rate / 1e12:.2f} TB/s")
+    print(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s (read + write)")
+    return dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                copy_bytes_per_s=copy_bw, waves={k: dict(start_us=a, bytes_per_s=b) for k, (a, b) in waves.items()},
+                rows=rows)
+
+
+# The probes whose K fractions give a wave's start cost and rate: GEMM1's grid and GEMM2's.
+WAVES = {
+    "GEMM1's grid": dict(kind="stream", matrix="gate_up", block_n=64, block_k=256, split_k=4, num_stages=3),
+    "GEMM2's grid": dict(kind="stream", matrix="down", block_n=64, block_k=256, split_k=2, num_stages=3),
+}
+
+
+def _time_expert_gemms(shape: tune_experts.Shape, e, copies) -> List[Dict]:
+    """GEMM1 alone, GEMM1 with its combine (as the tuner times it) and GEMM2 alone, at the shipped
+    dsv3-shared fp8 M = 1 tiles, each replay on another copy of the weights."""
+    cfg = _shipped_config(shape)
     sets = tune_experts.input_sets(shape, e, 1, len(copies))
     launches = [tune_experts.make_launch(s, copies[i], cfg) for i, s in enumerate(sets)]
-    gemm1_bytes = 2 * N * K + 2 * e.w_gate_scale[0].numel() * 4
-    for name, fn in (("gemm1", lambda l: l.gemm1(cfg)), ("gemm1+combine", lambda l: (l.gemm1(cfg), l.prepare_h()))):
+    for launch in launches:  # GEMM2 reads a real h
+        launch.gemm1(cfg)
+        launch.prepare_h()
+    scale_bytes = e.w_gate_scale[0].numel() * 4
+    gemms = (("gemm1", lambda l: l.gemm1(cfg), 2 * e.w_gate[0].numel() + 2 * scale_bytes),
+             ("gemm1+combine", lambda l: (l.gemm1(cfg), l.prepare_h()), 2 * e.w_gate[0].numel() + 2 * scale_bytes),
+             ("gemm2", lambda l: l.gemm2(cfg), e.w_down[0].numel() + e.w_down_scale[0].numel() * 4))
+    rows = []
+    for name, fn, nbytes in gemms:
         us = timing.graph_replay_us(fn, [(l,) for l in launches])
-        rows.append(dict(probe=dict(kind=name, config=cfg.to_dict()), bytes=gemm1_bytes, us=round(us, 2)))
-        print(f"{name} {cfg}: {us:.2f} us, {gemm1_bytes / us / 1e6:.2f} TB/s", flush=True)
-    gemm1_grid = dict(kind="stream", block_n=64, block_k=256, split_k=4, num_stages=3)
-    start, rate = _start_and_rate([r for r in rows if all(r["probe"].get(k) == v for k, v in gemm1_grid.items())])
-    print(f"stream, GEMM1's grid: start {start:.2f} us, then {rate / 1e12:.2f} TB/s; copy bandwidth "
-          f"{copy_bw / 1e12:.2f} TB/s (read + write)")
-    return dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                copy_bytes_per_s=copy_bw, wave_start_us=start, wave_bytes_per_s=rate, rows=rows)
+        rows.append(dict(probe=dict(kind=name, config=cfg.to_dict()), bytes=nbytes, us=round(us, 2)))
+        print(f"{name} {cfg}: {us:.2f} us, {nbytes / us / 1e6:.2f} TB/s", flush=True)
+    return rows
 
 
 def _start_and_rate(rows: List[Dict]) -> tuple:

@@ -29,14 +29,16 @@ def _operands(seed) -> Operands:
     def scales(rows):
         return (torch.rand(rows, K // 128, generator=g) + 0.5).to(DEVICE)
 
-    return Operands(fp8(N, K), fp8(N, K), scales(N // 128), scales(N // 128), fp8(TOKENS, K), scales(TOKENS))
+    return Operands(fp8(N, K), fp8(N, K), scales(N // 128), scales(N // 128), fp8(TOKENS, K), scales(TOKENS),
+                    fp8(K, N))
 
 
 def _blocks(probe, t):
-    """Each program's [block_n, k_range] slice of t, in program order, with its first column."""
-    n_blocks, k_range = N // probe.block_n, probe.k_range(K)
+    """Each program's [block_n, k_range] slice of t, in program order, with its first column and row."""
+    rows, cols = t.shape
+    n_blocks, k_range = rows // probe.block_n, probe.k_range(cols)
     return [(t[(p % n_blocks) * probe.block_n:][:probe.block_n, (p // n_blocks) * k_range:][:, :k_range],
-             (p // n_blocks) * k_range, (p % n_blocks) * probe.block_n) for p in range(probe.programs(N))]
+             (p // n_blocks) * k_range, (p % n_blocks) * probe.block_n) for p in range(probe.programs(rows))]
 
 
 def _xor(words):
@@ -57,6 +59,16 @@ def test_stream_probe_xors_every_word_it_reads(k_fraction):
              for (a, _, _), (b, _, _) in zip(_blocks(probe, o.g), _blocks(probe, o.u))]
     assert out.cpu().tolist() == [_xor(w) for w in words]
     assert probe.bytes_read(N, K) == 2 * N * int(K * k_fraction)
+
+
+def test_stream_probe_of_the_down_weights_reads_them_once():
+    probe = Probe("stream", block_n=64, block_k=64, split_k=2, matrix="down")
+    o = _operands(2)
+    assert probe.shape(o) == (K, N)
+    out = torch.zeros(probe.programs(K), dtype=torch.int32, device=DEVICE)
+    probe.launch(o, out)
+    assert out.cpu().tolist() == [_xor(d.contiguous().view(torch.int32).flatten()) for d, _, _ in _blocks(probe, o.d)]
+    assert probe.bytes_read(K, N) == K * N
 
 
 def _products(probe, o, scaled):
@@ -88,4 +100,7 @@ def test_dot_probes_sum_both_products(kind):
 
 def test_every_probe_reads_whole_steps_of_the_expert():
     for probe in gpu_stream_probe.PROBES:
-        assert probe.k_range(7168) % probe.block_k == 0 and 2048 % probe.block_n == 0
+        rows, k = (7168, 2048) if probe.matrix == "down" else (2048, 7168)
+        assert probe.k_range(k) % probe.block_k == 0 and rows % probe.block_n == 0
+    for grid in gpu_stream_probe.WAVES.values():  # each wave's fit has several K fractions to fit
+        assert sum(all(vars(p)[f] == v for f, v in grid.items()) for p in gpu_stream_probe.PROBES) >= 3
