@@ -203,8 +203,7 @@ PROBES: List[Probe] = [
 
 def _shipped_config(shape: tune_experts.Shape) -> expert_configs.ExpertConfig:
     name, sms = experts.device_facts(torch.device("cuda"))
-    key = expert_configs.ProblemKey("fp8", shape.hidden, shape.inter, shape.local_experts, shape.experts, shape.top_k)
-    return expert_configs.lookup(key, 1, name, sms)[0]
+    return expert_configs.lookup(tune_experts._key(shape, "fp8"), 1, name, sms)[0]
 
 
 def run(n_copies: int = 4) -> Dict:

@@ -49,14 +49,14 @@ def _a_from_gemm1_sums(sums_ptr, stride_ss, stride_sm, h_ptr, h_scale_ptr, strid
     another: a tile's real rows come first (reference.align_pairs, expert_tiles.work_tile)."""
     cols = k_start + tl.arange(0, SUM_GROUPS)[:, None] * FP8_GROUP + tl.arange(0, FP8_GROUP)[None, :]
     in_range = cols < k_end
+    groups = k_start // FP8_GROUP + tl.arange(0, SUM_GROUPS)  # fp8: k_start is a whole number of groups
     offs_m = tl.arange(0, BLOCK_M)
     for r in range(tl.sum(row_ok.to(tl.int32))):
         pair = tl.sum(tl.where(offs_m == r, row, 0))
         h = h_from_split_sums(sums_ptr + pair * stride_sm + cols, stride_ss, K, in_range, SUM_SPLITS, MODEL_DTYPE)
         if A_MODE == A_MODEL_DTYPE:
             tl.store(h_ptr + pair * stride_hm + cols * stride_hk, h, mask=in_range)
-        else:  # k_start is a whole number of 128-wide groups
-            groups = k_start // FP8_GROUP + tl.arange(0, SUM_GROUPS)
+        else:
             store_quantized_groups(h.to(tl.float32), h_ptr + pair * stride_hm + cols * stride_hk,
                                    h_scale_ptr + pair * stride_hsm + groups * stride_hsk, in_range,
                                    groups * FP8_GROUP < k_end)

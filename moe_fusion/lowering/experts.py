@@ -75,7 +75,7 @@ FUSED_H_QUANT = os.environ.get("MOE_FUSION_FP8_H_QUANT", "kernel") == "gemm1"
 # (and for fp8 quantises) the h columns it reads, instead of gemm1_combine_kernel's launch between
 # the GEMMs. With EXPERT_PDL "h+gemm2" GEMM2 is then GEMM1's programmatic dependent, placed once
 # GEMM1's programs are past their items. Off by default: not yet measured on a GPU (session 12 had
-# none; the A/B to run is in benchmarks/experts_notes.md).
+# none; benchmarks/pending_gpu_call.sh measures it).
 COMBINE_IN_GEMM2 = os.environ.get("MOE_FUSION_GEMM1_COMBINE", "kernel") == "gemm2"
 
 log = logging.getLogger("moe_fusion.lowering")
