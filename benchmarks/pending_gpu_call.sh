@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What session 12 prepared but could not run (no GPU was lent): two device calls of ~4-5 minutes each on
 # a warm H100 (each under the 600 s a call may take). Run from the repository root with OUT set:
-#   OUT=$OUT bash benchmarks/pending_gpu_call.sh experts     # 1-3
+#   OUT=$OUT bash benchmarks/pending_gpu_call.sh experts     # 1-3, 8
 #   OUT=$OUT bash benchmarks/pending_gpu_call.sh layer       # 4-7
 # then copy $OUT into benchmarks/results/s13_*/, write the outcomes into benchmarks/experts_notes.md and
 # preamble_notes.md, and delete this script.
@@ -13,7 +13,8 @@
 #      expert computed in the routed launches ("fused", last measured before session 9's PDL);
 #   5. in-process A/B of route_align_kernel.ROUTE_ALIGN_WARPS, the dsv3 preamble at M = 1;
 #   6. the dsv3 preamble's kernels under graph replay at M = 1, 4, 16 (where issue 4's time goes);
-#   7. the bench's preamble part, now with the alignment (issue 4's figures; sessions 8-11 timed the op without it).
+#   7. the bench's preamble part, now with the alignment (issue 4's figures; sessions 8-11 timed the op without it);
+#   8. in-process A/B of preamble.ROUTER_PROGRAMS_PER_SM at dsv3 M = 16, 64 (fewer split-K atomics per logit).
 set -u
 OUT=${OUT:-benchmarks/out}
 mkdir -p "$OUT"
@@ -33,6 +34,9 @@ experts)
     --variant kernel:experts.COMBINE_IN_GEMM2=False --variant gemm2:$C \
     --variant gemm2pdl:$C,experts.EXPERT_PDL=h+gemm2 \
     --variant gemm2pdl0:$C,experts.EXPERT_PDL=h+gemm2,experts.PREFETCH_BYTES=0 2>&1 | tee "$OUT/combine_experts_ab.txt"
+  timeout -k 5 90 python benchmarks/gpu_layer_ab.py --part preamble --shape dsv3 --dtype bf16 --m 16,64 --rounds 3 \
+    --variant pps2:preamble.ROUTER_PROGRAMS_PER_SM=2 --variant pps1:preamble.ROUTER_PROGRAMS_PER_SM=1 \
+    --variant pps05:preamble.ROUTER_PROGRAMS_PER_SM=0.5 2>&1 | tee "$OUT/router_split_ab.txt"
   ;;
 layer)
   timeout -k 5 240 python benchmarks/gpu_layer_ab.py --part layer --shape dsv3-ep8 --dtype fp8 --m 1,2,4 --rounds 3 \
@@ -42,7 +46,7 @@ layer)
   timeout -k 5 80 python benchmarks/gpu_layer_ab.py --part preamble --shape dsv3 --dtype bf16 --m 1 --rounds 3 \
     --variant ra4:route_align_kernel.ROUTE_ALIGN_WARPS=4 --variant ra8:route_align_kernel.ROUTE_ALIGN_WARPS=8 \
     --variant ra16:route_align_kernel.ROUTE_ALIGN_WARPS=16 2>&1 | tee "$OUT/route_align_warps_ab.txt"
-  timeout -k 5 80 python benchmarks/gpu_layer_timeline.py --part preamble --shape dsv3 --dtype bf16 --m 1,4,16 \
+  timeout -k 5 80 python benchmarks/gpu_layer_timeline.py --part preamble --shape dsv3 --dtype bf16 --m 1,4,16,64 \
     --out "$OUT" 2>&1 | tee "$OUT/preamble_timeline.txt"
   timeout -k 5 120 python -m moe_fusion.tools.bench --shape dsv3 --parts preamble --m 1,2,4,8,16,32,64 \
     --variants moe_fusion --json "$OUT/preamble_bench.json" --markdown "$OUT/preamble_bench.md" >"$OUT/preamble_bench.log" 2>&1

@@ -49,6 +49,10 @@ ROUTE_ALIGN_MAX_TILE = 256
 # Each kernel after the norm is a programmatic dependent launch (CUDA): it starts while the kernel
 # before it runs and waits (griddepcontrol.wait) before reading that kernel's outputs.
 USE_PDL = True
+# Router programs per SM, through the split over K. Each program adds its [rows, experts] tile of
+# partial logits with fp32 atomics, so fewer programs mean fewer atomics per logit (rows x splits in
+# all) but fewer weight streams in flight.
+ROUTER_PROGRAMS_PER_SM = 2
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -91,7 +95,7 @@ def _sm_count(device_index: Optional[int]) -> int:
 
 def router_config(M: int, E: int, H: int, dot_fp32: bool, sm_count: int, fused: bool,
                   block_e: Optional[int] = None, block_k: Optional[int] = None,
-                  programs_per_sm: int = 2, num_warps: int = 4, split_k: bool = True) -> RouterConfig:
+                  programs_per_sm: Optional[float] = None, num_warps: int = 4, split_k: bool = True) -> RouterConfig:
     """Tiles and split so that about ``programs_per_sm`` programs per SM stream the router weight.
 
     split_k=False gives every logit to one program (one atomic add into zero, so the same bits on
@@ -101,7 +105,8 @@ def router_config(M: int, E: int, H: int, dot_fp32: bool, sm_count: int, fused: 
     bk = block_k or (32 if dot_fp32 else 64)
     e_blocks, m_blocks = triton.cdiv(E, be), triton.cdiv(max(M, 1), bm)
     k_blocks = triton.cdiv(H, bk)
-    wanted = max(1, programs_per_sm * sm_count // (e_blocks * m_blocks)) if split_k else 1
+    per_sm = ROUTER_PROGRAMS_PER_SM if programs_per_sm is None else programs_per_sm
+    wanted = max(1, int(per_sm * sm_count) // (e_blocks * m_blocks)) if split_k else 1
     per_program = triton.cdiv(k_blocks, min(wanted, k_blocks))
     splits = triton.cdiv(k_blocks, per_program)  # no program without work
     return RouterConfig(bm, be, bk, (splits, e_blocks, m_blocks), per_program * bk, num_warps)
