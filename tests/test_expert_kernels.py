@@ -235,51 +235,16 @@ def test_split_gemm1_matches_reference(fp8, swap_ab):
         assert _rel_err(out, ref) < tol
 
 
-@pytest.mark.parametrize("fp8", [False, True])
-@pytest.mark.parametrize("M", [1, 19])
-def test_gemm2_making_h_from_split_sums_is_bitwise_the_combine_launch(fp8, M, monkeypatch):
-    """experts.COMBINE_IN_GEMM2: every GEMM2 program sums GEMM1's 3 splits for its own K range (the
-    second range short) row by row (M = 19: up to 16 rows per tile), with a gated dense tail, and
-    gets the bits of gemm1_combine_kernel's launch: equal in deterministic mode, to fp32 atomic
-    order otherwise."""
-    changes = dict(num_experts=4, shared_intermediate_size=136 if fp8 else 40, shared_gate=True)
-    if fp8:
-        spec, w, x = _fp8_case(seed=23, M=M, **changes)
-        g1, g2 = GemmTiles(32, 128, split_k=3, swap_ab=True), GemmTiles(32, 128, split_k=2, swap_ab=True)
-    else:
-        spec = _spec(**changes)
-        w = random_weights(spec, seed=23, device=DEVICE)
-        x = _x(M, spec.hidden_size)
-        g1, g2 = GemmTiles(16, 16, split_k=3), GemmTiles(32, 32, split_k=2)
-    ids, weights = _routing(spec, M)
-    cfg = ExpertConfig(16, g1, g2)
-    shared = experts.shared_tail(spec, w)
-
-    def outputs():
-        return [experts.fused_experts(spec, x, ids, weights, w, config=cfg, deterministic=det, shared=shared)
-                for det in (False, True)]
-
-    by_launch = outputs()
-    monkeypatch.setattr(experts, "COMBINE_IN_GEMM2", True)
-    atomic, deterministic = outputs()
-    assert _rel_err(deterministic, _shared_reference(spec, x, ids, weights, w)) < (FP8_TOL * 5 if fp8 else 3e-3)
-    assert torch.equal(deterministic, by_launch[1])
-    assert _rel_err(atomic, by_launch[0]) < 1e-6
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", experts.PDL_MODES)
-@pytest.mark.parametrize("case", ["fp8-split", "fp8", "fp16-split", "fp8-split-combined-in-gemm2",
-                                  "fp16-split-combined-in-gemm2"])
+@pytest.mark.parametrize("case", ["fp8-split", "fp8", "fp16-split"])
 @pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64])
 def test_programmatic_dependent_launches_match_reference(case, mode, ids_dtype, monkeypatch):
     """experts.EXPERT_PDL: the launch that prepares h (gemm1_combine_kernel after a split GEMM1,
-    fp8_act_quant_kernel otherwise) waits for GEMM1, and GEMM2 for it (or, with COMBINE_IN_GEMM2,
-    GEMM2 for GEMM1); fp8's x quantisation runs beside the block's own alignment (int64 ids read
-    as they are); eager, and replayed as a CUDA graph on fresh inputs, against the reference each time."""
+    fp8_act_quant_kernel otherwise) waits for GEMM1, and GEMM2 for it; fp8's x quantisation runs
+    beside the block's own alignment (int64 ids read as they are); eager, and replayed as a CUDA
+    graph on fresh inputs, against the reference each time."""
     monkeypatch.setattr(experts, "EXPERT_PDL", mode)
-    monkeypatch.setattr(experts, "COMBINE_IN_GEMM2", case.endswith("-combined-in-gemm2"))
-    case = case.removesuffix("-combined-in-gemm2")
     split = 3 if case.endswith("-split") else 1
     ep = dict(num_experts=8, num_local_experts=4)
     if case.startswith("fp8"):

@@ -93,7 +93,7 @@ def _assert_fp8_close(out, want, case):
 
 
 @pytest.mark.parametrize("seed", EXPERT_CASES)
-def test_random_expert_block(seed, monkeypatch):
+def test_random_expert_block(seed):
     rng = random.Random(seed)
     spec = random_spec(seed, dtypes=("float16",), hidden=(8, 128), inter=(8, 64))
     M = _capped_m(seed, spec.top_k)
@@ -102,8 +102,6 @@ def test_random_expert_block(seed, monkeypatch):
     ids, weights = _routing(spec, M, seed)
     config = rng.choice(FP8_CONFIGS if spec.fp8 else CONFIGS)
     deterministic = rng.random() < 0.5
-    # After a split GEMM1: its sums combined by their own launch, or by GEMM2 (MOE_FUSION_GEMM1_COMBINE).
-    monkeypatch.setattr(experts, "COMBINE_IN_GEMM2", rng.random() < 0.5)
     extra = {}
     if spec.fp8 and spec.weight_on == "output" and rng.random() < 0.5:
         extra["x_fp8"], extra["x_scale"] = reference.quantize_fp8_groups(x.to(DEVICE))

@@ -36,11 +36,6 @@ import triton.language as tl
 from .expert_tiles import (A_MODEL_DTYPE, FP8_GROUP, load_tile, outer, quantize_h_group, silu_mul, tile_dot,
                            work_tile, zero_block)
 
-# When GEMM1 lets its programmatic dependent launch be placed (LAUNCH_DEPENDENTS).
-DEPENDENTS_NONE = tl.constexpr(0)
-DEPENDENTS_AT_START = tl.constexpr(1)
-DEPENDENTS_AFTER_ITEMS = tl.constexpr(2)
-
 
 @triton.jit
 def _gate_partials(gx_ptr, gw_ptr, partial_ptr, token, row_ok, n_block, n_blocks, M, K, stride_gxm, stride_gxk,
@@ -160,7 +155,7 @@ def gemm1_item(
         tl.store(sums, acc_g, mask=mask)
         tl.store(sums + N, acc_u, mask=mask)
     else:
-        h = silu_mul(acc_g, acc_u, h_ptr.dtype.element_ty)
+        h = silu_mul(acc_g, acc_u, h_ptr)
         tl.store(h_ptr + row[:, None] * stride_hm + offs_n[None, :], h, mask=mask)
         if QUANT_H:
             _quantize_group_if_last(h_ptr, hq_ptr, hs_ptr, ticket_ptr, tile, n_block, row, row_ok, N,
@@ -199,7 +194,7 @@ def expert_gemm1_kernel(
 ):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
-    if LAUNCH_DEPENDENTS == DEPENDENTS_AT_START:
+    if LAUNCH_DEPENDENTS:
         # The launch that prepares h (a programmatic dependent, experts.EXPERT_PDL) may be placed
         # now; it waits (griddepcontrol.wait) for this grid to finish before reading h.
         tl.extra.cuda.gdc_launch_dependents()
@@ -228,7 +223,3 @@ def expert_gemm1_kernel(
             BLOCK_M, BLOCK_N, BLOCK_K, SUB_K, SWAP_AB, A_MODE, WEIGHT_ON_INPUT, N_SHARED, SHARED_GATE, QUANT_H,
             EVEN_N, EVEN_K, SPLIT_OUT,
         )
-    if LAUNCH_DEPENDENTS == DEPENDENTS_AFTER_ITEMS:
-        # GEMM2 itself is the dependent (experts.COMBINE_IN_GEMM2): placed once every program
-        # is past its items, so that its programs do not hold SM slots through GEMM1.
-        tl.extra.cuda.gdc_launch_dependents()

@@ -8,9 +8,7 @@ top-k reduction done in the epilogue:
     moe_finalize_kernel then sums them in a fixed order.
 Split-K gives small M*top_k enough work items for every SM to stream Wd. For fp8, A is h quantised
 per 1x128 group by fp8_act_quant_kernel (bitwise reference.quantize_fp8_groups(h)); a K step holds
-whole groups, each one fp8 dot multiplied by its activation and weight scales. After a K-split
-GEMM1 each item may make its A itself from GEMM1's sums (SUM_SPLITS, experts.COMBINE_IN_GEMM2),
-with the arithmetic of gemm1_combine_kernel.
+whole groups, each one fp8 dot multiplied by its activation and weight scales.
 Shared experts (N_SHARED > 0): the dense tail of expert_tiles.work_tile, with separate weight
 tensors (swd); their weight is 1, or with SHARED_GATE sigmoid of the gate logit, summed here from
 GEMM1's per-K-block partial dots in a fixed order and rounded like the reference's bf16 linear and
@@ -21,8 +19,7 @@ summed over the top-k as in reference.routed_experts (shared experts: reference.
 import triton
 import triton.language as tl
 
-from .expert_tiles import (A_MODEL_DTYPE, FP8_GROUP, h_from_split_sums, load_tile, outer, prefetch_l2, split_item,
-                           store_quantized_groups, tile_dot, work_tile)
+from .expert_tiles import A_MODEL_DTYPE, FP8_GROUP, load_tile, outer, prefetch_l2, split_item, tile_dot, work_tile
 
 
 @triton.jit
@@ -37,31 +34,6 @@ def _prefetch_item_weights(item, n_blocks, items_per_tile, tile_expert_ptr, wd_p
     offs_k = k_start + tl.arange(0, PREFETCH_LINES) * per_line
     mask = (offs_n[:, None] < N) & (offs_k[None, :] < tl.minimum(K, k_start + k_per_split))
     prefetch_l2(wd_ptr + expert * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk, mask)
-
-
-@triton.jit
-def _a_from_gemm1_sums(sums_ptr, stride_ss, stride_sm, h_ptr, h_scale_ptr, stride_hm, stride_hk, stride_hsm,
-                       stride_hsk, row, row_ok, k_start, k_end, K, BLOCK_M: tl.constexpr, SUM_SPLITS: tl.constexpr,
-                       SUM_GROUPS: tl.constexpr, A_MODE: tl.constexpr, MODEL_DTYPE: tl.constexpr):
-    """This item's A (h, fp8-quantised for fp8 experts) over its K range, from a split GEMM1's sums:
-    gemm1_combine_kernel's work for the columns this program reads, done here instead of in a
-    launch of its own (every program of the same K range makes the same bytes). Rows go one after
-    another: a tile's real rows come first (reference.align_pairs, expert_tiles.work_tile)."""
-    cols = k_start + tl.arange(0, SUM_GROUPS)[:, None] * FP8_GROUP + tl.arange(0, FP8_GROUP)[None, :]
-    in_range = cols < k_end
-    groups = k_start // FP8_GROUP + tl.arange(0, SUM_GROUPS)  # fp8: k_start is a whole number of groups
-    offs_m = tl.arange(0, BLOCK_M)
-    for r in range(tl.sum(row_ok.to(tl.int32))):
-        pair = tl.sum(tl.where(offs_m == r, row, 0))
-        h = h_from_split_sums(sums_ptr + pair * stride_sm + cols, stride_ss, K, in_range, SUM_SPLITS, MODEL_DTYPE)
-        if A_MODE == A_MODEL_DTYPE:
-            tl.store(h_ptr + pair * stride_hm + cols * stride_hk, h, mask=in_range)
-        else:
-            store_quantized_groups(h.to(tl.float32), h_ptr + pair * stride_hm + cols * stride_hk,
-                                   h_scale_ptr + pair * stride_hsm + groups * stride_hsk, in_range,
-                                   groups * FP8_GROUP < k_end)
-    # Every thread's stores are made before any thread's K loop reads them back.
-    tl.debug_barrier()
 
 
 @triton.jit
@@ -80,7 +52,7 @@ def gemm2_item(
     item, n_blocks, items_per_tile, num_routed, m_tiles,
     h_ptr, h_scale_ptr, pair_weight_ptr,
     wd_ptr, wd_scale_ptr, swd_ptr, swd_scale_ptr, gate_partial_ptr,
-    out_ptr, sums_ptr, stride_ss, stride_sm,
+    out_ptr,
     sorted_pair_ids_ptr, tile_expert_ptr,
     num_pairs, top_k, M, N, K, k_per_split, gate_parts,
     stride_hm, stride_hk, stride_hsm, stride_hsk,
@@ -94,10 +66,9 @@ def gemm2_item(
     APPLY_WEIGHT: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
     N_SHARED: tl.constexpr, SHARED_GATE: tl.constexpr, GATE_PARTS: tl.constexpr, MODEL_DTYPE: tl.constexpr,
-    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, SUM_SPLITS: tl.constexpr, SUM_GROUPS: tl.constexpr,
+    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    """One work item: (token tile, BLOCK_N columns of H, K split), weighted and accumulated. With
-    SUM_SPLITS > 0 it first makes its A from GEMM1's split sums (_a_from_gemm1_sums)."""
+    """One work item: (token tile, BLOCK_N columns of H, K split), weighted and accumulated."""
     tile, split, n_block = split_item(item, n_blocks, items_per_tile)
     expert, row, token, row_ok, shared = work_tile(tile, num_routed, m_tiles, tile_expert_ptr, sorted_pair_ids_ptr,
                                                    num_pairs, top_k, M, BLOCK_M, N_SHARED)
@@ -105,10 +76,6 @@ def gemm2_item(
     n_ok = offs_n < N
     k_start = split * k_per_split
     k_end = tl.minimum(K, k_start + k_per_split)
-    if SUM_SPLITS > 0:
-        _a_from_gemm1_sums(sums_ptr, stride_ss, stride_sm, h_ptr, h_scale_ptr, stride_hm, stride_hk, stride_hsm,
-                           stride_hsk, row, row_ok, k_start, k_end, K, BLOCK_M, SUM_SPLITS, SUM_GROUPS, A_MODE,
-                           MODEL_DTYPE)
     offs_k = tl.arange(0, SUB_K)
     h_ptrs = h_ptr + row[:, None] * stride_hm + offs_k[None, :] * stride_hk
     # Routed and shared experts live in different tensors: pick the base and strides per tile.
@@ -161,7 +128,7 @@ def expert_gemm2_kernel(
     stride_se, stride_sn, stride_sk,
     stride_swe, stride_swn, stride_swk,
     stride_sse, stride_ssn, stride_ssk,
-    stride_out_split, stride_out_row, sums_ptr, stride_ss, stride_sm,
+    stride_out_split, stride_out_row,
     sorted_pair_ids_ptr, tile_expert_ptr, num_tiles_ptr,
     num_pairs, top_k, M, N, K,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr, SWAP_AB: tl.constexpr,
@@ -169,7 +136,7 @@ def expert_gemm2_kernel(
     APPLY_WEIGHT: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
     N_SHARED: tl.constexpr, SHARED_GATE: tl.constexpr, GATE_PARTS: tl.constexpr, MODEL_DTYPE: tl.constexpr,
-    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, SUM_SPLITS: tl.constexpr, SUM_GROUPS: tl.constexpr,
+    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
     USE_PDL: tl.constexpr, PREFETCH_LINES: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -185,9 +152,8 @@ def expert_gemm2_kernel(
     num_items = (num_routed + N_SHARED * m_tiles) * items_per_tile
     if USE_PDL:
         # A programmatic dependent of the launch that prepares h, placed once GEMM1 has finished
-        # (experts.EXPERT_PDL), or of GEMM1 itself (SUM_SPLITS): the alignment is final, h (or
-        # GEMM1's sums) is not. Pull this program's first Wd tile into L2, then wait for it to be
-        # complete and visible.
+        # (experts.EXPERT_PDL): the alignment is final, h is not. Pull this program's first Wd
+        # tile into L2, then wait for h to be complete and visible.
         if PREFETCH_LINES > 0:
             if pid < num_routed * items_per_tile:
                 _prefetch_item_weights(pid, n_blocks, items_per_tile, tile_expert_ptr, wd_ptr, N, K, k_per_split,
@@ -197,12 +163,12 @@ def expert_gemm2_kernel(
         gemm2_item(
             item, n_blocks, items_per_tile, num_routed, m_tiles,
             h_ptr, h_scale_ptr, pair_weight_ptr, wd_ptr, wd_scale_ptr, swd_ptr, swd_scale_ptr, gate_partial_ptr,
-            out_ptr, sums_ptr, stride_ss, stride_sm, sorted_pair_ids_ptr, tile_expert_ptr,
+            out_ptr, sorted_pair_ids_ptr, tile_expert_ptr,
             num_pairs, top_k, M, N, K, k_per_split, gate_parts,
             stride_hm, stride_hk, stride_hsm, stride_hsk,
             stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk,
             stride_swe, stride_swn, stride_swk, stride_sse, stride_ssn, stride_ssk,
             stride_out_split, stride_out_row,
             BLOCK_M, BLOCK_N, BLOCK_K, SUB_K, SWAP_AB, A_MODE, APPLY_WEIGHT, DETERMINISTIC,
-            N_SHARED, SHARED_GATE, GATE_PARTS, MODEL_DTYPE, EVEN_N, EVEN_K, SUM_SPLITS, SUM_GROUPS,
+            N_SHARED, SHARED_GATE, GATE_PARTS, MODEL_DTYPE, EVEN_N, EVEN_K,
         )

@@ -176,25 +176,10 @@ def row_groups(row, K, ids_ptr, map_ptr, routed_rows, GROUPS: tl.constexpr, GROU
 
 
 @triton.jit
-def silu_mul(gate, up, h_dtype: tl.constexpr):
-    """h = SiLU(gate) * up from fp32 gate and up, rounded once to h_dtype (the model's): the one
-    arithmetic of every path that makes h (GEMM1's epilogue, h_from_split_sums)."""
-    return (gate * tl.sigmoid(gate) * up).to(h_dtype)
-
-
-@triton.jit
-def h_from_split_sums(sums_ptrs, stride_split, N, mask, SPLITS: tl.constexpr, h_dtype: tl.constexpr):
-    """h after a K-split GEMM1 from its fp32 sums (gate at sums_ptrs, up N columns on, one
-    [rows, 2N] slab per split), summed in split order so every path gets the same bits.
-    Unrolled, so that every split's loads are in flight at once: a loop over the splits waits a
-    memory round trip per split, and while the other stream's GEMM saturates HBM each round trip
-    costs ~1 us (H100, dsv3-ep8 M = 1: the shared expert's combine took 5.9 us rolled, 3.7 unrolled)."""
-    gate = tl.load(sums_ptrs, mask=mask, other=0.0)
-    up = tl.load(sums_ptrs + N, mask=mask, other=0.0)
-    for split in tl.static_range(1, SPLITS):
-        gate += tl.load(sums_ptrs + split * stride_split, mask=mask, other=0.0)
-        up += tl.load(sums_ptrs + split * stride_split + N, mask=mask, other=0.0)
-    return silu_mul(gate, up, h_dtype)
+def silu_mul(gate, up, h_ptr):
+    """h = SiLU(gate) * up from fp32 gate and up, rounded once to h_ptr's (the model's) dtype: the one
+    arithmetic of every path that makes h (GEMM1's epilogue, its last programs, gemm1_combine_kernel)."""
+    return (gate * tl.sigmoid(gate) * up).to(h_ptr.dtype.element_ty)
 
 
 @triton.jit

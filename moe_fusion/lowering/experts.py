@@ -2,8 +2,7 @@
 deterministic mode) over the aligned token list of reference.align_pairs.
 
     GEMM1  h[pair] = SiLU(x Wg^T) * (x Wu^T)              expert_gemm1_kernel (also zeroes out)
-           or, split over K, fp32 sums per split        + gemm1_combine_kernel (SiLU*up, fp8 quant),
-                                                          or GEMM2 does that (COMBINE_IN_GEMM2)
+           or, split over K, fp32 sums per split        + gemm1_combine_kernel (SiLU*up, fp8 quant)
     GEMM2  out[token] += weight[pair] * h[pair] Wd^T       expert_gemm2_kernel (atomics, split-K)
     or     y[split, pair] = weight * h Wd^T; out = sum y   + moe_finalize_kernel (deterministic)
 
@@ -35,7 +34,6 @@ from ..spec import FP8_BLOCK, FP8_DTYPE, MoESpec, MoEWeights
 from .unsupported import Unsupported
 from . import align_kernel, expert_configs, reference
 from .expert_configs import ExpertConfig, ProblemKey
-from . import expert_gemm1_kernel as gemm1_kernel
 from .expert_gemm1_kernel import expert_gemm1_kernel
 from .expert_gemm2_kernel import expert_gemm2_kernel
 from . import expert_tiles
@@ -71,12 +69,6 @@ PREFETCH_BYTES = 64 * 1024
 # default: on the H100 (run 5) it was 6-7 us slower at dsv3-ep8 M = 1-2 and 1 us faster at M = 4
 # (the ticket's barrier and acq_rel atomic after every GEMM1 item cost more than the launch saved).
 FUSED_H_QUANT = os.environ.get("MOE_FUSION_FP8_H_QUANT", "kernel") == "gemm1"
-# After a K-split GEMM1, MOE_FUSION_GEMM1_COMBINE=gemm2: each GEMM2 program sums the splits and makes
-# (and for fp8 quantises) the h columns it reads, instead of gemm1_combine_kernel's launch between
-# the GEMMs. With EXPERT_PDL "h+gemm2" GEMM2 is then GEMM1's programmatic dependent, placed once
-# GEMM1's programs are past their items. Off by default: not yet measured on a GPU (session 12 had
-# none; benchmarks/pending_gpu_call.sh measures it).
-COMBINE_IN_GEMM2 = os.environ.get("MOE_FUSION_GEMM1_COMBINE", "kernel") == "gemm2"
 
 log = logging.getLogger("moe_fusion.lowering")
 
@@ -515,8 +507,6 @@ class ExpertLaunch:
     def prepare_h(self) -> None:
         """GEMM2's A operand: h from a split GEMM1's sums, and for fp8 experts its quantisation
         (h_fp8, h_scale), unless GEMM1 already did it."""
-        if self._gemm2_combines_splits:
-            return
         if self.gemm1_sums is not None:
             self._combine_gemm1_splits()
         elif self.experts.fp8 and not self.h_quantized:
@@ -580,7 +570,7 @@ class ExpertLaunch:
             self.topk_ids.numel(), self.a_row_divisor, M, I, H, self._zero_numel(),
             **constants, BLOCK_N=g.block_n, BLOCK_K=g.block_k, SUB_K=self._sub_k(g), SWAP_AB=g.swap_ab,
             QUANT_H=quant_h, EVEN_N=I % g.block_n == 0, EVEN_K=H % g.block_k == 0, SPLIT_OUT=g.split_k > 1,
-            ZERO_BLOCK=ZERO_BLOCK, LAUNCH_DEPENDENTS=self._gemm1_releases_dependents(), num_warps=g.num_warps,
+            ZERO_BLOCK=ZERO_BLOCK, LAUNCH_DEPENDENTS=self.small_launches_dependent, num_warps=g.num_warps,
             num_stages=g.num_stages,
         )
         self.h_quantized = quant_h
@@ -594,34 +584,19 @@ class ExpertLaunch:
         grid = max(1, min(items, self.num_sms * g.programs_per_sm))
         a, a_scale = (self.h_fp8, self.h_scale) if self.experts.fp8 else (self.h, self.scales[2][0])
         operands, constants = self._gemm2_operands(config)
-        sums, sums_constants = self._gemm1_sums_operands(g, I)
-        pdl = self.pdl == "h+gemm2" and (self.h_prepared_by_launch or self._gemm2_combines_splits)
+        pdl = self.pdl == "h+gemm2" and self.h_prepared_by_launch
         prefetch_lines = 0
         if pdl:
             prefetch_lines = self._prefetch_lines(min(self._k_per_split(g, I),
                                                       PREFETCH_BYTES // g.block_n // self.experts.w_down.element_size()))
         expert_gemm2_kernel[(grid,)](
             a, a_scale, self.pair_weights, self.gate_partial, *a.stride(), *a_scale.stride(),
-            *operands, *sums, *self.alignment, self.topk_ids.numel(), self.topk_ids.shape[1], M, H, I,
-            **constants, **sums_constants, BLOCK_N=g.block_n, BLOCK_K=g.block_k, SUB_K=self._sub_k(g),
-            SWAP_AB=g.swap_ab, EVEN_N=H % g.block_n == 0, EVEN_K=I % g.block_k == 0,
+            *operands, *self.alignment, self.topk_ids.numel(), self.topk_ids.shape[1], M, H, I,
+            **constants, BLOCK_N=g.block_n, BLOCK_K=g.block_k, SUB_K=self._sub_k(g), SWAP_AB=g.swap_ab,
+            EVEN_N=H % g.block_n == 0, EVEN_K=I % g.block_k == 0,
             USE_PDL=pdl, PREFETCH_LINES=prefetch_lines, LAUNCH_DEPENDENTS=self.small_launches_dependent,
             num_warps=g.num_warps, num_stages=g.num_stages, **pdl_launch(pdl),
         )
-
-    @property
-    def _gemm2_combines_splits(self) -> bool:
-        """GEMM2 makes its A from a split GEMM1's sums (COMBINE_IN_GEMM2), with no launch between."""
-        return COMBINE_IN_GEMM2 and self.gemm1_sums is not None
-
-    def _gemm1_releases_dependents(self) -> int:
-        """When GEMM1 lets its programmatic dependent be placed: the h launch at GEMM1's start;
-        GEMM2, where it follows GEMM1 directly, once GEMM1's programs are past their items."""
-        if not self.small_launches_dependent:
-            return gemm1_kernel.DEPENDENTS_NONE.value
-        if self._gemm2_combines_splits and self.pdl == "h+gemm2":
-            return gemm1_kernel.DEPENDENTS_AFTER_ITEMS.value
-        return gemm1_kernel.DEPENDENTS_AT_START.value
 
     def _gemm1_operands(self, config: ExpertConfig):
         """GEMM1's tensors and strides (expert_gemm1_kernel's leading arguments) and its
@@ -670,16 +645,6 @@ class ExpertLaunch:
                          DETERMINISTIC=self.deterministic, N_SHARED=self.n_shared, SHARED_GATE=gated,
                          GATE_PARTS=triton.next_power_of_2(gate_parts), MODEL_DTYPE=_TL_DTYPES[self.x.dtype])
         return operands, constants
-
-    def _gemm1_sums_operands(self, g, I: int):
-        """GEMM2's split-sums arguments (sums, their two strides) and SUM_SPLITS / SUM_GROUPS:
-        zero splits unless GEMM2 makes its A from them."""
-        if not self._gemm2_combines_splits:
-            unused = self.pair_weights
-            return (unused, 0, 0), dict(SUM_SPLITS=0, SUM_GROUPS=1)
-        sums = self.gemm1_sums
-        groups = triton.next_power_of_2(triton.cdiv(self._k_per_split(g, I), FP8_BLOCK))
-        return (sums, sums.stride(0), sums.stride(1)), dict(SUM_SPLITS=self.gemm1_splits, SUM_GROUPS=groups)
 
     def _work_tiles(self, config: ExpertConfig) -> int:
         """Static bound on token tiles: the alignment's, then the shared experts' dense tail."""

@@ -14,7 +14,7 @@ of reference.quantize_fp8_groups).
 import triton
 import triton.language as tl
 
-from .expert_tiles import h_from_split_sums, row_groups, store_quantized_groups
+from .expert_tiles import row_groups, silu_mul, store_quantized_groups
 from .grid_sync import wait_then_release_dependents
 
 
@@ -31,7 +31,16 @@ def gemm1_combine_kernel(
     groups, cols, mask, group_ok = row_groups(row, N, ids_ptr, map_ptr, routed_rows, GROUPS, GROUP, ONLY_LOCAL_ROWS)
     if PDL:
         wait_then_release_dependents()
-    h = h_from_split_sums(sums_ptr + row * stride_sm + cols, stride_ss, N, mask, SPLITS, h_ptr.dtype.element_ty)
+    gate = tl.zeros((GROUPS, GROUP), tl.float32)
+    up = tl.zeros((GROUPS, GROUP), tl.float32)
+    # Unrolled, so that every split's loads are in flight at once: a loop over the splits waits a
+    # memory round trip per split, and while the other stream's GEMM saturates HBM each round trip
+    # costs ~1 us (H100, dsv3-ep8 M = 1: the shared expert's combine took 5.9 us rolled, 3.7 unrolled).
+    for split in tl.static_range(SPLITS):
+        sums = sums_ptr + split * stride_ss + row * stride_sm + cols
+        gate += tl.load(sums, mask=mask, other=0.0)
+        up += tl.load(sums + N, mask=mask, other=0.0)
+    h = silu_mul(gate, up, h_ptr)
     if QUANT:
         store_quantized_groups(h.to(tl.float32), hq_ptr + row * stride_hqm + cols, hs_ptr + row * stride_hsm + groups,
                                mask, group_ok)
