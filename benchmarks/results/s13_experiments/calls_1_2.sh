@@ -1,10 +1,8 @@
 #!/usr/bin/env bash
-# What session 12 prepared but could not run (no GPU was lent): two device calls of ~4-5 minutes each on
-# a warm H100 (each under the 600 s a call may take). Run from the repository root with OUT set:
-#   OUT=$OUT bash benchmarks/pending_gpu_call.sh experts     # 1-3, 8
-#   OUT=$OUT bash benchmarks/pending_gpu_call.sh layer       # 4-7
-# then copy $OUT into benchmarks/results/s13_*/, write the outcomes into benchmarks/experts_notes.md and
-# preamble_notes.md, and delete this script.
+# Session 13's calls 1 and 2 (H100), as run on commit bf4388e (benchmarks/pending_gpu_call.sh then; a
+# record: experts.COMBINE_IN_GEMM2 is gone since). What session 12 prepared but could not run:
+#   OUT=$OUT bash benchmarks/pending_gpu_call.sh experts     # 1-3, 8: call1_*
+#   OUT=$OUT bash benchmarks/pending_gpu_call.sh layer       # 4-7: call2_*
 #   1. the new paths on CUDA: GEMM2 making h from GEMM1's split sums (eager and under CUDA graphs, every PDL
 #      mode), the stream probe's kernels, the bench's aligned preamble;
 #   2. benchmarks/gpu_stream_probe.py: what limits GEMM1 on one fp8 expert at M = 1 (issue 5);
