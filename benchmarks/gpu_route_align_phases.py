@@ -9,9 +9,11 @@ between its phases, each read made to wait for the value the phase produced:
   align    align_kernel.align_selection: counts, tiles, padding and pairs stored (stores issued).
 
 It runs alone on logits already in memory (no PDL), at several warp counts (the kernel ships with 4;
-16 took 29.6 us in the preamble against 8.7), and checks that its outputs equal route_and_align's.
+16 took 29.6 us in the preamble against 8.7), with the picks one by one or by one sort
+(topk_kernel.SORT_PICKS), and checks that its outputs equal route_and_align's.
 
-    python benchmarks/gpu_route_align_phases.py [--shape dsv3] [--warps 1,2,4,8,16] [--json OUT.json]
+    python benchmarks/gpu_route_align_phases.py [--shape dsv3] [--warps 1,2,4,8,16] [--sort-picks 0,1]
+        [--json OUT.json]
 """
 from __future__ import annotations
 
@@ -51,14 +53,14 @@ def _route_align_phases_kernel(
     ROWS: tl.constexpr, N_GROUP: tl.constexpr, G_PAD: tl.constexpr, EPG: tl.constexpr,
     EPG_PAD: tl.constexpr, TOP_K: tl.constexpr, K_PAD: tl.constexpr, TOPK_GROUP: tl.constexpr,
     SCORING: tl.constexpr, SCORE_BEFORE_TOPK: tl.constexpr, HAS_BIAS: tl.constexpr,
-    GROUP_MAX: tl.constexpr, RENORMALIZE: tl.constexpr, ROUND_TO: tl.constexpr, L_PAD: tl.constexpr,
+    GROUP_MAX: tl.constexpr, RENORMALIZE: tl.constexpr, ROUND_TO: tl.constexpr, SORT_PICKS: tl.constexpr, L_PAD: tl.constexpr,
 ):
     start = _cycles_after(M)
     bias = load_route_bias(bias_ptr, HAS_BIAS, N_GROUP, G_PAD, EPG, EPG_PAD)
     after_bias = _cycles_after((tl.sum(bias) != 0).to(tl.int32))
     ids = route_rows(logits_ptr, stride_lm, bias, ids_ptr, weights_ptr, stride_om, 0, M, renorm_eps, routed_scale,
                      ROWS, N_GROUP, G_PAD, EPG, EPG_PAD, TOP_K, K_PAD, TOPK_GROUP, SCORING, SCORE_BEFORE_TOPK,
-                     HAS_BIAS, GROUP_MAX, RENORMALIZE, ROUND_TO, False)
+                     HAS_BIAS, GROUP_MAX, RENORMALIZE, ROUND_TO, SORT_PICKS, False)
     after_route = _cycles_after(tl.sum(ids))
     real = (tl.arange(0, ROWS) < M)[:, None] & (tl.arange(0, K_PAD) < TOP_K)[None, :]
     slot = selection_of_local_ids(tl.where(real, ids, -1), K_PAD, L_PAD)
@@ -91,7 +93,7 @@ def probe(spec, logits, bias, block_m: int, warps: int, repeats: int) -> dict:
     want = route_align_kernel.route_and_align(spec, logits, bias, torch.float32, want_ids, torch.empty_like(weights),
                                               None, block_m)
     same = torch.equal(ids, want_ids) and all(torch.equal(a, b) for a, b in zip(outputs, want))
-    return dict(warps=warps, same_as_kernel=same,
+    return dict(warps=warps, sort_picks=topk_kernel.SORT_PICKS, same_as_kernel=same,
                 cycles={p: statistics.median(s[i] for s in samples) for i, p in enumerate(PHASES)})
 
 
@@ -99,6 +101,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="dsv3")
     ap.add_argument("--warps", default="1,2,4,8,16")
+    ap.add_argument("--sort-picks", default="0", help="topk_kernel.SORT_PICKS values to run, e.g. 0,1")
     ap.add_argument("--block-m", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=50)
     ap.add_argument("--json", default="")
@@ -109,11 +112,14 @@ def main(argv=None) -> int:
     logits = torch.randn((1, spec.num_experts), generator=g, device=device) * 2
     bias = torch.randn(spec.num_experts, generator=g, device=device) * 0.1
     mhz = torch.cuda.clock_rate(device)
-    rows = [probe(spec, logits, bias, args.block_m, int(w), args.repeats) for w in args.warps.split(",")]
+    rows = []
+    for sort_picks in args.sort_picks.split(","):
+        topk_kernel.SORT_PICKS = bool(int(sort_picks))
+        rows += [probe(spec, logits, bias, args.block_m, int(w), args.repeats) for w in args.warps.split(",")]
     print(f"{torch.cuda.get_device_name(device)}, SM clock {mhz} MHz (cycles / that = us), {args.shape} M = 1")
     for r in rows:
         us = {p: c / mhz for p, c in r["cycles"].items()}
-        print(f"warps {r['warps']:2d}: " + "  ".join(f"{p} {c:6.0f} cyc {us[p]:5.2f} us" for p, c in r["cycles"].items())
+        print(f"sort picks {int(r['sort_picks'])} warps {r['warps']:2d}: " + "  ".join(f"{p} {c:6.0f} cyc {us[p]:5.2f} us" for p, c in r["cycles"].items())
               + f"  total {sum(us.values()):5.2f} us; outputs equal route_and_align's: {r['same_as_kernel']}")
     if args.json:
         with open(args.json, "w") as f:

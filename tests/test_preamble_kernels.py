@@ -51,7 +51,9 @@ ROUTING_SPECS = {
 
 @pytest.mark.parametrize("name", list(ROUTING_SPECS))
 @pytest.mark.parametrize("M", [1, 19])
-def test_select_experts(name, M):
+@pytest.mark.parametrize("sort_picks", [False, True], ids=["picks-one-by-one", "picks-by-sort"])
+def test_select_experts(name, M, sort_picks, monkeypatch):
+    monkeypatch.setattr(topk_kernel, "SORT_PICKS", sort_picks)
     spec = MoESpec(hidden_size=8, intermediate_size=8, **ROUTING_SPECS[name])
     logits = torch.randn(M, spec.num_experts, device=DEVICE)
     bias = 0.1 * torch.randn(spec.num_experts, device=DEVICE) if spec.correction_bias else None
@@ -64,7 +66,9 @@ def test_select_experts(name, M):
     torch.testing.assert_close(weights[clean], ref_weights[clean], rtol=1e-5, atol=1e-6)
 
 
-def test_group_top2_sum_counts_a_tied_maximum_twice():
+@pytest.mark.parametrize("sort_picks", [False, True], ids=["picks-one-by-one", "picks-by-sort"])
+def test_group_top2_sum_counts_a_tied_maximum_twice(sort_picks, monkeypatch):
+    monkeypatch.setattr(topk_kernel, "SORT_PICKS", sort_picks)
     # Group 0's top two are equal (3 + 3 = 6 beats group 1's 3.5 + 2); dropping every copy of the
     # maximum would score group 0 as 3 + 0 and pick group 1 instead.
     spec = MoESpec(hidden_size=8, intermediate_size=8, num_experts=8, top_k=2, scoring="none", n_group=2,

@@ -25,7 +25,8 @@ ALIGN_CASES = seeds(2000, 60)
 
 
 @pytest.mark.parametrize("seed", ROUTING_CASES)
-def test_random_routing_kernel(seed):
+def test_random_routing_kernel(seed, monkeypatch):
+    monkeypatch.setattr(topk_kernel, "SORT_PICKS", seed % 2 == 1)  # the picks one by one, or by one sort
     spec = random_spec(seed)
     kind = input_kind(seed)
     M = random_m(seed, big=40)
@@ -57,7 +58,8 @@ def _logit_uncertainty(spec: MoESpec, normed: torch.Tensor, router_weight: torch
 
 
 @pytest.mark.parametrize("seed", PREAMBLE_CASES)
-def test_random_fused_preamble(seed):
+def test_random_fused_preamble(seed, monkeypatch):
+    monkeypatch.setattr(topk_kernel, "SORT_PICKS", seed % 3 == 1)
     spec = random_spec(seed)
     kind = input_kind(seed)
     M = random_m(seed)
@@ -115,8 +117,10 @@ def test_random_align_kernel(seed):
 # --------------------------------------------------------------------------- the tie rule
 @pytest.mark.parametrize("scoring", ["softmax", "sigmoid", "none"])
 @pytest.mark.parametrize("before", [True, False])
-def test_tie_rule_lower_index_first_and_repeatable(scoring, before):
+@pytest.mark.parametrize("sort_picks", [False, True], ids=["picks-one-by-one", "picks-by-sort"])
+def test_tie_rule_lower_index_first_and_repeatable(scoring, before, sort_picks, monkeypatch):
     """Exactly equal choice values: the kernel takes the lower expert index first, every time."""
+    monkeypatch.setattr(topk_kernel, "SORT_PICKS", sort_picks)
     spec = MoESpec(hidden_size=8, intermediate_size=8, num_experts=24, top_k=5, scoring=scoring,
                    score_before_topk=before, renormalize=True)
     g = torch.Generator().manual_seed(5)

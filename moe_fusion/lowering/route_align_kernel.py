@@ -38,7 +38,7 @@ def _route_align_kernel(
     ROWS: tl.constexpr, N_GROUP: tl.constexpr, G_PAD: tl.constexpr, EPG: tl.constexpr,
     EPG_PAD: tl.constexpr, TOP_K: tl.constexpr, K_PAD: tl.constexpr, TOPK_GROUP: tl.constexpr,
     SCORING: tl.constexpr, SCORE_BEFORE_TOPK: tl.constexpr, HAS_BIAS: tl.constexpr,
-    GROUP_MAX: tl.constexpr, RENORMALIZE: tl.constexpr, ROUND_TO: tl.constexpr,
+    GROUP_MAX: tl.constexpr, RENORMALIZE: tl.constexpr, ROUND_TO: tl.constexpr, SORT_PICKS: tl.constexpr,
     TOKENS: tl.constexpr, L_PAD: tl.constexpr, HAS_MAP: tl.constexpr, ONE_CHUNK: tl.constexpr,
     ONE_TILE: tl.constexpr, PDL: tl.constexpr,
 ):
@@ -55,7 +55,7 @@ def _route_align_kernel(
         ids = route_rows(
             logits_ptr, stride_lm, bias, ids_ptr, weights_ptr, stride_om, 0, M, renorm_eps, routed_scale,
             ROWS, N_GROUP, G_PAD, EPG, EPG_PAD, TOP_K, K_PAD, TOPK_GROUP, SCORING, SCORE_BEFORE_TOPK, HAS_BIAS,
-            GROUP_MAX, RENORMALIZE, ROUND_TO, False,
+            GROUP_MAX, RENORMALIZE, ROUND_TO, SORT_PICKS, False,
         )
         if HAS_MAP:  # local_of_column at each id: a one-hot max over the columns
             hit = expert[:, None, :] == ids[:, :, None]
@@ -71,7 +71,7 @@ def _route_align_kernel(
             route_rows(
                 logits_ptr, stride_lm, bias, ids_ptr, weights_ptr, stride_om, row0, M, renorm_eps, routed_scale,
                 ROWS, N_GROUP, G_PAD, EPG, EPG_PAD, TOP_K, K_PAD, TOPK_GROUP, SCORING, SCORE_BEFORE_TOPK,
-                HAS_BIAS, GROUP_MAX, RENORMALIZE, ROUND_TO, False,
+                HAS_BIAS, GROUP_MAX, RENORMALIZE, ROUND_TO, SORT_PICKS, False,
             )
         tl.debug_barrier()  # every thread's ids are stored before any thread reads them back
         align_pairs_cta(ids_ptr, stride_om, map_ptr, sorted_ptr, tile_expert_ptr, num_tiles_ptr, M, L, block_m,

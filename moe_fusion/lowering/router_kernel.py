@@ -95,7 +95,7 @@ def _router_route_align_kernel(
     ROWS: tl.constexpr, N_GROUP: tl.constexpr, G_PAD: tl.constexpr, EPG: tl.constexpr,
     EPG_PAD: tl.constexpr, TOP_K: tl.constexpr, K_PAD: tl.constexpr, TOPK_GROUP: tl.constexpr,
     SCORING: tl.constexpr, SCORE_BEFORE_TOPK: tl.constexpr, HAS_BIAS: tl.constexpr,
-    GROUP_MAX: tl.constexpr, RENORMALIZE: tl.constexpr, ROUND_TO: tl.constexpr,
+    GROUP_MAX: tl.constexpr, RENORMALIZE: tl.constexpr, ROUND_TO: tl.constexpr, SORT_PICKS: tl.constexpr,
     TOKENS: tl.constexpr, L_PAD: tl.constexpr, HAS_MAP: tl.constexpr, ONE_CHUNK: tl.constexpr,
     ALIGN: tl.constexpr, PDL: tl.constexpr,
 ):
@@ -119,7 +119,7 @@ def _router_route_align_kernel(
         wait_until(counters_ptr, gemm_programs)
         route_rows(logits_ptr, stride_lm, bias, ids_ptr, weights_ptr, stride_om, (pid - gemm_programs) * ROWS, M,
                    renorm_eps, routed_scale, ROWS, N_GROUP, G_PAD, EPG, EPG_PAD, TOP_K, K_PAD, TOPK_GROUP, SCORING,
-                   SCORE_BEFORE_TOPK, HAS_BIAS, GROUP_MAX, RENORMALIZE, ROUND_TO, True)
+                   SCORE_BEFORE_TOPK, HAS_BIAS, GROUP_MAX, RENORMALIZE, ROUND_TO, SORT_PICKS, True)
         if ALIGN:
             count_done(counters_ptr + 1)
     else:

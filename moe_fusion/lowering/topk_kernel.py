@@ -29,6 +29,10 @@ ROWS_TILE = 256
 # cross-warp barrier. H100 v5: dsv3 (one 256-expert row per program) 0.3-0.5 us faster at every M
 # than with 4 warps; qwen3's 2-row tiles (M >= 2) 1 us slower on one warp, so those keep 4.
 ONE_WARP_ROUTE_TILE = 256
+# The top-k picks by one bitonic top-k of the row (tl.topk) instead of one row-wide max per pick.
+# Inside route_align at dsv3 M = 1 the routing of one row took 2.8 us, most of it the 8 picks
+# (H100, session 13, benchmarks/gpu_route_align_phases.py).
+SORT_PICKS = False
 
 
 @triton.jit
@@ -46,6 +50,7 @@ def _score(logits, valid, axis_max, SCORING: tl.constexpr):
 # word, the index's low 31 bits inverted in the low word, so the largest key is the largest value
 # and, among equal values, the lowest index. One reduction per pick instead of a max and an argmin.
 NO_KEY = tl.constexpr(-0x7FFFFFFFFFFFFFFF - 1)
+MAX_KEY = tl.constexpr(0x7FFFFFFFFFFFFFFF)
 
 
 @triton.jit
@@ -82,13 +87,46 @@ def load_route_bias(bias_ptr, HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr, G_P
 
 
 @triton.jit
+def _picks_one_by_one(keys, ROWS: tl.constexpr, E_PAD: tl.constexpr, TOP_K: tl.constexpr, K_PAD: tl.constexpr,
+                      E: tl.constexpr):
+    """The TOP_K largest keys of each row, one max per pick: the ids [ROWS, K_PAD] in pick order (0
+    past TOP_K), and the slot that picked each column [ROWS, E_PAD] (-1 for none)."""
+    k = tl.arange(0, K_PAD)
+    ids = tl.zeros((ROWS, K_PAD), dtype=tl.int32)
+    slot_of = tl.full((ROWS, E_PAD), -1, tl.int32)
+    for slot in tl.static_range(TOP_K):
+        best = tl.max(keys, axis=1)
+        picked = tl.minimum(_index_of(best), E - 1)  # a row of only NaN has no key
+        ids = tl.where(k[None, :] == slot, picked[:, None], ids)
+        taken = keys == best[:, None]
+        slot_of = tl.where(taken, slot, slot_of)
+        keys = tl.where(taken, NO_KEY, keys)
+    return ids, slot_of
+
+
+@triton.jit
+def _picks_by_sort(keys, ROWS: tl.constexpr, E_PAD: tl.constexpr, TOP_K: tl.constexpr, K_PAD: tl.constexpr,
+                   E: tl.constexpr):
+    """_picks_one_by_one's result from one bitonic top-K_PAD of each row (tl.topk): a few compare-and-
+    swap rounds, each at most one exchange between threads, instead of TOP_K dependent reductions of a
+    whole row. Keys are distinct (each holds its column's index), so the order is the picks' order, and
+    a column's slot is the number of larger keys among the top TOP_K."""
+    k = tl.arange(0, K_PAD)
+    top = tl.topk(keys, K_PAD, dim=1)  # [ROWS, K_PAD], descending
+    ids = tl.where(k[None, :] < TOP_K, tl.minimum(_index_of(top), E - 1), 0)
+    last = tl.min(tl.where(k[None, :] < TOP_K, top, MAX_KEY), axis=1)
+    larger = tl.sum((top[:, :, None] > keys[:, None, :]).to(tl.int32), axis=1)
+    return ids, tl.where(keys >= last[:, None], larger, -1)
+
+
+@triton.jit
 def route_rows(
     logits_ptr, stride_lm, bias, ids_ptr, weights_ptr, stride_om, row0, M,
     renorm_eps, routed_scale,
     ROWS: tl.constexpr, N_GROUP: tl.constexpr, G_PAD: tl.constexpr, EPG: tl.constexpr,
     EPG_PAD: tl.constexpr, TOP_K: tl.constexpr, K_PAD: tl.constexpr, TOPK_GROUP: tl.constexpr,
     SCORING: tl.constexpr, SCORE_BEFORE_TOPK: tl.constexpr, HAS_BIAS: tl.constexpr,
-    GROUP_MAX: tl.constexpr, RENORMALIZE: tl.constexpr, ROUND_TO: tl.constexpr,
+    GROUP_MAX: tl.constexpr, RENORMALIZE: tl.constexpr, ROUND_TO: tl.constexpr, SORT_PICKS: tl.constexpr,
     VOLATILE_LOGITS: tl.constexpr,
 ):
     """Routes rows [row0, row0 + ROWS) of the fp32 logits [M, E]; writes ids (int32) and weights (fp32).
@@ -96,8 +134,9 @@ def route_rows(
 
     Column c of the [ROWS, G_PAD * EPG_PAD] tile is expert (c / EPG_PAD) * EPG + c % EPG_PAD (powers
     of two: shifts and masks), so groups are contiguous column ranges and a reshape gives the
-    [ROWS, G_PAD, EPG_PAD] view the group scores need. The top-k loop stays 2-D: one int64 max
-    (``_keys``) per pick, reduced along the row. Returns the ids tile [ROWS, K_PAD].
+    [ROWS, G_PAD, EPG_PAD] view the group scores need. The picks work on int64 keys (``_keys``),
+    one max per pick along the row, or with SORT_PICKS one bitonic top-k. Returns the ids tile
+    [ROWS, K_PAD].
     """
     E_PAD: tl.constexpr = G_PAD * EPG_PAD
     rows = row0 + tl.arange(0, ROWS)
@@ -125,16 +164,11 @@ def route_rows(
     else:
         choice = logits
 
-    ids = tl.zeros((ROWS, K_PAD), dtype=tl.int32)
-    slot_of = tl.full((ROWS, E_PAD), -1, tl.int32)  # the top-k slot that picked each column, -1 if none
     keys = _keys(choice, expert, col_ok & (rows >= 0)[:, None])
-    for slot in tl.static_range(TOP_K):
-        best = tl.max(keys, axis=1)
-        picked = tl.minimum(_index_of(best), N_GROUP * EPG - 1)  # a row of only NaN has no key
-        ids = tl.where(k[None, :] == slot, picked[:, None], ids)
-        taken = keys == best[:, None]
-        slot_of = tl.where(taken, slot, slot_of)
-        keys = tl.where(taken, NO_KEY, keys)
+    if SORT_PICKS and K_PAD > 1:  # one pick is one max either way
+        ids, slot_of = _picks_by_sort(keys, ROWS, E_PAD, TOP_K, K_PAD, N_GROUP * EPG)
+    else:
+        ids, slot_of = _picks_one_by_one(keys, ROWS, E_PAD, TOP_K, K_PAD, N_GROUP * EPG)
 
     # Weights in the columns, from the scores already in registers, then stored at their slots: no
     # second read of the chosen logits, a memory round trip at the end of the dependent chain (on the
@@ -193,7 +227,7 @@ def _topk_kernel(
     ROWS: tl.constexpr, N_GROUP: tl.constexpr, G_PAD: tl.constexpr, EPG: tl.constexpr,
     EPG_PAD: tl.constexpr, TOP_K: tl.constexpr, K_PAD: tl.constexpr, TOPK_GROUP: tl.constexpr,
     SCORING: tl.constexpr, SCORE_BEFORE_TOPK: tl.constexpr, HAS_BIAS: tl.constexpr,
-    GROUP_MAX: tl.constexpr, RENORMALIZE: tl.constexpr, ROUND_TO: tl.constexpr, PDL: tl.constexpr,
+    GROUP_MAX: tl.constexpr, RENORMALIZE: tl.constexpr, ROUND_TO: tl.constexpr, SORT_PICKS: tl.constexpr, PDL: tl.constexpr,
 ):
     bias = load_route_bias(bias_ptr, HAS_BIAS, N_GROUP, G_PAD, EPG, EPG_PAD)
     if PDL:  # a programmatic dependent launch of the router GEMM; the alignment kernel follows it
@@ -202,7 +236,7 @@ def _topk_kernel(
     route_rows(
         logits_ptr, stride_lm, bias, ids_ptr, weights_ptr, stride_om, tl.program_id(0) * ROWS, M,
         renorm_eps, routed_scale, ROWS, N_GROUP, G_PAD, EPG, EPG_PAD, TOP_K, K_PAD, TOPK_GROUP, SCORING,
-        SCORE_BEFORE_TOPK, HAS_BIAS, GROUP_MAX, RENORMALIZE, ROUND_TO, False,
+        SCORE_BEFORE_TOPK, HAS_BIAS, GROUP_MAX, RENORMALIZE, ROUND_TO, SORT_PICKS, False,
     )
 
 
@@ -220,7 +254,7 @@ def route_meta(spec: MoESpec, logit_dtype: torch.dtype, M: int = 1 << 30, max_ti
         EPG=spec.experts_per_group, EPG_PAD=epg_pad, TOP_K=spec.top_k, K_PAD=triton.next_power_of_2(spec.top_k),
         TOPK_GROUP=spec.topk_group, SCORING=SCORING_CODES[spec.scoring], SCORE_BEFORE_TOPK=spec.score_before_topk,
         HAS_BIAS=spec.correction_bias, GROUP_MAX=spec.group_score == "max", RENORMALIZE=spec.renormalize,
-        ROUND_TO=round_to,
+        ROUND_TO=round_to, SORT_PICKS=SORT_PICKS,
     )
 
 
