@@ -53,7 +53,8 @@ def _route_align_phases_kernel(
     ROWS: tl.constexpr, N_GROUP: tl.constexpr, G_PAD: tl.constexpr, EPG: tl.constexpr,
     EPG_PAD: tl.constexpr, TOP_K: tl.constexpr, K_PAD: tl.constexpr, TOPK_GROUP: tl.constexpr,
     SCORING: tl.constexpr, SCORE_BEFORE_TOPK: tl.constexpr, HAS_BIAS: tl.constexpr,
-    GROUP_MAX: tl.constexpr, RENORMALIZE: tl.constexpr, ROUND_TO: tl.constexpr, SORT_PICKS: tl.constexpr, L_PAD: tl.constexpr,
+    GROUP_MAX: tl.constexpr, RENORMALIZE: tl.constexpr, ROUND_TO: tl.constexpr, SORT_PICKS: tl.constexpr,
+    L_PAD: tl.constexpr,
 ):
     start = _cycles_after(M)
     bias = load_route_bias(bias_ptr, HAS_BIAS, N_GROUP, G_PAD, EPG, EPG_PAD)
@@ -119,8 +120,9 @@ def main(argv=None) -> int:
     print(f"{torch.cuda.get_device_name(device)}, SM clock {mhz} MHz (cycles / that = us), {args.shape} M = 1")
     for r in rows:
         us = {p: c / mhz for p, c in r["cycles"].items()}
-        print(f"sort picks {int(r['sort_picks'])} warps {r['warps']:2d}: " + "  ".join(f"{p} {c:6.0f} cyc {us[p]:5.2f} us" for p, c in r["cycles"].items())
-              + f"  total {sum(us.values()):5.2f} us; outputs equal route_and_align's: {r['same_as_kernel']}")
+        phases = "  ".join(f"{p} {c:6.0f} cyc {us[p]:5.2f} us" for p, c in r["cycles"].items())
+        print(f"sort picks {int(r['sort_picks'])} warps {r['warps']:2d}: {phases}  total {sum(us.values()):5.2f} us; "
+              f"outputs equal route_and_align's: {r['same_as_kernel']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(device), sm_mhz=mhz, rows=rows), f, indent=1)
