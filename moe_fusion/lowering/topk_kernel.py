@@ -29,10 +29,13 @@ ROWS_TILE = 256
 # cross-warp barrier. H100 v5: dsv3 (one 256-expert row per program) 0.3-0.5 us faster at every M
 # than with 4 warps; qwen3's 2-row tiles (M >= 2) 1 us slower on one warp, so those keep 4.
 ONE_WARP_ROUTE_TILE = 256
-# The top-k picks by one bitonic top-k of the row (tl.topk) instead of one row-wide max per pick.
-# Inside route_align at dsv3 M = 1 the routing of one row took 2.8 us, most of it the 8 picks
-# (H100, session 13, benchmarks/gpu_route_align_phases.py).
-SORT_PICKS = False
+# Programs of more than one warp make the top-k picks by one bitonic top-k of the row (tl.topk)
+# instead of one row-wide max per pick (picks_by_sort). H100, session 13, dsv3 at M = 1: inside
+# route_align (4 warps) the routing of one row took 2.04 instead of 2.79 us
+# (benchmarks/gpu_route_align_phases.py) and the preamble 7.9 instead of 8.6 us; on one warp
+# the sort was slower (3.25 against 2.57 us; the preamble at M = 4 / 16 10.7 / 13.6 against
+# 9.9 / 12.8 us, where the routing kernel runs one row per one-warp program).
+SORT_PICKS = True
 
 
 @triton.jit
@@ -255,8 +258,13 @@ def route_meta(spec: MoESpec, logit_dtype: torch.dtype, M: int = 1 << 30, max_ti
         EPG=spec.experts_per_group, EPG_PAD=epg_pad, TOP_K=spec.top_k, K_PAD=triton.next_power_of_2(spec.top_k),
         TOPK_GROUP=spec.topk_group, SCORING=SCORING_CODES[spec.scoring], SCORE_BEFORE_TOPK=spec.score_before_topk,
         HAS_BIAS=spec.correction_bias, GROUP_MAX=spec.group_score == "max", RENORMALIZE=spec.renormalize,
-        ROUND_TO=round_to, SORT_PICKS=SORT_PICKS,
+        ROUND_TO=round_to,
     )
+
+
+def picks_by_sort(num_warps: int) -> bool:
+    """route_rows' SORT_PICKS for a program of ``num_warps`` warps (see SORT_PICKS)."""
+    return SORT_PICKS and num_warps > 1
 
 
 def route_warps(meta: dict) -> int:
@@ -284,7 +292,8 @@ def select_experts(spec: MoESpec, logits: torch.Tensor, correction_bias, model_d
     bias = correction_bias if spec.correction_bias else logits
     _topk_kernel[(triton.cdiv(M, meta["ROWS"]),)](
         logits, logits.stride(0), bias, ids, weights, ids.stride(0), M, spec.renormalize_eps,
-        spec.routed_scaling_factor, **meta, PDL=pdl, num_warps=route_warps(meta),
+        spec.routed_scaling_factor, **meta, SORT_PICKS=picks_by_sort(route_warps(meta)), PDL=pdl,
+        num_warps=route_warps(meta),
         **pdl_launch(pdl),
     )
     return ids, weights
