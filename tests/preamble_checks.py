@@ -10,11 +10,17 @@ import os
 
 import torch
 
-from moe_fusion.lowering import reference
+from moe_fusion.lowering import reference, topk_kernel
 from moe_fusion.spec import FP8_DTYPE, MoESpec
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 TIE = 1e-6
+
+
+def force_pick_mode(monkeypatch, sort: bool) -> None:
+    """Every routing program makes its top-k picks by one sort (sort) or one max per pick, whatever its
+    warps (topk_kernel.picks_by_sort chooses by warps), so both paths are tested on every shape."""
+    monkeypatch.setattr(topk_kernel, "picks_by_sort", lambda num_warps: sort)
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ from moe_fusion.lowering import align_kernel, reference, topk_kernel
 from moe_fusion.lowering.norm_quant_kernel import N_COUNTERS, norm_quant
 from moe_fusion.spec import MoESpec
 from preamble_checks import (
-    assert_fp8_matches, assert_normed_close, clean_rows, poisoned_empty,
+    assert_fp8_matches, assert_normed_close, clean_rows, force_pick_mode, poisoned_empty,
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -53,7 +53,7 @@ ROUTING_SPECS = {
 @pytest.mark.parametrize("M", [1, 19])
 @pytest.mark.parametrize("sort_picks", [False, True], ids=["picks-one-by-one", "picks-by-sort"])
 def test_select_experts(name, M, sort_picks, monkeypatch):
-    monkeypatch.setattr(topk_kernel, "SORT_PICKS", sort_picks)
+    force_pick_mode(monkeypatch, sort_picks)
     spec = MoESpec(hidden_size=8, intermediate_size=8, **ROUTING_SPECS[name])
     logits = torch.randn(M, spec.num_experts, device=DEVICE)
     bias = 0.1 * torch.randn(spec.num_experts, device=DEVICE) if spec.correction_bias else None
@@ -68,7 +68,7 @@ def test_select_experts(name, M, sort_picks, monkeypatch):
 
 @pytest.mark.parametrize("sort_picks", [False, True], ids=["picks-one-by-one", "picks-by-sort"])
 def test_group_top2_sum_counts_a_tied_maximum_twice(sort_picks, monkeypatch):
-    monkeypatch.setattr(topk_kernel, "SORT_PICKS", sort_picks)
+    force_pick_mode(monkeypatch, sort_picks)
     # Group 0's top two are equal (3 + 3 = 6 beats group 1's 3.5 + 2); dropping every copy of the
     # maximum would score group 0 as 3 + 0 and pick group 1 instead.
     spec = MoESpec(hidden_size=8, intermediate_size=8, num_experts=8, top_k=2, scoring="none", n_group=2,

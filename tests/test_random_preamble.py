@@ -11,7 +11,8 @@ import pytest
 from moe_fusion.lowering import align_kernel, preamble, reference, topk_kernel
 from moe_fusion.spec import MoESpec, MoEWeights
 from preamble_checks import (
-    assert_alignment_matches, assert_fp8_matches, assert_normed_close, one_launch_plan, poisoned_empty,
+    assert_alignment_matches, assert_fp8_matches, assert_normed_close, force_pick_mode, one_launch_plan,
+    poisoned_empty,
 )
 from random_specs import (
     STATS, check_routing, gemm_error_bound, input_kind, random_expert_map, random_hidden, random_layer_weights,
@@ -26,7 +27,7 @@ ALIGN_CASES = seeds(2000, 60)
 
 @pytest.mark.parametrize("seed", ROUTING_CASES)
 def test_random_routing_kernel(seed, monkeypatch):
-    monkeypatch.setattr(topk_kernel, "SORT_PICKS", seed % 2 == 1)  # the picks one by one, or by one sort
+    force_pick_mode(monkeypatch, seed % 2 == 1)  # the picks one by one, or by one sort
     spec = random_spec(seed)
     kind = input_kind(seed)
     M = random_m(seed, big=40)
@@ -59,7 +60,7 @@ def _logit_uncertainty(spec: MoESpec, normed: torch.Tensor, router_weight: torch
 
 @pytest.mark.parametrize("seed", PREAMBLE_CASES)
 def test_random_fused_preamble(seed, monkeypatch):
-    monkeypatch.setattr(topk_kernel, "SORT_PICKS", seed % 3 == 1)
+    force_pick_mode(monkeypatch, seed % 3 == 1)
     spec = random_spec(seed)
     kind = input_kind(seed)
     M = random_m(seed)
@@ -120,7 +121,7 @@ def test_random_align_kernel(seed):
 @pytest.mark.parametrize("sort_picks", [False, True], ids=["picks-one-by-one", "picks-by-sort"])
 def test_tie_rule_lower_index_first_and_repeatable(scoring, before, sort_picks, monkeypatch):
     """Exactly equal choice values: the kernel takes the lower expert index first, every time."""
-    monkeypatch.setattr(topk_kernel, "SORT_PICKS", sort_picks)
+    force_pick_mode(monkeypatch, sort_picks)
     spec = MoESpec(hidden_size=8, intermediate_size=8, num_experts=24, top_k=5, scoring=scoring,
                    score_before_topk=before, renormalize=True)
     g = torch.Generator().manual_seed(5)
