@@ -289,11 +289,11 @@ def select_experts(spec: MoESpec, logits: torch.Tensor, correction_bias, model_d
     ids = torch.empty((M, spec.top_k), dtype=torch.int32, device=logits.device) if ids is None else ids
     weights = torch.empty((M, spec.top_k), dtype=torch.float32, device=logits.device) if weights is None else weights
     meta = route_meta(spec, model_dtype, M, ROWS_TILE)
+    warps = route_warps(meta)
     bias = correction_bias if spec.correction_bias else logits
     _topk_kernel[(triton.cdiv(M, meta["ROWS"]),)](
         logits, logits.stride(0), bias, ids, weights, ids.stride(0), M, spec.renormalize_eps,
-        spec.routed_scaling_factor, **meta, SORT_PICKS=picks_by_sort(route_warps(meta)), PDL=pdl,
-        num_warps=route_warps(meta),
+        spec.routed_scaling_factor, **meta, SORT_PICKS=picks_by_sort(warps), PDL=pdl, num_warps=warps,
         **pdl_launch(pdl),
     )
     return ids, weights
