@@ -6,7 +6,7 @@ import torch
 import pytest
 
 from moe_cases import dsv3_like
-from moe_fusion.lowering import preamble, topk_kernel
+from moe_fusion.lowering import preamble, route_align_kernel, topk_kernel
 from moe_fusion.spec import MoESpec
 from preamble_checks import check_preamble, one_launch_plan, poisoned_empty, preamble_weights, real_shapes
 
@@ -52,7 +52,7 @@ def test_one_launch_and_general_paths_match_reference(name, M, block_m, path):
 
 @pytest.mark.parametrize("name,routed_with_alignment", [("dsv3_experts_fp16", (1,)), ("one_group_top1_no_norm", (1, 2, 4))])
 def test_few_tokens_route_and_align_in_one_program(name, routed_with_alignment):
-    """The plan: one program while tokens x padded experts <= ROUTE_ALIGN_MAX_TILE (256 experts: one
+    """The plan: one program while tokens x padded experts <= route_align_kernel.ROUTE_ALIGN_MAX_TILE (256 experts: one
     token; 10 experts, padded to 16: up to 16 tokens)."""
     spec = SMALL[name]
     for M in (1, 2, 4):
@@ -61,9 +61,21 @@ def test_few_tokens_route_and_align_in_one_program(name, routed_with_alignment):
     check_preamble(*_run(spec, routed_with_alignment[-1], 4), block_m=4)
 
 
+@pytest.mark.parametrize("name", ["dsv3_experts_fp16", "groups_not_pow2_fp16_fp8"])
+def test_route_align_routes_several_rows_as_one_tile(name, monkeypatch):
+    """With a tile of 4 rows the planner gives 3 tokens to the one program, which routes them as one
+    tile (grouped top-k of every row at once) and aligns from the ids in registers."""
+    spec = SMALL[name]
+    monkeypatch.setattr(route_align_kernel, "ROUTE_ALIGN_MAX_TILE", 4 * topk_kernel.padded_experts(spec))
+    assert topk_kernel.route_meta(spec, spec.torch_dtype, 3, route_align_kernel.ROUTE_ALIGN_MAX_TILE)["ROWS"] == 4
+    plan = preamble.plan_preamble(spec, 3, spec.torch_dtype, spec.torch_dtype, torch.device(DEVICE))
+    assert plan.align == "with_routing"
+    check_preamble(*_run(spec, 3, 4, plan=plan), block_m=4)
+
+
 def test_general_path_matches_reference():
     spec = SMALL["groups_not_pow2_fp16_fp8"]
-    M = max(preamble.FUSED_MAX_M, preamble.ROUTE_ALIGN_MAX_TILE // topk_kernel.padded_experts(spec)) + 3
+    M = max(preamble.FUSED_MAX_M, route_align_kernel.ROUTE_ALIGN_MAX_TILE // topk_kernel.padded_experts(spec)) + 3
     plan = preamble.plan_preamble(spec, M, spec.torch_dtype, spec.torch_dtype, torch.device(DEVICE))
     assert not plan.fused and plan.route == "kernel" and plan.align == "kernel"
     check_preamble(*_run(spec, M, 8), block_m=8)

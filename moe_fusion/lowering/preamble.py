@@ -30,7 +30,7 @@ import triton
 
 from ..spec import MoESpec, MoEWeights
 from .unsupported import Unsupported
-from . import align_kernel, reference, topk_kernel
+from . import align_kernel, reference, route_align_kernel, topk_kernel
 from .grid_sync import pdl_launch
 from .norm_quant_kernel import N_COUNTERS, norm_quant
 from .route_align_kernel import route_and_align
@@ -39,13 +39,6 @@ from .router_kernel import _router_kernel, _router_route_align_kernel
 # Largest M for the one-launch path: none (v5, H100: dsv3 M = 1 11.8 vs 10.0 us, mixtral 9.9 vs
 # 5.4 us, and no better at any other M). Its router tile holds all rows, so at most 64 if re-enabled.
 FUSED_MAX_M = 0
-# One program routes and aligns (route_align_kernel) instead of the routing kernel and the alignment
-# kernel each launching, while tokens x padded experts stay within this tile. H100, session 6, the
-# preamble at M = 1 / 2 / 4, µs, two launches against one program: mixtral (8 experts) 5.05 / 5.10 /
-# 5.11 against 4.16 / 4.54 / 4.77; qwen3 (128) 6.54 / 7.38 / 7.73 against 6.61 / 6.94 / 9.29; dsv3
-# (256) 8.48 / 8.99 against 8.43 / 11.81; dsv3-ep8 M = 1 8.59 against 8.32. Above the tile one
-# program routing its rows one after another costs more than the launch it saves.
-ROUTE_ALIGN_MAX_TILE = 256
 # Each kernel after the norm is a programmatic dependent launch (CUDA): it starts while the kernel
 # before it runs and waits (griddepcontrol.wait) before reading that kernel's outputs.
 USE_PDL = True
@@ -134,7 +127,7 @@ def plan_preamble(spec: MoESpec, M: int, normed_dtype: torch.dtype, router_dtype
     fused = route == "kernel" and align_ok and 0 < M <= FUSED_MAX_M
     if fused:
         align = "fused"
-    elif route == "kernel" and align_ok and 0 < M * topk_kernel.padded_experts(spec) <= ROUTE_ALIGN_MAX_TILE:
+    elif route == "kernel" and align_ok and 0 < M * topk_kernel.padded_experts(spec) <= route_align_kernel.ROUTE_ALIGN_MAX_TILE:
         align = "with_routing"
     elif align_ok and M <= align_kernel.ALIGN_KERNEL_MAX_M:
         align = "kernel"

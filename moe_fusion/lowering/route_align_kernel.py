@@ -7,7 +7,7 @@ so each launch costs mostly its start and its wait for the one before it; one pr
 When its rows fit one routing tile it aligns from the ids still in registers; otherwise it reads
 its own ids back after a barrier (global writes of one program are visible to its own threads
 after it). Above a few tokens the row-parallel routing kernel is faster, since one program
-routes rows one after another (preamble.ROUTE_ALIGN_MAX_TILE).
+routes rows one after another (ROUTE_ALIGN_MAX_TILE).
 Reference: reference.select_experts, then reference.align_pairs.
 """
 from __future__ import annotations
@@ -29,6 +29,12 @@ from .topk_kernel import load_route_bias, route_columns, route_rows
 # where the alignment works on the ids in registers (one tile of rows): H100, session 9, dsv3
 # preamble at M = 1 on 4 / 2 / 1 warps 8.9 / 10.1 / 11.9 us; dsv3-ep8 8.7 / 8.8 / 8.7.
 ROUTE_ALIGN_WARPS = 4
+# The planner picks this program while tokens x padded experts stay within this tile, and the program
+# then routes all its rows as one tile. H100, session 6, the preamble at M = 1 / 2 / 4, µs, two
+# launches against one program (which then routed 256-column tiles in turn): mixtral (8 experts)
+# 5.05 / 5.10 / 5.11 against 4.16 / 4.54 / 4.77; qwen3 (128) 6.54 / 7.38 / 7.73 against 6.61 / 6.94 /
+# 9.29; dsv3 (256) 8.48 / 8.99 against 8.43 / 11.81; dsv3-ep8 M = 1 8.59 against 8.32.
+ROUTE_ALIGN_MAX_TILE = 256
 
 
 @triton.jit
@@ -85,7 +91,7 @@ def route_and_align(spec: MoESpec, logits: torch.Tensor, correction_bias: torch.
     program; returns the alignment (sorted pair ids, tile expert, number of tiles)."""
     M, L = logits.shape[0], spec.num_local_experts
     sorted_ids, tile_expert, num_tiles = align_kernel.alloc_align_outputs(M, spec.top_k, L, block_m, logits.device)
-    route = topk_kernel.route_meta(spec, model_dtype, M, topk_kernel.ROWS_TILE)
+    route = topk_kernel.route_meta(spec, model_dtype, M, ROUTE_ALIGN_MAX_TILE)
     align = align_kernel.align_meta_after_routing(L, spec.top_k, expert_map, M)
     _route_align_kernel[(1,)](
         logits, logits.stride(0), correction_bias, ids, weights, ids.stride(0), M, spec.renormalize_eps,
