@@ -92,7 +92,7 @@ def test_select_experts_rounds_model_dtype_logits():
 
 @pytest.mark.parametrize("M,k,E,L,block_m", [
     (1, 1, 4, 4, 16), (5, 3, 10, 10, 4), (37, 8, 256, 32, 16), (70, 4, 12, 12, 3), (9, 2, 8, 3, 1), (300, 2, 6, 6, 64),
-    (200, 8, 256, 256, 16),  # 1600 pairs: the many-program kernel takes them in two steps
+    (200, 8, 256, 256, 16),  # 1600 pairs
 ])
 @pytest.mark.parametrize("parallel", [False, True], ids=["one-program", "many-programs"])
 @pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64])
@@ -107,6 +107,22 @@ def test_align_pairs(M, k, E, L, block_m, parallel, ids_dtype):
         got = align_kernel.align_pairs(topk_ids, expert_map, L, block_m, parallel=parallel)
     want = reference.align_pairs(topk_ids, expert_map, L, block_m)
     for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("pairs_per_chunk", [512, 4096], ids=["four-chunks", "one-chunk"])
+def test_align_pairs_many_programs_in_chunks_or_one(pairs_per_chunk, monkeypatch):
+    """The many-program kernel's two passes over the ids: in chunks of PARALLEL_PAIRS, or, where all
+    pairs fit one, from one load (the chunks' running ranks, ``before``, only in the first)."""
+    monkeypatch.setattr(align_kernel, "PARALLEL_PAIRS", pairs_per_chunk)
+    M, k, E, L = 200, 8, 64, 48
+    topk_ids = torch.stack([torch.randperm(E)[:k] for _ in range(M)]).to(torch.int32).to(DEVICE)
+    expert_map = torch.full((E,), -1, dtype=torch.int32)
+    expert_map[torch.randperm(E)[:L]] = torch.arange(L, dtype=torch.int32)
+    expert_map = expert_map.to(DEVICE)
+    with poisoned_empty():
+        got = align_kernel.align_pairs(topk_ids, expert_map, L, 8, parallel=True)
+    for g, w in zip(got, reference.align_pairs(topk_ids, expert_map, L, 8)):
         assert torch.equal(g, w)
 
 

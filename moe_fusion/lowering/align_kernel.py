@@ -47,6 +47,9 @@ ONE_PROGRAM_MAX_M = 1024
 PARALLEL_EXPERTS = 2
 PARALLEL_PAIRS = 4096
 PARALLEL_WARPS = 8
+# The many-program kernel loads the ids once where all pairs fit one chunk (its ONE_CHUNK) instead of
+# once per pass; a switch for the A/B until measured.
+ALIGN_ONE_LOAD = True
 # Above this many tokens torch's sort-based alignment is faster (H100, session 5, alignment alone,
 # dsv3: many-program kernel 54.9 / 213 us against torch's 144 / 171 at M = 4096 / 16384).
 ALIGN_KERNEL_MAX_M = 4096
@@ -176,38 +179,54 @@ def _local_experts(ids_ptr, stride_im, map_ptr, p0, num_pairs, PAIRS: tl.constex
 
 
 @triton.jit
+def _store_my_pairs(local, p0, my_e, my_start, before, sorted_ptr, PAIRS: tl.constexpr):
+    """Stores the pairs [p0, p0 + PAIRS) of my experts ``my_e`` at their sorted positions; a pair's rank
+    is the number of pairs of the same expert before it (pair order is token order), ``before``
+    counting those of earlier chunks. Returns ``before`` with this chunk's pairs added."""
+    picked = (local[:, None] == my_e[None, :]).to(tl.int32)
+    rank = tl.cumsum(picked, axis=0) - picked + before[None, :]
+    pair = p0 + tl.arange(0, PAIRS)
+    tl.store(sorted_ptr + my_start[None, :] + rank, pair[:, None] + tl.zeros_like(rank), mask=picked != 0)
+    return before + tl.sum(picked, axis=0)
+
+
+@triton.jit
 def _align_parallel_kernel(
     ids_ptr, stride_im, map_ptr, sorted_ptr, tile_expert_ptr, num_tiles_ptr, M, L, block_m, max_tiles,
     PAIRS: tl.constexpr, L_PAD: tl.constexpr, EXPERTS: tl.constexpr, TOP_K: tl.constexpr, HAS_MAP: tl.constexpr,
-    PDL: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr,
+    ONE_CHUNK: tl.constexpr, PDL: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr,
 ):
     """One program per EXPERTS local experts. Each counts every expert's pairs (a histogram of the
     ids: every program needs the runs before its own), then writes its experts' tiles, padding
-    and pairs, and a strided share of the unused tail; no program waits for another."""
+    and pairs, and a strided share of the unused tail; no program waits for another. ONE_CHUNK
+    (all pairs in one chunk of PAIRS): the ids are loaded once for both passes, so the ranking does
+    not wait for a second round trip to the ids and the expert map."""
     if LAUNCH_DEPENDENTS:
         tl.extra.cuda.gdc_launch_dependents()
     if PDL:
         tl.extra.cuda.gdc_wait()
     pid = tl.program_id(0)
     num_pairs = M * TOP_K
-    counts = tl.zeros((L_PAD,), dtype=tl.int32)
-    for p0 in range(0, num_pairs, PAIRS):
-        local = _local_experts(ids_ptr, stride_im, map_ptr, p0, num_pairs, PAIRS, TOP_K, HAS_MAP)
-        counts += tl.histogram(local, L_PAD, mask=local >= 0)
+    if ONE_CHUNK:
+        first = _local_experts(ids_ptr, stride_im, map_ptr, 0, num_pairs, PAIRS, TOP_K, HAS_MAP)
+        counts = tl.histogram(first, L_PAD, mask=first >= 0)
+    else:
+        counts = tl.zeros((L_PAD,), dtype=tl.int32)
+        for p0 in range(0, num_pairs, PAIRS):
+            local = _local_experts(ids_ptr, stride_im, map_ptr, p0, num_pairs, PAIRS, TOP_K, HAS_MAP)
+            counts += tl.histogram(local, L_PAD, mask=local >= 0)
     e = tl.arange(0, L_PAD)
     pair_start = _tiles_and_padding(counts, e, (e // EXPERTS == pid) & (e < L), M, block_m, num_pairs, max_tiles,
                                     sorted_ptr, tile_expert_ptr, num_tiles_ptr, pid, tl.num_programs(0))
-    # Pairs of my experts: rank = pairs of the same expert before it (pair order is token order).
     my_e = pid * EXPERTS + tl.arange(0, EXPERTS)
     my_start = tl.sum(tl.where(e[None, :] == my_e[:, None], pair_start[None, :], 0), axis=1)
     before = tl.zeros((EXPERTS,), dtype=tl.int32)
-    for p0 in range(0, num_pairs, PAIRS):
-        local = _local_experts(ids_ptr, stride_im, map_ptr, p0, num_pairs, PAIRS, TOP_K, HAS_MAP)
-        picked = (local[:, None] == my_e[None, :]).to(tl.int32)
-        rank = tl.cumsum(picked, axis=0) - picked + before[None, :]
-        pair = p0 + tl.arange(0, PAIRS)
-        tl.store(sorted_ptr + my_start[None, :] + rank, pair[:, None] + tl.zeros_like(rank), mask=picked != 0)
-        before += tl.sum(picked, axis=0)
+    if ONE_CHUNK:
+        _store_my_pairs(first, 0, my_e, my_start, before, sorted_ptr, PAIRS)
+    else:
+        for p0 in range(0, num_pairs, PAIRS):
+            local = _local_experts(ids_ptr, stride_im, map_ptr, p0, num_pairs, PAIRS, TOP_K, HAS_MAP)
+            before = _store_my_pairs(local, p0, my_e, my_start, before, sorted_ptr, PAIRS)
 
 
 def align_meta(num_local_experts: int, top_k: int, expert_map: Optional[torch.Tensor], M: int = 1 << 30) -> dict:
@@ -268,7 +287,8 @@ def align_pairs(topk_ids: torch.Tensor, expert_map: Optional[torch.Tensor], num_
         experts = min(PARALLEL_EXPERTS, l_pad)
         _align_parallel_kernel[(triton.cdiv(num_local_experts, experts),)](
             *args, PAIRS=min(PARALLEL_PAIRS, triton.next_power_of_2(M * top_k)), L_PAD=l_pad, EXPERTS=experts,
-            TOP_K=top_k, HAS_MAP=expert_map is not None, PDL=pdl, LAUNCH_DEPENDENTS=launch_dependents,
+            TOP_K=top_k, HAS_MAP=expert_map is not None, ONE_CHUNK=M * top_k <= PARALLEL_PAIRS and ALIGN_ONE_LOAD,
+            PDL=pdl, LAUNCH_DEPENDENTS=launch_dependents,
             num_warps=PARALLEL_WARPS, **launch,
         )
     else:
