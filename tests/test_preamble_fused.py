@@ -2,6 +2,7 @@
 small shapes under TRITON_INTERPRET=1 on the CPU, the benchmark's real shapes in bf16 on a GPU."""
 
 import torch
+import triton
 
 import pytest
 
@@ -70,6 +71,19 @@ def test_route_align_routes_several_rows_as_one_tile(name, monkeypatch):
     assert topk_kernel.route_meta(spec, spec.torch_dtype, 3, route_align_kernel.ROUTE_ALIGN_MAX_TILE)["ROWS"] == 4
     plan = preamble.plan_preamble(spec, 3, spec.torch_dtype, spec.torch_dtype, torch.device(DEVICE))
     assert plan.align == "with_routing"
+    check_preamble(*_run(spec, 3, 4, plan=plan), block_m=4)
+
+
+@pytest.mark.parametrize("name", ["groups_not_pow2_fp16_fp8", "dsv3_fp32_fp8"])
+@pytest.mark.parametrize("block_e,block_k", [(32, 512), (16, 128)])
+def test_narrow_router_tiles(name, block_e, block_k, monkeypatch):
+    """The router's tile for up to 16 rows: one K chunk per program in one tile (K past the hidden
+    size masked) or split over K with a masked tail, experts in blocks narrower than E."""
+    monkeypatch.setattr(preamble, "ROUTER_NARROW_BLOCK_E", block_e)
+    monkeypatch.setattr(preamble, "ROUTER_NARROW_BLOCK_K", block_k)
+    spec = SMALL[name]
+    plan = preamble.plan_preamble(spec, 3, spec.torch_dtype, spec.torch_dtype, torch.device(DEVICE))
+    assert plan.router.block_e == min(block_e, triton.next_power_of_2(spec.num_experts))
     check_preamble(*_run(spec, 3, 4, plan=plan), block_m=4)
 
 

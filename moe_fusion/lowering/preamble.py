@@ -49,6 +49,12 @@ USE_PDL = True
 # M = 64 (64 rows) 17.5 / 15.9 / 15.9 us.
 ROUTER_PROGRAMS_PER_SM = 2
 ROUTER_PROGRAMS_PER_SM_WIDE = 1
+# Router tile (experts, K for half-precision operands; fp32 operands take half the K) for tiles of up
+# to 16 rows. Each program loads its first weight tile before it waits for the norm kernel (PDL), so
+# where its whole K chunk is one tile, the norm hides the program's whole weight stream, and a longer
+# chunk means fewer split-K atomics per logit. To be measured against the wide tile (128, 64).
+ROUTER_NARROW_BLOCK_E = 128
+ROUTER_NARROW_BLOCK_K = 64
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -97,8 +103,10 @@ def router_config(M: int, E: int, H: int, dot_fp32: bool, sm_count: int, fused: 
     split_k=False gives every logit to one program (one atomic add into zero, so the same bits on
     every run: the deterministic mode); narrow expert blocks then keep some parallelism."""
     bm = max(16, triton.next_power_of_2(M)) if fused else (16 if M <= 16 else 64)
-    be = block_e or (min(max(16, triton.next_power_of_2(E)), 128) if split_k else 16)
-    bk = block_k or (32 if dot_fp32 else 64)
+    narrow = bm <= 16
+    be = block_e or (min(max(16, triton.next_power_of_2(E)), ROUTER_NARROW_BLOCK_E if narrow else 128) if split_k
+                     else 16)
+    bk = block_k or (ROUTER_NARROW_BLOCK_K if narrow else 64) // (2 if dot_fp32 else 1)
     e_blocks, m_blocks = triton.cdiv(E, be), triton.cdiv(max(M, 1), bm)
     k_blocks = triton.cdiv(H, bk)
     if programs_per_sm is None:
