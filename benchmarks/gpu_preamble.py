@@ -165,7 +165,7 @@ def warps_sweep(result):
         inputs = input_sets(spec, M, wsets)
         for route_warps in (1, 2, 4):
             for align_warps in (2, 4, 8, 16):
-                preamble.topk_kernel.route_warps = lambda meta, warps=route_warps: warps
+                preamble.topk_kernel.ROUTE_WARPS = route_warps
                 preamble.align_kernel.ALIGN_NUM_WARPS = preamble.align_kernel.ALIGN_NUM_WARPS_ABOVE_16 = align_warps
                 us = timing.graph_replay_us(ours(spec), inputs)
                 result["warps"][f"M={M} route={route_warps} align={align_warps}"] = round(us, 2)

@@ -47,9 +47,6 @@ ONE_PROGRAM_MAX_M = 1024
 PARALLEL_EXPERTS = 2
 PARALLEL_PAIRS = 4096
 PARALLEL_WARPS = 8
-# The many-program kernel loads the ids once where all pairs fit one chunk (its ONE_CHUNK) instead of
-# once per pass; a switch for the A/B until measured.
-ALIGN_ONE_LOAD = True
 # Above this many tokens torch's sort-based alignment is faster (H100, session 5, alignment alone,
 # dsv3: many-program kernel 54.9 / 213 us against torch's 144 / 171 at M = 4096 / 16384).
 ALIGN_KERNEL_MAX_M = 4096
@@ -200,7 +197,8 @@ def _align_parallel_kernel(
     ids: every program needs the runs before its own), then writes its experts' tiles, padding
     and pairs, and a strided share of the unused tail; no program waits for another. ONE_CHUNK
     (all pairs in one chunk of PAIRS): the ids are loaded once for both passes, so the ranking does
-    not wait for a second round trip to the ids and the expert map."""
+    not wait for a second round trip to the ids and the expert map (H100, session 14, dsv3 preamble at
+    M = 16 / 64: 12.8 / 15.9 -> 12.5 / 15.6 us)."""
     if LAUNCH_DEPENDENTS:
         tl.extra.cuda.gdc_launch_dependents()
     if PDL:
@@ -287,7 +285,7 @@ def align_pairs(topk_ids: torch.Tensor, expert_map: Optional[torch.Tensor], num_
         experts = min(PARALLEL_EXPERTS, l_pad)
         _align_parallel_kernel[(triton.cdiv(num_local_experts, experts),)](
             *args, PAIRS=min(PARALLEL_PAIRS, triton.next_power_of_2(M * top_k)), L_PAD=l_pad, EXPERTS=experts,
-            TOP_K=top_k, HAS_MAP=expert_map is not None, ONE_CHUNK=M * top_k <= PARALLEL_PAIRS and ALIGN_ONE_LOAD,
+            TOP_K=top_k, HAS_MAP=expert_map is not None, ONE_CHUNK=M * top_k <= PARALLEL_PAIRS,
             PDL=pdl, LAUNCH_DEPENDENTS=launch_dependents,
             num_warps=PARALLEL_WARPS, **launch,
         )

@@ -50,11 +50,16 @@ USE_PDL = True
 ROUTER_PROGRAMS_PER_SM = 2
 ROUTER_PROGRAMS_PER_SM_WIDE = 1
 # Router tile (experts, K for half-precision operands; fp32 operands take half the K) for tiles of up
-# to 16 rows. Each program loads its first weight tile before it waits for the norm kernel (PDL), so
-# where its whole K chunk is one tile, the norm hides the program's whole weight stream, and a longer
-# chunk means fewer split-K atomics per logit. To be measured against the wide tile (128, 64).
-ROUTER_NARROW_BLOCK_E = 128
-ROUTER_NARROW_BLOCK_K = 64
+# to 16 rows, its K halved up to ROUTER_FEW_ROWS rows. Each program loads its first weight tile before
+# it waits for the norm kernel (PDL); with one tile per program the norm hides the program's whole
+# weight stream, and a longer K chunk means fewer split-K atomics per logit. H100, session 14, dsv3
+# bf16 preamble (in-process A/B, benchmarks/results/s14_experiments/call3_router_tile_ab.txt), tiles
+# (experts x K) 64x256 / 64x128 / 128x128 / 16x512 / 32x128: M = 1 7.4 / 7.5 / 7.5 / 8.0 / 7.6 us,
+# M = 4 9.2 / 8.8 / 8.9 / 9.3 / 8.9, M = 8 10.3 / 10.9 / 10.9 / 10.3 / 12.6, M = 16 10.8 / 11.5 / 11.6 /
+# 12.3 / 13.3; the earlier 128x64 (one K step of 64 per program, 112 splits): 7.9 / 9.9 / 11.6 / 12.7.
+ROUTER_NARROW_BLOCK_E = 64
+ROUTER_NARROW_BLOCK_K = 256
+ROUTER_FEW_ROWS = 4
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -106,7 +111,8 @@ def router_config(M: int, E: int, H: int, dot_fp32: bool, sm_count: int, fused: 
     narrow = bm <= 16
     be = block_e or (min(max(16, triton.next_power_of_2(E)), ROUTER_NARROW_BLOCK_E if narrow else 128) if split_k
                      else 16)
-    bk = block_k or (ROUTER_NARROW_BLOCK_K if narrow else 64) // (2 if dot_fp32 else 1)
+    narrow_k = ROUTER_NARROW_BLOCK_K // (2 if M <= ROUTER_FEW_ROWS else 1)
+    bk = block_k or (narrow_k if narrow else 64) // (2 if dot_fp32 else 1)
     e_blocks, m_blocks = triton.cdiv(E, be), triton.cdiv(max(M, 1), bm)
     k_blocks = triton.cdiv(H, bk)
     if programs_per_sm is None:

@@ -24,16 +24,19 @@ from .align_kernel import align_pairs_cta, align_selection, selection_of_local_i
 from .grid_sync import pdl_launch
 from .topk_kernel import load_route_bias, route_columns, route_rows
 
-# Warps of the one program: routing one row ran best on one warp, the one-program alignment on 8
-# (topk_kernel.ONE_WARP_ROUTE_TILE, align_kernel.ALIGN_NUM_WARPS); 4 is between the two. Also
-# where the alignment works on the ids in registers (one tile of rows): H100, session 9, dsv3
-# preamble at M = 1 on 4 / 2 / 1 warps 8.9 / 10.1 / 11.9 us; dsv3-ep8 8.7 / 8.8 / 8.7.
+# Warps of the one program (the alignment works on the ids in registers where the rows fit one tile):
+# H100, session 9, dsv3 preamble at M = 1 on 4 / 2 / 1 warps 8.9 / 10.1 / 11.9 us, dsv3-ep8 8.7 / 8.8 /
+# 8.7; session 13, 4 / 8 / 16 warps 8.7 / 8.9 / 29.6 us.
 ROUTE_ALIGN_WARPS = 4
 # The planner picks this program while tokens x padded experts stay within this tile, and the program
 # then routes all its rows as one tile. H100, session 6, the preamble at M = 1 / 2 / 4, µs, two
 # launches against one program (which then routed 256-column tiles in turn): mixtral (8 experts)
 # 5.05 / 5.10 / 5.11 against 4.16 / 4.54 / 4.77; qwen3 (128) 6.54 / 7.38 / 7.73 against 6.61 / 6.94 /
-# 9.29; dsv3 (256) 8.48 / 8.99 against 8.43 / 11.81; dsv3-ep8 M = 1 8.59 against 8.32.
+# 9.29; dsv3 (256) 8.48 / 8.99 against 8.43 / 11.81; dsv3-ep8 M = 1 8.59 against 8.32. Session 14,
+# dsv3 rows as one tile of up to 4096 (16 rows) on 4 / 8 warps against the routing and alignment
+# kernels: M = 2 8.8 / 8.7 against 9.6, M = 4 11.0 / 9.9 against 9.9, M = 16 36.3 / 19.0 against 12.6;
+# with the routing kernel on 4 warps (ROUTE_WARPS) a 512 tile gains only 0.2 us at M = 2 (9.1 -> 8.9),
+# unmeasured for the other shapes, so the tile stays.
 ROUTE_ALIGN_MAX_TILE = 256
 
 

@@ -25,16 +25,16 @@ MAX_ROUTE_TILE = 4096
 # and in v4 the general path grew 12.7 -> 17.4 us from M = 1 to 4 with 4 rows per program: one
 # padded row of 256 experts per program (dsv3), more rows only for small expert counts.
 ROWS_TILE = 256
-# One warp routes a program's single row of up to this many padded experts: a pick then needs no
-# cross-warp barrier. H100 v5: dsv3 (one 256-expert row per program) 0.3-0.5 us faster at every M
-# than with 4 warps; qwen3's 2-row tiles (M >= 2) 1 us slower on one warp, so those keep 4.
-ONE_WARP_ROUTE_TILE = 256
+# Warps of a routing program. H100 v5: one warp routed dsv3's single 256-expert rows 0.3-0.5 us faster
+# than four, picking by one max per pick (no cross-warp barrier per pick); session 14, with the picks
+# by sort on four warps, four were faster at every M (dsv3 preamble 9.6 / 9.9 / 12.6 / 15.5 -> 9.0 /
+# 9.3 / 11.9 / 14.8 us at M = 2 / 4 / 16 / 64, in-process A/B, benchmarks/results/s14_experiments).
+ROUTE_WARPS = 4
 # Programs of more than one warp make the top-k picks by one bitonic top-k of the row (tl.topk)
 # instead of one row-wide max per pick (picks_by_sort). H100, session 13, dsv3 at M = 1: inside
 # route_align (4 warps) the routing of one row took 2.04 instead of 2.79 us
 # (benchmarks/gpu_route_align_phases.py) and the preamble 7.9 instead of 8.6 us; on one warp
-# the sort was slower (3.25 against 2.57 us; the preamble at M = 4 / 16 10.7 / 13.6 against
-# 9.9 / 12.8 us, where the routing kernel runs one row per one-warp program).
+# the sort was slower (3.25 against 2.57 us).
 SORT_PICKS = True
 
 
@@ -267,11 +267,6 @@ def picks_by_sort(num_warps: int) -> bool:
     return SORT_PICKS and num_warps > 1
 
 
-def route_warps(meta: dict) -> int:
-    one_row = meta["ROWS"] == 1 and meta["G_PAD"] * meta["EPG_PAD"] <= ONE_WARP_ROUTE_TILE
-    return 1 if one_row else 4
-
-
 def padded_experts(spec: MoESpec) -> int:
     """Columns of one routing row: groups and experts per group each padded to a power of two."""
     return triton.next_power_of_2(spec.n_group) * triton.next_power_of_2(spec.experts_per_group)
@@ -289,11 +284,10 @@ def select_experts(spec: MoESpec, logits: torch.Tensor, correction_bias, model_d
     ids = torch.empty((M, spec.top_k), dtype=torch.int32, device=logits.device) if ids is None else ids
     weights = torch.empty((M, spec.top_k), dtype=torch.float32, device=logits.device) if weights is None else weights
     meta = route_meta(spec, model_dtype, M, ROWS_TILE)
-    warps = route_warps(meta)
     bias = correction_bias if spec.correction_bias else logits
     _topk_kernel[(triton.cdiv(M, meta["ROWS"]),)](
         logits, logits.stride(0), bias, ids, weights, ids.stride(0), M, spec.renormalize_eps,
-        spec.routed_scaling_factor, **meta, SORT_PICKS=picks_by_sort(warps), PDL=pdl, num_warps=warps,
+        spec.routed_scaling_factor, **meta, SORT_PICKS=picks_by_sort(ROUTE_WARPS), PDL=pdl, num_warps=ROUTE_WARPS,
         **pdl_launch(pdl),
     )
     return ids, weights
