@@ -60,6 +60,10 @@ ROUTER_PROGRAMS_PER_SM_WIDE = 1
 ROUTER_NARROW_BLOCK_E = 64
 ROUTER_NARROW_BLOCK_K = 256
 ROUTER_FEW_ROWS = 4
+# The same for tiles of 64 rows (M > 16), and their warps; not yet measured against other tiles.
+ROUTER_WIDE_BLOCK_E = 128
+ROUTER_WIDE_BLOCK_K = 64
+ROUTER_WIDE_WARPS = 4
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -102,25 +106,27 @@ def _sm_count(device_index: Optional[int]) -> int:
 
 def router_config(M: int, E: int, H: int, dot_fp32: bool, sm_count: int, fused: bool,
                   block_e: Optional[int] = None, block_k: Optional[int] = None,
-                  programs_per_sm: Optional[float] = None, num_warps: int = 4, split_k: bool = True) -> RouterConfig:
+                  programs_per_sm: Optional[float] = None, num_warps: Optional[int] = None,
+                  split_k: bool = True) -> RouterConfig:
     """Tiles and split so that about ``programs_per_sm`` programs per SM stream the router weight.
 
     split_k=False gives every logit to one program (one atomic add into zero, so the same bits on
     every run: the deterministic mode); narrow expert blocks then keep some parallelism."""
     bm = max(16, triton.next_power_of_2(M)) if fused else (16 if M <= 16 else 64)
     narrow = bm <= 16
-    be = block_e or (min(max(16, triton.next_power_of_2(E)), ROUTER_NARROW_BLOCK_E if narrow else 128) if split_k
-                     else 16)
+    be = block_e or (min(max(16, triton.next_power_of_2(E)), ROUTER_NARROW_BLOCK_E if narrow else ROUTER_WIDE_BLOCK_E)
+                     if split_k else 16)
     narrow_k = ROUTER_NARROW_BLOCK_K // (2 if M <= ROUTER_FEW_ROWS else 1)
-    bk = block_k or (narrow_k if narrow else 64) // (2 if dot_fp32 else 1)
+    bk = block_k or (narrow_k if narrow else ROUTER_WIDE_BLOCK_K) // (2 if dot_fp32 else 1)
     e_blocks, m_blocks = triton.cdiv(E, be), triton.cdiv(max(M, 1), bm)
     k_blocks = triton.cdiv(H, bk)
     if programs_per_sm is None:
-        programs_per_sm = ROUTER_PROGRAMS_PER_SM if bm <= 16 else ROUTER_PROGRAMS_PER_SM_WIDE
+        programs_per_sm = ROUTER_PROGRAMS_PER_SM if narrow else ROUTER_PROGRAMS_PER_SM_WIDE
     wanted = max(1, int(programs_per_sm * sm_count) // (e_blocks * m_blocks)) if split_k else 1
     per_program = triton.cdiv(k_blocks, min(wanted, k_blocks))
     splits = triton.cdiv(k_blocks, per_program)  # no program without work
-    return RouterConfig(bm, be, bk, (splits, e_blocks, m_blocks), per_program * bk, num_warps)
+    warps = num_warps or (4 if narrow else ROUTER_WIDE_WARPS)
+    return RouterConfig(bm, be, bk, (splits, e_blocks, m_blocks), per_program * bk, warps)
 
 
 def _dot_fp32(spec: MoESpec, normed_dtype: torch.dtype, router_dtype: torch.dtype) -> bool:
