@@ -60,8 +60,11 @@ ROUTER_PROGRAMS_PER_SM_WIDE = 1
 ROUTER_NARROW_BLOCK_E = 64
 ROUTER_NARROW_BLOCK_K = 256
 ROUTER_FEW_ROWS = 4
-# The same for tiles of 64 rows (M > 16), and their warps; not yet measured against other tiles.
-ROUTER_WIDE_BLOCK_E = 128
+# The same for tiles of 64 rows (M > 16), and their warps. H100, session 14, dsv3 preamble at M = 32 / 64
+# (call4_router_wide_tile_ab.txt): 64 x 64 on 4 warps 12.4 / 13.9 us, 128 x 64 12.3 / 14.8, 64 x 128 on 8
+# warps 12.5 / 14.0, 128 x 128 on 8 14.0 / 15.5, 128 x 64 on 8 13.2 / 15.5 (the sm_90 compile: 128 x 64
+# spills on 4 warps, 64 x 64 does not).
+ROUTER_WIDE_BLOCK_E = 64
 ROUTER_WIDE_BLOCK_K = 64
 ROUTER_WIDE_WARPS = 4
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -253,7 +256,7 @@ def fused_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights, block_m: int,
             expert_map if expert_map is not None else ids, sorted_ids, tile_expert, num_tiles, L, block_m,
             tile_expert.numel(), BM=cfg.block_m, BE=cfg.block_e, BK=cfg.block_k, DOT_FP32=dot_fp32,
             **route_meta, **align_kernel.align_meta_after_routing(L, spec.top_k, expert_map, M),
-            SORT_PICKS=topk_kernel.picks_by_sort(cfg.num_warps),
+            SORT_PICKS=topk_kernel.picks_by_sort(cfg.num_warps, route_meta),
             ALIGN=with_alignment, PDL=pdl, num_warps=cfg.num_warps, **pdl_launch(pdl),
         )
         return PreambleOut(normed, x_fp8, x_scale, ids, weights, sorted_ids, tile_expert, num_tiles)

@@ -262,9 +262,19 @@ def route_meta(spec: MoESpec, logit_dtype: torch.dtype, M: int = 1 << 30, max_ti
     )
 
 
-def picks_by_sort(num_warps: int) -> bool:
-    """route_rows' SORT_PICKS for a program of ``num_warps`` warps (see SORT_PICKS)."""
-    return SORT_PICKS and num_warps > 1
+def sort_fits(num_warps: int, meta: dict) -> bool:
+    """Whether a routing tile (route_meta's) may take the picks by sort in a program of ``num_warps``:
+    it must hold at least one element per thread. On the H100 (session 14) the sort gave wrong picks
+    in some rows of grouped [16, 4] tiles on 4 warps (64 elements held by 128 threads, so each twice),
+    which the interpreter routes correctly (tests/test_random_preamble.py, seeds 121 and 239 at
+    MOE_FUSION_RANDOM_SCALE=5); smaller tiles keep one max per pick."""
+    return meta["ROWS"] * meta["G_PAD"] * meta["EPG_PAD"] >= 32 * num_warps
+
+
+def picks_by_sort(num_warps: int, meta: dict) -> bool:
+    """route_rows' SORT_PICKS for a program of ``num_warps`` warps routing tiles of ``meta``
+    (route_meta's; see SORT_PICKS and sort_fits)."""
+    return SORT_PICKS and num_warps > 1 and sort_fits(num_warps, meta)
 
 
 def padded_experts(spec: MoESpec) -> int:
@@ -287,7 +297,7 @@ def select_experts(spec: MoESpec, logits: torch.Tensor, correction_bias, model_d
     bias = correction_bias if spec.correction_bias else logits
     _topk_kernel[(triton.cdiv(M, meta["ROWS"]),)](
         logits, logits.stride(0), bias, ids, weights, ids.stride(0), M, spec.renormalize_eps,
-        spec.routed_scaling_factor, **meta, SORT_PICKS=picks_by_sort(ROUTE_WARPS), PDL=pdl, num_warps=ROUTE_WARPS,
+        spec.routed_scaling_factor, **meta, SORT_PICKS=picks_by_sort(ROUTE_WARPS, meta), PDL=pdl, num_warps=ROUTE_WARPS,
         **pdl_launch(pdl),
     )
     return ids, weights
