@@ -150,7 +150,8 @@ def plan_preamble(spec: MoESpec, M: int, normed_dtype: torch.dtype, router_dtype
     fused = route == "kernel" and align_ok and 0 < M <= FUSED_MAX_M
     if fused:
         align = "fused"
-    elif route == "kernel" and align_ok and 0 < M * topk_kernel.padded_experts(spec) <= route_align_kernel.ROUTE_ALIGN_MAX_TILE:
+    elif (route == "kernel" and align_ok
+          and 0 < M * topk_kernel.padded_experts(spec) <= route_align_kernel.ROUTE_ALIGN_MAX_TILE):
         align = "with_routing"
     elif align_ok and M <= align_kernel.ALIGN_KERNEL_MAX_M:
         align = "kernel"
