@@ -6,7 +6,10 @@ round so that drift in clocks or memory hits each alike. Where the variants diff
 attributes this resolves what benchmarks/gpu_ab.sh cannot: one process, one set of weights and
 kernels compiled once made its rounds agree to ~0.3 us on the H100, where separate processes
 differ by 3-5 us (session 9). Its inputs are gpu_overlap.input_sets, not the bench's routings:
-compare its numbers with each other only.
+compare its numbers with each other only. The weights are one set, not rotated: the dsv3 router
+weight (3.7 MB) stays in L2 between replays, where the bench reads it from HBM, so a router change
+that this A/B favours must be confirmed by the bench (session 14: a 64-row router tile won 0.9 us
+here and nothing in the bench).
 
     python benchmarks/gpu_layer_ab.py --shape dsv3-ep8 --dtype fp8 --m 1,2,4 --rounds 3 \\
         --variant off:experts.EXPERT_PDL=off --variant h:experts.EXPERT_PDL=h

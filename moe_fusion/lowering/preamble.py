@@ -56,15 +56,18 @@ ROUTER_PROGRAMS_PER_SM_WIDE = 1
 # bf16 preamble (in-process A/B, benchmarks/results/s14_experiments/call3_router_tile_ab.txt), tiles
 # (experts x K) 64x256 / 64x128 / 128x128 / 16x512 / 32x128: M = 1 7.4 / 7.5 / 7.5 / 8.0 / 7.6 us,
 # M = 4 9.2 / 8.8 / 8.9 / 9.3 / 8.9, M = 8 10.3 / 10.9 / 10.9 / 10.3 / 12.6, M = 16 10.8 / 11.5 / 11.6 /
-# 12.3 / 13.3; the earlier 128x64 (one K step of 64 per program, 112 splits): 7.9 / 9.9 / 11.6 / 12.7.
+# 12.3 / 13.3; the earlier 128x64 (one K step of 64 per program, 112 splits; call 1) 7.9 / 9.9 / - / 12.7.
+# That A/B keeps the router weight in L2; the bench, which reads it from HBM, agrees at M = 2 / 4 / 16:
+# 128x64 10.1 / 10.9 / 13.7 us against these tiles' 9.8 / 10.5 / 13.3 and 12.7 (call6_bench_router_tiles.txt).
 ROUTER_NARROW_BLOCK_E = 64
 ROUTER_NARROW_BLOCK_K = 256
 ROUTER_FEW_ROWS = 4
-# The same for tiles of 64 rows (M > 16), and their warps. H100, session 14, dsv3 preamble at M = 32 / 64
-# (call4_router_wide_tile_ab.txt): 64 x 64 on 4 warps 12.4 / 13.9 us, 128 x 64 12.3 / 14.8, 64 x 128 on 8
-# warps 12.5 / 14.0, 128 x 128 on 8 14.0 / 15.5, 128 x 64 on 8 13.2 / 15.5 (the sm_90 compile: 128 x 64
-# spills on 4 warps, 64 x 64 does not).
-ROUTER_WIDE_BLOCK_E = 64
+# The same for tiles of 64 rows (M > 16), and their warps. H100, session 14, dsv3 preamble at M = 32 / 64,
+# in-process A/B with the router weight in L2 (call4_router_wide_tile_ab.txt): 128 x 64 12.3 / 14.8 us,
+# 64 x 64 12.4 / 13.9, 64 x 128 on 8 warps 12.5 / 14.0, 128 x 128 on 8 14.0 / 15.5; but in the bench,
+# whose router weights come from HBM (call6_bench_router_tiles.txt), 64 x 64 read 13.6 / 15.1 and 13.6 /
+# 15.2 against 128 x 64's 13.2 / 15.2, so 128 x 64 stays.
+ROUTER_WIDE_BLOCK_E = 128
 ROUTER_WIDE_BLOCK_K = 64
 ROUTER_WIDE_WARPS = 4
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
