@@ -265,9 +265,11 @@ def route_meta(spec: MoESpec, logit_dtype: torch.dtype, M: int = 1 << 30, max_ti
 def sort_fits(num_warps: int, meta: dict) -> bool:
     """Whether a routing tile (route_meta's) may take the picks by sort in a program of ``num_warps``:
     it must hold at least one element per thread. On the H100 (session 14) the sort gave wrong picks
-    in some rows of grouped [16, 4] tiles on 4 warps (64 elements held by 128 threads, so each twice),
-    which the interpreter routes correctly (tests/test_random_preamble.py, seeds 121 and 239 at
-    MOE_FUSION_RANDOM_SCALE=5); smaller tiles keep one max per pick."""
+    in some rows of grouped [16, 4] tiles on 4 warps (64 elements held by 128 threads, so each twice):
+    the ids were right, but a pick's weight was never stored. On 2 or 1 warps, and under the
+    interpreter, the same rows came out right (tests/test_random_preamble.py, seeds 121 and 239 at
+    MOE_FUSION_RANDOM_SCALE=5; benchmarks/results/s14_experiments/call5_diag_sort.txt). Smaller
+    tiles keep one max per pick."""
     return meta["ROWS"] * meta["G_PAD"] * meta["EPG_PAD"] >= 32 * num_warps
 
 
