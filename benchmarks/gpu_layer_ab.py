@@ -6,10 +6,11 @@ round so that drift in clocks or memory hits each alike. Where the variants diff
 attributes this resolves what benchmarks/gpu_ab.sh cannot: one process, one set of weights and
 kernels compiled once made its rounds agree to ~0.3 us on the H100, where separate processes
 differ by 3-5 us (session 9). Its inputs are gpu_overlap.input_sets, not the bench's routings:
-compare its numbers with each other only. The weights are one set, not rotated: the dsv3 router
-weight (3.7 MB) stays in L2 between replays, where the bench reads it from HBM, so a router change
-that this A/B favours must be confirmed by the bench (session 14: a 64-row router tile won 0.9 us
-here and nothing in the bench).
+compare its numbers with each other only. With --part preamble the calls rotate over copies of the
+router, norm and bias weights that together exceed L2 as often as the bench's do
+(bench.L2_ROTATION_FACTOR), so the router weight comes from HBM; until session 14 they did not, and a
+64-row router tile that won 0.9 us in the L2-resident A/B won nothing in the bench. The layer and
+expert parts keep one weight set.
 
     python benchmarks/gpu_layer_ab.py --shape dsv3-ep8 --dtype fp8 --m 1,2,4 --rounds 3 \\
         --variant off:experts.EXPERT_PDL=off --variant h:experts.EXPERT_PDL=h
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import importlib
 import os
 import statistics
@@ -39,7 +41,7 @@ from gpu_layer_timeline import routed_sets  # noqa: E402
 from gpu_overlap import DTYPES, input_sets  # noqa: E402
 from layer_cases import layer_weights  # noqa: E402
 from moe_fusion.lowering import dispatch, layer, preamble  # noqa: E402
-from moe_fusion.tools import timing  # noqa: E402
+from moe_fusion.tools import bench, timing  # noqa: E402
 from moe_fusion.tools.bench_layers import SHAPES  # noqa: E402
 
 Setting = Tuple[object, str, object]  # (object, attribute, value)
@@ -76,20 +78,37 @@ def apply(settings: List[Setting]) -> List[Setting]:
     return undo
 
 
-def time_variant(spec, w, M: int, device, settings: List[Setting], part: str) -> float:
+def preamble_weight_copies(spec, w, l2_bytes: int) -> list:
+    """Copies of the preamble's weights (router, norm, bias) as many as the bench's preamble part
+    rotates over (bench.preamble_copies_beyond_l2); the expert weights are shared."""
+    def clone(t):
+        return None if t is None else t.clone()
+
+    return [dataclasses.replace(w, router_weight=w.router_weight.clone(), norm_weight=clone(w.norm_weight),
+                                correction_bias=clone(w.correction_bias))
+            for _ in range(bench.preamble_copies_beyond_l2(spec, l2_bytes))]
+
+
+def time_variant(spec, weight_sets: list, M: int, device, settings: List[Setting], part: str) -> float:
+    """``weight_sets``: the preamble part rotates over them (preamble_weight_copies), the other parts
+    use the first."""
+    w = weight_sets[0]
     undo = apply(settings)
     try:
         plan = layer.plan_layer(spec, M, device)
-        sets = input_sets(spec, M, device, 8)
         if part == "preamble":
-            def call(x, normed):
-                preamble.fused_preamble(spec, x, w, block_m=plan.expert_config.block_m)
+            sets = [(x, ws) for (x, _), ws in zip(input_sets(spec, M, device, len(weight_sets)), weight_sets)]
+
+            def call(x, weights):
+                preamble.fused_preamble(spec, x, weights, block_m=plan.expert_config.block_m)
         elif part == "experts":
-            sets, _ = routed_sets(spec, w, sets, plan.expert_config.block_m)
+            sets, _ = routed_sets(spec, w, input_sets(spec, M, device, 8), plan.expert_config.block_m)
 
             def call(normed, ids, weights):
                 dispatch.routed_experts(spec, normed, ids, weights, w)
         else:
+            sets = input_sets(spec, M, device, 8)
+
             def call(x, normed):
                 layer.moe_layer(spec, x, w, plan)
         return timing.graph_replay_us(call, sets)
@@ -109,6 +128,8 @@ def main(argv=None) -> int:
     device = torch.device("cuda")
     spec = SHAPES[args.shape].replace(quant=DTYPES[args.dtype])
     w = layer_weights(spec, device)
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size
+    weight_sets = preamble_weight_copies(spec, w, l2) if args.part == "preamble" else [w]
     ms = [int(m) for m in args.m.split(",")]
     variants = [(name, [resolve(t, v) for t, v in pairs]) for name, pairs in map(parse_variant, args.variant)]
     times: Dict[Tuple[str, int], List[float]] = {}
@@ -116,7 +137,7 @@ def main(argv=None) -> int:
         for name, settings in variants:
             line = []
             for M in ms:
-                us = time_variant(spec, w, M, device, settings, args.part)
+                us = time_variant(spec, weight_sets, M, device, settings, args.part)
                 times.setdefault((name, M), []).append(us)
                 line.append(f"M={M} {us:6.1f}")
             print(f"{name:>10} round {round_}: " + "  ".join(line), flush=True)

@@ -28,3 +28,24 @@ def test_variant_settings_are_applied_then_undone():
 def test_an_unknown_setting_is_refused():
     with pytest.raises(AttributeError):
         gpu_layer_ab.resolve("experts.NO_SUCH_SETTING", "1")
+
+
+def test_preamble_weights_rotate_beyond_l2():
+    """The preamble A/B's weight copies: as many as the bench's preamble part uses, each its own
+    router, norm and bias tensors (so a replay reads them from HBM), the expert weights shared."""
+    import torch
+
+    from layer_cases import layer_weights
+    from moe_fusion.tools import bench, bench_layers
+
+    spec = bench_layers.SHAPES["tiny"]
+    w = layer_weights(spec, torch.device("cpu"))
+    l2 = 1 << 20
+    copies = gpu_layer_ab.preamble_weight_copies(spec, w, l2)
+    assert len(copies) == bench.preamble_copies_beyond_l2(spec, l2)
+    assert len(copies) * bench_layers.preamble_bytes(spec) >= bench.L2_ROTATION_FACTOR * l2
+    routers = {c.router_weight.data_ptr() for c in copies} | {w.router_weight.data_ptr()}
+    assert len(routers) == len(copies) + 1
+    assert all(torch.equal(c.router_weight, w.router_weight) and c.w_down is w.w_down for c in copies)
+    if spec.rms_norm:
+        assert len({c.norm_weight.data_ptr() for c in copies}) == len(copies)

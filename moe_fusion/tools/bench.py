@@ -283,6 +283,11 @@ def distinct_local_experts(spec: MoESpec, topk_idx: torch.Tensor, expert_map: Op
     return int(torch.unique(ids).numel())
 
 
+def preamble_copies_beyond_l2(spec: MoESpec, l2_bytes: int) -> int:
+    """Copies of the preamble's weights that together exceed L2 L2_ROTATION_FACTOR times."""
+    return math.ceil(L2_ROTATION_FACTOR * l2_bytes / bench_layers.preamble_bytes(spec))
+
+
 class ShapeBench:
     """The layer of one (shape, dtype), its weights shared by every variant and part."""
 
@@ -297,8 +302,7 @@ class ShapeBench:
         if not self.cfg.on_gpu:
             return self.cfg.sets
         l2 = torch.cuda.get_device_properties(self.cfg.device).L2_cache_size
-        wanted = math.ceil(L2_ROTATION_FACTOR * l2 / bench_layers.preamble_bytes(self.spec))
-        return max(self.cfg.sets, min(MAX_PREAMBLE_COPIES, wanted))
+        return max(self.cfg.sets, min(MAX_PREAMBLE_COPIES, preamble_copies_beyond_l2(self.spec, l2)))
 
     def preamble_modules(self, count: int) -> list:
         while len(self.preamble_copies) < count - 1:
