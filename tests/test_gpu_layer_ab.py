@@ -4,12 +4,15 @@ import os
 import sys
 
 import pytest
+import torch
 
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 sys.path.insert(0, BENCHMARKS)
 
 import gpu_layer_ab  # noqa: E402
+from layer_cases import layer_weights  # noqa: E402
 from moe_fusion.lowering import experts, layer  # noqa: E402
+from moe_fusion.tools import bench, bench_layers  # noqa: E402
 
 
 def test_variant_settings_are_applied_then_undone():
@@ -33,11 +36,6 @@ def test_an_unknown_setting_is_refused():
 def test_preamble_weights_rotate_beyond_l2():
     """The preamble A/B's weight copies: as many as the bench's preamble part uses, each its own
     router, norm and bias tensors (so a replay reads them from HBM), the expert weights shared."""
-    import torch
-
-    from layer_cases import layer_weights
-    from moe_fusion.tools import bench, bench_layers
-
     spec = bench_layers.SHAPES["tiny"]
     w = layer_weights(spec, torch.device("cpu"))
     l2 = 1 << 20

@@ -53,8 +53,8 @@ def test_one_launch_and_general_paths_match_reference(name, M, block_m, path):
 
 @pytest.mark.parametrize("name,routed_with_alignment", [("dsv3_experts_fp16", (1,)), ("one_group_top1_no_norm", (1, 2, 4))])
 def test_few_tokens_route_and_align_in_one_program(name, routed_with_alignment):
-    """The plan: one program while tokens x padded experts <= route_align_kernel.ROUTE_ALIGN_MAX_TILE (256 experts: one
-    token; 10 experts, padded to 16: up to 16 tokens)."""
+    """The plan: one program while tokens x padded experts <= route_align_kernel.ROUTE_ALIGN_MAX_TILE
+    (256 experts: one token; 10 experts, padded to 16: up to 16 tokens)."""
     spec = SMALL[name]
     for M in (1, 2, 4):
         plan = preamble.plan_preamble(spec, M, spec.torch_dtype, spec.torch_dtype, torch.device(DEVICE))
