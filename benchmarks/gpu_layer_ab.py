@@ -128,8 +128,9 @@ def main(argv=None) -> int:
     device = torch.device("cuda")
     spec = SHAPES[args.shape].replace(quant=DTYPES[args.dtype])
     w = layer_weights(spec, device)
-    l2 = torch.cuda.get_device_properties(device).L2_cache_size
-    weight_sets = preamble_weight_copies(spec, w, l2) if args.part == "preamble" else [w]
+    weight_sets = [w]
+    if args.part == "preamble":
+        weight_sets = preamble_weight_copies(spec, w, torch.cuda.get_device_properties(device).L2_cache_size)
     ms = [int(m) for m in args.m.split(",")]
     variants = [(name, [resolve(t, v) for t, v in pairs]) for name, pairs in map(parse_variant, args.variant)]
     times: Dict[Tuple[str, int], List[float]] = {}

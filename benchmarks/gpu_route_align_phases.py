@@ -84,18 +84,19 @@ def probe(spec, logits, bias, block_m: int, warps: int, repeats: int) -> dict:
     weights = torch.empty((M, spec.top_k), dtype=torch.float32, device=device)
     outputs = align_kernel.alloc_align_outputs(M, spec.top_k, spec.num_local_experts, block_m, device)
     cycles = torch.zeros(len(PHASES), dtype=torch.int64, device=device)
+    sort_picks = topk_kernel.picks_by_sort(warps, route)
     samples = []
     for _ in range(repeats):
         _route_align_phases_kernel[(1,)](
             logits, logits.stride(0), bias, ids, weights, ids.stride(0), M, spec.renormalize_eps,
             spec.routed_scaling_factor, *outputs, spec.num_local_experts, block_m, outputs[1].numel(), cycles,
-            **route, SORT_PICKS=topk_kernel.picks_by_sort(warps, route), L_PAD=align["L_PAD"], num_warps=warps)
+            **route, SORT_PICKS=sort_picks, L_PAD=align["L_PAD"], num_warps=warps)
         samples.append(cycles.tolist())
     want_ids = torch.empty_like(ids)
     want = route_align_kernel.route_and_align(spec, logits, bias, torch.float32, want_ids, torch.empty_like(weights),
                                               None, block_m)
     same = torch.equal(ids, want_ids) and all(torch.equal(a, b) for a, b in zip(outputs, want))
-    return dict(warps=warps, sort_picks=topk_kernel.picks_by_sort(warps, route), same_as_kernel=same,
+    return dict(warps=warps, sort_picks=sort_picks, same_as_kernel=same,
                 cycles={p: statistics.median(s[i] for s in samples) for i, p in enumerate(PHASES)})
 
 

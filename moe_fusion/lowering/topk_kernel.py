@@ -264,7 +264,7 @@ def route_meta(spec: MoESpec, logit_dtype: torch.dtype, M: int = 1 << 30, max_ti
 
 def sort_fits(num_warps: int, meta: dict) -> bool:
     """Whether a routing tile (route_meta's) may take the picks by sort in a program of ``num_warps``:
-    it must hold at least one element per thread. On the H100 (session 14) the sort gave wrong picks
+    it must hold at least one element per thread. On the H100 (session 14) the sort gave wrong results
     in some rows of grouped [16, 4] tiles on 4 warps (64 elements held by 128 threads, so each twice):
     the ids were right, but a pick's weight was never stored. On 2 or 1 warps, and under the
     interpreter, the same rows came out right (tests/test_random_preamble.py, seeds 121 and 239 at
