@@ -91,15 +91,6 @@ def test_select_experts_rounds_model_dtype_logits():
     torch.testing.assert_close(weights[clean], ref_weights[clean], rtol=1e-5, atol=1e-6)
 
 
-def test_small_tiles_pick_one_by_one():
-    """The sort is planned only where a routing tile has an element per thread (topk_kernel.sort_fits):
-    a grouped [16, 4] tile on 4 warps, which the H100 sorted wrongly, picks one max at a time."""
-    small = MoESpec(hidden_size=64, num_experts=4, top_k=2, intermediate_size=8, n_group=2, topk_group=1)
-    assert not topk_kernel.picks_by_sort(4, topk_kernel.route_meta(small, torch.float32, 16, topk_kernel.ROWS_TILE))
-    dsv3 = dsv3_like(hidden_size=128, num_experts=256, n_group=8, topk_group=4, top_k=8)
-    assert topk_kernel.picks_by_sort(4, topk_kernel.route_meta(dsv3, torch.float32, 1, topk_kernel.ROWS_TILE))
-
-
 @pytest.mark.parametrize("M,k,E,L,block_m", [
     (1, 1, 4, 4, 16), (5, 3, 10, 10, 4), (37, 8, 256, 32, 16), (70, 4, 12, 12, 3), (9, 2, 8, 3, 1), (300, 2, 6, 6, 64),
     (200, 8, 256, 256, 16),  # 1600 pairs

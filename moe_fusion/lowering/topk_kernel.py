@@ -34,7 +34,11 @@ ROUTE_WARPS = 4
 # instead of one row-wide max per pick (picks_by_sort). H100, session 13, dsv3 at M = 1: inside
 # route_align (4 warps) the routing of one row took 2.04 instead of 2.79 us
 # (benchmarks/gpu_route_align_phases.py) and the preamble 7.9 instead of 8.6 us; on one warp
-# the sort was slower (3.25 against 2.57 us).
+# the sort was slower (3.25 against 2.57 us). A pick's slot is its rank among the top K_PAD keys where
+# below TOP_K: session 14 took it where a key was at least the smallest of the top TOP_K (one more
+# reduction), and on the H100 grouped [16, 4] tiles on 4 warps (each element held by two threads) lost a
+# pick's weight that way; with the rank alone session 15 ran the randomized routing tests on every tile
+# without a failure (benchmarks/results/s15_experiments).
 SORT_PICKS = True
 
 
@@ -53,7 +57,6 @@ def _score(logits, valid, axis_max, SCORING: tl.constexpr):
 # word, the index's low 31 bits inverted in the low word, so the largest key is the largest value
 # and, among equal values, the lowest index. One reduction per pick instead of a max and an argmin.
 NO_KEY = tl.constexpr(-0x7FFFFFFFFFFFFFFF - 1)
-MAX_KEY = tl.constexpr(0x7FFFFFFFFFFFFFFF)
 
 
 @triton.jit
@@ -113,13 +116,12 @@ def _picks_by_sort(keys, ROWS: tl.constexpr, E_PAD: tl.constexpr, TOP_K: tl.cons
     """_picks_one_by_one's result from one bitonic top-K_PAD of each row (tl.topk): a few compare-and-
     swap rounds, each at most one exchange between threads, instead of TOP_K dependent reductions of a
     whole row. Keys are distinct (each holds its column's index), so the order is the picks' order, and
-    a column's slot is the number of larger keys among the top TOP_K."""
+    a column's slot is the number of larger keys among the top K_PAD, chosen where below TOP_K."""
     k = tl.arange(0, K_PAD)
     top = tl.topk(keys, K_PAD, dim=1)  # [ROWS, K_PAD], descending
     ids = tl.where(k[None, :] < TOP_K, tl.minimum(_index_of(top), E - 1), 0)
-    last = tl.min(tl.where(k[None, :] < TOP_K, top, MAX_KEY), axis=1)
     larger = tl.sum((top[:, :, None] > keys[:, None, :]).to(tl.int32), axis=1)
-    return ids, tl.where(keys >= last[:, None], larger, -1)
+    return ids, tl.where(larger < TOP_K, larger, -1)
 
 
 @triton.jit
@@ -262,21 +264,10 @@ def route_meta(spec: MoESpec, logit_dtype: torch.dtype, M: int = 1 << 30, max_ti
     )
 
 
-def sort_fits(num_warps: int, meta: dict) -> bool:
-    """Whether a routing tile (route_meta's) may take the picks by sort in a program of ``num_warps``:
-    it must hold at least one element per thread. On the H100 (session 14) the sort gave wrong results
-    in some rows of grouped [16, 4] tiles on 4 warps (64 elements held by 128 threads, so each twice):
-    the ids were right, but a pick's weight was never stored. On 2 or 1 warps, and under the
-    interpreter, the same rows came out right (tests/test_random_preamble.py, seeds 121 and 239 at
-    MOE_FUSION_RANDOM_SCALE=5; benchmarks/results/s14_experiments/call5_diag_sort.txt). Smaller
-    tiles keep one max per pick."""
-    return meta["ROWS"] * meta["G_PAD"] * meta["EPG_PAD"] >= 32 * num_warps
-
-
 def picks_by_sort(num_warps: int, meta: dict) -> bool:
     """route_rows' SORT_PICKS for a program of ``num_warps`` warps routing tiles of ``meta``
-    (route_meta's; see SORT_PICKS and sort_fits)."""
-    return SORT_PICKS and num_warps > 1 and sort_fits(num_warps, meta)
+    (route_meta's; see SORT_PICKS)."""
+    return SORT_PICKS and num_warps > 1
 
 
 def padded_experts(spec: MoESpec) -> int:
