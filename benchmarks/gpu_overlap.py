@@ -12,9 +12,7 @@ under CUDA-graph replay (moe_fusion.tools.timing: median of batches, inputs rota
                     the layer runs with MOE_FUSION_SHARED_FP8=1; fp8 experts only)
   preamble          preamble.fused_preamble alone (norm [+ fp8 quantisation], router, routing, alignment)
   pre+shared stream the preamble with the shared expert forked onto the side stream right after the
-                    norm (its after_norm hook, streams.fork), joined at the end: what the layer does;
-                    on the expert kernels with layer.options.shared_own_norm (MOE_FUSION_SHARED_OWN_NORM)
-                    the shared expert makes its own norm and forks before the preamble, as the layer does
+                    norm (its after_norm hook, streams.fork), joined at the end: what the layer does
   pre+shared inline the same on one stream, the shared expert after the preamble
   layer stream / layer inline   the whole layer (layer.moe_layer), for context
 ratio = (pre+shared stream) / shared; the target is <= 1.1 (the preamble almost entirely hidden).
@@ -86,13 +84,8 @@ def variant_fn(name: str, spec: MoESpec, w: MoEWeights, block_m: int, shared_on:
         preamble.fused_preamble(spec, x, w, block_m=block_m)
 
     def pre_shared_stream(x, normed):
-        if shared_on != "cublas" and layer.options.shared_own_norm:  # as the layer does (LayerPlan.shared_own_norm)
-            job = SharedExpertOnExpertKernels.normalizing(spec, x, w, in_fp8, False, preamble.normed_dtype_of(spec, x, w))
-            streams.fork(x.device, job.run)
-            preamble.fused_preamble(spec, x, w, block_m=block_m)
-        else:
-            fork = lambda *norm_outputs: streams.fork(x.device, shared_job(*norm_outputs).run)  # noqa: E731
-            preamble.fused_preamble(spec, x, w, block_m=block_m, after_norm=fork)
+        fork = lambda *norm_outputs: streams.fork(x.device, shared_job(*norm_outputs).run)  # noqa: E731
+        preamble.fused_preamble(spec, x, w, block_m=block_m, after_norm=fork)
         streams.join(x.device)
 
     def pre_shared_inline(x, normed):
@@ -149,8 +142,7 @@ def overlap(a, b) -> float:
 def summarize_section(trace: dict, section: str) -> dict:
     """The GPU kernels that ran inside the CPU range ``section`` of a chrome trace: each kernel
     (name, stream, start/end µs from the first), and the overlap of the shared expert's kernels
-    (everything that is not a preamble kernel, and a norm on the shared expert's stream: its own
-    copy, LayerPlan.shared_own_norm) with the preamble's."""
+    (everything that is not a preamble kernel) with the preamble's."""
     events = trace["traceEvents"]
     marks = [e for e in events if e.get("name") == section and e.get("ph") == "X" and e.get("cat") != "gpu_user_annotation"]
     if not marks:
@@ -162,8 +154,7 @@ def summarize_section(trace: dict, section: str) -> dict:
     t0 = kernels[0]["ts"]
     rows = [dict(name=e["name"][:80], stream=e.get("args", {}).get("stream", e.get("tid")),
                  start_us=round(e["ts"] - t0, 2), end_us=round(e["ts"] + e["dur"] - t0, 2)) for e in kernels]
-    shared_streams = {r["stream"] for r in rows if "expert_gemm" in r["name"]}
-    is_pre = [any(k in r["name"] for k in PREAMBLE_KERNELS) and r["stream"] not in shared_streams for r in rows]
+    is_pre = [any(k in r["name"] for k in PREAMBLE_KERNELS) for r in rows]
     pre = [(r["start_us"], r["end_us"]) for r, p in zip(rows, is_pre) if p]
     shared = [(r["start_us"], r["end_us"]) for r, p in zip(rows, is_pre) if not p]
     return dict(kernels=rows, preamble_busy_us=round(covered(pre), 2), shared_busy_us=round(covered(shared), 2),

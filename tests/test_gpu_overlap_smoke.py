@@ -57,21 +57,6 @@ def test_trace_summary_measures_the_overlap_inside_its_range():
     assert "error" in gpu_overlap.summarize_section(trace, "eager call")
 
 
-def test_trace_summary_counts_the_shared_experts_own_norm_as_shared():
-    """With LayerPlan.shared_own_norm a norm runs on the shared expert's stream too: it is the shared
-    expert's work, not the preamble's."""
-    trace = {"traceEvents": [
-        {"ph": "X", "cat": "user_annotation", "name": "graph replay", "ts": 1000.0, "dur": 200.0},
-        _kernel("_norm_quant_kernel", 20, 1000.0, 2.0),
-        _kernel("_norm_quant_kernel", 7, 1000.5, 2.0),
-        _kernel("expert_gemm1_kernel", 20, 1001.0, 14.0),
-        _kernel("_route_align_kernel", 7, 1003.0, 8.0),
-    ]}
-    s = gpu_overlap.summarize_section(trace, "graph replay")
-    assert s["preamble_streams"] == [7] and s["shared_streams"] == [20]
-    assert s["preamble_busy_us"] == 10.0 and s["shared_busy_us"] == 15.0
-
-
 def test_interval_overlap():
     assert gpu_overlap.overlap([(0, 10), (5, 12)], [(11, 20), (30, 40)]) == 1
     assert gpu_overlap.overlap([(0, 1)], [(2, 3)]) == 0

@@ -129,27 +129,6 @@ def test_shared_expert_on_its_own_expert_launch(M, gate, n_shared, deterministic
     assert len(launches) == 1
 
 
-@pytest.mark.parametrize("M,gate,shared_fp8", [(1, False, True), (5, True, False)])
-def test_shared_expert_with_its_own_norm_equals_the_one_on_the_preambles(M, gate, shared_fp8):
-    """SharedExpertOnExpertKernels.normalizing (LayerPlan.shared_own_norm) launches the preamble's
-    norm itself: the same bits, so its output equals, bit for bit in deterministic mode, that of
-    the launch on the preamble's norm outputs, which is checked against the reference."""
-    spec = dsv3_like(dtype="float16", hidden_size=48, intermediate_size=24, shared_intermediate_size=48,
-                     shared_gate=gate, quant="fp8_block" if shared_fp8 else "none")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    w = random_weights(spec, seed=M, device=device)
-    x = torch.randn(M, spec.hidden_size, device=device).half()
-    pre = preamble.fused_preamble(spec, x, w, block_m=4)
-    on_preamble = layer.SharedExpertOnExpertKernels(spec, pre.normed, pre.x_fp8, pre.x_scale, w, shared_fp8, True)
-    on_preamble.run()
-    own = layer.SharedExpertOnExpertKernels.normalizing(spec, x, w, shared_fp8, True, pre.normed.dtype)
-    assert own.launch.gemm1_after_x_launch == (x.is_cuda and not gate)
-    own.run()
-    shared = reference.shared_experts_fp8 if shared_fp8 else reference.shared_experts
-    assert _rel_err(on_preamble.out, shared(spec, pre.normed.double(), _double(w))) < (1e-2 if shared_fp8 else 2e-3)
-    assert torch.equal(own.out, on_preamble.out)
-
-
 @pytest.mark.parametrize("shared_expert", ["inline", "fused"])
 def test_fp8_experts_from_model_dtype_weights_on_interpreter(shared_expert, monkeypatch):
     """quant fp8_block_quantize (the backend's fp8_experts): fp16 expert weights, run as fp8 blocks
@@ -246,29 +225,6 @@ def test_layer_op_under_cuda_graphs(name, shared_expert, deterministic, monkeypa
         graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(out, first, rtol=1e-2, atol=1e-2)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("name,shared_fp8", [("dsv3-ep8-fp8", True), ("dsv3-ep8-fp8", False),
-                                             ("qwen2-like-gated-shared", False)])
-def test_shared_expert_forked_before_the_norm_changes_no_bit(name, shared_fp8, monkeypatch):
-    """The shared expert on the side stream with its own norm, forked before the preamble
-    (LayerPlan.shared_own_norm, GEMM1 a programmatic dependent of that norm), against the same layer
-    forked after the preamble's norm: bit for bit in deterministic mode."""
-    spec = GPU_SPECS[name]
-    w = random_weights(spec, device="cuda")
-    outputs = []
-    for own_norm in (True, False):
-        _with_options(monkeypatch, deterministic=True, shared_expert="stream-kernels", shared_fp8=shared_fp8,
-                      shared_own_norm=own_norm)
-        x = torch.randn(4, spec.hidden_size, device="cuda", dtype=torch.bfloat16,
-                        generator=torch.Generator(device="cuda").manual_seed(0))
-        plan = layer.plan_layer(spec, 4, x.device)
-        assert plan.shared_own_norm == own_norm and plan.shared_fp8 == shared_fp8
-        outputs.append(layer.moe_layer(spec, x, w, plan))
-    torch.cuda.synchronize()
-    assert _rel_err(outputs[0], _expected(spec, x, w, plan)) < 3e-2
-    assert torch.equal(outputs[0], outputs[1])
 
 
 @pytest.mark.gpu

@@ -33,24 +33,8 @@ Reference: reference.gated_mlp / reference._fp8_gated_mlp (the first two product
 import triton
 import triton.language as tl
 
-from .expert_tiles import (A_MODEL_DTYPE, FP8_GROUP, load_tile, outer, prefetch_l2, quantize_h_group, silu_mul,
-                           split_item, tile_dot, work_tile, zero_block)
-
-
-@triton.jit
-def _prefetch_item_weights(item, n_blocks, items_per_tile, tile_expert_ptr, wg_ptr, wu_ptr, N, K, k_per_split,
-                           stride_wge, stride_wgn, stride_wgk, stride_wue, stride_wun, stride_wuk,
-                           BLOCK_N: tl.constexpr, PREFETCH_LINES: tl.constexpr):
-    """Ask L2 for the first PREFETCH_LINES 128-byte lines of each Wg and Wu row a (routed) item reads."""
-    tile, split, n_block = split_item(item, n_blocks, items_per_tile)
-    expert = tl.load(tile_expert_ptr + tile).to(tl.int64)
-    offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
-    per_line = 128 // wg_ptr.dtype.element_ty.primitive_bitwidth * 8  # elements per 128-byte line
-    k_start = split * k_per_split
-    offs_k = k_start + tl.arange(0, PREFETCH_LINES) * per_line
-    mask = (offs_n[:, None] < N) & (offs_k[None, :] < tl.minimum(K, k_start + k_per_split))
-    prefetch_l2(wg_ptr + expert * stride_wge + offs_n[:, None] * stride_wgn + offs_k[None, :] * stride_wgk, mask)
-    prefetch_l2(wu_ptr + expert * stride_wue + offs_n[:, None] * stride_wun + offs_k[None, :] * stride_wuk, mask)
+from .expert_tiles import (A_MODEL_DTYPE, FP8_GROUP, load_tile, outer, quantize_h_group, silu_mul, tile_dot,
+                           work_tile, zero_block)
 
 
 @triton.jit
@@ -206,7 +190,7 @@ def expert_gemm1_kernel(
     N_SHARED: tl.constexpr, SHARED_GATE: tl.constexpr, QUANT_H: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_OUT: tl.constexpr,
     ZERO_BLOCK: tl.constexpr,
-    LAUNCH_DEPENDENTS: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH_LINES: tl.constexpr,
+    LAUNCH_DEPENDENTS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
@@ -223,16 +207,6 @@ def expert_gemm1_kernel(
     num_routed = tl.load(num_tiles_ptr)
     m_tiles = tl.cdiv(M, BLOCK_M)
     num_items = (num_routed + N_SHARED * m_tiles) * n_blocks * split_k
-    if USE_PDL:
-        # A programmatic dependent of the launch that makes x (the shared expert's own norm on the
-        # side stream): the tiles are final, x is not. Pull this program's first weight lines into
-        # L2, then wait for x to be complete and visible.
-        if PREFETCH_LINES > 0:
-            if pid < num_routed * n_blocks * split_k:
-                _prefetch_item_weights(pid, n_blocks, n_blocks * split_k, tile_expert_ptr, wg_ptr, wu_ptr, N, K,
-                                       k_per_split, stride_wge, stride_wgn, stride_wgk, stride_wue, stride_wun,
-                                       stride_wuk, BLOCK_N, PREFETCH_LINES)
-        tl.extra.cuda.gdc_wait()
     for item in range(pid, num_items, num_programs):
         gemm1_item(
             item, n_blocks, num_routed, m_tiles, split_k, k_per_split, partial_ptr, stride_ps, stride_pm,

@@ -445,9 +445,6 @@ class ExpertLaunch:
     # May run beside another launch (on the side stream): then GEMM1 does not quantise h in its
     # epilogue, whose tickets are one set per device under CUDA graphs.
     on_side_stream: bool = False
-    # GEMM1 is a programmatic dependent of the launch just before it that makes x (CUDA): it pulls
-    # its first weight lines into L2 (at most PREFETCH_BYTES per program), then waits for x.
-    gemm1_after_x_launch: bool = False
 
     @property
     def small_launches_dependent(self) -> bool:
@@ -567,18 +564,14 @@ class ExpertLaunch:
         sums = self.gemm1_sums if self.gemm1_sums is not None else unused
         tickets = _ticket_buffer(self.x.device, tiles * triton.cdiv(I, FP8_BLOCK)) if quant_h else self.pair_weights
         operands, constants = self._gemm1_operands(config)
-        pdl = self.gemm1_after_x_launch
-        # Gate and up rows each get half the prefetch bytes.
-        prefetch_lines = self._prefetch_lines(min(self._k_per_split(g, H), PREFETCH_BYTES // (2 * g.block_n)
-                                                  // self.experts.w_gate.element_size())) if pdl else 0
         expert_gemm1_kernel[(grid,)](
             *operands, self.partial, tickets,
             sums, sums.stride(0), sums.stride(1), g.split_k, self._k_per_split(g, H), *self.alignment,
             self.topk_ids.numel(), self.a_row_divisor, M, I, H, self._zero_numel(),
             **constants, BLOCK_N=g.block_n, BLOCK_K=g.block_k, SUB_K=self._sub_k(g), SWAP_AB=g.swap_ab,
             QUANT_H=quant_h, EVEN_N=I % g.block_n == 0, EVEN_K=H % g.block_k == 0, SPLIT_OUT=g.split_k > 1,
-            ZERO_BLOCK=ZERO_BLOCK, LAUNCH_DEPENDENTS=self.small_launches_dependent, USE_PDL=pdl,
-            PREFETCH_LINES=prefetch_lines, num_warps=g.num_warps, num_stages=g.num_stages, **pdl_launch(pdl),
+            ZERO_BLOCK=ZERO_BLOCK, LAUNCH_DEPENDENTS=self.small_launches_dependent, num_warps=g.num_warps,
+            num_stages=g.num_stages,
         )
         self.h_quantized = quant_h
 
@@ -669,7 +662,7 @@ class ExpertLaunch:
         return triton.cdiv(triton.cdiv(K, g.split_k), g.block_k) * g.block_k
 
     def _prefetch_lines(self, k_elements: int) -> int:
-        """128-byte lines per weight row that one GEMM item prefetches to cover k_elements (a power of 2)."""
+        """128-byte lines per Wd row that one GEMM2 item prefetches to cover k_elements (a power of 2)."""
         lines = triton.cdiv(k_elements * self.experts.w_down.element_size(), 128)
         return triton.next_power_of_2(lines) if lines > 0 else 0
 

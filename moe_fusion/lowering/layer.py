@@ -4,9 +4,7 @@
     side stream:                 └─▶ shared expert (into preallocated buffers) ────────────────┘
 
 The shared expert needs only the normed hidden states, so it forks right after the norm and
-overlaps the routing chain and the routed experts (strategy "stream"); on the expert kernels it
-makes its own copy of the norm instead and forks before the preamble (LayerPlan.shared_own_norm), so
-that it does not wait for the preamble's norm; "inline" runs it on the
+overlaps the routing chain and the routed experts (strategy "stream"); "inline" runs it on the
 main stream after the routed experts; "fused" computes it in the routed experts' GEMM launches,
 as extra experts every token selects (experts.SharedTail; with fp8 experts it is computed in
 fp8 from block-quantised copies of its weights). A separate shared expert runs on cuBLAS in
@@ -50,14 +48,11 @@ class LoweringOptions:
     shared_expert: one of SHARED_STRATEGIES, or None to let the plan choose.
     shared_fp8: with fp8 experts, compute the shared expert in fp8 too (from block-quantised
         copies of its weights), whatever the strategy; "fused" always does.
-    shared_own_norm: a shared expert on the side stream that runs on the expert kernels makes its
-        own copy of the norm and forks before the preamble, instead of after the preamble's norm.
     """
 
     deterministic: bool = os.environ.get("MOE_FUSION_DETERMINISTIC", "0") == "1"
     shared_expert: Optional[str] = os.environ.get("MOE_FUSION_SHARED_EXPERT") or None
     shared_fp8: bool = os.environ.get("MOE_FUSION_SHARED_FP8", "0") == "1"
-    shared_own_norm: bool = os.environ.get("MOE_FUSION_SHARED_OWN_NORM", "1") == "1"
 
 
 options = LoweringOptions()
@@ -74,9 +69,6 @@ class LayerPlan:
     # A separate ("stream"/"inline") shared expert runs as its own launch of the expert kernels
     # (always when in fp8), not on cuBLAS.
     shared_on_kernels: bool = False
-    # That launch on the side stream ("stream") normalises x itself (options.shared_own_norm) and
-    # forks before the preamble: it need not wait for the preamble's norm.
-    shared_own_norm: bool = False
 
 
 def plan_layer(spec: MoESpec, m: int, device: torch.device) -> LayerPlan:
@@ -86,9 +78,7 @@ def plan_layer(spec: MoESpec, m: int, device: torch.device) -> LayerPlan:
     separate = shared in ("stream", "inline")
     fp8 = spec.fp8 and shared == "fused" or separate and _fp8_shared_allowed(spec)
     on_kernels = separate and (fp8 or strategy.endswith(ON_KERNELS))
-    own_norm = shared == "stream" and on_kernels and options.shared_own_norm
-    return LayerPlan(experts.expert_config(spec, m, device), shared, options.deterministic, fp8, on_kernels,
-                     own_norm)
+    return LayerPlan(experts.expert_config(spec, m, device), shared, options.deterministic, fp8, on_kernels)
 
 
 def _fp8_shared_allowed(spec: MoESpec) -> bool:
@@ -161,13 +151,8 @@ def moe_layer(spec: MoESpec, x: torch.Tensor, w: MoEWeights, plan: Optional[Laye
         if plan.shared_expert == "stream":
             streams.fork(x.device, job.run)
 
-    if plan.shared_own_norm:
-        x = x if x.stride(1) == 1 else x.contiguous()
-        separate_shared.append(SharedExpertOnExpertKernels.normalizing(spec, x, w, plan.shared_fp8, plan.deterministic,
-                                                                       normed_dtype))
-        streams.fork(x.device, separate_shared[0].run)
     pre = preamble.fused_preamble(spec, x, w, block_m=plan.expert_config.block_m,
-                                  after_norm=start_shared_expert if separate and not plan.shared_own_norm else None,
+                                  after_norm=start_shared_expert if separate else None,
                                   deterministic=plan.deterministic)
     quantized = spec.fp8 and pre.x_fp8.numel() > 0
     out = experts.fused_experts(

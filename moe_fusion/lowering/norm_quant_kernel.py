@@ -16,7 +16,7 @@ ones (``div_rn``, ``sqrt_rn``) so the fp8 scales match torch bit for bit.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import triton
@@ -124,34 +124,26 @@ def _check_constants():
 _check_constants()
 
 
-def norm_quant_outputs(x: torch.Tensor, quant: bool, out_dtype: torch.dtype
-                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """norm_quant's buffers for x [M, H]: normed, and x_fp8 and x_scale (empty without ``quant``)."""
-    M, H = x.shape
-    normed = torch.empty((M, H), dtype=out_dtype, device=x.device)
-    if not quant:
-        return (normed, torch.empty((0,), dtype=FP8_DTYPE, device=x.device),
-                torch.empty((0,), dtype=torch.float32, device=x.device))
-    return (normed, torch.empty((M, H), dtype=FP8_DTYPE, device=x.device),
-            torch.empty((M, triton.cdiv(H, FP8_BLOCK)), dtype=torch.float32, device=x.device))
-
-
 def norm_quant(
     x: torch.Tensor, norm_weight: Optional[torch.Tensor], eps: float, quant: bool,
     logits_workspace: Optional[torch.Tensor] = None, counters: Optional[torch.Tensor] = None,
     out_dtype: Optional[torch.dtype] = None, pdl: bool = False, chunk_groups: Optional[int] = None,
-    out: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
 ):
     """(normed [M, H], x_fp8 [M, H] or empty, x_scale [M, ceil(H/128)] or empty); also zeroes the
     workspace (logits and ``N_COUNTERS`` int32 counters) when given. ``out_dtype`` is the dtype of
     weight * normed (torch's promotion). ``pdl``: the next kernel is a programmatic dependent launch
-    (CUDA only) that may start early. ``out``: norm_quant_outputs' buffers to write instead of new
-    ones (work on a side stream must not allocate)."""
+    (CUDA only) that may start early."""
     M, H = x.shape
     assert x.stride(1) == 1, "rows of x must be contiguous"
     out_dtype = out_dtype or x.dtype
-    normed, x_fp8, x_scale = out or norm_quant_outputs(x, quant, out_dtype)
+    normed = torch.empty((M, H), dtype=out_dtype, device=x.device)
     groups_total = triton.cdiv(H, FP8_BLOCK)
+    if quant:
+        x_fp8 = torch.empty((M, H), dtype=FP8_DTYPE, device=x.device)
+        x_scale = torch.empty((M, groups_total), dtype=torch.float32, device=x.device)
+    else:
+        x_fp8 = torch.empty((0,), dtype=FP8_DTYPE, device=x.device)
+        x_scale = torch.empty((0,), dtype=torch.float32, device=x.device)
     if M == 0:
         return normed, x_fp8, x_scale
     zero = logits_workspace is not None

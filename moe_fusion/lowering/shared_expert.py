@@ -8,15 +8,13 @@ the routing chain needs), or, with fp8 experts, in fp8, reading half the bytes.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 from ..spec import MoESpec, MoEWeights
 from . import experts
-from .norm_quant_kernel import norm_quant, norm_quant_outputs
 
 
 @dataclass
@@ -102,28 +100,8 @@ class SharedExpertOnExpertKernels:
         self.launch.allocate(config, deterministic, torch.float32)
         given = in_fp8 and x_fp8 is not None and x_fp8.numel() > 0
         self.launch.quantize_input(x_fp8 if given else None, x_scale if given else None)
-        self.norm: Optional[Callable[[], None]] = None
-
-    @classmethod
-    def normalizing(cls, spec: MoESpec, x: torch.Tensor, w: MoEWeights, in_fp8: bool, deterministic: bool,
-                    normed_dtype: torch.dtype) -> "SharedExpertOnExpertKernels":
-        """The same job on the MoE input x [M, H] (rows contiguous), with its own launch of the
-        preamble's norm (and fp8 quantisation: the same bits) ahead of GEMM1, so that it need not
-        wait for the preamble's norm and may fork before the preamble starts. On CUDA, without a
-        shared-expert gate, GEMM1 is that norm's programmatic dependent: it pulls its first weight
-        lines into L2 while the norm runs."""
-        buffers = norm_quant_outputs(x, in_fp8, normed_dtype)
-        job = cls(spec, *buffers, w, in_fp8, deterministic)
-        pdl = x.is_cuda and job.gate_weight is None
-        norm_weight = w.norm_weight.contiguous() if spec.rms_norm else None
-        job.norm = functools.partial(norm_quant, x, norm_weight, spec.rms_norm_eps, in_fp8, out_dtype=normed_dtype,
-                                     pdl=pdl, out=buffers)
-        job.launch.gemm1_after_x_launch = pdl
-        return job
 
     def run(self) -> None:
-        if self.norm is not None:
-            self.norm()
         if self.gate_weight is not None:
             _sigmoid_gate_into(self.normed, self.gate_weight, self.gate_logit)
             self.weights.copy_(self.gate_logit.expand_as(self.weights))
