@@ -84,7 +84,7 @@ def probe(spec, logits, bias, block_m: int, warps: int, repeats: int) -> dict:
     weights = torch.empty((M, spec.top_k), dtype=torch.float32, device=device)
     outputs = align_kernel.alloc_align_outputs(M, spec.top_k, spec.num_local_experts, block_m, device)
     cycles = torch.zeros(len(PHASES), dtype=torch.int64, device=device)
-    sort_picks = topk_kernel.picks_by_sort(warps, route)
+    sort_picks = topk_kernel.picks_by_sort(warps)
     samples = []
     for _ in range(repeats):
         _route_align_phases_kernel[(1,)](

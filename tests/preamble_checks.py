@@ -20,7 +20,7 @@ TIE = 1e-6
 def force_pick_mode(monkeypatch, sort: bool) -> None:
     """Every routing program makes its top-k picks by one sort (sort) or one max per pick, whatever
     its warps (topk_kernel.picks_by_sort chooses by warps), so both paths are tested on every shape."""
-    monkeypatch.setattr(topk_kernel, "picks_by_sort", lambda num_warps, meta: sort)
+    monkeypatch.setattr(topk_kernel, "picks_by_sort", lambda num_warps: sort)
 
 
 @contextlib.contextmanager

@@ -260,7 +260,7 @@ def fused_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights, block_m: int,
             expert_map if expert_map is not None else ids, sorted_ids, tile_expert, num_tiles, L, block_m,
             tile_expert.numel(), BM=cfg.block_m, BE=cfg.block_e, BK=cfg.block_k, DOT_FP32=dot_fp32,
             **route_meta, **align_kernel.align_meta_after_routing(L, spec.top_k, expert_map, M),
-            SORT_PICKS=topk_kernel.picks_by_sort(cfg.num_warps, route_meta),
+            SORT_PICKS=topk_kernel.picks_by_sort(cfg.num_warps),
             ALIGN=with_alignment, PDL=pdl, num_warps=cfg.num_warps, **pdl_launch(pdl),
         )
         return PreambleOut(normed, x_fp8, x_scale, ids, weights, sorted_ids, tile_expert, num_tiles)

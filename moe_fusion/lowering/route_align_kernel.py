@@ -100,7 +100,7 @@ def route_and_align(spec: MoESpec, logits: torch.Tensor, correction_bias: torch.
         logits, logits.stride(0), correction_bias, ids, weights, ids.stride(0), M, spec.renormalize_eps,
         spec.routed_scaling_factor, ids if expert_map is None else expert_map, sorted_ids, tile_expert, num_tiles,
         L, block_m, tile_expert.numel(), **route, **align, ONE_TILE=M <= route["ROWS"],
-        SORT_PICKS=topk_kernel.picks_by_sort(ROUTE_ALIGN_WARPS, route), PDL=pdl,
+        SORT_PICKS=topk_kernel.picks_by_sort(ROUTE_ALIGN_WARPS), PDL=pdl,
         num_warps=ROUTE_ALIGN_WARPS,
         **pdl_launch(pdl),
     )

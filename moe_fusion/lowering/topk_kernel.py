@@ -264,9 +264,8 @@ def route_meta(spec: MoESpec, logit_dtype: torch.dtype, M: int = 1 << 30, max_ti
     )
 
 
-def picks_by_sort(num_warps: int, meta: dict) -> bool:
-    """route_rows' SORT_PICKS for a program of ``num_warps`` warps routing tiles of ``meta``
-    (route_meta's; see SORT_PICKS)."""
+def picks_by_sort(num_warps: int) -> bool:
+    """route_rows' SORT_PICKS for a routing program of ``num_warps`` warps (see SORT_PICKS)."""
     return SORT_PICKS and num_warps > 1
 
 
@@ -290,7 +289,7 @@ def select_experts(spec: MoESpec, logits: torch.Tensor, correction_bias, model_d
     bias = correction_bias if spec.correction_bias else logits
     _topk_kernel[(triton.cdiv(M, meta["ROWS"]),)](
         logits, logits.stride(0), bias, ids, weights, ids.stride(0), M, spec.renormalize_eps,
-        spec.routed_scaling_factor, **meta, SORT_PICKS=picks_by_sort(ROUTE_WARPS, meta), PDL=pdl, num_warps=ROUTE_WARPS,
+        spec.routed_scaling_factor, **meta, SORT_PICKS=picks_by_sort(ROUTE_WARPS), PDL=pdl, num_warps=ROUTE_WARPS,
         **pdl_launch(pdl),
     )
     return ids, weights
