@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session 15, call 4 (H100), from the repository root, on commit b6cab61 (the shared expert's own norm
+# Session 15, call 4 (H100), from the repository root, on commit 43d93ba (the shared expert's own norm
 # reverted; the routing sort on every tile, sort_fits removed):
 #  1. the preamble's GPU tests and CI's randomized preamble cases (issue 4);
 #  2. the bench's preamble part, moe_fusion, every shape, M = 1..64 (issue 4);
