@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Session 15, call 4 (H100), from the repository root, on commit 43d93ba (the shared expert's own norm
-# reverted; the routing sort on every tile, sort_fits removed):
-#  1. the preamble's GPU tests and CI's randomized preamble cases (issue 4);
-#  2. the bench's preamble part, moe_fusion, every shape, M = 1..64 (issue 4);
-#  3. the bench's layer part, dsv3-ep8 fp8 with the fp8 shared expert, M = 1, 4, three processes (issue 6);
+# reverted; the routing sort on every tile, sort_fits removed). Most needed first, each result written as it ends:
+#  1. the bench's layer part, dsv3-ep8 fp8 with the fp8 shared expert, M = 1, 4, three processes (issue 6);
+#  2. the preamble's GPU tests and CI's randomized preamble cases (issue 4);
+#  3. the bench's preamble part, moe_fusion, every shape, M = 1..64 (issue 4);
 #  4. gpu_layer_ab.py --part preamble (router weights now rotated beyond L2, as the bench reads them): session 14's
 #     router tiles for up to 16 rows against the ones before them (issue 4).
 set -u
@@ -11,6 +11,11 @@ OUT=${OUT:-benchmarks/out}
 W=$OUT/w; mkdir -p "$W"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name --format=csv,noheader
+for run in 1 2 3; do
+  MOE_FUSION_SHARED_FP8=1 timeout -k 5 70 python -m moe_fusion.tools.bench --shape dsv3-ep8 --dtype fp8 --parts layer \
+    --m 1,4 --variants moe_fusion --json "$W/layer_$run.json" --markdown "$OUT/layer_$run.md" >"$W/layer_$run.log" 2>&1
+  echo "layer bench run $run: exit $?"; grep "^| dsv3" "$OUT/layer_$run.md"
+done
 timeout -k 5 100 python -m pytest -q -p no:cacheprovider -n 8 tests/test_preamble_kernels.py tests/test_preamble_fused.py \
   tests/test_random_preamble.py >"$OUT/preamble_tests.log" 2>&1
 echo "preamble tests: exit $?"; tail -n 2 "$OUT/preamble_tests.log"
@@ -18,11 +23,6 @@ timeout -k 5 90 python -m moe_fusion.tools.bench --shape dsv3,dsv3-ep8,qwen3-30b
   --m 1,2,4,8,16,32,64 --variants moe_fusion --json "$W/preamble_bench.json" --markdown "$OUT/preamble_bench.md" \
   >"$W/preamble_bench.log" 2>&1
 echo "preamble bench: exit $?"; grep "^| " "$OUT/preamble_bench.md" | tail -n 28
-for run in 1 2 3; do
-  MOE_FUSION_SHARED_FP8=1 timeout -k 5 70 python -m moe_fusion.tools.bench --shape dsv3-ep8 --dtype fp8 --parts layer \
-    --m 1,4 --variants moe_fusion --json "$W/layer_$run.json" --markdown "$W/layer_$run.md" >"$W/layer_$run.log" 2>&1
-  echo "layer bench run $run: exit $?"; grep "^| dsv3" "$W/layer_$run.md"
-done
 P=preamble
 timeout -k 5 90 python benchmarks/gpu_layer_ab.py --part preamble --shape dsv3 --dtype bf16 --m 1,2,4,8,16 --rounds 3 \
   --variant narrow:$P.ROUTER_NARROW_BLOCK_E=64,$P.ROUTER_NARROW_BLOCK_K=256,$P.ROUTER_FEW_ROWS=4 \
