@@ -1,25 +1,25 @@
 #!/usr/bin/env bash
 # Session 15, call 5: call4.sh's correctness and A/B parts, on whichever Hopper card comes (H100s were refused
 # for an hour), from the repository root, on commit 05a9b72 with .scratch carried:
-#  1. gpu_route_align_phases.py (dsv3, 4 warps, picks by sort) on this code and on topk_kernel.py before the group
-#     scores' one-pass best two (.scratch/topk_kernel_before_best_two.py), twice each, alternated (issue 4);
-#  2. the preamble's GPU tests and CI's randomized preamble cases (issue 4);
-#  3. the bench's preamble part, moe_fusion, dsv3 and mixtral, M = 1..64 (issue 4).
+#  1. the preamble's GPU tests and CI's randomized preamble cases (issue 4);
+#  2. gpu_route_align_phases.py (dsv3, 4 warps, picks by sort) on this code and on topk_kernel.py before the group
+#     scores' one-pass best two (.scratch/topk_kernel_before_best_two.py), one process each (issue 4);
+#  3. the bench's preamble part, moe_fusion, dsv3, M = 1..64 (issue 4).
 set -u
 OUT=${OUT:-benchmarks/out}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name --format=csv,noheader
+timeout -k 5 80 python -m pytest -q -p no:cacheprovider -n 8 tests/test_preamble_kernels.py tests/test_preamble_fused.py \
+  tests/test_random_preamble.py >"$OUT/preamble_tests.log" 2>&1
+echo "preamble tests: exit $?"; tail -n 2 "$OUT/preamble_tests.log"
 cp moe_fusion/lowering/topk_kernel.py "$OUT/topk_now.py"
-for code in now before now before; do
+for code in now before; do
   cp "$( [ $code = now ] && echo "$OUT/topk_now.py" || echo .scratch/topk_kernel_before_best_two.py )" moe_fusion/lowering/topk_kernel.py
   echo "== $code" >>"$OUT/route_phases.txt"
   timeout -k 5 35 python benchmarks/gpu_route_align_phases.py --warps 4 --sort-picks 1 >>"$OUT/route_phases.txt" 2>&1
 done
 cp "$OUT/topk_now.py" moe_fusion/lowering/topk_kernel.py && rm "$OUT/topk_now.py"
 grep -E "^==|sort picks|Error" "$OUT/route_phases.txt" | head -n 30
-timeout -k 5 80 python -m pytest -q -p no:cacheprovider -n 8 tests/test_preamble_kernels.py tests/test_preamble_fused.py \
-  tests/test_random_preamble.py >"$OUT/preamble_tests.log" 2>&1
-echo "preamble tests: exit $?"; tail -n 2 "$OUT/preamble_tests.log"
-timeout -k 5 50 python -m moe_fusion.tools.bench --shape dsv3,mixtral --parts preamble \
+timeout -k 5 50 python -m moe_fusion.tools.bench --shape dsv3 --parts preamble \
   --m 1,2,4,8,16,32,64 --variants moe_fusion --markdown "$OUT/preamble_bench.md" >"$OUT/preamble_bench.log" 2>&1
-echo "preamble bench: exit $?"; grep "^| " "$OUT/preamble_bench.md" | tail -n 14
+echo "preamble bench: exit $?"; grep "^| " "$OUT/preamble_bench.md" | tail -n 7
