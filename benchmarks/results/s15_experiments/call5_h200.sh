@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Session 15, call 5: call4.sh's correctness and A/B parts, on whichever Hopper card comes (H100s were refused
-# for an hour), from the repository root, on commit 05a9b72 with .scratch carried:
+# Session 15, call 5: never ran (no device time was left to start a machine). For the next session, on any Hopper
+# card: first `git apply benchmarks/results/s15_experiments/group_best_two.patch` (group scores' best two in one
+# tuple reduction, measured on the CPU only: bitwise the same results, 2034 instead of 2248 PTX lines for the dsv3
+# routing kernel) and `git show HEAD:moe_fusion/lowering/topk_kernel.py > .scratch/topk_kernel_before_best_two.py`;
+# then, from the repository root with .scratch carried:
 #  1. the preamble's GPU tests and CI's randomized preamble cases (issue 4);
 #  2. gpu_route_align_phases.py (dsv3, 4 warps, picks by sort) on this code and on topk_kernel.py before the group
 #     scores' one-pass best two (.scratch/topk_kernel_before_best_two.py), one process each (issue 4);
