@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session 15, call 2 (H100), from the repository root, with .scratch carried:
+# Session 15, call 2 (H100; never ran: no machine came, folded into call3.sh), from the repository root, with .scratch carried:
 #  1. .scratch/overlap_probe2.py: the fp8 shared expert beside the preamble with a high-priority side
 #     stream and with its grids 16 SMs short, forked after the norm and before it (issue 6);
 #  2. the randomized routing tests with sort_fits' fence lifted at MOE_FUSION_RANDOM_SCALE=5 (issue 4).

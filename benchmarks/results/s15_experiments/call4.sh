@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session 15, call 4 (H100), from the repository root, on commit 05a9b72 (the shared expert's own norm reverted; the routing
+# Session 15, call 4 (H100; never ran: no machine came), from the repository root, on commit 05a9b72 (the shared expert's own norm reverted; the routing
 # sort on every tile, sort_fits removed; group scores' best two in one reduction). Most needed first, each result written as it ends:
 #  1. the bench's layer part, dsv3-ep8 fp8 with the fp8 shared expert, M = 1, 4, two processes (issue 6);
 #  2. gpu_route_align_phases.py (dsv3, 4 warps, picks by sort) on this code and on topk_kernel.py before the group
