@@ -5,7 +5,6 @@ import torch
 
 import pytest
 
-from moe_cases import dsv3_like
 from moe_fusion.lowering import align_kernel, reference, topk_kernel
 from moe_fusion.lowering.norm_quant_kernel import N_COUNTERS, norm_quant
 from moe_fusion.spec import MoESpec
