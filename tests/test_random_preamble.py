@@ -4,6 +4,8 @@ router, routing, alignment; decode and general paths) on random specs and inputs
 alignment kernel on random ids. Seeds are fixed: a failure names the case that reproduces it.
 Tie handling: random_specs.check_routing."""
 
+import os
+
 import torch
 
 import pytest
@@ -168,5 +170,8 @@ def test_check_routing_catches_wrong_routing(corruption):
 
 def test_zz_summary():
     print("\nrandomized preamble cases:", dict(sorted(STATS.items())))
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        pytest.skip("the tie share counts this process's cases only: under pytest-xdist a worker holds a "
+                    "fraction of them (run without -n for this check)")
     if STATS["preamble_rows"]:
         assert STATS["preamble_tied_rows"] < 0.5 * STATS["preamble_rows"], "too few untied rows to test ids exactly"

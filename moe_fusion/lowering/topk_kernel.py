@@ -203,17 +203,20 @@ def route_rows(
 
 
 @triton.jit
+def _best_two(best_a, second_a, best_b, second_b):
+    """Combines (best, runner-up) pairs: a tied maximum counts twice, as in a sum of the top 2."""
+    return tl.maximum(best_a, best_b), tl.maximum(tl.minimum(best_a, best_b), tl.maximum(second_a, second_b))
+
+
+@triton.jit
 def _keep_best_groups(choice, ROWS: tl.constexpr, N_GROUP: tl.constexpr, G_PAD: tl.constexpr,
                       EPG_PAD: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_MAX: tl.constexpr):
     """-inf for every expert outside the TOPK_GROUP best groups (group score: max, or sum of top 2)."""
     grouped = tl.reshape(choice, (ROWS, G_PAD, EPG_PAD))
-    top1 = tl.max(grouped, axis=2)
     if GROUP_MAX:
-        group_score = top1
-    else:  # the runner-up: the best after one copy of the maximum (a tied maximum counts twice)
-        j = tl.arange(0, EPG_PAD)[None, None, :]
-        first = tl.max(_keys(grouped, j, grouped == grouped), axis=2)
-        top2 = tl.max(tl.where(j == _index_of(first)[:, :, None], float("-inf"), grouped), axis=2)
+        group_score = tl.max(grouped, axis=2)
+    else:  # the two best in one reduction, not the best and then the best of the rest
+        top1, top2 = tl.reduce((grouped, tl.full(grouped.shape, float("-inf"), tl.float32)), 2, _best_two)
         group_score = top1 + top2
     g = tl.arange(0, G_PAD)[None, :]
     group_keys = _keys(group_score, g, g < N_GROUP)
