@@ -110,6 +110,25 @@ def test_align_pairs(M, k, E, L, block_m, parallel, ids_dtype):
         assert torch.equal(g, w)
 
 
+@pytest.mark.parametrize("M,k,E,L,block_m", [(1, 8, 256, 256, 16), (3, 8, 256, 32, 16), (7, 6, 64, 64, 8),
+                                             (8, 8, 20, 20, 4), (21, 3, 16, 5, 2)])
+@pytest.mark.parametrize("pair_list_max", [64, 0], ids=["pair-list", "selection"])
+def test_align_pairs_one_program_from_pair_list_or_selection(M, k, E, L, block_m, pair_list_max, monkeypatch):
+    """Up to PAIR_LIST_MAX_PAIRS pairs the one program compares pairs with pairs; both ways give
+    the reference's alignment, including experts with several pairs and pairs of no local expert."""
+    monkeypatch.setattr(align_kernel, "PAIR_LIST_MAX_PAIRS", pair_list_max)
+    topk_ids = torch.stack([torch.randperm(E)[:k] for _ in range(M)]).to(torch.int32).to(DEVICE)
+    expert_map = None
+    if L != E:
+        expert_map = torch.full((E,), -1, dtype=torch.int32)
+        expert_map[torch.randperm(E)[:L]] = torch.arange(L, dtype=torch.int32)
+        expert_map = expert_map.to(DEVICE)
+    with poisoned_empty():
+        got = align_kernel.align_pairs(topk_ids, expert_map, L, block_m, parallel=False)
+    for g, w in zip(got, reference.align_pairs(topk_ids, expert_map, L, block_m)):
+        assert torch.equal(g, w)
+
+
 @pytest.mark.parametrize("pairs_per_chunk", [512, 4096], ids=["four-chunks", "one-chunk"])
 def test_align_pairs_many_programs_in_chunks_or_one(pairs_per_chunk, monkeypatch):
     """The many-program kernel's two passes over the ids: in chunks of PARALLEL_PAIRS, or, where all

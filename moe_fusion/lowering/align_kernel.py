@@ -47,6 +47,10 @@ ONE_PROGRAM_MAX_M = 1024
 PARALLEL_EXPERTS = 2
 PARALLEL_PAIRS = 4096
 PARALLEL_WARPS = 8
+# The one program aligns from the pair list (align_pair_list: [pairs, pairs] comparisons) up to this
+# many pairs, from the [tokens, experts] selection above. Not yet measured on a GPU.
+PAIR_LIST_MAX_PAIRS = 64
+PAIR_LIST_WARPS = 4
 # Above this many tokens torch's sort-based alignment is faster (H100, session 5, alignment alone,
 # dsv3: many-program kernel 54.9 / 213 us against torch's 144 / 171 at M = 4096 / 16384).
 ALIGN_KERNEL_MAX_M = 4096
@@ -70,14 +74,22 @@ def _selection(ids_ptr, stride_im, map_ptr, t0, M, TOKENS: tl.constexpr, L_PAD: 
 @triton.jit
 def _tiles_and_padding(counts, e, mine, M, block_m, num_pairs, max_tiles, sorted_ptr, tile_expert_ptr, num_tiles_ptr,
                        program, programs):
-    """Everything but the pairs themselves: num_tiles (program 0), each tile's expert and the
-    padding after each expert's pairs for the experts in ``mine``, and this program's strided
-    share of the unused tail. These slots never hold a pair, so the pairs can be stored before
-    or after without a barrier. Returns each expert's first slot."""
+    """Everything but the pairs themselves, from the pair count of every expert (``counts`` over
+    experts ``e`` in ascending order): see _store_tiles_and_padding. Returns each expert's first slot."""
     tiles = (counts + block_m - 1) // block_m
     tile_start = tl.cumsum(tiles, axis=0) - tiles
+    return _store_tiles_and_padding(counts, tiles, tile_start, tl.sum(tiles, axis=0), e, mine, M, block_m, num_pairs,
+                                    max_tiles, sorted_ptr, tile_expert_ptr, num_tiles_ptr, program, programs)
+
+
+@triton.jit
+def _store_tiles_and_padding(counts, tiles, tile_start, num_tiles, e, mine, M, block_m, num_pairs, max_tiles,
+                             sorted_ptr, tile_expert_ptr, num_tiles_ptr, program, programs):
+    """num_tiles (program 0), each tile's expert and the padding after each expert's pairs for the
+    experts ``e`` where ``mine`` (``counts`` pairs in ``tiles`` tiles from tile ``tile_start``), and
+    this program's strided share of the unused tail. These slots never hold a pair, so the pairs can
+    be stored before or after without a barrier. Returns each expert's first slot."""
     pair_start = tile_start * block_m
-    num_tiles = tl.sum(tiles, axis=0)
     if program == 0:
         tl.store(num_tiles_ptr, num_tiles)
     for j in range(0, (M + block_m - 1) // block_m):  # an expert has at most M pairs
@@ -92,6 +104,27 @@ def _tiles_and_padding(counts, e, mine, M, block_m, num_pairs, max_tiles, sorted
     for s0 in range(num_tiles + program * FILL_BLOCK, max_tiles, step):
         tl.store(tile_expert_ptr + s0 + f, tl.full((FILL_BLOCK,), -1, tl.int32), mask=s0 + f < max_tiles)
     return pair_start
+
+
+@triton.jit
+def align_pair_list(local, pair, M, num_pairs, block_m, max_tiles, sorted_ptr, tile_expert_ptr, num_tiles_ptr):
+    """The whole alignment from the pairs themselves: ``local`` [P] the local expert of pair ``pair``
+    (-1: not local, or no pair), pairs in ascending order, ``num_pairs`` = M * top_k. Works on [P, P] comparisons instead of a
+    [tokens, experts] selection: for a few pairs that is far less work than the experts' scans.
+    A pair's rank is the number of earlier pairs of its expert; an expert's tiles start after the
+    tiles of the smaller experts, each counted once, at its first pair."""
+    valid = local >= 0
+    same = (local[None, :] == local[:, None]) & valid[:, None]
+    earlier = tl.arange(0, local.shape[0])[None, :] < tl.arange(0, local.shape[0])[:, None]
+    counts = tl.sum(same.to(tl.int32), axis=1)
+    rank = tl.sum((same & earlier).to(tl.int32), axis=1)
+    first = valid & (rank == 0)
+    tiles = tl.where(first, (counts + block_m - 1) // block_m, 0)
+    smaller = (local[None, :] < local[:, None]) & first[None, :]
+    tile_start = tl.sum(tl.where(smaller, tiles[None, :], 0), axis=1)
+    pair_start = _store_tiles_and_padding(counts, tiles, tile_start, tl.sum(tiles, axis=0), local, first, M, block_m,
+                                          num_pairs, max_tiles, sorted_ptr, tile_expert_ptr, num_tiles_ptr, 0, 1)
+    tl.store(sorted_ptr + pair_start + rank, pair, mask=valid)
 
 
 @triton.jit
@@ -153,14 +186,20 @@ def align_pairs_cta(
 def _align_kernel(
     ids_ptr, stride_im, map_ptr, sorted_ptr, tile_expert_ptr, num_tiles_ptr, M, L, block_m, max_tiles,
     TOKENS: tl.constexpr, L_PAD: tl.constexpr, TOP_K: tl.constexpr, HAS_MAP: tl.constexpr,
-    ONE_CHUNK: tl.constexpr, PDL: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr,
+    ONE_CHUNK: tl.constexpr, PAIRS: tl.constexpr, PDL: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr,
 ):
+    """PAIRS > 0: all M * TOP_K <= PAIRS pairs at once (align_pair_list); else the selection."""
     if LAUNCH_DEPENDENTS:
         tl.extra.cuda.gdc_launch_dependents()  # the next launch reads nothing written here (run_experts)
     if PDL:
         tl.extra.cuda.gdc_wait()  # the ids come from the kernel before (a programmatic dependent launch)
-    align_pairs_cta(ids_ptr, stride_im, map_ptr, sorted_ptr, tile_expert_ptr, num_tiles_ptr, M, L, block_m,
-                    max_tiles, TOKENS, L_PAD, TOP_K, HAS_MAP, ONE_CHUNK)
+    if PAIRS > 0:
+        local = _local_experts(ids_ptr, stride_im, map_ptr, 0, M * TOP_K, PAIRS, TOP_K, HAS_MAP)
+        align_pair_list(local, tl.arange(0, PAIRS), M, M * TOP_K, block_m, max_tiles, sorted_ptr, tile_expert_ptr,
+                        num_tiles_ptr)
+    else:
+        align_pairs_cta(ids_ptr, stride_im, map_ptr, sorted_ptr, tile_expert_ptr, num_tiles_ptr, M, L, block_m,
+                        max_tiles, TOKENS, L_PAD, TOP_K, HAS_MAP, ONE_CHUNK)
 
 
 @triton.jit
@@ -289,8 +328,12 @@ def align_pairs(topk_ids: torch.Tensor, expert_map: Optional[torch.Tensor], num_
             PDL=pdl, LAUNCH_DEPENDENTS=launch_dependents,
             num_warps=PARALLEL_WARPS, **launch,
         )
+    elif M * top_k <= PAIR_LIST_MAX_PAIRS:
+        _align_kernel[(1,)](*args, **align_meta(num_local_experts, top_k, expert_map, M),
+                            PAIRS=triton.next_power_of_2(M * top_k), PDL=pdl, LAUNCH_DEPENDENTS=launch_dependents,
+                            num_warps=PAIR_LIST_WARPS, **launch)
     else:
-        _align_kernel[(1,)](*args, **align_meta(num_local_experts, top_k, expert_map, M), PDL=pdl,
+        _align_kernel[(1,)](*args, **align_meta(num_local_experts, top_k, expert_map, M), PAIRS=0, PDL=pdl,
                             LAUNCH_DEPENDENTS=launch_dependents,
                             num_warps=ALIGN_NUM_WARPS if M <= 16 else ALIGN_NUM_WARPS_ABOVE_16, **launch)
     return sorted_ids, tile_expert, num_tiles
