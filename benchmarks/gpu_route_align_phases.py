@@ -5,18 +5,16 @@ between its phases, each read made to wait for the value the phase produced:
 
   bias     the correction bias loaded (before the wait for the logits in the real kernel);
   route    topk_kernel.route_rows: logits loaded, scored, groups kept, 8 picks, weights stored;
-  select   the [tokens, local experts] selection from the ids in registers (with --pair-list 1: the
-           pair list, the ids and pair numbers flattened);
-  align    align_kernel.align_selection: counts, tiles, padding and pairs stored (stores issued), or
-           with --pair-list 1 align_kernel.align_pair_list.
+  select   the [tokens, local experts] selection from the ids in registers;
+  align    align_kernel.align_selection: counts, tiles, padding and pairs stored (stores issued).
 
 It runs alone on logits already in memory (no PDL), at several warp counts (the kernel ships with 4;
 16 took 29.6 us in the preamble against 8.7), with the picks one by one or by one sort
-(topk_kernel.SORT_PICKS: programs of more than one warp), aligning from the selection or the pair list
-(route_align_kernel.PAIR_LIST), and checks that its outputs equal route_and_align's.
+(topk_kernel.SORT_PICKS: programs of more than one warp), and checks that its outputs equal
+route_and_align's.
 
     python benchmarks/gpu_route_align_phases.py [--shape dsv3] [--warps 1,2,4,8,16] [--sort-picks 0,1]
-        [--pair-list 0,1] [--json OUT.json]
+        [--json OUT.json]
 """
 from __future__ import annotations
 
@@ -35,7 +33,7 @@ if os.path.dirname(HERE) not in sys.path:
     sys.path.insert(0, os.path.dirname(HERE))
 
 from moe_fusion.lowering import align_kernel, route_align_kernel, topk_kernel  # noqa: E402
-from moe_fusion.lowering.align_kernel import align_pair_list, align_selection, selection_of_local_ids  # noqa: E402
+from moe_fusion.lowering.align_kernel import align_selection, selection_of_local_ids  # noqa: E402
 from moe_fusion.lowering.topk_kernel import load_route_bias, route_rows  # noqa: E402
 from moe_fusion.tools.bench_layers import SHAPES  # noqa: E402
 
@@ -57,7 +55,7 @@ def _route_align_phases_kernel(
     EPG_PAD: tl.constexpr, TOP_K: tl.constexpr, K_PAD: tl.constexpr, TOPK_GROUP: tl.constexpr,
     SCORING: tl.constexpr, SCORE_BEFORE_TOPK: tl.constexpr, HAS_BIAS: tl.constexpr,
     GROUP_MAX: tl.constexpr, RENORMALIZE: tl.constexpr, ROUND_TO: tl.constexpr, SORT_PICKS: tl.constexpr,
-    L_PAD: tl.constexpr, PAIR_LIST: tl.constexpr,
+    L_PAD: tl.constexpr,
 ):
     start = _cycles_after(M)
     bias = load_route_bias(bias_ptr, HAS_BIAS, N_GROUP, G_PAD, EPG, EPG_PAD)
@@ -66,19 +64,10 @@ def _route_align_phases_kernel(
                      ROWS, N_GROUP, G_PAD, EPG, EPG_PAD, TOP_K, K_PAD, TOPK_GROUP, SCORING, SCORE_BEFORE_TOPK,
                      HAS_BIAS, GROUP_MAX, RENORMALIZE, ROUND_TO, SORT_PICKS, False)
     after_route = _cycles_after(tl.sum(ids))
-    row = tl.arange(0, ROWS)[:, None]
-    k = tl.arange(0, K_PAD)[None, :]
-    real = (row < M) & (k < TOP_K)
-    if PAIR_LIST:
-        local = tl.reshape(tl.where(real, ids, -1), (ROWS * K_PAD,))
-        pair = tl.reshape(row * TOP_K + k, (ROWS * K_PAD,))
-        after_select = _cycles_after(tl.sum(local) + tl.sum(pair))
-        align_pair_list(local, pair, M, M * TOP_K, block_m, max_tiles, sorted_ptr, tile_expert_ptr, num_tiles_ptr)
-    else:
-        slot = selection_of_local_ids(tl.where(real, ids, -1), K_PAD, L_PAD)
-        after_select = _cycles_after(tl.sum(slot))
-        align_selection(slot, M, L, block_m, max_tiles, sorted_ptr, tile_expert_ptr, num_tiles_ptr, ROWS, L_PAD,
-                        TOP_K)
+    real = (tl.arange(0, ROWS) < M)[:, None] & (tl.arange(0, K_PAD) < TOP_K)[None, :]
+    slot = selection_of_local_ids(tl.where(real, ids, -1), K_PAD, L_PAD)
+    after_select = _cycles_after(tl.sum(slot))
+    align_selection(slot, M, L, block_m, max_tiles, sorted_ptr, tile_expert_ptr, num_tiles_ptr, ROWS, L_PAD, TOP_K)
     after_align = _cycles_after(L)
     tl.store(cycles_ptr + 0, after_bias - start)
     tl.store(cycles_ptr + 1, after_route - after_bias)
@@ -101,14 +90,13 @@ def probe(spec, logits, bias, block_m: int, warps: int, repeats: int) -> dict:
         _route_align_phases_kernel[(1,)](
             logits, logits.stride(0), bias, ids, weights, ids.stride(0), M, spec.renormalize_eps,
             spec.routed_scaling_factor, *outputs, spec.num_local_experts, block_m, outputs[1].numel(), cycles,
-            **route, SORT_PICKS=sort_picks, L_PAD=align["L_PAD"], PAIR_LIST=route_align_kernel.PAIR_LIST,
-            num_warps=warps)
+            **route, SORT_PICKS=sort_picks, L_PAD=align["L_PAD"], num_warps=warps)
         samples.append(cycles.tolist())
     want_ids = torch.empty_like(ids)
     want = route_align_kernel.route_and_align(spec, logits, bias, torch.float32, want_ids, torch.empty_like(weights),
                                               None, block_m)
     same = torch.equal(ids, want_ids) and all(torch.equal(a, b) for a, b in zip(outputs, want))
-    return dict(warps=warps, sort_picks=sort_picks, pair_list=route_align_kernel.PAIR_LIST, same_as_kernel=same,
+    return dict(warps=warps, sort_picks=sort_picks, same_as_kernel=same,
                 cycles={p: statistics.median(s[i] for s in samples) for i, p in enumerate(PHASES)})
 
 
@@ -117,7 +105,6 @@ def main(argv=None) -> int:
     ap.add_argument("--shape", default="dsv3")
     ap.add_argument("--warps", default="1,2,4,8,16")
     ap.add_argument("--sort-picks", default="0", help="topk_kernel.SORT_PICKS values to run, e.g. 0,1")
-    ap.add_argument("--pair-list", default="1", help="route_align_kernel.PAIR_LIST values to run, e.g. 0,1")
     ap.add_argument("--block-m", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=50)
     ap.add_argument("--json", default="")
@@ -129,16 +116,14 @@ def main(argv=None) -> int:
     bias = torch.randn(spec.num_experts, generator=g, device=device) * 0.1
     mhz = torch.cuda.clock_rate(device)
     rows = []
-    for pair_list in args.pair_list.split(","):
-        route_align_kernel.PAIR_LIST = bool(int(pair_list))
-        for sort_picks in args.sort_picks.split(","):
-            topk_kernel.SORT_PICKS = bool(int(sort_picks))
-            rows += [probe(spec, logits, bias, args.block_m, int(w), args.repeats) for w in args.warps.split(",")]
+    for sort_picks in args.sort_picks.split(","):
+        topk_kernel.SORT_PICKS = bool(int(sort_picks))
+        rows += [probe(spec, logits, bias, args.block_m, int(w), args.repeats) for w in args.warps.split(",")]
     print(f"{torch.cuda.get_device_name(device)}, SM clock {mhz} MHz (cycles / that = us), {args.shape} M = 1")
     for r in rows:
         us = {p: c / mhz for p, c in r["cycles"].items()}
         phases = "  ".join(f"{p} {c:6.0f} cyc {us[p]:5.2f} us" for p, c in r["cycles"].items())
-        print(f"pair list {int(r['pair_list'])} sort picks {int(r['sort_picks'])} warps {r['warps']:2d}: {phases}  total {sum(us.values()):5.2f} us; "
+        print(f"sort picks {int(r['sort_picks'])} warps {r['warps']:2d}: {phases}  total {sum(us.values()):5.2f} us; "
               f"outputs equal route_and_align's: {r['same_as_kernel']}")
     if args.json:
         with open(args.json, "w") as f:

@@ -4,8 +4,9 @@ tokens, and one program per pair of local experts for more (``_align_parallel_ke
 program histograms every pair's expert to find where its experts' runs start, then ranks only
 its own experts' pairs, so its cost grows with M but not with M x L).
 
-The one-program kernel works on a selection matrix [tokens, local experts] instead of sorting:
-a token picks an expert at most once, so a pair's rank inside its expert is the number of earlier
+Up to PAIR_LIST_MAX_PAIRS pairs the one program compares every pair with every other
+(``align_pair_list``). Above that it works on a selection matrix [tokens, local experts] instead
+of sorting: a token picks an expert at most once, so a pair's rank inside its expert is the number of earlier
 tokens that picked the same expert, an exclusive prefix sum down the matrix's column. Tokens go
 in chunks of ``TOKENS`` rows with a running per-expert count, so one program handles any M (the
 cost is O(M * L * top_k), which is why larger M go to the many-program kernel, and beyond
@@ -48,8 +49,13 @@ PARALLEL_EXPERTS = 2
 PARALLEL_PAIRS = 4096
 PARALLEL_WARPS = 8
 # The one program aligns from the pair list (align_pair_list: [pairs, pairs] comparisons) up to this
-# many pairs, from the [tokens, experts] selection above. Not yet measured on a GPU.
-PAIR_LIST_MAX_PAIRS = 64
+# many pairs, from the [tokens, experts] selection above. H100, session 16, preamble in-process A/B
+# (router weights from HBM), selection against pair list, µs: dsv3 M = 2 / 4 / 8 9.5 / 9.6 / 11.3 against
+# 9.1 / 9.1 / 11.5, qwen3 M = 4 / 8 7.6 / 8.7 against 7.2 / 9.4: at 64 pairs the [64, 64] tiles take 143
+# registers (sm_90 compile) and lose. In route_align's one tile the pair list lost too (dsv3-ep8 M = 1
+# 8.1 against 8.4) and, fed by a reshape of the [rows, top-k] ids, gave wrong pair ids on the GPU where
+# the tile had several rows: s16_experiments/route_align_pair_list.patch.
+PAIR_LIST_MAX_PAIRS = 32
 PAIR_LIST_WARPS = 4
 # Above this many tokens torch's sort-based alignment is faster (H100, session 5, alignment alone,
 # dsv3: many-program kernel 54.9 / 213 us against torch's 144 / 171 at M = 4096 / 16384).
@@ -107,17 +113,17 @@ def _store_tiles_and_padding(counts, tiles, tile_start, num_tiles, e, mine, M, b
 
 
 @triton.jit
-def align_pair_list(local, pair, M, num_pairs, block_m, max_tiles, sorted_ptr, tile_expert_ptr, num_tiles_ptr):
-    """The whole alignment from the pairs themselves: ``local`` [P] the local expert of pair ``pair``
-    (-1: not local, or no pair), pairs in ascending order, ``num_pairs`` = M * top_k. Works on [P, P] comparisons instead of a
-    [tokens, experts] selection: for a few pairs that is far less work than the experts' scans.
-    A pair's rank is the number of earlier pairs of its expert; an expert's tiles start after the
-    tiles of the smaller experts, each counted once, at its first pair."""
+def align_pair_list(local, M, num_pairs, block_m, max_tiles, sorted_ptr, tile_expert_ptr, num_tiles_ptr):
+    """The whole alignment from the pairs themselves: ``local`` [P] the local expert of pair p (-1: not
+    local, or p >= ``num_pairs`` = M * top_k). Works on [P, P] comparisons instead of a [tokens, experts]
+    selection: for a few pairs that is far less work than the experts' scans. A pair's rank is the
+    number of earlier pairs of its expert; an expert's tiles start after the tiles of the smaller
+    experts, each counted once, at its first pair."""
+    pair = tl.arange(0, local.shape[0])
     valid = local >= 0
     same = (local[None, :] == local[:, None]) & valid[:, None]
-    earlier = tl.arange(0, local.shape[0])[None, :] < tl.arange(0, local.shape[0])[:, None]
     counts = tl.sum(same.to(tl.int32), axis=1)
-    rank = tl.sum((same & earlier).to(tl.int32), axis=1)
+    rank = tl.sum((same & (pair[None, :] < pair[:, None])).to(tl.int32), axis=1)
     first = valid & (rank == 0)
     tiles = tl.where(first, (counts + block_m - 1) // block_m, 0)
     smaller = (local[None, :] < local[:, None]) & first[None, :]
@@ -195,8 +201,7 @@ def _align_kernel(
         tl.extra.cuda.gdc_wait()  # the ids come from the kernel before (a programmatic dependent launch)
     if PAIRS > 0:
         local = _local_experts(ids_ptr, stride_im, map_ptr, 0, M * TOP_K, PAIRS, TOP_K, HAS_MAP)
-        align_pair_list(local, tl.arange(0, PAIRS), M, M * TOP_K, block_m, max_tiles, sorted_ptr, tile_expert_ptr,
-                        num_tiles_ptr)
+        align_pair_list(local, M, M * TOP_K, block_m, max_tiles, sorted_ptr, tile_expert_ptr, num_tiles_ptr)
     else:
         align_pairs_cta(ids_ptr, stride_im, map_ptr, sorted_ptr, tile_expert_ptr, num_tiles_ptr, M, L, block_m,
                         max_tiles, TOKENS, L_PAD, TOP_K, HAS_MAP, ONE_CHUNK)

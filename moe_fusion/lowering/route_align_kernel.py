@@ -20,7 +20,7 @@ import triton.language as tl
 
 from ..spec import MoESpec
 from . import align_kernel, topk_kernel
-from .align_kernel import align_pair_list, align_pairs_cta, align_selection, selection_of_local_ids
+from .align_kernel import align_pairs_cta, align_selection, selection_of_local_ids
 from .grid_sync import pdl_launch
 from .topk_kernel import load_route_bias, route_columns, route_rows
 
@@ -38,9 +38,6 @@ ROUTE_ALIGN_WARPS = 4
 # with the routing kernel on 4 warps (ROUTE_WARPS) a 512 tile gains only 0.2 us at M = 2 (9.1 -> 8.9),
 # unmeasured for the other shapes, so the tile stays.
 ROUTE_ALIGN_MAX_TILE = 256
-# Where the rows fit one tile, align from the pair list (align_kernel.align_pair_list) rather than the
-# [tokens, experts] selection. Not yet measured on a GPU.
-PAIR_LIST = True
 
 
 @triton.jit
@@ -52,7 +49,7 @@ def _route_align_kernel(
     SCORING: tl.constexpr, SCORE_BEFORE_TOPK: tl.constexpr, HAS_BIAS: tl.constexpr,
     GROUP_MAX: tl.constexpr, RENORMALIZE: tl.constexpr, ROUND_TO: tl.constexpr, SORT_PICKS: tl.constexpr,
     TOKENS: tl.constexpr, L_PAD: tl.constexpr, HAS_MAP: tl.constexpr, ONE_CHUNK: tl.constexpr,
-    ONE_TILE: tl.constexpr, PAIR_LIST: tl.constexpr, PDL: tl.constexpr,
+    ONE_TILE: tl.constexpr, PDL: tl.constexpr,
 ):
     """ONE_TILE (M <= ROWS): the alignment takes the ids from the routing's registers, local ids
     through the expert map read before the wait, so no memory round trip follows the picks.
@@ -74,17 +71,10 @@ def _route_align_kernel(
             local = tl.max(tl.where(hit, local_of_column[:, None, :], -1), axis=2)
         else:
             local = ids
-        row = tl.arange(0, ROWS)[:, None]
-        k = tl.arange(0, K_PAD)[None, :]
-        real = (row < M) & (k < TOP_K)
-        if PAIR_LIST:
-            align_pair_list(tl.reshape(tl.where(real, local, -1), (ROWS * K_PAD,)),
-                            tl.reshape(row * TOP_K + k, (ROWS * K_PAD,)), M, M * TOP_K, block_m, max_tiles,
-                            sorted_ptr, tile_expert_ptr, num_tiles_ptr)
-        else:
-            slot = selection_of_local_ids(tl.where(real, local, -1), K_PAD, L_PAD)
-            align_selection(slot, M, L, block_m, max_tiles, sorted_ptr, tile_expert_ptr, num_tiles_ptr, ROWS, L_PAD,
-                            TOP_K)
+        real = (tl.arange(0, ROWS) < M)[:, None] & (tl.arange(0, K_PAD) < TOP_K)[None, :]
+        slot = selection_of_local_ids(tl.where(real, local, -1), K_PAD, L_PAD)
+        align_selection(slot, M, L, block_m, max_tiles, sorted_ptr, tile_expert_ptr, num_tiles_ptr, ROWS, L_PAD,
+                        TOP_K)
     else:
         for row0 in range(0, M, ROWS):
             route_rows(
@@ -109,7 +99,7 @@ def route_and_align(spec: MoESpec, logits: torch.Tensor, correction_bias: torch.
     _route_align_kernel[(1,)](
         logits, logits.stride(0), correction_bias, ids, weights, ids.stride(0), M, spec.renormalize_eps,
         spec.routed_scaling_factor, ids if expert_map is None else expert_map, sorted_ids, tile_expert, num_tiles,
-        L, block_m, tile_expert.numel(), **route, **align, ONE_TILE=M <= route["ROWS"], PAIR_LIST=PAIR_LIST,
+        L, block_m, tile_expert.numel(), **route, **align, ONE_TILE=M <= route["ROWS"],
         SORT_PICKS=topk_kernel.picks_by_sort(ROUTE_ALIGN_WARPS), PDL=pdl,
         num_warps=ROUTE_ALIGN_WARPS,
         **pdl_launch(pdl),
