@@ -97,17 +97,23 @@ def test_select_experts_rounds_model_dtype_logits():
 @pytest.mark.parametrize("parallel", [False, True], ids=["one-program", "many-programs"])
 @pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64])
 def test_align_pairs(M, k, E, L, block_m, parallel, ids_dtype):
+    topk_ids, expert_map = _random_ids_and_map(M, k, E, L, ids_dtype)
+    with poisoned_empty():
+        got = align_kernel.align_pairs(topk_ids, expert_map, L, block_m, parallel=parallel)
+    want = reference.align_pairs(topk_ids, expert_map, L, block_m)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+def _random_ids_and_map(M, k, E, L, ids_dtype=torch.int32):
+    """Top-k ids of M tokens over E experts, and an expert map to L local ones where L < E."""
     topk_ids = torch.stack([torch.randperm(E)[:k] for _ in range(M)]).to(ids_dtype).to(DEVICE)
     expert_map = None
     if L != E:
         expert_map = torch.full((E,), -1, dtype=torch.int32)
         expert_map[torch.randperm(E)[:L]] = torch.arange(L, dtype=torch.int32)
         expert_map = expert_map.to(DEVICE)
-    with poisoned_empty():
-        got = align_kernel.align_pairs(topk_ids, expert_map, L, block_m, parallel=parallel)
-    want = reference.align_pairs(topk_ids, expert_map, L, block_m)
-    for g, w in zip(got, want):
-        assert torch.equal(g, w)
+    return topk_ids, expert_map
 
 
 @pytest.mark.parametrize("M,k,E,L,block_m", [(1, 8, 256, 256, 16), (3, 8, 256, 32, 16), (5, 6, 64, 64, 8),
@@ -117,12 +123,7 @@ def test_align_pairs_one_program_from_pair_list_or_selection(M, k, E, L, block_m
     """Up to PAIR_LIST_MAX_PAIRS pairs the one program compares pairs with pairs; both ways give
     the reference's alignment, including experts with several pairs and pairs of no local expert."""
     monkeypatch.setattr(align_kernel, "PAIR_LIST_MAX_PAIRS", pair_list_max)
-    topk_ids = torch.stack([torch.randperm(E)[:k] for _ in range(M)]).to(torch.int32).to(DEVICE)
-    expert_map = None
-    if L != E:
-        expert_map = torch.full((E,), -1, dtype=torch.int32)
-        expert_map[torch.randperm(E)[:L]] = torch.arange(L, dtype=torch.int32)
-        expert_map = expert_map.to(DEVICE)
+    topk_ids, expert_map = _random_ids_and_map(M, k, E, L)
     with poisoned_empty():
         got = align_kernel.align_pairs(topk_ids, expert_map, L, block_m, parallel=False)
     for g, w in zip(got, reference.align_pairs(topk_ids, expert_map, L, block_m)):

@@ -6,12 +6,12 @@ its own experts' pairs, so its cost grows with M but not with M x L).
 
 Up to PAIR_LIST_MAX_PAIRS pairs the one program compares every pair with every other
 (``align_pair_list``). Above that it works on a selection matrix [tokens, local experts] instead
-of sorting: a token picks an expert at most once, so a pair's rank inside its expert is the number of earlier
-tokens that picked the same expert, an exclusive prefix sum down the matrix's column. Tokens go
-in chunks of ``TOKENS`` rows with a running per-expert count, so one program handles any M (the
-cost is O(M * L * top_k), which is why larger M go to the many-program kernel, and beyond
-ALIGN_KERNEL_MAX_M to the reference); up to ``TOKENS`` tokens the matrix is built once. Padding
-slots are written directly (they are known from the counts alone), not filled first and
+of sorting: a token picks an expert at most once, so a pair's rank inside its expert is the
+number of earlier tokens that picked the same expert, an exclusive prefix sum down the matrix's
+column. Tokens go in chunks of ``TOKENS`` rows with a running per-expert count, so one program
+handles any M (the cost is O(M * L * top_k), which is why larger M go to the many-program kernel,
+and beyond ALIGN_KERNEL_MAX_M to the reference); up to ``TOKENS`` tokens the matrix is built once.
+Padding slots are written directly (they are known from the counts alone), not filled first and
 overwritten after a barrier.
 
 ``align_pairs_cta`` is a Triton helper shared by the standalone kernel here and the router
