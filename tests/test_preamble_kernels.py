@@ -98,10 +98,14 @@ def test_select_experts_rounds_model_dtype_logits():
 @pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64])
 def test_align_pairs(M, k, E, L, block_m, parallel, ids_dtype):
     topk_ids, expert_map = _random_ids_and_map(M, k, E, L, ids_dtype)
+    _assert_aligned_as_reference(topk_ids, expert_map, L, block_m, parallel)
+
+
+def _assert_aligned_as_reference(topk_ids, expert_map, L, block_m, parallel):
+    """The kernel's alignment, into NaN-poisoned buffers, equals reference.align_pairs' exactly."""
     with poisoned_empty():
         got = align_kernel.align_pairs(topk_ids, expert_map, L, block_m, parallel=parallel)
-    want = reference.align_pairs(topk_ids, expert_map, L, block_m)
-    for g, w in zip(got, want):
+    for g, w in zip(got, reference.align_pairs(topk_ids, expert_map, L, block_m)):
         assert torch.equal(g, w)
 
 
@@ -124,10 +128,7 @@ def test_align_pairs_one_program_from_pair_list_or_selection(M, k, E, L, block_m
     the reference's alignment, including experts with several pairs and pairs of no local expert."""
     monkeypatch.setattr(align_kernel, "PAIR_LIST_MAX_PAIRS", pair_list_max)
     topk_ids, expert_map = _random_ids_and_map(M, k, E, L)
-    with poisoned_empty():
-        got = align_kernel.align_pairs(topk_ids, expert_map, L, block_m, parallel=False)
-    for g, w in zip(got, reference.align_pairs(topk_ids, expert_map, L, block_m)):
-        assert torch.equal(g, w)
+    _assert_aligned_as_reference(topk_ids, expert_map, L, block_m, parallel=False)
 
 
 @pytest.mark.parametrize("pairs_per_chunk", [512, 4096], ids=["four-chunks", "one-chunk"])
@@ -135,15 +136,8 @@ def test_align_pairs_many_programs_in_chunks_or_one(pairs_per_chunk, monkeypatch
     """The many-program kernel's two passes over the ids: in chunks of PARALLEL_PAIRS, or, where all
     pairs fit one, from one load (the chunks' running ranks, ``before``, only in the first)."""
     monkeypatch.setattr(align_kernel, "PARALLEL_PAIRS", pairs_per_chunk)
-    M, k, E, L = 200, 8, 64, 48
-    topk_ids = torch.stack([torch.randperm(E)[:k] for _ in range(M)]).to(torch.int32).to(DEVICE)
-    expert_map = torch.full((E,), -1, dtype=torch.int32)
-    expert_map[torch.randperm(E)[:L]] = torch.arange(L, dtype=torch.int32)
-    expert_map = expert_map.to(DEVICE)
-    with poisoned_empty():
-        got = align_kernel.align_pairs(topk_ids, expert_map, L, 8, parallel=True)
-    for g, w in zip(got, reference.align_pairs(topk_ids, expert_map, L, 8)):
-        assert torch.equal(g, w)
+    topk_ids, expert_map = _random_ids_and_map(200, 8, 64, 48)
+    _assert_aligned_as_reference(topk_ids, expert_map, 48, 8, parallel=True)
 
 
 @pytest.mark.parametrize("tokens_above_kernel_limit", [False, True])

@@ -333,12 +333,11 @@ def align_pairs(topk_ids: torch.Tensor, expert_map: Optional[torch.Tensor], num_
             PDL=pdl, LAUNCH_DEPENDENTS=launch_dependents,
             num_warps=PARALLEL_WARPS, **launch,
         )
-    elif M * top_k <= PAIR_LIST_MAX_PAIRS:
-        _align_kernel[(1,)](*args, **align_meta(num_local_experts, top_k, expert_map, M),
-                            PAIRS=triton.next_power_of_2(M * top_k), PDL=pdl, LAUNCH_DEPENDENTS=launch_dependents,
-                            num_warps=PAIR_LIST_WARPS, **launch)
     else:
-        _align_kernel[(1,)](*args, **align_meta(num_local_experts, top_k, expert_map, M), PAIRS=0, PDL=pdl,
+        pair_list = M * top_k <= PAIR_LIST_MAX_PAIRS
+        _align_kernel[(1,)](*args, **align_meta(num_local_experts, top_k, expert_map, M),
+                            PAIRS=triton.next_power_of_2(M * top_k) if pair_list else 0, PDL=pdl,
                             LAUNCH_DEPENDENTS=launch_dependents,
-                            num_warps=ALIGN_NUM_WARPS if M <= 16 else ALIGN_NUM_WARPS_ABOVE_16, **launch)
+                            num_warps=PAIR_LIST_WARPS if pair_list else ALIGN_NUM_WARPS if M <= 16
+                            else ALIGN_NUM_WARPS_ABOVE_16, **launch)
     return sorted_ids, tile_expert, num_tiles
