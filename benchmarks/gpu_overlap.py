@@ -17,6 +17,13 @@ under CUDA-graph replay (moe_fusion.tools.timing: median of batches, inputs rota
   layer stream / layer inline   the whole layer (layer.moe_layer), for context
 ratio = (pre+shared stream) / shared; the target is <= 1.1 (the preamble almost entirely hidden).
 
+The shared expert's weights (44 MB in fp8, 88 MB in bf16) and the router's fit in or near the H100's
+50 MB L2, so timing them over one copy partly measures the cache, in the shared expert alone most of
+all. Each input set therefore comes with its own copy of the preamble and shared-expert weights
+(--weight-copies, by default enough copies to exceed L2 L2_ROTATION_FACTOR times, as the bench does
+for the preamble); the routed experts are shared by all copies. --weight-copies 1 times one copy, as
+sessions 3-16 did.
+
 Then one call of "pre+shared stream" is profiled, eagerly and as a graph replay: per kernel its name,
 stream and start/end relative to the first kernel, and how much of the shared expert's busy time
 overlaps the preamble's kernels. DIR gets overlap.json, overlap.md and overlap_trace.json (the chrome
@@ -45,6 +52,9 @@ for path in (os.path.dirname(HERE), HERE):
     if path not in sys.path:
         sys.path.insert(0, path)
 
+import dataclasses  # noqa: E402
+import math  # noqa: E402
+
 import triton  # noqa: E402
 
 from layer_cases import layer_options, layer_weights  # noqa: E402
@@ -52,7 +62,8 @@ from moe_fusion.lowering import layer, preamble, reference, streams  # noqa: E40
 from moe_fusion.lowering.shared_expert import CublasSharedExpert, SharedExpertOnExpertKernels  # noqa: E402
 from moe_fusion.spec import MoESpec, MoEWeights  # noqa: E402
 from moe_fusion.tools import timing  # noqa: E402
-from moe_fusion.tools.bench_layers import SHAPES  # noqa: E402
+from moe_fusion.tools.bench import L2_ROTATION_FACTOR  # noqa: E402
+from moe_fusion.tools.bench_layers import SHAPES, preamble_bytes, shared_bytes  # noqa: E402
 
 DTYPES = {"bf16": "none", "fp8": "fp8_block"}
 N_SETS = 8
@@ -61,41 +72,44 @@ PREAMBLE_KERNELS = ("_norm_quant_kernel", "_router_route_align_kernel", "_router
                     "_align_kernel")
 VARIANTS = ("shared", "preamble", "pre+shared stream", "pre+shared inline", "layer stream", "layer inline")
 SHARED_ON = ("cublas", "kernels", "kernels-fp8")
+# The weights each input set gets a copy of: the preamble's and the shared expert's.
+COPIED_WEIGHTS = ("router_weight", "norm_weight", "correction_bias", "shared_gate", "shared_up", "shared_down",
+                  "shared_expert_gate")
 
 
 # ----------------------------------------------------------------------------- the timed calls
-def variant_fn(name: str, spec: MoESpec, w: MoEWeights, block_m: int, shared_on: str = "cublas",
+def variant_fn(name: str, spec: MoESpec, block_m: int, shared_on: str = "cublas",
                quantized: Optional[Dict[int, tuple]] = None) -> Callable:
-    """fn(x, normed) for one variant; every variant allocates its buffers on the current stream,
+    """fn(x, normed, w) for one variant; every variant allocates its buffers on the current stream,
     as the layer does (streams.py: the side stream never allocates). shared_on: one of SHARED_ON;
     with "kernels-fp8", ``quantized`` maps id(normed) of each input set to its fp8 groups, which the
     shared expert alone reads as it would read the norm kernel's."""
     in_fp8 = shared_on == "kernels-fp8"
 
-    def shared_job(normed, x_fp8=None, x_scale=None):  # allocates now; run() may go to the side stream
+    def shared_job(w, normed, x_fp8=None, x_scale=None):  # allocates now; run() may go to the side stream
         if shared_on == "cublas":
             return CublasSharedExpert(spec, normed, w)
         return SharedExpertOnExpertKernels(spec, normed, x_fp8, x_scale, w, in_fp8, False)
 
-    def shared(x, normed):
-        shared_job(normed, *(quantized or {}).get(id(normed), (None, None))).run()
+    def shared(x, normed, w):
+        shared_job(w, normed, *(quantized or {}).get(id(normed), (None, None))).run()
 
-    def pre(x, normed):
+    def pre(x, normed, w):
         preamble.fused_preamble(spec, x, w, block_m=block_m)
 
-    def pre_shared_stream(x, normed):
-        fork = lambda *norm_outputs: streams.fork(x.device, shared_job(*norm_outputs).run)  # noqa: E731
+    def pre_shared_stream(x, normed, w):
+        fork = lambda *norm_outputs: streams.fork(x.device, shared_job(w, *norm_outputs).run)  # noqa: E731
         preamble.fused_preamble(spec, x, w, block_m=block_m, after_norm=fork)
         streams.join(x.device)
 
-    def pre_shared_inline(x, normed):
+    def pre_shared_inline(x, normed, w):
         pre = preamble.fused_preamble(spec, x, w, block_m=block_m)
-        shared_job(pre.normed, pre.x_fp8, pre.x_scale).run()
+        shared_job(w, pre.normed, pre.x_fp8, pre.x_scale).run()
 
     def whole_layer(strategy):
         on_kernels = shared_on == "kernels"  # in fp8 the layer always runs it on the expert kernels
 
-        def fn(x, normed):
+        def fn(x, normed, w):
             with layer_options(False, strategy + ("-kernels" if on_kernels else ""), shared_fp8=in_fp8):
                 layer.moe_layer(spec, x, w)
         return fn
@@ -105,10 +119,25 @@ def variant_fn(name: str, spec: MoESpec, w: MoEWeights, block_m: int, shared_on:
             "layer inline": whole_layer("inline")}[name]
 
 
-def input_sets(spec: MoESpec, M: int, device, n: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+def input_sets(spec: MoESpec, M: int, device, n: int, weights: Sequence[MoEWeights]) -> List[tuple]:
+    """n (x, normed, w) sets, w going round the weight copies."""
     g = torch.Generator(device=device).manual_seed(M)
-    return [tuple(torch.randn(M, spec.hidden_size, generator=g, device=device, dtype=spec.torch_dtype)
-                  for _ in range(2)) for _ in range(n)]
+    return [(*(torch.randn(M, spec.hidden_size, generator=g, device=device, dtype=spec.torch_dtype)
+               for _ in range(2)), weights[i % len(weights)]) for i in range(n)]
+
+
+def copies_beyond_l2(spec: MoESpec, shared_fp8: bool, l2_bytes: int) -> int:
+    """Copies of the preamble's and shared expert's weights that together exceed L2 L2_ROTATION_FACTOR times."""
+    per_copy = preamble_bytes(spec) + (shared_bytes(spec, shared_fp8) if spec.has_shared_experts else 0)
+    return min(N_SETS, math.ceil(L2_ROTATION_FACTOR * l2_bytes / per_copy))
+
+
+def weight_copies(w: MoEWeights, count: int) -> List[MoEWeights]:
+    """w, then count - 1 copies with their own preamble and shared-expert tensors (routed experts shared)."""
+    def copy_of(w: MoEWeights) -> MoEWeights:
+        return dataclasses.replace(w, **{name: getattr(w, name).clone() for name in COPIED_WEIGHTS
+                                         if getattr(w, name) is not None})
+    return [w] + [copy_of(w) for _ in range(count - 1)]
 
 
 # ----------------------------------------------------------------------------- trace analysis
@@ -187,16 +216,18 @@ def profile_overlap(fn: Callable, inputs: tuple, trace_path: str) -> Dict[str, d
 
 
 # ----------------------------------------------------------------------------- run and report
-def measure(spec: MoESpec, w: MoEWeights, M: int, device: torch.device, trace_path: str, shared_on: str) -> dict:
+def measure(spec: MoESpec, weights: Sequence[MoEWeights], M: int, device: torch.device, trace_path: str,
+            shared_on: str) -> dict:
     """One (dtype, M) row: µs per variant, the ratios, and the profile of one overlapped call. On the
     CPU each variant that needs no second stream is called once instead (no timing)."""
     block_m = layer.plan_layer(spec, M, device).expert_config.block_m
     on_gpu = device.type == "cuda"
-    sets = input_sets(spec, M, device, N_SETS if on_gpu else 1)
-    quantized = {id(normed): reference.quantize_fp8_groups(normed) for _, normed in sets} if shared_on == "kernels-fp8" else {}
-    row = dict(M=M, block_m=block_m, us={})
+    sets = input_sets(spec, M, device, N_SETS if on_gpu else 1, weights)
+    quantized = ({id(normed): reference.quantize_fp8_groups(normed) for _, normed, _ in sets}
+                 if shared_on == "kernels-fp8" else {})
+    row = dict(M=M, block_m=block_m, weight_copies=len(weights), us={})
     for name in VARIANTS:
-        fn = variant_fn(name, spec, w, block_m, shared_on, quantized)
+        fn = variant_fn(name, spec, block_m, shared_on, quantized)
         if on_gpu:
             row["us"][name] = round(timing.graph_replay_us(fn, sets), 2)
         elif "stream" not in name:  # the side stream needs CUDA
@@ -204,7 +235,7 @@ def measure(spec: MoESpec, w: MoEWeights, M: int, device: torch.device, trace_pa
     if on_gpu:
         row["ratio_stream"] = round(row["us"]["pre+shared stream"] / row["us"]["shared"], 3)
         row["ratio_inline"] = round(row["us"]["pre+shared inline"] / row["us"]["shared"], 3)
-        row["profile"] = profile_overlap(variant_fn("pre+shared stream", spec, w, block_m, shared_on), sets[0],
+        row["profile"] = profile_overlap(variant_fn("pre+shared stream", spec, block_m, shared_on), sets[0],
                                          trace_path)
     return row
 
@@ -212,16 +243,17 @@ def measure(spec: MoESpec, w: MoEWeights, M: int, device: torch.device, trace_pa
 def markdown(result: dict) -> str:
     lines = [f"Shared expert ({result['shared_on']}) vs preamble overlap, {result['shape']}, "
              f"{result['device']}, torch {result['torch']}, triton {result['triton']}, {result['date']}. "
-             f"µs per call under CUDA-graph replay (median of batches, {N_SETS} input sets rotated); "
+             f"µs per call under CUDA-graph replay (median of batches, {N_SETS} input sets rotated over "
+             f"the row's copies of the preamble and shared-expert weights); "
              f"ratio = (pre+shared stream) / shared, target <= {TARGET_RATIO}.", "",
-             "| experts | M | " + " | ".join(VARIANTS) + " | ratio stream | ratio inline | overlap (graph) |",
-             "|---" * (len(VARIANTS) + 5) + "|"]
+             "| experts | M | copies | " + " | ".join(VARIANTS) + " | ratio stream | ratio inline | overlap (graph) |",
+             "|---" * (len(VARIANTS) + 6) + "|"]
     for r in result["rows"]:
         cells = [f"{r['us'][v]:.1f}" if r["us"].get(v) is not None else "-" for v in VARIANTS]
         prof = r.get("profile", {}).get("graph replay", {})
         ov = (f"{prof['overlap_us']:.1f} of {prof['preamble_busy_us']:.1f} µs preamble"
               if "overlap_us" in prof else "-")
-        lines.append(f"| {r['dtype']} | {r['M']} | " + " | ".join(cells)
+        lines.append(f"| {r['dtype']} | {r['M']} | {r['weight_copies']} | " + " | ".join(cells)
                      + f" | {r.get('ratio_stream', '-')} | {r.get('ratio_inline', '-')} | {ov} |")
     first = next((r for r in result["rows"] if "profile" in r), None)
     if first:
@@ -242,6 +274,10 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def l2_bytes(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).L2_cache_size
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"))
@@ -250,6 +286,9 @@ def main(argv=None) -> int:
     ap.add_argument("--shared-on", choices=SHARED_ON, default="cublas",
                     help="the shared expert on cuBLAS, as its own launch of the expert kernels in the model dtype, "
                          "or in fp8 (MOE_FUSION_SHARED_FP8's; fp8 experts only)")
+    ap.add_argument("--weight-copies", type=int, default=0,
+                    help="copies of the preamble and shared-expert weights the input sets go round (default 0: "
+                         f"enough to exceed L2 {L2_ROTATION_FACTOR} times; 1: one copy, partly timing the cache)")
     ap.add_argument("--smoke", action="store_true", help="a tiny layer; on the CPU each variant once, no timing")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -268,10 +307,12 @@ def main(argv=None) -> int:
     scratch = tempfile.mkdtemp()
     for dtype in args.dtypes.split(","):
         spec = base.replace(quant=DTYPES[dtype])
-        w = layer_weights(spec, device, seed=0)
+        count = args.weight_copies or (copies_beyond_l2(spec, args.shared_on == "kernels-fp8", l2_bytes(device))
+                                       if device.type == "cuda" else 1)
+        weights = weight_copies(layer_weights(spec, device, seed=0), count)
         for M in (int(m) for m in args.m.split(",")):
             trace = os.path.join(scratch, f"{dtype}_{M}.json")
-            row = dict(dtype=dtype, **measure(spec, w, M, device, trace, args.shared_on))
+            row = dict(dtype=dtype, **measure(spec, weights, M, device, trace, args.shared_on))
             result["rows"].append(row)
             if not os.path.exists(os.path.join(args.out, "overlap_trace.json")) and os.path.exists(trace):
                 shutil.copy(trace, os.path.join(args.out, "overlap_trace.json"))
@@ -279,7 +320,7 @@ def main(argv=None) -> int:
             print(f"[overlap] {dtype} M={M}: {row['us']} ratio stream {row.get('ratio_stream')} inline "
                   f"{row.get('ratio_inline')}; graph replay overlap {prof.get('overlap_us')} us of "
                   f"{prof.get('preamble_busy_us')} us preamble ({time.time() - t0:.0f} s)", flush=True)
-        del w
+        del weights
     shutil.rmtree(scratch)
     with open(os.path.join(args.out, "overlap.json"), "w") as f:
         json.dump(result, f, indent=1)

@@ -36,6 +36,33 @@ def test_overlap_smoke_with_an_fp8_shared_expert(tmp_path):
         gpu_overlap.main(["--smoke", "--out", str(tmp_path), "--dtypes", "bf16,fp8", "--shared-on", "kernels-fp8"])
 
 
+def test_each_input_set_gets_its_own_preamble_and_shared_weights(tmp_path):
+    """The rotation that keeps the shared expert's 44-88 MB out of L2 between timed calls: copies own
+    their preamble and shared-expert tensors (same values), share the routed experts, and enough of
+    them exceed L2 L2_ROTATION_FACTOR times."""
+    import torch
+    from layer_cases import layer_weights
+
+    spec = gpu_overlap.SHAPES["tiny-ep"]
+    w = layer_weights(spec, "cpu", seed=0)
+    copies = gpu_overlap.weight_copies(w, 3)
+    assert copies[0] is w and len(copies) == 3
+    for c in copies[1:]:
+        for name in gpu_overlap.COPIED_WEIGHTS:
+            if getattr(w, name) is not None:
+                assert getattr(c, name).data_ptr() != getattr(w, name).data_ptr()
+                assert torch.equal(getattr(c, name), getattr(w, name))
+        assert c.w_gate is w.w_gate and c.w_down is w.w_down
+    sets = gpu_overlap.input_sets(spec, 2, "cpu", 5, copies)
+    assert [s[2] for s in sets] == [copies[0], copies[1], copies[2], copies[0], copies[1]]
+    dsv3_ep8 = gpu_overlap.SHAPES["dsv3-ep8"]
+    l2 = 50 << 20
+    fp8_copies = gpu_overlap.copies_beyond_l2(dsv3_ep8, True, l2)
+    per_copy = gpu_overlap.preamble_bytes(dsv3_ep8) + gpu_overlap.shared_bytes(dsv3_ep8, True)
+    assert (fp8_copies - 1) * per_copy < gpu_overlap.L2_ROTATION_FACTOR * l2 <= fp8_copies * per_copy
+    assert gpu_overlap.copies_beyond_l2(dsv3_ep8, False, l2) < fp8_copies
+
+
 def _kernel(name, stream, ts, dur):
     return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur, "tid": stream, "args": {"stream": stream}}
 
