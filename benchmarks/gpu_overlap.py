@@ -119,11 +119,15 @@ def variant_fn(name: str, spec: MoESpec, block_m: int, shared_on: str = "cublas"
             "layer inline": whole_layer("inline")}[name]
 
 
-def input_sets(spec: MoESpec, M: int, device, n: int, weights: Sequence[MoEWeights]) -> List[tuple]:
-    """n (x, normed, w) sets, w going round the weight copies."""
+def input_sets(spec: MoESpec, M: int, device, n: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator(device=device).manual_seed(M)
-    return [(*(torch.randn(M, spec.hidden_size, generator=g, device=device, dtype=spec.torch_dtype)
-               for _ in range(2)), weights[i % len(weights)]) for i in range(n)]
+    return [tuple(torch.randn(M, spec.hidden_size, generator=g, device=device, dtype=spec.torch_dtype)
+                  for _ in range(2)) for _ in range(n)]
+
+
+def with_weights(sets: Sequence[tuple], weights: Sequence[MoEWeights]) -> List[tuple]:
+    """(x, normed, w) per input set, w going round the weight copies."""
+    return [(*inputs, weights[i % len(weights)]) for i, inputs in enumerate(sets)]
 
 
 def copies_beyond_l2(spec: MoESpec, shared_fp8: bool, l2_bytes: int) -> int:
@@ -222,7 +226,7 @@ def measure(spec: MoESpec, weights: Sequence[MoEWeights], M: int, device: torch.
     CPU each variant that needs no second stream is called once instead (no timing)."""
     block_m = layer.plan_layer(spec, M, device).expert_config.block_m
     on_gpu = device.type == "cuda"
-    sets = input_sets(spec, M, device, N_SETS if on_gpu else 1, weights)
+    sets = with_weights(input_sets(spec, M, device, N_SETS if on_gpu else 1), weights)
     quantized = ({id(normed): reference.quantize_fp8_groups(normed) for _, normed, _ in sets}
                  if shared_on == "kernels-fp8" else {})
     row = dict(M=M, block_m=block_m, weight_copies=len(weights), us={})

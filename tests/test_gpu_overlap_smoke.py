@@ -53,7 +53,7 @@ def test_each_input_set_gets_its_own_preamble_and_shared_weights(tmp_path):
                 assert getattr(c, name).data_ptr() != getattr(w, name).data_ptr()
                 assert torch.equal(getattr(c, name), getattr(w, name))
         assert c.w_gate is w.w_gate and c.w_down is w.w_down
-    sets = gpu_overlap.input_sets(spec, 2, "cpu", 5, copies)
+    sets = gpu_overlap.with_weights(gpu_overlap.input_sets(spec, 2, "cpu", 5), copies)
     assert [s[2] for s in sets] == [copies[0], copies[1], copies[2], copies[0], copies[1]]
     dsv3_ep8 = gpu_overlap.SHAPES["dsv3-ep8"]
     l2 = 50 << 20
