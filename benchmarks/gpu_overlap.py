@@ -1,15 +1,15 @@
 """Shared expert on the side stream (issue 6): does the preamble hide behind the shared expert?
 
-    python benchmarks/gpu_overlap.py --out DIR [--m 1,4] [--dtypes bf16,fp8] [--shared-on cublas|kernels|kernels-fp8]
+    python benchmarks/gpu_overlap.py --out DIR [--m 1,4] [--dtypes bf16,fp8] [--shared-on kernels|kernels-fp8]
         [--smoke]
 
 For the dsv3-ep8 layer (the full dsv3 router, 32 local experts; bf16 or fp8 experts) at each M,
 under CUDA-graph replay (moe_fusion.tools.timing: median of batches, inputs rotated over 8 sets):
-  shared            the shared expert alone, in the model dtype, on cuBLAS (shared_expert.CublasSharedExpert)
-                    or with --shared-on kernels as a launch of the expert kernels of its own
-                    (shared_expert.SharedExpertOnExpertKernels: the layer's "stream-kernels"), or with
-                    --shared-on kernels-fp8 that launch in fp8 on x's fp8 groups made beforehand (what
-                    the layer runs with MOE_FUSION_SHARED_FP8=1; fp8 experts only)
+  shared            the shared expert alone, in the model dtype as a launch of the expert kernels of its
+                    own (shared_expert.SharedExpertOnExpertKernels: what the layer runs on the side stream),
+                    or with --shared-on kernels-fp8 that launch in fp8 on x's fp8 groups made beforehand
+                    (what the layer runs with MOE_FUSION_SHARED_FP8=1; fp8 experts only). Until session 17
+                    the default was cuBLAS, which the layer no longer runs on the side stream (layer.py)
   preamble          preamble.fused_preamble alone (norm [+ fp8 quantisation], router, routing, alignment)
   pre+shared stream the preamble with the shared expert forked onto the side stream right after the
                     norm (its after_norm hook, streams.fork), joined at the end: what the layer does
@@ -59,7 +59,7 @@ import triton  # noqa: E402
 
 from layer_cases import layer_options, layer_weights  # noqa: E402
 from moe_fusion.lowering import layer, preamble, reference, streams  # noqa: E402
-from moe_fusion.lowering.shared_expert import CublasSharedExpert, SharedExpertOnExpertKernels  # noqa: E402
+from moe_fusion.lowering.shared_expert import SharedExpertOnExpertKernels  # noqa: E402
 from moe_fusion.spec import MoESpec, MoEWeights  # noqa: E402
 from moe_fusion.tools import timing  # noqa: E402
 from moe_fusion.tools.bench import L2_ROTATION_FACTOR  # noqa: E402
@@ -71,14 +71,14 @@ TARGET_RATIO = 1.1
 PREAMBLE_KERNELS = ("_norm_quant_kernel", "_router_route_align_kernel", "_router_kernel", "_topk_kernel",
                     "_align_kernel")
 VARIANTS = ("shared", "preamble", "pre+shared stream", "pre+shared inline", "layer stream", "layer inline")
-SHARED_ON = ("cublas", "kernels", "kernels-fp8")
+SHARED_ON = ("kernels", "kernels-fp8")
 # The weights each input set gets a copy of: the preamble's and the shared expert's.
 COPIED_WEIGHTS = ("router_weight", "norm_weight", "correction_bias", "shared_gate", "shared_up", "shared_down",
                   "shared_expert_gate")
 
 
 # ----------------------------------------------------------------------------- the timed calls
-def variant_fn(name: str, spec: MoESpec, block_m: int, shared_on: str = "cublas",
+def variant_fn(name: str, spec: MoESpec, block_m: int, shared_on: str = "kernels",
                quantized: Optional[Dict[int, tuple]] = None) -> Callable:
     """fn(x, normed, w) for one variant; every variant allocates its buffers on the current stream,
     as the layer does (streams.py: the side stream never allocates). shared_on: one of SHARED_ON;
@@ -87,8 +87,6 @@ def variant_fn(name: str, spec: MoESpec, block_m: int, shared_on: str = "cublas"
     in_fp8 = shared_on == "kernels-fp8"
 
     def shared_job(w, normed, x_fp8=None, x_scale=None):  # allocates now; run() may go to the side stream
-        if shared_on == "cublas":
-            return CublasSharedExpert(spec, normed, w)
         return SharedExpertOnExpertKernels(spec, normed, x_fp8, x_scale, w, in_fp8, False)
 
     def shared(x, normed, w):
@@ -287,8 +285,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"))
     ap.add_argument("--m", default="1,4")
     ap.add_argument("--dtypes", default="bf16,fp8")
-    ap.add_argument("--shared-on", choices=SHARED_ON, default="cublas",
-                    help="the shared expert on cuBLAS, as its own launch of the expert kernels in the model dtype, "
+    ap.add_argument("--shared-on", choices=SHARED_ON, default="kernels",
+                    help="the shared expert as its own launch of the expert kernels in the model dtype, "
                          "or in fp8 (MOE_FUSION_SHARED_FP8's; fp8 experts only)")
     ap.add_argument("--weight-copies", type=int, default=0,
                     help="copies of the preamble and shared-expert weights the input sets go round (default 0: "

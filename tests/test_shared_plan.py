@@ -3,6 +3,7 @@ import json
 import os
 import sys
 
+import pytest
 import torch
 
 from moe_fusion.lowering import experts, layer, shared_plan
@@ -74,12 +75,30 @@ def test_a_measured_kernels_strategy_plans_a_model_dtype_launch_of_the_expert_ke
     monkeypatch.setattr(layer.options, "shared_fp8", True)
     plan = layer.plan_layer(spec, 4, cuda)
     assert (plan.shared_expert, plan.shared_on_kernels, plan.shared_fp8) == ("inline", True, True)
-    # A shared width the kernels cannot take: the plan's kernels entry is not used.
+    # A shared width the kernels cannot take: the plan's kernels entry is not used, and without the
+    # kernels the shared expert stays off the side stream (cuBLAS there would allocate: streams.py).
     odd = spec.replace(shared_intermediate_size=3000)
     monkeypatch.setattr(layer.options, "shared_fp8", False)
-    table[H100][shared_plan.shape_key(odd)] = {"4": "stream-kernels"}
-    plan = layer.plan_layer(odd, 4, cuda)
-    assert (plan.shared_expert, plan.shared_on_kernels) == ("stream", False)
+    for entry in ("stream-kernels", "stream"):
+        table[H100][shared_plan.shape_key(odd)] = {"4": entry}
+        plan = layer.plan_layer(odd, 4, cuda)
+        assert (plan.shared_expert, plan.shared_on_kernels) == ("inline", False)
+
+
+def test_the_side_stream_runs_the_shared_expert_on_the_expert_kernels_only(monkeypatch):
+    """"stream" from the table, the rule or the user is the expert kernels' launch on the side stream:
+    cuBLAS allocates its workspace lazily per stream, which the side stream must not do."""
+    monkeypatch.setattr(experts, "device_facts", lambda device: (H100, 132))
+    monkeypatch.setattr(experts, "expert_config", lambda *a: None)
+    spec = SHAPES["dsv3-ep8"].replace(quant="fp8_block")
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(shared_plan, "_table", lambda path: {H100: {shared_plan.shape_key(spec): {"4": "stream"}}})
+    for asked in (None, "stream"):
+        monkeypatch.setattr(layer.options, "shared_expert", asked)
+        plan = layer.plan_layer(spec, 4, cuda)
+        assert (plan.shared_expert, plan.shared_on_kernels, plan.shared_fp8) == ("stream", True, False)
+    with pytest.raises(ValueError, match="side stream"):
+        layer.LayerPlan(plan.expert_config, "stream", False, False, shared_on_kernels=False)
 
 
 def test_layer_plan_follows_the_shipped_table(monkeypatch):

@@ -1,16 +1,20 @@
 """The whole MoE layer on the GPU: the plan for (spec, M, device), then
 
     main stream:  norm (+fp8 quant) ─▶ router + routing + alignment ─▶ GEMM1 ─▶ GEMM2 ─▶ + shared
-    side stream:                 └─▶ shared expert (into preallocated buffers) ────────────────┘
+    side stream:                 └─▶ shared expert (expert kernels, preallocated buffers) ─────┘
 
 The shared expert needs only the normed hidden states, so it forks right after the norm and
 overlaps the routing chain and the routed experts (strategy "stream"); "inline" runs it on the
 main stream after the routed experts; "fused" computes it in the routed experts' GEMM launches,
 as extra experts every token selects (experts.SharedTail; with fp8 experts it is computed in
-fp8 from block-quantised copies of its weights). A separate shared expert runs on cuBLAS in
-the model dtype, or as a launch of the expert kernels of its own: in the model dtype ("stream-kernels",
-"inline-kernels": the measured plan picks them where cuBLAS's many split-K programs hold the SMs
-the routing needs), or, with fp8 experts and LoweringOptions.shared_fp8, in fp8 (shared_expert.py).
+fp8 from block-quantised copies of its weights). A separate shared expert runs as a launch of the
+expert kernels of its own: in the model dtype, or, with fp8 experts and LoweringOptions.shared_fp8,
+in fp8 (shared_expert.py). Inline it may instead run on cuBLAS in the model dtype ("inline"; the
+measured plan picks "inline-kernels" where that is faster). On the side stream it always runs on
+the expert kernels ("stream" and "stream-kernels" are the same): cuBLAS allocates its workspace
+lazily per stream, which the side stream must not do (streams.py); with cuBLAS there the benchmark
+of session 17 stopped on illegal addresses in 4 of 6 runs after CUDA graphs were captured and freed,
+and in none without cuBLAS's workspace or with the expert kernels (benchmarks/results/session17.md).
 Semantics: reference.moe_layer (an fp8 shared expert: reference.shared_experts_fp8 for the shared part).
 """
 from __future__ import annotations
@@ -67,8 +71,13 @@ class LayerPlan:
     # or "stream"/"inline" as a launch of the fp8 expert kernels of its own when asked for.
     shared_fp8: bool = False
     # A separate ("stream"/"inline") shared expert runs as its own launch of the expert kernels
-    # (always when in fp8), not on cuBLAS.
+    # (always on the side stream or in fp8), not on cuBLAS.
     shared_on_kernels: bool = False
+
+    def __post_init__(self):
+        if self.shared_expert == "stream" and not self.shared_on_kernels:
+            raise ValueError("a shared expert on the side stream runs on the expert kernels: cuBLAS would "
+                             "allocate its workspace on that stream (streams.py)")
 
 
 def plan_layer(spec: MoESpec, m: int, device: torch.device) -> LayerPlan:
@@ -77,7 +86,7 @@ def plan_layer(spec: MoESpec, m: int, device: torch.device) -> LayerPlan:
     shared = strategy.replace(ON_KERNELS, "")
     separate = shared in ("stream", "inline")
     fp8 = spec.fp8 and shared == "fused" or separate and _fp8_shared_allowed(spec)
-    on_kernels = separate and (fp8 or strategy.endswith(ON_KERNELS))
+    on_kernels = separate and (fp8 or strategy.endswith(ON_KERNELS) or shared == "stream")
     return LayerPlan(experts.expert_config(spec, m, device), shared, options.deterministic, fp8, on_kernels)
 
 
@@ -89,32 +98,32 @@ def _fp8_shared_allowed(spec: MoESpec) -> bool:
 def _shared_strategy(spec: MoESpec, m: int, device: torch.device) -> str:
     if not spec.has_shared_experts:
         return "none"
-    # The side stream needs CUDA; the interpreter (CPU tensors) runs everything in order.
-    separate = "stream" if device.type == "cuda" else "inline"
+    tail_problem = experts.shared_tail_problem(spec)
+    # The side stream needs CUDA (the interpreter runs everything in order) and the expert kernels.
+    separate = "stream" if device.type == "cuda" and tail_problem is None else "inline"
     if options.shared_expert is None and device.type == "cuda":
         fp8_shared = _fp8_shared_allowed(spec)
         measured = shared_plan.lookup(spec, m, experts.device_facts(device)[0], fp8_shared=fp8_shared)
-        if measured is not None and (not _needs_tail(measured) or experts.shared_tail_problem(spec) is None):
+        if measured is not None and (not _needs_tail(measured) or tail_problem is None):
             return measured
         # fp8 experts compute a fused shared expert in fp8: only when asked for.
         fits = (not spec.fp8 or fp8_shared) and m <= FUSED_SHARED_MAX_M
-        return "fused" if fits and experts.shared_tail_problem(spec) is None else separate
+        return "fused" if fits and tail_problem is None else separate
     shared = options.shared_expert or separate
     if shared not in SHARED_STRATEGIES:
         raise ValueError(f"shared_expert strategy {shared!r}; expected one of {SHARED_STRATEGIES}")
-    problem = experts.shared_tail_problem(spec) if _needs_tail(shared) else None
-    if problem:
-        fallback = separate if shared == "fused" else shared.replace(ON_KERNELS, "")
+    if _needs_tail(shared) and tail_problem:
         if (spec.to_json(), shared) not in _refused_tail:
             _refused_tail.add((spec.to_json(), shared))
-            log.warning("moe_fusion: shared expert %r instead of %r: %s", fallback, shared, problem)
-        return fallback
+            log.warning("moe_fusion: shared expert 'inline' instead of %r: %s", shared, tail_problem)
+        return "inline"
     return shared
 
 
 def _needs_tail(strategy: str) -> bool:
-    """The strategy runs the shared expert on the expert kernels (experts.shared_tail)."""
-    return strategy == "fused" or strategy.endswith(ON_KERNELS)
+    """The strategy runs the shared expert on the expert kernels (experts.shared_tail): fused, on the
+    side stream, or by name."""
+    return strategy in ("fused", "stream") or strategy.endswith(ON_KERNELS)
 
 
 def _shared_weights_in_model_dtype(spec: MoESpec, plan: LayerPlan) -> tuple:
