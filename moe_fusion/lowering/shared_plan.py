@@ -8,7 +8,11 @@ For each (shape, expert dtype, M) the fastest *allowed* strategy is kept. With f
 shared expert ("fused", "stream-fp8", "inline-fp8" rows) is a numerical change the user must ask
 for (MOE_FUSION_SHARED_FP8=1), so those rows make entries of their own (keys ending in "fp8"),
 and the plain fp8 key chooses only among the model-dtype "stream", "inline", "stream-kernels" and
-"inline-kernels" (cuBLAS, or the expert kernels, in the model dtype).
+"inline-kernels" (cuBLAS, or the expert kernels, in the model dtype). Since session 17 the side stream
+runs the shared expert on the expert kernels only (layer.py), so "stream" and "stream-kernels" are one
+strategy; the table's "stream" entries were measured with cuBLAS there. With fp8 experts cuBLAS was,
+averaged over the stored runs, within 1.4% of the kernels' launch or slower; the bf16 entries (M = 64)
+were never measured on the kernels (benchmarks/results/session17.md).
 A spec, M or device the table does not cover gets the rule in layer.py (a GPU with the SMs of a
 tuned one takes its entries: expert_configs.SAME_SMS_AS).
 """
