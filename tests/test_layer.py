@@ -210,7 +210,7 @@ def test_layer_op_under_cuda_graphs(name, shared_expert, deterministic, monkeypa
     spec = GPU_SPECS[name]
     w = random_weights(spec, device="cuda")
     x = torch.randn(4, spec.hidden_size, device="cuda", dtype=torch.bfloat16)
-    call_moe_layer(spec, x, w)  # warm-up: compile kernels, cuBLAS workspaces, side stream
+    call_moe_layer(spec, x, w)  # warm-up: compile kernels, make the side stream
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
