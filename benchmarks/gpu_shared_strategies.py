@@ -7,7 +7,8 @@ these rows by ``python -m moe_fusion.lowering.shared_plan``):
 For each (shape, dtype) the weights are built once (moe-fusion bench's ShapeBench) and the whole
 layer is timed with the same method as ``moe-fusion bench`` (CUDA-graph replays over rotated
 inputs) for each shared-expert strategy: stream, inline, fused, stream-kernels and inline-kernels (the
-shared expert as its own launch of the expert kernels in the model dtype), and with fp8 experts also
+shared expert as its own launch of the expert kernels in the model dtype; since session 17 "stream" is
+"stream-kernels", the side stream runs no cuBLAS: layer.py), and with fp8 experts also
 stream-fp8 and inline-fp8 (that launch on the fp8 expert kernels, LoweringOptions.shared_fp8). Rows go to DIR/shared_strategies.json and .md after every point (a
 cut-off run keeps what it did); with --profile-m, the per-kernel times of one layer call per
 strategy at that M (ep8 shapes).
