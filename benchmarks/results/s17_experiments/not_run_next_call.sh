@@ -17,5 +17,5 @@ timeout -k 5 120 python -m moe_fusion.tools.bench --shape dsv3-ep8 --parts layer
 timeout -k 5 120 python -m moe_fusion.tools.bench --shape dsv3,dsv3-ep8 --parts layer --m 64 --dtype bf16 --variants moe_fusion \
   --markdown "$OUT/bf16_64.md" > /dev/null 2>&1; grep "^| dsv3" "$OUT/bf16_64.md"
 for i in 1 2 3; do
-  timeout -k 5 70 python benchmarks/gpu_overlap.py --out /tmp/o$i --m 1,4 --dtypes bf16,fp8 2>&1 | grep "^\[overlap\]" | cut -c1-60,230-300
+  timeout -k 5 70 python benchmarks/gpu_overlap.py --out /tmp/o$i --m 1,4 --dtypes bf16,fp8 2>&1 | grep "^\[overlap\]" | sed -E "s/\{[^}]*\}//"
 done
