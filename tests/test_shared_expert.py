@@ -63,3 +63,21 @@ def test_dense_routing_is_the_alignment_of_every_token_on_every_shared_expert(M,
     assert torch.equal(sorted_ids, ref_ids[:tiles * block_m])
     cached = experts.dense_routing(M, n, block_m, torch.device("cpu"))[0] is ids
     assert cached == (M <= experts.DENSE_ROUTING_CACHE_MAX_M)  # decode sizes only: the cache stays small
+
+
+def test_the_kernels_launch_runs_no_cublas_where_it_may_run_on_the_side_stream(monkeypatch):
+    """cuBLAS allocates its workspace lazily per stream, which the side stream must not do (streams.py):
+    the sigmoid gate's GEMV is made when the launch is built, and run() launches the expert kernels only."""
+    spec = dsv3_like(shared_gate=True, dtype="float16", hidden_size=48, intermediate_size=24,
+                     shared_intermediate_size=24)
+    w = random_weights(spec)
+    x = torch.randn(3, spec.hidden_size, dtype=torch.float16)
+    job = SharedExpertOnExpertKernels(spec, x, None, None, w, in_fp8=False, deterministic=True)
+
+    def no_cublas(*args, **kwargs):
+        raise AssertionError("torch.mm in SharedExpertOnExpertKernels.run")
+
+    monkeypatch.setattr(torch, "mm", no_cublas)
+    job.run()
+    monkeypatch.undo()
+    torch.testing.assert_close(job.out, reference.shared_experts(spec, x, w).float(), rtol=2e-2, atol=2e-2)

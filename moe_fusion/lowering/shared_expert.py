@@ -75,8 +75,9 @@ class SharedExpertOnExpertKernels:
     experts.shared_tail as n experts that every token selects with weight 1 or its sigmoid gate.
     In the model dtype, or with ``in_fp8`` (fp8 experts) in fp8 (reference.shared_experts_fp8) from
     the pre-quantised x the norm made. Its tiles are those tuned for this dense problem
-    (experts.shared_expert_config), not the routed experts'. Buffers are allocated by the
-    constructor on the current stream, so that run() may go to the side stream; ``out`` is fp32 [M, H]."""
+    (experts.shared_expert_config), not the routed experts'. Buffers are allocated, and the sigmoid
+    gate computed, by the constructor on the current stream, so that run() may go to the side stream,
+    where it launches the expert kernels only; ``out`` is fp32 [M, H]."""
 
     def __init__(self, spec: MoESpec, normed: torch.Tensor, x_fp8: Optional[torch.Tensor],
                  x_scale: Optional[torch.Tensor], w: MoEWeights, in_fp8: bool, deterministic: bool):
@@ -85,11 +86,13 @@ class SharedExpertOnExpertKernels:
         M, n = normed.shape[0], tail.count
         config = experts.shared_expert_config(launch_spec, M, normed.device)
         ids, ones, alignment = experts.dense_routing(M, n, config.block_m, normed.device)
-        self.normed, self.config = normed, config
-        self.gate_weight = w.shared_expert_gate if spec.shared_gate else None
-        if self.gate_weight is not None:  # written by run(), on whichever stream runs it
-            self.weights = torch.empty((M, n), dtype=torch.float32, device=normed.device)
-            self.gate_logit = normed.new_empty((M, 1))
+        self.config = config
+        if spec.shared_gate:
+            # The gate is a cuBLAS GEMV: made here, on the stream that builds the launch, since cuBLAS
+            # would allocate its workspace on the side stream that run() may go to (streams.py).
+            gate_logit = normed.new_empty((M, 1))
+            _sigmoid_gate_into(normed, w.shared_expert_gate, gate_logit)
+            self.weights = gate_logit.float().expand(M, n).contiguous()
         else:
             self.weights = ones
         self.launch = experts.ExpertLaunch(
@@ -102,9 +105,6 @@ class SharedExpertOnExpertKernels:
         self.launch.quantize_input(x_fp8 if given else None, x_scale if given else None)
 
     def run(self) -> None:
-        if self.gate_weight is not None:
-            _sigmoid_gate_into(self.normed, self.gate_weight, self.gate_logit)
-            self.weights.copy_(self.gate_logit.expand_as(self.weights))
         self.launch.gemm1(self.config)
         self.launch.prepare_h()
         self.launch.gemm2(self.config)
