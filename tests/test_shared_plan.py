@@ -86,7 +86,7 @@ def test_a_measured_kernels_strategy_plans_a_model_dtype_launch_of_the_expert_ke
 
 
 def test_the_side_stream_runs_the_shared_expert_on_the_expert_kernels_only(monkeypatch):
-    """"stream" from the table, the rule or the user is the expert kernels' launch on the side stream:
+    """"stream" from the table or from the user is the expert kernels' launch on the side stream:
     cuBLAS allocates its workspace lazily per stream, which the side stream must not do."""
     monkeypatch.setattr(experts, "device_facts", lambda device: (H100, 132))
     monkeypatch.setattr(experts, "expert_config", lambda *a: None)
