@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import dataclasses
 import importlib
 import os
 import statistics
@@ -38,8 +37,8 @@ for path in (os.path.dirname(HERE), HERE):
         sys.path.insert(0, path)
 
 from gpu_layer_timeline import routed_sets  # noqa: E402
-from gpu_overlap import DTYPES, input_sets  # noqa: E402
-from layer_cases import layer_weights  # noqa: E402
+from gpu_overlap import DTYPES, PREAMBLE_WEIGHTS, input_sets  # noqa: E402
+from layer_cases import layer_weights, with_own_tensors  # noqa: E402
 from moe_fusion.lowering import dispatch, layer, preamble  # noqa: E402
 from moe_fusion.tools import bench, timing  # noqa: E402
 from moe_fusion.tools.bench_layers import SHAPES  # noqa: E402
@@ -81,12 +80,7 @@ def apply(settings: List[Setting]) -> List[Setting]:
 def preamble_weight_copies(spec, w, l2_bytes: int) -> list:
     """Copies of the preamble's weights (router, norm, bias) as many as the bench's preamble part
     rotates over (bench.preamble_copies_beyond_l2); the expert weights are shared."""
-    def clone(t):
-        return None if t is None else t.clone()
-
-    return [dataclasses.replace(w, router_weight=w.router_weight.clone(), norm_weight=clone(w.norm_weight),
-                                correction_bias=clone(w.correction_bias))
-            for _ in range(bench.preamble_copies_beyond_l2(spec, l2_bytes))]
+    return [with_own_tensors(w, PREAMBLE_WEIGHTS) for _ in range(bench.preamble_copies_beyond_l2(spec, l2_bytes))]
 
 
 def time_variant(spec, weight_sets: list, M: int, device, settings: List[Setting], part: str) -> float:

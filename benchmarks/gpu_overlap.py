@@ -52,17 +52,14 @@ for path in (os.path.dirname(HERE), HERE):
     if path not in sys.path:
         sys.path.insert(0, path)
 
-import dataclasses  # noqa: E402
-import math  # noqa: E402
-
 import triton  # noqa: E402
 
-from layer_cases import layer_options, layer_weights  # noqa: E402
+from layer_cases import layer_options, layer_weights, with_own_tensors  # noqa: E402
 from moe_fusion.lowering import layer, preamble, reference, streams  # noqa: E402
 from moe_fusion.lowering.shared_expert import SharedExpertOnExpertKernels  # noqa: E402
 from moe_fusion.spec import MoESpec, MoEWeights  # noqa: E402
 from moe_fusion.tools import timing  # noqa: E402
-from moe_fusion.tools.bench import L2_ROTATION_FACTOR  # noqa: E402
+from moe_fusion.tools.bench import L2_ROTATION_FACTOR, copies_beyond_l2  # noqa: E402
 from moe_fusion.tools.bench_layers import SHAPES, preamble_bytes, shared_bytes  # noqa: E402
 
 DTYPES = {"bf16": "none", "fp8": "fp8_block"}
@@ -73,8 +70,8 @@ PREAMBLE_KERNELS = ("_norm_quant_kernel", "_router_route_align_kernel", "_router
 VARIANTS = ("shared", "preamble", "pre+shared stream", "pre+shared inline", "layer stream", "layer inline")
 SHARED_ON = ("kernels", "kernels-fp8")
 # The weights each input set gets a copy of: the preamble's and the shared expert's.
-COPIED_WEIGHTS = ("router_weight", "norm_weight", "correction_bias", "shared_gate", "shared_up", "shared_down",
-                  "shared_expert_gate")
+PREAMBLE_WEIGHTS = ("router_weight", "norm_weight", "correction_bias")
+COPIED_WEIGHTS = PREAMBLE_WEIGHTS + ("shared_gate", "shared_up", "shared_down", "shared_expert_gate")
 
 
 # ----------------------------------------------------------------------------- the timed calls
@@ -105,10 +102,8 @@ def variant_fn(name: str, spec: MoESpec, block_m: int, shared_on: str = "kernels
         shared_job(w, pre.normed, pre.x_fp8, pre.x_scale).run()
 
     def whole_layer(strategy):
-        on_kernels = shared_on == "kernels"  # in fp8 the layer always runs it on the expert kernels
-
         def fn(x, normed, w):
-            with layer_options(False, strategy + ("-kernels" if on_kernels else ""), shared_fp8=in_fp8):
+            with layer_options(False, strategy + "-kernels", shared_fp8=in_fp8):
                 layer.moe_layer(spec, x, w)
         return fn
 
@@ -128,18 +123,16 @@ def with_weights(sets: Sequence[tuple], weights: Sequence[MoEWeights]) -> List[t
     return [(*inputs, weights[i % len(weights)]) for i, inputs in enumerate(sets)]
 
 
-def copies_beyond_l2(spec: MoESpec, shared_fp8: bool, l2_bytes: int) -> int:
-    """Copies of the preamble's and shared expert's weights that together exceed L2 L2_ROTATION_FACTOR times."""
+def weight_copy_count(spec: MoESpec, shared_fp8: bool, l2_bytes: int) -> int:
+    """Copies of the preamble's and shared expert's weights that together exceed L2 L2_ROTATION_FACTOR
+    times, at most one per input set."""
     per_copy = preamble_bytes(spec) + (shared_bytes(spec, shared_fp8) if spec.has_shared_experts else 0)
-    return min(N_SETS, math.ceil(L2_ROTATION_FACTOR * l2_bytes / per_copy))
+    return min(N_SETS, copies_beyond_l2(per_copy, l2_bytes))
 
 
 def weight_copies(w: MoEWeights, count: int) -> List[MoEWeights]:
     """w, then count - 1 copies with their own preamble and shared-expert tensors (routed experts shared)."""
-    def copy_of(w: MoEWeights) -> MoEWeights:
-        return dataclasses.replace(w, **{name: getattr(w, name).clone() for name in COPIED_WEIGHTS
-                                         if getattr(w, name) is not None})
-    return [w] + [copy_of(w) for _ in range(count - 1)]
+    return [w] + [with_own_tensors(w, COPIED_WEIGHTS) for _ in range(count - 1)]
 
 
 # ----------------------------------------------------------------------------- trace analysis
@@ -276,10 +269,6 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def l2_bytes(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).L2_cache_size
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"))
@@ -309,8 +298,8 @@ def main(argv=None) -> int:
     scratch = tempfile.mkdtemp()
     for dtype in args.dtypes.split(","):
         spec = base.replace(quant=DTYPES[dtype])
-        count = args.weight_copies or (copies_beyond_l2(spec, args.shared_on == "kernels-fp8", l2_bytes(device))
-                                       if device.type == "cuda" else 1)
+        l2 = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
+        count = args.weight_copies or (weight_copy_count(spec, args.shared_on == "kernels-fp8", l2) if l2 else 1)
         weights = weight_copies(layer_weights(spec, device, seed=0), count)
         for M in (int(m) for m in args.m.split(",")):
             trace = os.path.join(scratch, f"{dtype}_{M}.json")

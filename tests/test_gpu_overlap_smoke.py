@@ -51,10 +51,10 @@ def test_each_input_set_gets_its_own_preamble_and_shared_weights(tmp_path):
     assert [s[2] for s in sets] == [copies[0], copies[1], copies[2], copies[0], copies[1]]
     dsv3_ep8 = gpu_overlap.SHAPES["dsv3-ep8"]
     l2 = 50 << 20
-    fp8_copies = gpu_overlap.copies_beyond_l2(dsv3_ep8, True, l2)
+    fp8_copies = gpu_overlap.weight_copy_count(dsv3_ep8, True, l2)
     per_copy = gpu_overlap.preamble_bytes(dsv3_ep8) + gpu_overlap.shared_bytes(dsv3_ep8, True)
     assert (fp8_copies - 1) * per_copy < gpu_overlap.L2_ROTATION_FACTOR * l2 <= fp8_copies * per_copy
-    assert gpu_overlap.copies_beyond_l2(dsv3_ep8, False, l2) < fp8_copies
+    assert gpu_overlap.weight_copy_count(dsv3_ep8, False, l2) < fp8_copies
 
 
 def _kernel(name, stream, ts, dur):

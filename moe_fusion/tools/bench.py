@@ -283,9 +283,14 @@ def distinct_local_experts(spec: MoESpec, topk_idx: torch.Tensor, expert_map: Op
     return int(torch.unique(ids).numel())
 
 
+def copies_beyond_l2(bytes_per_copy: int, l2_bytes: int) -> int:
+    """Copies of bytes_per_copy bytes of weights that together exceed L2 L2_ROTATION_FACTOR times."""
+    return math.ceil(L2_ROTATION_FACTOR * l2_bytes / bytes_per_copy)
+
+
 def preamble_copies_beyond_l2(spec: MoESpec, l2_bytes: int) -> int:
     """Copies of the preamble's weights that together exceed L2 L2_ROTATION_FACTOR times."""
-    return math.ceil(L2_ROTATION_FACTOR * l2_bytes / bench_layers.preamble_bytes(spec))
+    return copies_beyond_l2(bench_layers.preamble_bytes(spec), l2_bytes)
 
 
 class ShapeBench:
