@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# Ran with s18_experiments/shared_expert_folds_norm.patch applied (the "shared folded" variant, --side-stream-priority and
+# MOE_FUSION_SHARED_FOLDS_NORM exist only there); the patch was dropped (session18.md part 3).
 # Session 18, call 2: the shared expert folding the norm into its GEMM1 (fork before the norm).
 #  1. GPU tests of the shared expert and of the layer's side-stream variants (-n 3: -n 8 ran out of memory);
 #  2. overlap, fold vs after-norm in one process: bf16 shared expert (default), fp8 shared expert;
