@@ -14,7 +14,8 @@ under CUDA-graph replay (moe_fusion.tools.timing: median of batches, inputs rota
   pre+shared stream the preamble with the shared expert forked onto the side stream right after the
                     norm (its after_norm hook, streams.fork), joined at the end: what the layer does
   pre+shared inline the same on one stream, the shared expert after the preamble
-  layer stream / layer inline   the whole layer (layer.moe_layer), for context
+  layer stream / layer inline   the whole layer (layer.moe_layer), for context; its time depends on how many
+                    local experts the input sets' routing hits (the table's column; the bench's routing differs)
 ratio = (pre+shared stream) / shared; the target is <= 1.1 (the preamble almost entirely hidden).
 
 The shared expert's weights (44 MB in fp8, 88 MB in bf16) and the router's fit in or near the H100's
@@ -59,7 +60,7 @@ from moe_fusion.lowering import layer, preamble, reference, streams  # noqa: E40
 from moe_fusion.lowering.shared_expert import SharedExpertOnExpertKernels  # noqa: E402
 from moe_fusion.spec import MoESpec, MoEWeights  # noqa: E402
 from moe_fusion.tools import timing  # noqa: E402
-from moe_fusion.tools.bench import L2_ROTATION_FACTOR, copies_beyond_l2  # noqa: E402
+from moe_fusion.tools.bench import L2_ROTATION_FACTOR, copies_beyond_l2, distinct_local_experts  # noqa: E402
 from moe_fusion.tools.bench_layers import SHAPES, preamble_bytes, shared_bytes  # noqa: E402
 
 DTYPES = {"bf16": "none", "fp8": "fp8_block"}
@@ -110,6 +111,13 @@ def variant_fn(name: str, spec: MoESpec, block_m: int, shared_on: str = "kernels
     return {"shared": shared, "preamble": pre, "pre+shared stream": pre_shared_stream,
             "pre+shared inline": pre_shared_inline, "layer stream": whole_layer("stream"),
             "layer inline": whole_layer("inline")}[name]
+
+
+def local_experts_hit(spec: MoESpec, sets: Sequence[tuple]) -> float:
+    """Mean distinct local experts the input sets' routing hits: the whole layer's time is close to linear
+    in it (benchmarks/routing_seeds.py), so its variants compare with the bench only at equal hits."""
+    hits = [distinct_local_experts(spec, reference.moe_preamble(spec, x, w)[1], w.expert_map) for x, _, w in sets]
+    return round(sum(hits) / len(hits), 2)
 
 
 def input_sets(spec: MoESpec, M: int, device, n: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
@@ -220,7 +228,7 @@ def measure(spec: MoESpec, weights: Sequence[MoEWeights], M: int, device: torch.
     sets = with_weights(input_sets(spec, M, device, N_SETS if on_gpu else 1), weights)
     quantized = ({id(normed): reference.quantize_fp8_groups(normed) for _, normed, _ in sets}
                  if shared_on == "kernels-fp8" else {})
-    row = dict(M=M, block_m=block_m, weight_copies=len(weights), us={})
+    row = dict(M=M, block_m=block_m, weight_copies=len(weights), local_experts_hit=local_experts_hit(spec, sets), us={})
     for name in VARIANTS:
         fn = variant_fn(name, spec, block_m, shared_on, quantized)
         if on_gpu:
@@ -241,14 +249,16 @@ def markdown(result: dict) -> str:
              f"µs per call under CUDA-graph replay (median of batches, {N_SETS} input sets rotated over "
              f"the row's copies of the preamble and shared-expert weights); "
              f"ratio = (pre+shared stream) / shared, target <= {TARGET_RATIO}.", "",
-             "| experts | M | copies | " + " | ".join(VARIANTS) + " | ratio stream | ratio inline | overlap (graph) |",
-             "|---" * (len(VARIANTS) + 6) + "|"]
+             "| experts | M | copies | local experts hit | " + " | ".join(VARIANTS)
+             + " | ratio stream | ratio inline | overlap (graph) |",
+             "|---" * (len(VARIANTS) + 7) + "|"]
     for r in result["rows"]:
         cells = [f"{r['us'][v]:.1f}" if r["us"].get(v) is not None else "-" for v in VARIANTS]
         prof = r.get("profile", {}).get("graph replay", {})
         ov = (f"{prof['overlap_us']:.1f} of {prof['preamble_busy_us']:.1f} µs preamble"
               if "overlap_us" in prof else "-")
-        lines.append(f"| {r['dtype']} | {r['M']} | {r['weight_copies']} | " + " | ".join(cells)
+        lines.append(f"| {r['dtype']} | {r['M']} | {r['weight_copies']} | {r['local_experts_hit']} | "
+                     + " | ".join(cells)
                      + f" | {r.get('ratio_stream', '-')} | {r.get('ratio_inline', '-')} | {ov} |")
     first = next((r for r in result["rows"] if "profile" in r), None)
     if first:

@@ -96,9 +96,9 @@ def markdown(rows: Sequence[dict]) -> str:
     for r in rows:
         expected = "-" if r["expected_hits"] is None else f"{r['expected_hits']:.2f}"
         at = "-" if r["us_at_expected"] is None else f"{r['us_at_expected']:.1f}"
+        fit = f"{r['intercept_us']:.1f} {r['us_per_expert']:+.1f}·hits"
         lines.append(f"| {r['shape']} | {r['dtype']} | {r['part']} | {r['variant']} | {r['m']} | {r['seeds']} | "
-                     f"{r['mean_hits']:.2f} | {r['mean_us']:.1f} | {r['intercept_us']:.1f} {r['us_per_expert']:+.1f}·hits "
-                     f"| {expected} | {at} |")
+                     f"{r['mean_hits']:.2f} | {r['mean_us']:.1f} | {fit} | {expected} | {at} |")
     return "\n".join(lines) + "\n"
 
 

@@ -17,6 +17,8 @@ def test_overlap_smoke(tmp_path):
     result = json.loads((tmp_path / "overlap.json").read_text())
     assert [(r["dtype"], r["M"]) for r in result["rows"]] == [("bf16", 1), ("fp8", 1)]
     assert result["shared_on"] == "kernels"  # the layer's side stream runs no cuBLAS
+    # tiny-ep: 4 of 16 experts local, 4 picked per token; one token hits 0 to 4 of them
+    assert all(0 <= r["local_experts_hit"] <= 4 for r in result["rows"])
     assert "| bf16 | 1 |" in (tmp_path / "overlap.md").read_text()
 
 
