@@ -20,6 +20,10 @@
 #     E2E_ARGS [--config real --layers 2 --batch 1,4,16]
 #   OVERLAP_S [0]: seconds for benchmarks/gpu_overlap.py (shared expert vs preamble on two streams),
 #     0 skips it; OVERLAP_ARGS: extra flags. Writes overlap.{json,md}, overlap_trace.json
+#   ROUTING_S [0]: seconds for the expert-parallel layer over router seeds (benchmarks/routing_seeds.py: its
+#     time at the routing it should expect, not one seed's), 0 skips it; ROUTING_SEEDS [0 1 2 3 4 5 6 7],
+#     ROUTING_ARGS [--shape dsv3-ep8 --parts layer --m 1,4 --dtype fp8 --variants moe_fusion --sets 32].
+#     Writes routing_seeds.md
 #   STREAM_PROBE_S [0]: seconds for benchmarks/gpu_stream_probe.py (one fp8 expert's GEMM1 weights
 #     streamed in GEMM1's pattern without arithmetic, with dots, and GEMM1 itself), 0 skips it.
 #     Writes stream_probe.json
@@ -96,6 +100,20 @@ if [ "$E2E_S" -gt 0 ]; then
   timeout -k 10 "$E2E_S" $PY benchmarks/e2e_decode.py ${E2E_ARGS:---config real --layers 2 --batch 1,4,16} \
     --json "$OUT/e2e.json" 2>"$OUT/e2e.log" | tee "$OUT/e2e.md"
   tail -n 5 "$OUT/e2e.log"
+fi
+
+ROUTING_S=${ROUTING_S:-0}
+if [ "$ROUTING_S" -gt 0 ]; then
+  echo "== expert-parallel layer over router seeds (up to ${ROUTING_S} s): $OUT/routing_seeds.md" | tee -a "$OUT/bench.log"
+  RSDIR=$(mktemp -d)
+  ROUTING_END=$(( $(date +%s) + ROUTING_S ))
+  for seed in ${ROUTING_SEEDS:-0 1 2 3 4 5 6 7}; do
+    [ $(( ROUTING_END - $(date +%s) )) -gt 30 ] || break
+    timeout -k 10 $(( ROUTING_END - $(date +%s) - 20 )) $PY -m moe_fusion.tools.bench \
+      ${ROUTING_ARGS:---shape dsv3-ep8 --parts layer --m 1,4 --dtype fp8 --variants moe_fusion --sets 32} \
+      --seed "$seed" --json "$RSDIR/seed$seed.json" >>"$OUT/bench.log" 2>&1
+  done
+  ls "$RSDIR"/seed*.json >/dev/null 2>&1 && $PY benchmarks/routing_seeds.py "$RSDIR"/seed*.json --markdown "$OUT/routing_seeds.md"
 fi
 
 STREAM_PROBE_S=${STREAM_PROBE_S:-0}
