@@ -228,7 +228,8 @@ def measure(spec: MoESpec, weights: Sequence[MoEWeights], M: int, device: torch.
     sets = with_weights(input_sets(spec, M, device, N_SETS if on_gpu else 1), weights)
     quantized = ({id(normed): reference.quantize_fp8_groups(normed) for _, normed, _ in sets}
                  if shared_on == "kernels-fp8" else {})
-    row = dict(M=M, block_m=block_m, weight_copies=len(weights), local_experts_hit=local_experts_hit(spec, sets), us={})
+    row = dict(M=M, block_m=block_m, weight_copies=len(weights), local_experts_hit=local_experts_hit(spec, sets),
+               us={})
     for name in VARIANTS:
         fn = variant_fn(name, spec, block_m, shared_on, quantized)
         if on_gpu:
