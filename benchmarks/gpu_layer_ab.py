@@ -9,8 +9,10 @@ differ by 3-5 us (session 9). Its inputs are gpu_overlap.input_sets, not the ben
 compare its numbers with each other only. With --part preamble the calls rotate over copies of the
 router, norm and bias weights that together exceed L2 as often as the bench's do
 (bench.L2_ROTATION_FACTOR), so the router weight comes from HBM; until session 14 they did not, and a
-64-row router tile that won 0.9 us in the L2-resident A/B won nothing in the bench. The layer and
-expert parts keep one weight set.
+64-row router tile that won 0.9 us in the L2-resident A/B won nothing in the bench. The expert part
+keeps one weight set, and so does the layer part unless --router-seeds gives each input set a router of
+its own: under expert parallelism the layer's time follows how many local experts the routing hits, which
+one router sets far from its average (benchmarks/routing_seeds.py); the run prints the hits per M.
 
     python benchmarks/gpu_layer_ab.py --shape dsv3-ep8 --dtype fp8 --m 1,2,4 --rounds 3 \\
         --variant off:experts.EXPERT_PDL=off --variant h:experts.EXPERT_PDL=h
@@ -37,8 +39,8 @@ for path in (os.path.dirname(HERE), HERE):
         sys.path.insert(0, path)
 
 from gpu_layer_timeline import routed_sets  # noqa: E402
-from gpu_overlap import DTYPES, PREAMBLE_WEIGHTS, input_sets  # noqa: E402
-from layer_cases import layer_weights, with_own_tensors  # noqa: E402
+from gpu_overlap import DTYPES, PREAMBLE_WEIGHTS, input_sets, local_experts_hit  # noqa: E402
+from layer_cases import layer_weights, with_new_router, with_own_tensors  # noqa: E402
 from moe_fusion.lowering import dispatch, layer, preamble  # noqa: E402
 from moe_fusion.tools import bench, timing  # noqa: E402
 from moe_fusion.tools.bench_layers import SHAPES  # noqa: E402
@@ -83,9 +85,15 @@ def preamble_weight_copies(spec, w, l2_bytes: int) -> list:
     return [with_own_tensors(w, PREAMBLE_WEIGHTS) for _ in range(bench.preamble_copies_beyond_l2(spec, l2_bytes))]
 
 
+def layer_sets(spec, M: int, device, weight_sets: list) -> list:
+    """(x, normed, weights) per input set, at least 8 sets and one per weight set, going round the weight sets."""
+    xs = input_sets(spec, M, device, max(8, len(weight_sets)))
+    return [(x, normed, weight_sets[i % len(weight_sets)]) for i, (x, normed) in enumerate(xs)]
+
+
 def time_variant(spec, weight_sets: list, M: int, device, settings: List[Setting], part: str) -> float:
-    """``weight_sets``: the preamble part rotates over them (preamble_weight_copies), the other parts
-    use the first."""
+    """``weight_sets``: the preamble part (preamble_weight_copies) and the layer part (router seeds) rotate
+    over them, the expert block uses the first."""
     w = weight_sets[0]
     undo = apply(settings)
     try:
@@ -101,10 +109,10 @@ def time_variant(spec, weight_sets: list, M: int, device, settings: List[Setting
             def call(normed, ids, weights):
                 dispatch.routed_experts(spec, normed, ids, weights, w)
         else:
-            sets = input_sets(spec, M, device, 8)
+            sets = layer_sets(spec, M, device, weight_sets)
 
-            def call(x, normed):
-                layer.moe_layer(spec, x, w, plan)
+            def call(x, normed, weights):
+                layer.moe_layer(spec, x, weights, plan)
         return timing.graph_replay_us(call, sets)
     finally:
         apply(undo)
@@ -118,6 +126,10 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--part", choices=("layer", "preamble", "experts"), default="layer")
     ap.add_argument("--variant", action="append", required=True)
+    ap.add_argument("--router-seeds", type=int, default=0,
+                    help="layer part: this many routers (router, norm and bias drawn per seed, experts shared), one "
+                         "per input set, so the sets hit about as many local experts as routing should on average "
+                         "(benchmarks/routing_seeds.py); 0: the one weight set")
     args = ap.parse_args(argv)
     device = torch.device("cuda")
     spec = SHAPES[args.shape].replace(quant=DTYPES[args.dtype])
@@ -125,7 +137,12 @@ def main(argv=None) -> int:
     weight_sets = [w]
     if args.part == "preamble":
         weight_sets = preamble_weight_copies(spec, w, torch.cuda.get_device_properties(device).L2_cache_size)
+    elif args.part == "layer" and args.router_seeds:
+        weight_sets = [with_new_router(spec, w, seed) for seed in range(1, args.router_seeds + 1)]
     ms = [int(m) for m in args.m.split(",")]
+    if args.part == "layer":
+        print("local experts hit per input set: " + "  ".join(
+            f"M={M} {local_experts_hit(spec, layer_sets(spec, M, device, weight_sets))}" for M in ms), flush=True)
     variants = [(name, [resolve(t, v) for t, v in pairs]) for name, pairs in map(parse_variant, args.variant)]
     times: Dict[Tuple[str, int], List[float]] = {}
     for round_ in range(1, args.rounds + 1):

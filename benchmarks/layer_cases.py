@@ -27,14 +27,11 @@ def layer_weights(spec: MoESpec, device, seed: int = 0) -> MoEWeights:
     E, H, I, Is = spec.num_local_experts, spec.hidden_size, spec.intermediate_size, spec.shared_intermediate_size
 
     def mat(*shape):  # drawn in the model dtype: no fp32 copy of the experts is ever made
-        return torch.randn(*shape, generator=g, device=device, dtype=dt).mul_(shape[-1] ** -0.5)
+        return _random_matrix(shape, g, device, dt)
 
     w = MoEWeights(router_weight=mat(spec.num_experts, H), w_gate=mat(E, I, H), w_up=mat(E, I, H),
                    w_down=mat(E, H, I))
-    if spec.rms_norm:
-        w.norm_weight = (1 + 0.1 * torch.randn(H, generator=g, device=device)).to(dt)
-    if spec.correction_bias:
-        w.correction_bias = 0.1 * torch.randn(spec.num_experts, generator=g, device=device)
+    w.norm_weight, w.correction_bias = _norm_and_bias(spec, g, device)
     if spec.fp8:
         for name in ("w_gate", "w_up", "w_down"):
             q, scale = experts.quantize_fp8_blocks(getattr(w, name))
@@ -51,6 +48,32 @@ def layer_weights(spec: MoESpec, device, seed: int = 0) -> MoEWeights:
                                                                                  dtype=torch.int32)
         w.expert_map = expert_map.to(device)
     return w
+
+
+def _random_matrix(shape, g: torch.Generator, device, dtype) -> torch.Tensor:
+    """N(0, 1 / fan_in), fan_in the last dimension."""
+    return torch.randn(*shape, generator=g, device=device, dtype=dtype).mul_(shape[-1] ** -0.5)
+
+
+def _norm_and_bias(spec: MoESpec, g: torch.Generator, device) -> tuple:
+    """(norm weight 1 + N(0, 0.1^2) or None, correction bias N(0, 0.1^2) or None)."""
+    norm = bias = None
+    if spec.rms_norm:
+        norm = (1 + 0.1 * torch.randn(spec.hidden_size, generator=g, device=device)).to(spec.torch_dtype)
+    if spec.correction_bias:
+        bias = 0.1 * torch.randn(spec.num_experts, generator=g, device=device)
+    return norm, bias
+
+
+def with_new_router(spec: MoESpec, w: MoEWeights, seed: int) -> MoEWeights:
+    """w with its router weight, norm weight and correction bias drawn anew from ``seed`` as layer_weights
+    draws them, every expert tensor shared: under expert parallelism the router sets how many local
+    experts a routing hits, which the layer's time follows (benchmarks/routing_seeds.py)."""
+    device = w.router_weight.device
+    g = torch.Generator(device=device).manual_seed(seed)
+    router = _random_matrix((spec.num_experts, spec.hidden_size), g, device, w.router_weight.dtype)
+    norm, bias = _norm_and_bias(spec, g, device)
+    return dataclasses.replace(w, router_weight=router, norm_weight=norm, correction_bias=bias)
 
 
 def with_own_tensors(w: MoEWeights, names) -> MoEWeights:

@@ -47,3 +47,33 @@ def test_preamble_weights_rotate_beyond_l2():
     assert all(torch.equal(c.router_weight, w.router_weight) and c.w_down is w.w_down for c in copies)
     if spec.rms_norm:
         assert len({c.norm_weight.data_ptr() for c in copies}) == len(copies)
+
+
+def test_router_seeds_give_each_input_set_a_router_of_its_own():
+    """--router-seeds: per seed a new router, norm weight and bias (the same for the same seed), the experts
+    shared; the layer's input sets go round them, at least 8 sets."""
+    spec = bench_layers.SHAPES["tiny-ep"]
+    w = layer_weights(spec, torch.device("cpu"))
+    routers = [gpu_layer_ab.with_new_router(spec, w, seed) for seed in (1, 2, 3)]
+    assert torch.equal(routers[0].router_weight, gpu_layer_ab.with_new_router(spec, w, 1).router_weight)
+    assert len({r.router_weight.sum().item() for r in routers} | {w.router_weight.sum().item()}) == 4
+    assert not torch.equal(routers[0].correction_bias, routers[1].correction_bias)
+    assert not torch.equal(routers[0].norm_weight, routers[1].norm_weight)
+    assert all(r.w_gate is w.w_gate and r.expert_map is w.expert_map for r in routers)
+    assert abs(routers[0].router_weight.float().std().item() * spec.hidden_size ** 0.5 - 1) < 0.1
+    sets = gpu_layer_ab.layer_sets(spec, 2, torch.device("cpu"), routers)
+    assert len(sets) == 8 and all(s[2] is r for s, r in zip(sets, routers * 3))
+    assert len(gpu_layer_ab.layer_sets(spec, 2, torch.device("cpu"), routers * 4)) == 12
+
+
+def test_the_layer_part_calls_the_layer_once_per_input_set_with_that_sets_router(monkeypatch):
+    """time_variant's layer part, its timing replaced by one call per set: each call gets its set's weights."""
+    spec = bench_layers.SHAPES["tiny-ep"].replace(dtype="float16")  # the interpreter's bf16 dot is wrong
+    w = layer_weights(spec, torch.device("cpu"))
+    routers = [gpu_layer_ab.with_new_router(spec, w, seed) for seed in (1, 2)]
+    seen = []
+    monkeypatch.setattr(gpu_layer_ab.timing, "graph_replay_us",
+                        lambda fn, sets: [fn(*s) for s in sets] and 1.0)
+    monkeypatch.setattr(gpu_layer_ab.layer, "moe_layer", lambda spec, x, weights, plan: seen.append(weights))
+    assert gpu_layer_ab.time_variant(spec, routers, 1, torch.device("cpu"), [], "layer") == 1.0
+    assert len(seen) == 8 and all(a is b for a, b in zip(seen, routers * 4))
