@@ -11,7 +11,9 @@
 #   RUN_BUDGET_S [510]: wall seconds for the whole script; the bench calls are cut to fit and keep
 #     what they finished (their JSON is rewritten after every part)
 #   RUN_GPU_TESTS [1]: 0 skips the GPU tests; GPU_TESTS [tests/]: which test files; GPU_TESTS_S [a third
-#     of RUN_BUDGET_S]: their seconds (the whole -m gpu set took ~450 s on the H100 on 2026-11-24)
+#     of RUN_BUDGET_S]: their seconds (the whole -m gpu set took ~450 s on the H100 on 2026-11-24; the layer's
+#     GPU tests alone ~650 s in one process in session 18, 241 s on 3 workers); GPU_TEST_WORKERS [3]: pytest-xdist
+#     workers where it is installed (8 ran the GPU out of memory with real-size layers), 0 for one process
 #   RANDOM_S [0]: seconds for the randomized differential tests on the GPU (tests/test_bad_inputs.py,
 #     tests/test_random_{preamble,experts}.py: not marked gpu, they run on CUDA where it exists),
 #     MOE_FUSION_RANDOM_SCALE [20] times CI's cases; 0 skips them. RANDOM_FAMILIES: the -k filters run
@@ -62,7 +64,11 @@ $PY -c 'import sys, torch, triton; print("python", sys.version.split()[0], "| to
 
 if [ "${RUN_GPU_TESTS:-1}" = 1 ]; then
   echo "== GPU tests (log: $OUT/gpu_tests.log)"
-  timeout -k 10 ${GPU_TESTS_S:-$(( $(left) / 3 ))} $PY -m pytest -v -m gpu ${GPU_TESTS:-tests/} -p no:cacheprovider >"$OUT/gpu_tests.log" 2>&1
+  WORKERS=${GPU_TEST_WORKERS:-3}
+  XDIST=""
+  [ "$WORKERS" -gt 0 ] && $PY -c "import xdist" 2>/dev/null && XDIST="-n $WORKERS"
+  timeout -k 10 ${GPU_TESTS_S:-$(( $(left) / 3 ))} $PY -m pytest -v -m gpu $XDIST ${GPU_TESTS:-tests/} -p no:cacheprovider \
+    >"$OUT/gpu_tests.log" 2>&1
   echo "pytest exit code $?"
   tail -n 15 "$OUT/gpu_tests.log"
 fi
