@@ -77,13 +77,18 @@ def expected_local_hits(spec: MoESpec, m: int, routers: int = 1000, sets: int = 
 
 def summary(runs: Sequence[dict]) -> List[dict]:
     out = []
+    expected_by_shape_m: Dict[Tuple[str, int], float] = {}  # drawn once per (shape, M), not per dtype or variant
     for key, pairs in sorted(points(runs).items()):
         shape, dtype, part, variant, m = key
         spec = SHAPES[shape]
         a, b = line(pairs)
         hits = sum(x for x, _ in pairs) / len(pairs)
         us = sum(y for _, y in pairs) / len(pairs)
-        expected = expected_local_hits(spec, m) if spec.num_local_experts < spec.num_experts else None
+        expected = None
+        if spec.num_local_experts < spec.num_experts:
+            if (shape, m) not in expected_by_shape_m:
+                expected_by_shape_m[shape, m] = expected_local_hits(spec, m)
+            expected = expected_by_shape_m[shape, m]
         out.append(dict(shape=shape, dtype=dtype, part=part, variant=variant, m=m, seeds=len(pairs),
                         mean_hits=hits, mean_us=us, intercept_us=a, us_per_expert=b, expected_hits=expected,
                         us_at_expected=None if expected is None else a + b * expected))
