@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import triton
@@ -122,6 +122,7 @@ def fused_experts(
     config: Optional[ExpertConfig] = None,
     out_dtype: torch.dtype = torch.float32,
     shared: Optional["SharedTail"] = None,
+    after_gemm1: Optional[Callable[[], None]] = None,
 ) -> torch.Tensor:
     """reference.routed_experts on the expert kernels: sum over the top-k of weight * expert(x),
     local experts only, as ``out_dtype`` [M, H] (fp32 by default, like the reference).
@@ -131,6 +132,7 @@ def fused_experts(
     is reference.align_pairs' output for ``config.block_m``; computed here when not given.
     deterministic: per-pair partial rows + a fixed-order finalize instead of fp32 atomics.
     shared (shared_tail(spec, w)): the shared experts are added by the same launches.
+    after_gemm1: called once GEMM1 is queued (the layer forks work that should wait for it).
     Raises Unsupported when the spec or tensors are outside what the kernels take.
     """
     spec, w = with_fp8_experts(spec, w)
@@ -141,7 +143,7 @@ def fused_experts(
     return run_experts(
         x, topk_ids, topk_weights, ExpertTensors.of(spec, w), x_fp8=x_fp8, x_scale=x_scale,
         weight_on_input=spec.weight_on == "input", alignment=alignment, deterministic=deterministic,
-        config=config, out_dtype=out_dtype, shared=shared,
+        config=config, out_dtype=out_dtype, shared=shared, after_gemm1=after_gemm1,
     )
 
 
@@ -382,9 +384,11 @@ def run_experts(
     config: Optional[ExpertConfig] = None,
     out_dtype: torch.dtype = torch.float32,
     shared: Optional[SharedTail] = None,
+    after_gemm1: Optional[Callable[[], None]] = None,
 ) -> torch.Tensor:
     """sum_k topk_weights[:, k] * expert_{topk_ids[:, k]}(x) over local experts, on the kernels,
-    plus the shared experts of ``shared`` (weight 1 or their gate) when given."""
+    plus the shared experts of ``shared`` (weight 1 or their gate) when given; after_gemm1() is
+    called once GEMM1 is queued."""
     M, H = x.shape
     top_k = topk_ids.shape[1]
     I = experts.w_gate.shape[1]
@@ -423,6 +427,8 @@ def run_experts(
     launch.allocate(config, deterministic, out_dtype)
     launch.quantize_input(x_fp8, x_scale, beside_alignment=aligned_here)
     launch.gemm1(config)
+    if after_gemm1 is not None:
+        after_gemm1()
     launch.prepare_h()
     launch.gemm2(config)
     return launch.finalize()

@@ -57,6 +57,7 @@ class LoweringOptions:
     deterministic: bool = os.environ.get("MOE_FUSION_DETERMINISTIC", "0") == "1"
     shared_expert: Optional[str] = os.environ.get("MOE_FUSION_SHARED_EXPERT") or None
     shared_fp8: bool = os.environ.get("MOE_FUSION_SHARED_FP8", "0") == "1"
+    shared_gemm2_late: bool = os.environ.get("MOE_FUSION_SHARED_GEMM2_LATE", "0") == "1"
 
 
 options = LoweringOptions()
@@ -149,6 +150,11 @@ def moe_layer(spec: MoESpec, x: torch.Tensor, w: MoEWeights, plan: Optional[Laye
                                           f"hidden states {x.dtype}")
     tail = experts.shared_tail(spec, w) if plan.shared_expert == "fused" else None
     separate_shared = []
+    late_gemm2 = plan.shared_expert == "stream" and plan.shared_on_kernels and options.shared_gemm2_late
+
+    def start_shared_gemm2() -> None:
+        """The side stream's shared GEMM2, after the routed GEMM1 (beside the routed GEMM2)."""
+        streams.fork(x.device, separate_shared[0].run_gemm2)
 
     def start_shared_expert(normed: torch.Tensor, x_fp8: torch.Tensor, x_scale: torch.Tensor) -> None:
         """Allocate (on this stream), then run on the side stream ("stream") or later ("inline")."""
@@ -158,7 +164,7 @@ def moe_layer(spec: MoESpec, x: torch.Tensor, w: MoEWeights, plan: Optional[Laye
             job = CublasSharedExpert(spec, normed, w)
         separate_shared.append(job)
         if plan.shared_expert == "stream":
-            streams.fork(x.device, job.run)
+            streams.fork(x.device, job.run_gemm1 if late_gemm2 else job.run)
 
     pre = preamble.fused_preamble(spec, x, w, block_m=plan.expert_config.block_m,
                                   after_norm=start_shared_expert if separate else None,
@@ -169,6 +175,7 @@ def moe_layer(spec: MoESpec, x: torch.Tensor, w: MoEWeights, plan: Optional[Laye
         x_fp8=pre.x_fp8 if quantized else None, x_scale=pre.x_scale if quantized else None,
         alignment=(pre.sorted_pair_ids, pre.tile_expert, pre.num_tiles),
         deterministic=plan.deterministic, config=plan.expert_config, shared=tail,
+        after_gemm1=start_shared_gemm2 if late_gemm2 else None,
     )
     pdl = experts.pdl_mode(x.device) != "off"
     if not separate_shared:

@@ -105,7 +105,14 @@ class SharedExpertOnExpertKernels:
         self.launch.quantize_input(x_fp8 if given else None, x_scale if given else None)
 
     def run(self) -> None:
+        self.run_gemm1()
+        self.run_gemm2()
+
+    def run_gemm1(self) -> None:
+        """GEMM1 and what makes GEMM2's input (h)."""
         self.launch.gemm1(self.config)
         self.launch.prepare_h()
+
+    def run_gemm2(self) -> None:
         self.launch.gemm2(self.config)
         self.out = self.launch.finalize()
