@@ -176,12 +176,13 @@ GPU_SPECS = {
 @pytest.mark.gpu
 @pytest.mark.parametrize("name,shared_expert", [(n, s) for n in GPU_SPECS for s in ("stream", "inline", "fused")]
                          + [("dsv3-ep8-fp8", "stream-fp8"), ("dsv3-ep8-fp8", "stream-kernels"),
-                            ("qwen2-like-gated-shared", "stream-kernels")])
+                            ("qwen2-like-gated-shared", "stream-kernels"), ("dsv3-ep8-fp8", "stream-late-fp8"),
+                            ("dsv3-ep8", "stream-late")])
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_layer_on_gpu(name, shared_expert, deterministic, monkeypatch):
     """"stream-fp8" / "stream-kernels": the shared expert on the side stream as its own launch of the
-    expert kernels, in fp8 / in bf16."""
-    fp8_shared = shared_expert == "stream-fp8"
+    expert kernels, in fp8 / in bf16; "-late": its GEMM2 forked after the routed GEMM1."""
+    fp8_shared = shared_expert.endswith("-fp8")
     _with_options(monkeypatch, deterministic=deterministic, shared_expert=shared_expert.replace("-fp8", ""),
                   shared_fp8=fp8_shared)
     spec = GPU_SPECS[name]
@@ -192,6 +193,7 @@ def test_layer_on_gpu(name, shared_expert, deterministic, monkeypatch):
         x = torch.randn(M, spec.hidden_size, device="cuda", dtype=torch.bfloat16)
         plan = layer.plan_layer(spec, M, x.device)
         assert plan.shared_fp8 == (fp8_shared or fp8 and shared_expert == "fused")
+        assert plan.shared_gemm2_late == ("-late" in shared_expert)
         got = layer.moe_layer(spec, x, w, plan)
         torch.cuda.synchronize()
         assert _rel_err(got, _expected(spec, x, w, plan)) < tolerance, (M, plan)
@@ -200,6 +202,7 @@ def test_layer_on_gpu(name, shared_expert, deterministic, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("name,shared_expert", [("dsv3-ep8", "stream"), ("dsv3-ep8-fp8", "fused"),
                                                 ("dsv3-ep8-fp8", "stream-fp8"), ("dsv3-ep8-fp8", "stream-kernels"),
+                                                ("dsv3-ep8-fp8", "stream-late-fp8"),
                                                 ("dsv3-ep8-fp8-from-bf16", "stream")])
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_layer_op_under_cuda_graphs(name, shared_expert, deterministic, monkeypatch):

@@ -55,10 +55,12 @@ def test_log_rows_parse(tmp_path):
     path = tmp_path / "run.log"
     path.write_text("noise\ndsv3-ep8  fp8  layer   inline                 M=  1     119.5 us 13 kernels 41%\n"
                     "dsv3-ep8  fp8  layer   stream-fp8             M=  4      70.5 us 11 kernels 80%\n"
-                    "dsv3  fp8  layer   stream-kernels         M=  4     476.5 us 11 kernels 90%\n")
+                    "dsv3  fp8  layer   stream-kernels         M=  4     476.5 us 11 kernels 90%\n"
+                    "dsv3-ep8  fp8  layer   stream-late-fp8        M=  1      43.9 us 11 kernels 70% seed 3\n")
     assert shared_plan.rows_from_log(str(path)) == [_row("dsv3-ep8", "fp8", "inline", 1, 119.5),
                                                     _row("dsv3-ep8", "fp8", "stream-fp8", 4, 70.5),
-                                                    _row("dsv3", "fp8", "stream-kernels", 4, 476.5)]
+                                                    _row("dsv3", "fp8", "stream-kernels", 4, 476.5),
+                                                    _row("dsv3-ep8", "fp8", "stream-late-fp8", 1, 43.9)]
 
 
 def test_a_measured_kernels_strategy_plans_a_model_dtype_launch_of_the_expert_kernels(monkeypatch):
@@ -101,6 +103,24 @@ def test_the_side_stream_runs_the_shared_expert_on_the_expert_kernels_only(monke
         layer.LayerPlan(plan.expert_config, "stream", False, False, shared_on_kernels=False)
 
 
+def test_stream_late_is_the_side_stream_with_its_gemm2_after_the_routed_gemm1(monkeypatch):
+    monkeypatch.setattr(experts, "device_facts", lambda device: (H100, 132))
+    monkeypatch.setattr(experts, "expert_config", lambda *a: None)
+    spec = SHAPES["dsv3-ep8"].replace(quant="fp8_block")
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(layer.options, "shared_fp8", True)
+    monkeypatch.setattr(shared_plan, "_table", lambda path: {H100: {shared_plan.shape_key(spec, True): {"1": "stream-late"}}})
+    for asked in (None, "stream-late"):
+        monkeypatch.setattr(layer.options, "shared_expert", asked)
+        plan = layer.plan_layer(spec, 1, cuda)
+        assert (plan.shared_expert, plan.shared_on_kernels, plan.shared_fp8, plan.shared_gemm2_late) == (
+            "stream", True, True, True)
+    monkeypatch.setattr(layer.options, "shared_expert", "stream")
+    assert not layer.plan_layer(spec, 1, cuda).shared_gemm2_late
+    with pytest.raises(ValueError, match="late"):
+        layer.LayerPlan(None, "inline", False, True, shared_on_kernels=True, shared_gemm2_late=True)
+
+
 def test_layer_plan_follows_the_shipped_table(monkeypatch):
     monkeypatch.setattr(experts, "device_facts", lambda device: (H100, 132))
     monkeypatch.setattr(layer.options, "shared_expert", None)
@@ -131,7 +151,7 @@ def test_strategy_script_rows_feed_the_table(tmp_path):
                                 "--seconds-per-point", "0"])
     rows = json.loads((tmp_path / "shared_strategies.json").read_text())["rows"]
     by_variant = {r["variant"]: r for r in rows}
-    assert set(by_variant) == set(layer.SHARED_STRATEGIES) | {"stream-fp8", "inline-fp8"}
+    assert set(by_variant) == set(layer.SHARED_STRATEGIES) | {"stream-fp8", "stream-late-fp8", "inline-fp8"}
     assert by_variant["stream-fp8"]["bytes"] < by_variant["stream"]["bytes"] == by_variant["stream-kernels"]["bytes"]
     assert by_variant["fused"]["bytes"] == by_variant["stream-fp8"]["bytes"]
     tiny_fp8 = shared_plan.shape_key(SHAPES["tiny"].replace(quant="fp8_block"))

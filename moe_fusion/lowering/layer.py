@@ -15,6 +15,10 @@ the expert kernels ("stream" and "stream-kernels" are the same): cuBLAS allocate
 lazily per stream, which the side stream must not do (streams.py); with cuBLAS there the benchmark
 of session 17 stopped on illegal addresses in 4 of 6 runs after CUDA graphs were captured and freed,
 and in none without cuBLAS's workspace or with the expert kernels (benchmarks/results/session17.md).
+"stream-late" forks the side stream's shared GEMM2 only once the routed GEMM1 is queued: it then
+streams beside the routed combine and GEMM2, where the HBM has room, instead of beside the routed
+GEMM1 on the critical path (dsv3-ep8 fp8 with the fp8 shared expert: 0.6-1.1 µs faster at M = 1, 4 and 8,
+benchmarks/results/session19.md).
 Semantics: reference.moe_layer (an fp8 shared expert: reference.shared_experts_fp8 for the shared part).
 """
 from __future__ import annotations
@@ -33,7 +37,10 @@ from .layer_output_kernel import layer_output
 from .shared_expert import CublasSharedExpert, SharedExpertOnExpertKernels
 
 SHARED_STRATEGIES = shared_plan.STRATEGIES
-ON_KERNELS = "-kernels"  # a separate shared expert as its own launch of the expert kernels, not cuBLAS
+ON_KERNELS = "-kernels"
+# "stream-late": on the side stream, with the shared GEMM2 forked only after the routed GEMM1 is queued,
+# so that it streams beside the routed combine and GEMM2 instead of slowing the routed GEMM1.
+LATE = "-late"  # a separate shared expert as its own launch of the expert kernels, not cuBLAS
 # The plan's choice on CUDA where shared_plan.json (measured per device and shape) has no entry:
 # "fused" up to this M (bf16 experts), "stream" above. Measured on the H100 at dsv3-ep8
 # (benchmarks/experts_notes.md, run 5): fused was 5-31% faster at M <= 16, 5% slower at M = 64
@@ -57,7 +64,6 @@ class LoweringOptions:
     deterministic: bool = os.environ.get("MOE_FUSION_DETERMINISTIC", "0") == "1"
     shared_expert: Optional[str] = os.environ.get("MOE_FUSION_SHARED_EXPERT") or None
     shared_fp8: bool = os.environ.get("MOE_FUSION_SHARED_FP8", "0") == "1"
-    shared_gemm2_late: bool = os.environ.get("MOE_FUSION_SHARED_GEMM2_LATE", "0") == "1"
 
 
 options = LoweringOptions()
@@ -74,21 +80,26 @@ class LayerPlan:
     # A separate ("stream"/"inline") shared expert runs as its own launch of the expert kernels
     # (always on the side stream or in fp8), not on cuBLAS.
     shared_on_kernels: bool = False
+    # "stream" only: the side stream's shared GEMM2 waits for the routed GEMM1 ("stream-late").
+    shared_gemm2_late: bool = False
 
     def __post_init__(self):
         if self.shared_expert == "stream" and not self.shared_on_kernels:
             raise ValueError("a shared expert on the side stream runs on the expert kernels: cuBLAS would "
                              "allocate its workspace on that stream (streams.py)")
+        if self.shared_gemm2_late and self.shared_expert != "stream":
+            raise ValueError("only a shared expert on the side stream can start its GEMM2 late")
 
 
 def plan_layer(spec: MoESpec, m: int, device: torch.device) -> LayerPlan:
     spec = spec.as_run()
     strategy = _shared_strategy(spec, m, device)
-    shared = strategy.replace(ON_KERNELS, "")
+    shared = strategy.replace(ON_KERNELS, "").replace(LATE, "")
     separate = shared in ("stream", "inline")
     fp8 = spec.fp8 and shared == "fused" or separate and _fp8_shared_allowed(spec)
     on_kernels = separate and (fp8 or strategy.endswith(ON_KERNELS) or shared == "stream")
-    return LayerPlan(experts.expert_config(spec, m, device), shared, options.deterministic, fp8, on_kernels)
+    return LayerPlan(experts.expert_config(spec, m, device), shared, options.deterministic, fp8, on_kernels,
+                     strategy.endswith(LATE))
 
 
 def _fp8_shared_allowed(spec: MoESpec) -> bool:
@@ -124,7 +135,7 @@ def _shared_strategy(spec: MoESpec, m: int, device: torch.device) -> str:
 def _needs_tail(strategy: str) -> bool:
     """The strategy runs the shared expert on the expert kernels (experts.shared_tail): fused, on the
     side stream, or by name."""
-    return strategy in ("fused", "stream") or strategy.endswith(ON_KERNELS)
+    return strategy in ("fused", "stream", "stream-late") or strategy.endswith(ON_KERNELS)
 
 
 def _shared_weights_in_model_dtype(spec: MoESpec, plan: LayerPlan) -> tuple:
@@ -150,7 +161,6 @@ def moe_layer(spec: MoESpec, x: torch.Tensor, w: MoEWeights, plan: Optional[Laye
                                           f"hidden states {x.dtype}")
     tail = experts.shared_tail(spec, w) if plan.shared_expert == "fused" else None
     separate_shared = []
-    late_gemm2 = plan.shared_expert == "stream" and plan.shared_on_kernels and options.shared_gemm2_late
 
     def start_shared_gemm2() -> None:
         """The side stream's shared GEMM2, after the routed GEMM1 (beside the routed GEMM2)."""
@@ -164,7 +174,7 @@ def moe_layer(spec: MoESpec, x: torch.Tensor, w: MoEWeights, plan: Optional[Laye
             job = CublasSharedExpert(spec, normed, w)
         separate_shared.append(job)
         if plan.shared_expert == "stream":
-            streams.fork(x.device, job.run_gemm1 if late_gemm2 else job.run)
+            streams.fork(x.device, job.run_gemm1 if plan.shared_gemm2_late else job.run)
 
     pre = preamble.fused_preamble(spec, x, w, block_m=plan.expert_config.block_m,
                                   after_norm=start_shared_expert if separate else None,
@@ -175,7 +185,7 @@ def moe_layer(spec: MoESpec, x: torch.Tensor, w: MoEWeights, plan: Optional[Laye
         x_fp8=pre.x_fp8 if quantized else None, x_scale=pre.x_scale if quantized else None,
         alignment=(pre.sorted_pair_ids, pre.tile_expert, pre.num_tiles),
         deterministic=plan.deterministic, config=plan.expert_config, shared=tail,
-        after_gemm1=start_shared_gemm2 if late_gemm2 else None,
+        after_gemm1=start_shared_gemm2 if plan.shared_gemm2_late else None,
     )
     pdl = experts.pdl_mode(x.device) != "off"
     if not separate_shared:

@@ -28,9 +28,9 @@ from ..spec import MoESpec
 from .expert_configs import read_table, tuned_device
 
 TABLE_PATH = os.path.join(os.path.dirname(__file__), "shared_plan.json")
-STRATEGIES = ("stream", "inline", "fused", "stream-kernels", "inline-kernels")
+STRATEGIES = ("stream", "stream-late", "inline", "fused", "stream-kernels", "inline-kernels")
 _LOG_ROW = re.compile(
-    r"^(\S+)\s+(fp8|bf16)\s+layer\s+((?:stream|inline|fused)(?:-fp8|-kernels)?)\s+M=\s*(\d+)\s+([\d.]+) us")
+    r"^(\S+)\s+(fp8|bf16)\s+layer\s+((?:stream|inline|fused)(?:-late)?(?:-fp8|-kernels)?)\s+M=\s*(\d+)\s+([\d.]+) us")
 
 
 def shape_key(spec: MoESpec, fp8_shared: bool = False) -> str:
