@@ -91,7 +91,7 @@ def _time_strategies(cfg, args, shape: str, dtype: str, meta: dict, rows: list) 
                 t = bench.time_point(cfg, fn, inp.op_sets)
                 floor_bytes = sb.layer_bytes(m, inp.distinct_experts)  # this variant's shared expert
                 row = dict(shape=shape, dtype=dtype, part="layer", variant=name, m=m, us=t.us, seed=cfg.seed,
-                           hits=inp.distinct_experts,
+                           distinct_experts=inp.distinct_experts,
                            kernels=t.kernels, bytes=floor_bytes,
                            pct=100 * floor_bytes / (t.us * 1e-6) / COPY_CEILING if t.us else None)
                 rows.append(row)

@@ -110,7 +110,9 @@ def main(argv=None) -> int:
     print(json.dumps(plans, indent=1))
     if args.write:
         table = json.load(open(TABLE_PATH)) if os.path.exists(TABLE_PATH) else {"plans": {}}
-        table["plans"].setdefault(args.device, {}).update(plans)
+        entries = table["plans"].setdefault(args.device, {})
+        for key, by_m in plans.items():  # a run over some M keeps the entries of the others
+            entries.setdefault(key, {}).update(by_m)
         with open(TABLE_PATH, "w") as f:
             json.dump(table, f, indent=1, sort_keys=True)
             f.write("\n")
