@@ -17,8 +17,8 @@ of session 17 stopped on illegal addresses in 4 of 6 runs after CUDA graphs were
 and in none without cuBLAS's workspace or with the expert kernels (benchmarks/results/session17.md).
 "stream-late" forks the side stream's shared GEMM2 only once the routed GEMM1 is queued: it then
 streams beside the routed combine and GEMM2, where the HBM has room, instead of beside the routed
-GEMM1 on the critical path (dsv3-ep8 fp8 with the fp8 shared expert: 0.6-1.1 µs faster at M = 1, 4 and 8,
-benchmarks/results/session19.md).
+GEMM1 on the critical path (dsv3-ep8 fp8 with the fp8 shared expert, 14 bench seeds at the expected
+routing: 1.0 µs faster at M = 1, 0.7-1.4 µs at M = 4; benchmarks/results/session19.md).
 Semantics: reference.moe_layer (an fp8 shared expert: reference.shared_experts_fp8 for the shared part).
 """
 from __future__ import annotations
@@ -37,10 +37,8 @@ from .layer_output_kernel import layer_output
 from .shared_expert import CublasSharedExpert, SharedExpertOnExpertKernels
 
 SHARED_STRATEGIES = shared_plan.STRATEGIES
-ON_KERNELS = "-kernels"
-# "stream-late": on the side stream, with the shared GEMM2 forked only after the routed GEMM1 is queued,
-# so that it streams beside the routed combine and GEMM2 instead of slowing the routed GEMM1.
-LATE = "-late"  # a separate shared expert as its own launch of the expert kernels, not cuBLAS
+ON_KERNELS = "-kernels"  # a separate shared expert as its own launch of the expert kernels, not cuBLAS
+LATE = "-late"  # "stream-late": the side stream's shared GEMM2 forks after the routed GEMM1 (module doc)
 # The plan's choice on CUDA where shared_plan.json (measured per device and shape) has no entry:
 # "fused" up to this M (bf16 experts), "stream" above. Measured on the H100 at dsv3-ep8
 # (benchmarks/experts_notes.md, run 5): fused was 5-31% faster at M <= 16, 5% slower at M = 64

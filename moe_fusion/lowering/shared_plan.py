@@ -5,10 +5,11 @@ Regenerate it from the rows of ``benchmarks/gpu_shared_strategies.py`` (its --ou
     python -m moe_fusion.lowering.shared_plan --from-json a.json,b.json [--log run.log] --write
 
 For each (shape, expert dtype, M) the fastest *allowed* strategy is kept. With fp8 experts an fp8
-shared expert ("fused", "stream-fp8", "inline-fp8" rows) is a numerical change the user must ask
-for (MOE_FUSION_SHARED_FP8=1), so those rows make entries of their own (keys ending in "fp8"),
-and the plain fp8 key chooses only among the model-dtype "stream", "inline", "stream-kernels" and
-"inline-kernels" (cuBLAS, or the expert kernels, in the model dtype). Since session 17 the side stream
+shared expert ("fused", "stream-fp8", "stream-late-fp8", "inline-fp8" rows) is a numerical change the
+user must ask for (MOE_FUSION_SHARED_FP8=1), so those rows make entries of their own (keys ending in
+"fp8"), and the plain fp8 key chooses only among the model-dtype "stream", "stream-late", "inline",
+"stream-kernels" and "inline-kernels" (cuBLAS, or the expert kernels, in the model dtype). A point's rows
+are averaged (several bench seeds: gpu_shared_strategies.py --seeds). Since session 17 the side stream
 runs the shared expert on the expert kernels only (layer.py), so "stream" and "stream-kernels" are one
 strategy; the table's "stream" entries were measured with cuBLAS there. With fp8 experts cuBLAS was,
 averaged over the stored runs, within 1.4% of the kernels' launch or slower; the bf16 entries (M = 64)
