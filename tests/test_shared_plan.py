@@ -126,11 +126,13 @@ def test_layer_plan_follows_the_shipped_table(monkeypatch):
     monkeypatch.setattr(layer.options, "shared_expert", None)
     cuda = torch.device("cuda")
     ep8_fp8 = SHAPES["dsv3-ep8"].replace(quant="fp8_block")
-    assert layer._shared_strategy(ep8_fp8, 1, cuda) == "stream-kernels"
+    assert layer._shared_strategy(ep8_fp8, 1, cuda) == "stream-late"
     assert layer._shared_strategy(SHAPES["dsv3"].replace(quant="fp8_block"), 16, cuda) == "inline-kernels"
     monkeypatch.setattr(layer.options, "shared_fp8", True)  # the fp8-shared entries
-    assert [layer._shared_strategy(ep8_fp8, m, cuda) for m in (1, 8, 64)] == ["stream", "fused", "stream"]
-    assert layer.plan_layer(ep8_fp8, 1, cuda).shared_fp8
+    assert [layer._shared_strategy(ep8_fp8, m, cuda) for m in (1, 2, 8, 64)] == ["stream-late", "stream", "fused",
+                                                                                 "stream"]
+    plan = layer.plan_layer(ep8_fp8, 1, cuda)
+    assert plan.shared_fp8 and plan.shared_gemm2_late
     monkeypatch.setattr(layer.options, "shared_fp8", False)
     assert layer._shared_strategy(SHAPES["dsv3-ep8"], 3, cuda) == "fused"
     assert layer._shared_strategy(SHAPES["dsv3-ep8"], 64, cuda) == "stream"
