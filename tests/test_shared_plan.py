@@ -117,6 +117,10 @@ def test_stream_late_is_the_side_stream_with_its_gemm2_after_the_routed_gemm1(mo
             "stream", True, True, True)
     monkeypatch.setattr(layer.options, "shared_expert", "stream")
     assert not layer.plan_layer(spec, 1, cuda).shared_gemm2_late
+    for asked in ("stream", "stream-late", "stream-kernels"):  # off CUDA: the same launch, in order
+        monkeypatch.setattr(layer.options, "shared_expert", asked)
+        plan = layer.plan_layer(spec, 1, torch.device("cpu"))
+        assert (plan.shared_expert, plan.shared_on_kernels, plan.shared_gemm2_late) == ("inline", True, False)
     with pytest.raises(ValueError, match="late"):
         layer.LayerPlan(None, "inline", False, True, shared_on_kernels=True, shared_gemm2_late=True)
 

@@ -122,6 +122,8 @@ def _shared_strategy(spec: MoESpec, m: int, device: torch.device) -> str:
     shared = options.shared_expert or separate
     if shared not in SHARED_STRATEGIES:
         raise ValueError(f"shared_expert strategy {shared!r}; expected one of {SHARED_STRATEGIES}")
+    if shared.startswith("stream") and device.type != "cuda":  # no second stream: the same work in order
+        shared = "inline-kernels" if tail_problem is None else "inline"
     if _needs_tail(shared) and tail_problem:
         if (spec.to_json(), shared) not in _refused_tail:
             _refused_tail.add((spec.to_json(), shared))
