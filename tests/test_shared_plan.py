@@ -153,10 +153,16 @@ def test_strategy_script_rows_feed_the_table(tmp_path):
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
     import gpu_shared_strategies
 
+    import routing_seeds
+
     gpu_shared_strategies.main(["--cpu", "--out", str(tmp_path), "--shapes", "tiny", "--dtypes", "fp8", "--m", "1",
-                                "--seconds-per-point", "0"])
-    rows = json.loads((tmp_path / "shared_strategies.json").read_text())["rows"]
-    by_variant = {r["variant"]: r for r in rows}
+                                "--seconds-per-point", "0", "--seeds", "0,1", "--sets", "2"])
+    run = json.loads((tmp_path / "shared_strategies.json").read_text())
+    rows = run["rows"]
+    assert sorted(r["seed"] for r in rows if r["variant"] == "stream") == [0, 1]
+    # routing_seeds fits the rows over the seeds: one (hits, µs) pair per seed and variant
+    assert {len(pairs) for pairs in routing_seeds.points([run]).values()} == {2}
+    by_variant = {r["variant"]: r for r in rows if r["seed"] == 0}
     assert set(by_variant) == set(layer.SHARED_STRATEGIES) | {"stream-fp8", "stream-late-fp8", "inline-fp8"}
     assert by_variant["stream-fp8"]["bytes"] < by_variant["stream"]["bytes"] == by_variant["stream-kernels"]["bytes"]
     assert by_variant["fused"]["bytes"] == by_variant["stream-fp8"]["bytes"]
