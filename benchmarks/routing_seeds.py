@@ -11,7 +11,8 @@ different seeds, this prints per (shape, dtype, part, variant, M): the seeds' me
 mean µs, the least-squares line µs = a + b * hits, and that line at the expected hits: top_k *
 local / experts at M = 1 (the experts are exchangeable under random weights, and a token picks
 distinct experts), otherwise estimated by drawing routers and inputs as the bench does
-(expected_local_hits).
+(expected_local_hits). A shape is the one the run's meta describes (the bench records every shape
+it ran, --shape custom included), else the bench's named shape of that name.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import json
 import os
 import sys
 from collections import defaultdict
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -75,17 +76,27 @@ def expected_local_hits(spec: MoESpec, m: int, routers: int = 1000, sets: int = 
     return total / routers
 
 
+def shape_spec(shape: str, runs: Sequence[dict]) -> Optional[MoESpec]:
+    """The spec a run describes for ``shape`` (the bench's meta has every shape it ran, --shape custom
+    included), else the bench's named shape; None where neither knows it."""
+    for run in runs:
+        described = run.get("meta", {}).get("shapes", {}).get(shape)
+        if described:
+            return MoESpec(**described)
+    return SHAPES.get(shape)
+
+
 def summary(runs: Sequence[dict]) -> List[dict]:
     out = []
     expected_by_shape_m: Dict[Tuple[str, int], float] = {}  # drawn once per (shape, M), not per dtype or variant
     for key, pairs in sorted(points(runs).items()):
         shape, dtype, part, variant, m = key
-        spec = SHAPES[shape]
+        spec = shape_spec(shape, runs)
         a, b = line(pairs)
         hits = sum(x for x, _ in pairs) / len(pairs)
         us = sum(y for _, y in pairs) / len(pairs)
         expected = None
-        if spec.num_local_experts < spec.num_experts:
+        if spec is not None and spec.num_local_experts < spec.num_experts:
             if (shape, m) not in expected_by_shape_m:
                 expected_by_shape_m[shape, m] = expected_local_hits(spec, m)
             expected = expected_by_shape_m[shape, m]

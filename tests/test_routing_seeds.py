@@ -1,4 +1,5 @@
 """benchmarks/routing_seeds.py: an expert-parallel layer's time at the expected routing from runs of several seeds."""
+import dataclasses
 import json
 import os
 import sys
@@ -42,3 +43,14 @@ def test_expected_hits_of_several_tokens_lie_between_one_token_and_no_sharing():
     two = routing_seeds.expected_local_hits(spec, 2, routers=50)
     assert one < two < 2 * one
     assert two == routing_seeds.expected_local_hits(spec, 2, routers=50)
+
+
+def test_a_custom_shape_is_read_from_the_run_and_an_unknown_one_has_no_expected_hits():
+    """--shape custom: the bench's meta describes it (16 experts, 8 local, top-2: 1 local expert per token)."""
+    custom = dict(dataclasses.asdict(SHAPES["tiny-ep"]), num_experts=16, num_local_experts=8, top_k=2)
+    rows = [dict(shape="custom", dtype="bf16", part="layer", variant="moe_fusion", m=1, distinct_experts=h, us=us)
+            for h, us in ((0.5, 12.5), (1.5, 17.5))]
+    (row,) = routing_seeds.summary([{"meta": {"shapes": {"custom": custom}}, "rows": rows}])
+    assert row["expected_hits"] == pytest.approx(1.0) and row["us_at_expected"] == pytest.approx(15.0)
+    (row,) = routing_seeds.summary([{"meta": {}, "rows": rows}])
+    assert row["expected_hits"] is None and row["us_at_expected"] is None
