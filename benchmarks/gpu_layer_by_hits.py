@@ -1,0 +1,242 @@
+"""The whole layer's time by how many local experts a call's routing hits, and its expectation over the
+routing an expert-parallel layer should expect (issue 6's dsv3-ep8 figures):
+
+    python benchmarks/gpu_layer_by_hits.py --out DIR [--shape dsv3-ep8] [--dtype fp8] [--m 1,4] [--seeds 0]
+        [--sets 32] [--variant NAME:SETTING[,SETTING...] ...]
+    python benchmarks/gpu_layer_by_hits.py --summarize DIR/by_hits.json [--markdown PATH]
+
+Under expert parallelism a call's time follows the distinct local experts its routing hits, and with the
+bench's contiguous expert map and DeepSeek's grouped routing that count is far from its mean: at dsv3-ep8
+M = 1 about half the calls hit no local expert and a quarter hit two (routing_seeds.local_hit_distribution).
+So instead of reading a line through several seeds' means (routing_seeds.py), this sorts the bench's own
+inputs by the hits of their routing: for each seed (the bench's weights and router, ShapeBench) and M it
+draws candidate inputs as the bench does, routes them with the bench layer's preamble, and times the layer
+(`ops.call_moe_layer`, the bench's time_point: CUDA-graph replays over --sets inputs) on --sets inputs
+that all hit exactly h local experts, for every h that has that many candidates. The summary weights the
+times T(h), the median over the seeds and rounds, by the share P(h) of calls that hit h experts, over routers drawn as
+the bench draws them: expected µs = sum P(h) T(h). The share of hit counts too rare to time is charged at
+the line through the two largest timed counts; the summary says how much that was.
+
+--variant (as in gpu_layer_ab.py: MODULE.ATTR=VALUE settings on moe_fusion.lowering) times each hit count
+once per variant, one after another, so variants are compared on the same inputs in one process; without
+it, the layer's plan ("plan").
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import itertools
+import os
+import statistics
+import sys
+import tempfile
+from collections import defaultdict
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+import triton
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+for path in (os.path.dirname(HERE), HERE):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+from gpu_layer_ab import apply, parse_variant, resolve  # noqa: E402
+from gpu_overlap import summarize_section  # noqa: E402
+from routing_seeds import local_hit_distribution, shape_spec  # noqa: E402
+from moe_fusion.tools import bench  # noqa: E402
+
+CANDIDATE_ROWS = 1024  # rows routed per preamble call while sorting candidates
+FIRST_KERNEL = "_norm_quant_kernel"  # where each layer call's kernels begin
+
+
+def sets_by_hits(sb: "bench.ShapeBench", m: int, sets: int, candidates: int) -> Dict[int, List[torch.Tensor]]:
+    """{h: --sets inputs of m tokens whose routing hits exactly h local experts}, from ``candidates``
+    inputs drawn with the bench's generator and routed by the bench layer's preamble; a count with
+    fewer candidates than ``sets`` is left out."""
+    spec, layer = sb.spec, sb.layer
+    xs = torch.randn(candidates * m, spec.hidden_size, generator=sb._generator, device=sb.cfg.device)
+    xs = xs.to(spec.torch_dtype)
+    ids = torch.cat([layer.preamble(xs[i:i + CANDIDATE_ROWS])[1] for i in range(0, xs.shape[0], CANDIDATE_ROWS)])
+    found: Dict[int, List[torch.Tensor]] = defaultdict(list)
+    for c in range(candidates):
+        rows = slice(c * m, (c + 1) * m)
+        h = bench.distinct_local_experts(spec, ids[rows], layer.experts.expert_map)
+        if len(found[h]) < sets:
+            found[h].append(xs[rows].clone())
+    return {h: found[h] for h in sorted(found) if len(found[h]) == sets}
+
+
+def expected_us(times: Dict[int, float], shares: Dict[int, float]) -> Tuple[float, float]:
+    """(sum P(h) T(h), the share of calls charged by extrapolation). Counts without a time are charged at
+    the line through the two largest timed counts (or the one timed count's time), at its value for h."""
+    timed = sorted(times)
+    if len(timed) >= 2:
+        (h0, t0), (h1, t1) = (timed[-2], times[timed[-2]]), (timed[-1], times[timed[-1]])
+        slope = (t1 - t0) / (h1 - h0)
+    else:
+        h1, t1, slope = timed[-1], times[timed[-1]], 0.0
+    total = extrapolated = 0.0
+    for h, p in shares.items():
+        if h in times:
+            total += p * times[h]
+        else:
+            total += p * (t1 + slope * (h - h1))
+            extrapolated += p
+    return total, extrapolated
+
+
+def summarize(run: dict, routers: int = 1000) -> List[dict]:
+    """One row per (shape, dtype, variant, M): T(h) over the seeds, P(h), and the expectation."""
+    grouped: Dict[tuple, Dict[int, List[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in run["rows"]:
+        grouped[r["shape"], r["dtype"], r["variant"], r["m"]][r["hits"]].append(r["us"])
+    shares_of: Dict[Tuple[str, int], Dict[int, float]] = {}
+    out = []
+    for (shape, dtype, variant, m), by_h in sorted(grouped.items()):
+        if (shape, m) not in shares_of:
+            shares_of[shape, m] = local_hit_distribution(shape_spec(shape, [run]), m, routers=routers)
+        shares = shares_of[shape, m]
+        times = {h: statistics.median(ts) for h, ts in by_h.items()}
+        us, extrapolated = expected_us(times, shares)
+        out.append(dict(shape=shape, dtype=dtype, variant=variant, m=m, times=times, shares=shares,
+                        timings=max(len(ts) for ts in by_h.values()), expected_us=us, extrapolated_share=extrapolated,
+                        expected_hits=sum(h * p for h, p in shares.items())))
+    return out
+
+
+def markdown(rows: Sequence[dict]) -> str:
+    lines = ["| shape | dtype | variant | M | timings per h | µs by local experts hit, T(h) (share of calls P(h)) "
+             "| expected hits | expected µs | share extrapolated |", "|---|---|---|---:|---:|---|---:|---:|---:|"]
+    for r in rows:
+        cells = ", ".join(f"{h}: {t:.1f} ({100 * r['shares'].get(h, 0):.0f}%)" for h, t in sorted(r["times"].items()))
+        lines.append(f"| {r['shape']} | {r['dtype']} | {r['variant']} | {r['m']} | {r['timings']} | {cells} | "
+                     f"{r['expected_hits']:.2f} | {r['expected_us']:.1f} | {100 * r['extrapolated_share']:.1f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def _time_seed(cfg, args, variants, meta: dict, rows: list) -> None:
+    spec = bench.shape_spec(cfg, args.shape, args.dtype)
+    sb = bench.ShapeBench(cfg, spec)
+    fn = bench.moe_fusion_fn(spec, "layer")
+    try:
+        for m in cfg.ms:
+            for h, xs in sets_by_hits(sb, m, cfg.sets, args.candidates).items():
+                hits = [bench.distinct_local_experts(sb.spec, sb.layer.preamble(x)[1], sb.layer.experts.expert_map)
+                        for x in xs]  # as the bench counts them, routed m rows at a time
+                for round_, (name, settings) in itertools.product(range(args.rounds), variants):
+                    undo = apply(settings)
+                    try:
+                        t = bench.time_point(cfg, fn, [(x, sb.weights) for x in xs])
+                    finally:
+                        apply(undo)
+                    rows.append(dict(shape=args.shape, dtype=args.dtype, variant=name, m=m, hits=h, seed=cfg.seed,
+                                     round=round_, us=t.us, kernels=t.kernels, distinct_experts=sum(hits) / len(hits)))
+                    print(f"{args.shape} {args.dtype} {name:>12} M={m:3d} hits={h:2d} {t.us:8.1f} us seed {cfg.seed} "
+                          f"round {round_}", flush=True)
+                    if h in args.profile_hits and round_ == 0 and not args.cpu:
+                        undo = apply(settings)
+                        try:
+                            with tempfile.TemporaryDirectory() as scratch:
+                                kernels = middle_call_kernels(fn, [(x, sb.weights) for x in xs],
+                                                              os.path.join(scratch, "trace.json"))
+                        finally:
+                            apply(undo)
+                        rows[-1]["kernels_of_one_call"] = kernels
+                        _print_kernels(f"  one call's kernels (profiled replay), {name} M={m} hits={h}:", kernels)
+                    _write(args.out, meta, rows)
+    finally:
+        sb.close()
+
+
+def middle_call_kernels(fn, input_sets: Sequence[tuple], trace_path: str) -> List[dict]:
+    """The kernels (name, stream, start/end µs from its first) of the middle call of one profiled replay of
+    the timing's graph (every input set once, so its weights come from HBM as in the timing)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for inputs in input_sets:
+            fn(*inputs)
+    graph.replay()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        with torch.profiler.record_function("graph replay"):
+            graph.replay()
+            torch.cuda.synchronize()
+    prof.export_chrome_trace(trace_path)
+    with open(trace_path) as f:
+        kernels = summarize_section(json.load(f), "graph replay").get("kernels", [])
+    starts = [i for i, k in enumerate(kernels) if FIRST_KERNEL in k["name"]] + [len(kernels)]
+    if len(starts) < 2:
+        return []
+    middle = len(starts) // 2 - 1
+    call = kernels[starts[middle]:starts[middle + 1]]
+    t0 = call[0]["start_us"]
+    return [dict(k, start_us=round(k["start_us"] - t0, 2), end_us=round(k["end_us"] - t0, 2)) for k in call]
+
+
+def _print_kernels(title: str, kernels: List[dict]) -> None:
+    print(title)
+    for k in kernels:
+        print(f"  {k['start_us']:7.1f} {k['end_us']:7.1f} {k['end_us'] - k['start_us']:6.1f}  {str(k['stream']):>6}  "
+              f"{k['name'][:60]}", flush=True)
+
+
+def _write(out: str, meta: dict, rows: list) -> None:
+    with open(os.path.join(out, "by_hits.json"), "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out")
+    p.add_argument("--summarize", metavar="JSON", help="print the expectation of an earlier run's rows")
+    p.add_argument("--markdown", metavar="PATH", help="with --summarize: also write the table here")
+    p.add_argument("--routers", type=int, default=1000, help="with --summarize: routers drawn for P(h)")
+    p.add_argument("--shape", default="dsv3-ep8")
+    p.add_argument("--dtype", default="fp8")
+    p.add_argument("--m", default="1,4")
+    p.add_argument("--seeds", default="0", help="comma-separated bench seeds (weights, router, inputs)")
+    p.add_argument("--sets", type=int, default=32, help="inputs per timing, all of one hit count")
+    p.add_argument("--candidates", type=int, default=4096, help="inputs drawn and routed per (seed, M)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="timings of each (variant, h), the variants alternated; every timing captures its own graph, "
+                        "and graphs of the same code differ by up to a few µs (session 20), so A/Bs need several")
+    p.add_argument("--seconds-per-point", type=float, default=0.25)
+    p.add_argument("--variant", action="append", default=[])
+    p.add_argument("--profile-hits", default="", help="comma-separated hit counts: print the kernels of one call "
+                   "(the middle one of a profiled replay) of each variant there, in the first round")
+    p.add_argument("--cpu", action="store_true", help="plumbing smoke run (the CPU runs the reference)")
+    args = p.parse_args(argv)
+    if args.summarize:
+        with open(args.summarize) as f:
+            text = markdown(summarize(json.load(f), args.routers))
+        print(text, end="")
+        if args.markdown:
+            with open(args.markdown, "w") as f:
+                f.write(text)
+        return 0
+    if not args.out:
+        p.error("--out is required to time")
+    os.makedirs(args.out, exist_ok=True)
+    device = torch.device("cpu" if args.cpu else "cuda")
+    cfg = bench.Config(device=device, shapes=[], ms=[int(m) for m in args.m.split(",")], parts=[], dtypes=[],
+                       variants=["moe_fusion"], sets=args.sets, seconds_per_point=args.seconds_per_point,
+                       variant_budget=1e9, max_call_ms=1000.0, seed=0)
+    variants = [(name, [resolve(t, v) for t, v in pairs]) for name, pairs in map(parse_variant, args.variant)]
+    variants = variants or [("plan", [])]
+    args.profile_hits = {int(h) for h in args.profile_hits.split(",") if h}
+    meta = dict(device="cpu" if args.cpu else torch.cuda.get_device_name(), torch=torch.__version__,
+                triton=triton.__version__, argv=sys.argv[1:] if argv is None else list(argv),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    rows: list = []
+    with torch.no_grad():
+        for seed in map(int, args.seeds.split(",")):
+            cfg.seed = seed
+            _time_seed(cfg, args, variants, meta, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""benchmarks/gpu_layer_by_hits.py: the layer timed on inputs sorted by the local experts their routing hits."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+
+import gpu_layer_by_hits  # noqa: E402
+from moe_fusion.tools import bench  # noqa: E402
+
+
+def test_the_expectation_weights_each_hit_count_and_extrapolates_the_rare_ones():
+    """P(h) T(h) over the timed counts; h = 3 has no time and is charged at the line through h = 1 and 2
+    (20 + 10 per expert: 40); a timed count that no call has weighs nothing."""
+    shares = {0: 0.5, 1: 0.1, 2: 0.2, 3: 0.2}
+    us, extrapolated = gpu_layer_by_hits.expected_us({0: 12.0, 1: 20.0, 2: 30.0}, shares)
+    assert us == pytest.approx(0.5 * 12 + 0.1 * 20 + 0.2 * 30 + 0.2 * 40)
+    assert extrapolated == pytest.approx(0.2)
+    us, extrapolated = gpu_layer_by_hits.expected_us({0: 12.0, 1: 20.0, 2: 30.0, 3: 35.0, 7: 1000.0}, shares)
+    assert us == pytest.approx(0.5 * 12 + 0.1 * 20 + 0.2 * 30 + 0.2 * 35) and extrapolated == 0
+
+
+def _shape_bench(seed=0, sets=4):
+    cfg = bench.Config(device=torch.device("cpu"), shapes=[], ms=[2], parts=[], dtypes=[], variants=["moe_fusion"],
+                       sets=sets, seconds_per_point=0.01, variant_budget=1e9, max_call_ms=1e4, seed=seed)
+    return bench.ShapeBench(cfg, bench.shape_spec(cfg, "tiny-ep", "bf16"))
+
+
+def test_every_sorted_input_hits_its_count_when_routed_alone():
+    """Candidates are routed 1024 rows at a time; each kept input, routed on its own as the bench routes it,
+    hits exactly the local experts of its class, and several classes are found."""
+    sb = _shape_bench()
+    with torch.no_grad():
+        found = gpu_layer_by_hits.sets_by_hits(sb, 2, sets=4, candidates=600)
+        assert len(found) >= 3
+        for h, xs in found.items():
+            assert len(xs) == 4
+            for x in xs:
+                ids = sb.layer.preamble(x)[1]
+                assert bench.distinct_local_experts(sb.spec, ids, sb.layer.experts.expert_map) == h
+
+
+def test_a_cpu_run_writes_rows_per_hit_count_and_summarizes(tmp_path):
+    out = tmp_path / "run"
+    assert gpu_layer_by_hits.main(["--cpu", "--out", str(out), "--shape", "tiny-ep", "--dtype", "bf16", "--m", "1",
+                                   "--sets", "2", "--candidates", "64", "--seconds-per-point", "0.01"]) == 0
+    run = json.loads((out / "by_hits.json").read_text())
+    assert {r["hits"] for r in run["rows"]} == {r["distinct_experts"] for r in run["rows"]}
+    assert all(r["us"] > 0 and r["variant"] == "plan" for r in run["rows"])
+    md = tmp_path / "table.md"
+    assert gpu_layer_by_hits.main(["--summarize", str(out / "by_hits.json"), "--routers", "20",
+                                   "--markdown", str(md)]) == 0
+    (row,) = gpu_layer_by_hits.summarize(run, routers=20)
+    assert row["m"] == 1 and 0 < row["expected_us"] and "| tiny-ep | bf16 | plan | 1 |" in md.read_text()
