@@ -26,6 +26,10 @@
 #     time at the routing it should expect, not one seed's), 0 skips it; ROUTING_SEEDS [0 1 2 3 4 5 6 7],
 #     ROUTING_ARGS [--shape dsv3-ep8 --parts layer --m 1,4 --dtype fp8 --variants moe_fusion --sets 32].
 #     Writes routing_seeds.md
+#   BY_HITS_S [0]: seconds for benchmarks/gpu_layer_by_hits.py (the expert-parallel layer timed by local experts
+#     hit, weighted by the expected routing's shares: the issue-6 dsv3-ep8 figures), 0 skips it; BY_HITS_ARGS
+#     [--shape dsv3-ep8 --dtype fp8 --m 1,4 --seeds 0,1 --rounds 3]. Writes by_hits.{json,md}, the shares from 1000
+#     routers (re-run --summarize on the CPU for the default 4000)
 #   STREAM_PROBE_S [0]: seconds for benchmarks/gpu_stream_probe.py (one fp8 expert's GEMM1 weights
 #     streamed in GEMM1's pattern without arithmetic, with dots, and GEMM1 itself), 0 skips it.
 #     Writes stream_probe.json
@@ -120,6 +124,16 @@ if [ "$ROUTING_S" -gt 0 ]; then
       --seed "$seed" --json "$RSDIR/seed$seed.json" >>"$OUT/bench.log" 2>&1
   done
   ls "$RSDIR"/seed*.json >/dev/null 2>&1 && $PY benchmarks/routing_seeds.py "$RSDIR"/seed*.json --markdown "$OUT/routing_seeds.md"
+fi
+
+BY_HITS_S=${BY_HITS_S:-0}
+if [ "$BY_HITS_S" -gt 0 ]; then
+  echo "== expert-parallel layer by local experts hit (up to ${BY_HITS_S} s): $OUT/by_hits.md" | tee -a "$OUT/bench.log"
+  timeout -k 10 "$BY_HITS_S" $PY benchmarks/gpu_layer_by_hits.py --out "$OUT" \
+    ${BY_HITS_ARGS:---shape dsv3-ep8 --dtype fp8 --m 1,4 --seeds 0,1 --rounds 3} >>"$OUT/bench.log" 2>&1
+  echo "exit code $?"
+  [ -s "$OUT/by_hits.json" ] && $PY benchmarks/gpu_layer_by_hits.py --summarize "$OUT/by_hits.json" --routers 1000 \
+    --markdown "$OUT/by_hits.md"
 fi
 
 STREAM_PROBE_S=${STREAM_PROBE_S:-0}
