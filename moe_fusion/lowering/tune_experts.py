@@ -32,11 +32,14 @@ class Shape:
     experts: int  # global (router) experts
     local_experts: int
     top_k: int
+    n_group: int = 1  # DeepSeek's grouped top-k: topk_group of n_group expert groups, then top_k among them
+    topk_group: int = 1
+    bias_std: float = 0.0  # DeepSeek's correction bias, as the bench draws it (one per routing's tokens)
 
 
 SHAPES: Dict[str, Shape] = {
-    "dsv3": Shape(7168, 2048, 256, 256, 8),
-    "dsv3-ep8": Shape(7168, 2048, 256, 32, 8),
+    "dsv3": Shape(7168, 2048, 256, 256, 8, n_group=8, topk_group=4, bias_std=0.1),
+    "dsv3-ep8": Shape(7168, 2048, 256, 32, 8, n_group=8, topk_group=4, bias_std=0.1),
     "qwen3-30b-a3b": Shape(2048, 768, 128, 128, 8),
     "mixtral": Shape(4096, 14336, 8, 8, 2),
     # DeepSeek-V3's shared expert as a launch of its own (experts.shared_expert_config): one expert
@@ -73,8 +76,21 @@ def random_experts(shape: Shape, dtype: str, device="cuda", seed: int = 0,
 
 
 def random_routing(shape: Shape, m: int, device="cuda", generator=None):
-    """Distinct uniformly random experts per token, positive weights summing to 1 per token."""
-    scores = torch.rand(m, shape.experts, device=device, generator=generator)
+    """Distinct experts per token, picked as the model picks them from random sigmoid scores: DeepSeek shapes
+    first keep topk_group of n_group groups by their two best scores, and a correction bias shared by the
+    routing's tokens skews them alike (as one router's bias and weights do). So an expert-parallel rank's hits
+    spread as the bench's do (routing_seeds.local_hit_distribution): at dsv3-ep8 M = 1 half the routings hit
+    none of its 32 experts and a quarter two, where uniform picks give 34% and 20% (session 20). Positive
+    weights summing to 1 per token."""
+    scores = torch.randn(m, shape.experts, device=device, generator=generator).sigmoid()
+    if shape.bias_std:
+        scores = scores + shape.bias_std * torch.randn(shape.experts, device=device, generator=generator)
+    if shape.n_group > 1:
+        per_group = shape.experts // shape.n_group
+        group_scores = scores.view(m, shape.n_group, per_group).topk(2, dim=-1).values.sum(-1)
+        kept = torch.zeros(m, shape.n_group, dtype=torch.bool, device=device)
+        kept.scatter_(1, group_scores.topk(shape.topk_group, dim=-1).indices, True)
+        scores = scores.masked_fill(~kept.repeat_interleave(per_group, dim=1), float("-inf"))
     ids = scores.topk(shape.top_k, dim=-1).indices.to(torch.int32)
     w = torch.rand(m, shape.top_k, device=device, generator=generator) + 0.1
     return ids, w / w.sum(-1, keepdim=True)
