@@ -12,7 +12,10 @@ router, norm and bias weights that together exceed L2 as often as the bench's do
 64-row router tile that won 0.9 us in the L2-resident A/B won nothing in the bench. The expert part
 keeps one weight set, and so does the layer part unless --router-seeds gives each input set a router of
 its own: under expert parallelism the layer's time follows how many local experts the routing hits, which
-one router sets far from its average (benchmarks/routing_seeds.py); the run prints the hits per M.
+one router sets far from its average (benchmarks/routing_seeds.py); the run prints the hits per M. Its weights
+(layer_cases) give rank 0 every 8th expert, so most one-token calls hit one local expert, where the bench's
+contiguous block (one DeepSeek group) is hit by none or two: for the expert-parallel layer's A/Bs at the bench's
+routing use gpu_layer_by_hits.py --variant (session 20).
 
     python benchmarks/gpu_layer_ab.py --shape dsv3-ep8 --dtype fp8 --m 1,2,4 --rounds 3 \\
         --variant off:experts.EXPERT_PDL=off --variant h:experts.EXPERT_PDL=h
