@@ -44,7 +44,7 @@ for path in (os.path.dirname(HERE), HERE):
         sys.path.insert(0, path)
 
 from gpu_layer_ab import apply, parse_variant, resolve  # noqa: E402
-from gpu_overlap import summarize_section  # noqa: E402
+from gpu_overlap import profiled_sections  # noqa: E402
 from routing_seeds import local_hit_distribution, shape_spec  # noqa: E402
 from moe_fusion.tools import bench  # noqa: E402
 
@@ -160,14 +160,7 @@ def middle_call_kernels(fn, input_sets: Sequence[tuple], trace_path: str) -> Lis
             fn(*inputs)
     graph.replay()
     torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
-        with torch.profiler.record_function("graph replay"):
-            graph.replay()
-            torch.cuda.synchronize()
-    prof.export_chrome_trace(trace_path)
-    with open(trace_path) as f:
-        kernels = summarize_section(json.load(f), "graph replay").get("kernels", [])
+    kernels = profiled_sections({"graph replay": graph.replay}, trace_path)["graph replay"].get("kernels", [])
     starts = [i for i, k in enumerate(kernels) if FIRST_KERNEL in k["name"]] + [len(kernels)]
     if len(starts) < 2:
         return []

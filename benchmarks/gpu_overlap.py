@@ -195,6 +195,20 @@ def summarize_section(trace: dict, section: str) -> dict:
                 shared_streams=sorted({r["stream"] for r, p in zip(rows, is_pre) if not p}, key=str))
 
 
+def profiled_sections(sections: Dict[str, Callable[[], None]], trace_path: str) -> Dict[str, dict]:
+    """Each callable under the profiler in a CPU range of its name, synchronised; summarize_section of each."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for name, run in sections.items():
+            with torch.profiler.record_function(name):
+                run()
+                torch.cuda.synchronize()
+    prof.export_chrome_trace(trace_path)
+    with open(trace_path) as f:
+        trace = json.load(f)
+    return {name: summarize_section(trace, name) for name in sections}
+
+
 def profile_overlap(fn: Callable, inputs: tuple, trace_path: str) -> Dict[str, dict]:
     """One eager call and one graph replay of fn under the profiler, each synchronised in its own range."""
     fn(*inputs)
@@ -204,18 +218,7 @@ def profile_overlap(fn: Callable, inputs: tuple, trace_path: str) -> Dict[str, d
         fn(*inputs)
     graph.replay()
     torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
-        with torch.profiler.record_function("eager call"):
-            fn(*inputs)
-            torch.cuda.synchronize()
-        with torch.profiler.record_function("graph replay"):
-            graph.replay()
-            torch.cuda.synchronize()
-    prof.export_chrome_trace(trace_path)
-    with open(trace_path) as f:
-        trace = json.load(f)
-    return {section: summarize_section(trace, section) for section in ("eager call", "graph replay")}
+    return profiled_sections({"eager call": lambda: fn(*inputs), "graph replay": graph.replay}, trace_path)
 
 
 # ----------------------------------------------------------------------------- run and report
