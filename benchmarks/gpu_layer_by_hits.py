@@ -13,20 +13,20 @@ inputs by the hits of their routing: for each seed (the bench's weights and rout
 draws candidate inputs as the bench does, routes them with the bench layer's preamble, and times the layer
 (`ops.call_moe_layer`, the bench's time_point: CUDA-graph replays over --sets inputs) on --sets inputs
 that all hit exactly h local experts, for every h that has that many candidates. The summary weights the
-times T(h), the median over the seeds and rounds, by the share P(h) of calls that hit h experts, over routers drawn as
-the bench draws them: expected µs = sum P(h) T(h). The share of hit counts too rare to time is charged at
-the line through the two largest timed counts; the summary says how much that was.
+times T(h), the median over the seeds and rounds, by the share P(h) of calls that hit h experts, over
+routers drawn as the bench draws them: expected µs = sum P(h) T(h). The share of hit counts too rare to
+time is charged at the line through the two largest timed counts; the summary says how much that was.
 
 --variant (as in gpu_layer_ab.py: MODULE.ATTR=VALUE settings on moe_fusion.lowering) times each hit count
-once per variant, one after another, so variants are compared on the same inputs in one process; without
-it, the layer's plan ("plan").
+once per variant and round, the variants alternated, so variants are compared on the same inputs in one
+process; without it, the layer's plan ("plan").
 """
 from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import itertools
+import json
 import os
 import statistics
 import subprocess
@@ -47,6 +47,7 @@ from gpu_layer_ab import apply, parse_variant, resolve  # noqa: E402
 from gpu_overlap import profiled_sections  # noqa: E402
 from routing_seeds import local_hit_distribution, shape_spec  # noqa: E402
 from moe_fusion.tools import bench  # noqa: E402
+from moe_fusion.tools.bench_layers import SHAPES  # noqa: E402
 
 CANDIDATE_ROWS = 1024  # rows routed per preamble call while sorting candidates
 FIRST_KERNEL = "_norm_quant_kernel"  # where each layer call's kernels begin
@@ -205,15 +206,15 @@ def main(argv=None) -> int:
     p.add_argument("--routers", type=int, default=4000,
                    help="with --summarize: routers drawn for P(h) (at dsv3-ep8 M = 1, 1000 routers put the mean hits "
                         "within ~0.03 of the exact 1.0, ~0.4 µs of the expectation; 4000 take ~40 s per M on 2 cores)")
-    p.add_argument("--shape", default="dsv3-ep8")
+    p.add_argument("--shape", default="dsv3-ep8", choices=sorted(SHAPES))
     p.add_argument("--dtype", default="fp8")
     p.add_argument("--m", default="1,4")
     p.add_argument("--seeds", default="0", help="comma-separated bench seeds (weights, router, inputs)")
     p.add_argument("--sets", type=int, default=32, help="inputs per timing, all of one hit count")
     p.add_argument("--candidates", type=int, default=4096, help="inputs drawn and routed per (seed, M)")
     p.add_argument("--rounds", type=int, default=1,
-                   help="timings of each (variant, h), the variants alternated; every timing captures its own graph, "
-                        "and graphs of the same code differ by up to a few µs (session 20), so A/Bs need several")
+                   help="timings of each (variant, h), the variants alternated; a single timing is now and then "
+                        "3-4 µs off (session 20), so A/Bs take several and the summary their median")
     p.add_argument("--seconds-per-point", type=float, default=0.25)
     p.add_argument("--variant", action="append", default=[])
     p.add_argument("--profile-hits", default="", help="comma-separated hit counts: print the kernels of one call "
