@@ -21,6 +21,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from ..spec import MoESpec
 from . import expert_configs, experts, reference
 from .expert_configs import ExpertConfig, GemmTiles, ProblemKey
 
@@ -35,6 +36,12 @@ class Shape:
     n_group: int = 1  # DeepSeek's grouped top-k: topk_group of n_group expert groups, then top_k among them
     topk_group: int = 1
     bias_std: float = 0.0  # DeepSeek's correction bias, as the bench draws it (one per routing's tokens)
+
+    def routing_spec(self) -> MoESpec:
+        """What reference.select_experts needs to pick this shape's experts from sigmoid scores."""
+        return MoESpec(hidden_size=self.hidden, num_experts=self.experts, top_k=self.top_k,
+                       intermediate_size=self.inter, scoring="sigmoid", correction_bias=self.bias_std > 0,
+                       n_group=self.n_group, topk_group=self.topk_group)
 
 
 SHAPES: Dict[str, Shape] = {
@@ -76,22 +83,15 @@ def random_experts(shape: Shape, dtype: str, device="cuda", seed: int = 0,
 
 
 def random_routing(shape: Shape, m: int, device="cuda", generator=None):
-    """Distinct experts per token, picked as the model picks them from random sigmoid scores: DeepSeek shapes
+    """Distinct experts per token, picked from random sigmoid scores by reference.select_experts: DeepSeek shapes
     first keep topk_group of n_group groups by their two best scores, and a correction bias shared by the
     routing's tokens skews them alike (as one router's bias and weights do). So an expert-parallel rank's hits
     spread as the bench's do (routing_seeds.local_hit_distribution): at dsv3-ep8 M = 1 half the routings hit
     none of its 32 experts and a quarter two, where uniform picks give 34% and 20% (session 20). Positive
     weights summing to 1 per token."""
-    scores = torch.randn(m, shape.experts, device=device, generator=generator).sigmoid()
-    if shape.bias_std:
-        scores = scores + shape.bias_std * torch.randn(shape.experts, device=device, generator=generator)
-    if shape.n_group > 1:
-        per_group = shape.experts // shape.n_group
-        group_scores = scores.view(m, shape.n_group, per_group).topk(2, dim=-1).values.sum(-1)
-        kept = torch.zeros(m, shape.n_group, dtype=torch.bool, device=device)
-        kept.scatter_(1, group_scores.topk(shape.topk_group, dim=-1).indices, True)
-        scores = scores.masked_fill(~kept.repeat_interleave(per_group, dim=1), float("-inf"))
-    ids = scores.topk(shape.top_k, dim=-1).indices.to(torch.int32)
+    logits = torch.randn(m, shape.experts, device=device, generator=generator)
+    bias = shape.bias_std * torch.randn(shape.experts, device=device, generator=generator) if shape.bias_std else None
+    ids, _ = reference.select_experts(shape.routing_spec(), logits, bias)
     w = torch.rand(m, shape.top_k, device=device, generator=generator) + 0.1
     return ids, w / w.sum(-1, keepdim=True)
 
