@@ -135,7 +135,7 @@ def _shared_strategy(spec: MoESpec, m: int, device: torch.device) -> str:
 def _needs_tail(strategy: str) -> bool:
     """The strategy runs the shared expert on the expert kernels (experts.shared_tail): fused, on the
     side stream, or by name."""
-    return strategy in ("fused", "stream", "stream-late") or strategy.endswith(ON_KERNELS)
+    return strategy.replace(LATE, "") in ("fused", "stream") or strategy.endswith(ON_KERNELS)
 
 
 def _shared_weights_in_model_dtype(spec: MoESpec, plan: LayerPlan) -> tuple:
