@@ -4,7 +4,6 @@ against reference.routed_experts, on small odd shapes.
 fp16 stands in for bf16 here (the interpreter's bf16 dot is wrong); bf16 numerics are checked on
 the GPU by benchmarks/gpu_experts.py. Every buffer the kernels write is poisoned with NaN first.
 """
-import dataclasses
 import os
 
 import pytest  # noqa: E402
@@ -234,53 +233,6 @@ def test_split_gemm1_matches_reference(fp8, swap_ab):
                                   shared=experts.shared_tail(spec, w)) for det in (False, True)]
     for out in outs:
         assert _rel_err(out, ref) < tol
-
-
-def _capped_split(split_k, tiles, n_blocks, cap_items):
-    """GemmTiles.max_waves' rule on the host: the split the kernels must choose."""
-    split = split_k
-    while split > 1 and tiles * n_blocks * split > cap_items:
-        split //= 2
-    return split
-
-
-@pytest.mark.parametrize("deterministic", [False, True])
-@pytest.mark.parametrize("fp8", [False, True])
-@pytest.mark.parametrize("split", [4, 2, 1])
-def test_gemm1_split_capped_by_waves(split, fp8, deterministic, monkeypatch):
-    """GemmTiles.max_waves: GEMM1 (at most 4 splits) halves its K split on the device where the routed
-    tiles' items would exceed max_waves waves of its grid, and gemm1_combine_kernel sums the splits it
-    wrote: the split sums past the chosen split stay poisoned, and the output matches the reference."""
-    sums, poisoned = [], experts._buffer
-
-    def recording(shape, dtype, device):
-        buf = poisoned(shape, dtype, device)
-        if len(shape) == 3 and shape[0] == 4:  # GEMM1's [splits, rows, 2I] sums
-            sums.append(buf)
-        return buf
-
-    monkeypatch.setattr(experts, "_buffer", recording)
-    programs = 4
-    monkeypatch.setattr(experts, "device_facts", lambda device: ("test", programs))  # a grid of 4 on any device
-    M = 3
-    if fp8:
-        spec, w, x = _fp8_case(seed=21, M=M)
-        g1, g2, tol = GemmTiles(32, 128, split_k=4, programs_per_sm=1), GemmTiles(32, 128, split_k=2), FP8_TOL * 5
-    else:
-        spec = _spec()
-        w = random_weights(spec, seed=21, device=DEVICE)
-        x = _x(M, spec.hidden_size)
-        g1, g2, tol = GemmTiles(16, 16, split_k=4, programs_per_sm=1), GemmTiles(32, 32, split_k=2), 3e-3
-    ids = torch.tensor([[0, 1], [1, 0], [0, 1]], dtype=torch.int32, device=DEVICE)  # two token tiles
-    weights = (0.1 + torch.rand(M, 2)).to(DEVICE)
-    n_blocks = -(-spec.intermediate_size // g1.block_n)
-    max_waves = {4: 64, 2: -(-2 * n_blocks * 2 // programs), 1: 1}[split]
-    assert _capped_split(4, 2, n_blocks, max_waves * programs) == split
-    g1 = dataclasses.replace(g1, max_waves=max_waves)
-    out = experts.fused_experts(spec, x, ids, weights, w, config=ExpertConfig(16, g1, g2), deterministic=deterministic)
-    assert _rel_err(out, _reference(spec, x, ids, weights, w)) < tol
-    (written,) = sums
-    assert written[:split].isfinite().all() and written[split:].isnan().all()
 
 
 @pytest.mark.gpu

@@ -33,10 +33,6 @@ class GemmTiles:
     programs_per_sm: int = 2  # persistent grid: at most this many programs per SM
     split_k: int = 1  # K split across programs (GEMM1: summed by gemm1_combine_kernel; GEMM2: by its fp32 sum)
     swap_ab: bool = False  # weights . tokens^T (expert_tiles.tile_dot): the wide MMA at small token tiles
-    # GEMM1 only. 0: always split_k. n > 0: split_k is the most; the launch halves it while the items of
-    # the experts the routing hit would take more than n waves of the grid (expert_tiles.capped_split):
-    # under expert parallelism one M bucket sees 0 to 8 local experts, and a fine split pays only at few.
-    max_waves: int = 0
 
 
 @dataclass(frozen=True)
@@ -145,6 +141,4 @@ def validate(cfg: ExpertConfig, fp8: bool) -> Optional[str]:
             return f"{name}: tl.dot needs blocks of at least 16"
         if g.split_k < 1:
             return f"{name}.split_k must be >= 1"
-        if g.max_waves < 0 or g.max_waves and name != "gemm1":
-            return f"{name}.max_waves: a count of waves, and for gemm1 only"
     return None

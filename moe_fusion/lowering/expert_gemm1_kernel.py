@@ -24,8 +24,7 @@ resets the counter to zero for the next launch (the counters live in a persisten
 experts._ticket_buffer).
 
 Split over K (split_k > 1, SPLIT_OUT): items are (tile, K split, BLOCK_N slice) and write fp32 gate
-and up sums per split; gemm1_combine_kernel sums them and applies SiLU*up. With CAPPED_SPLIT the
-split is chosen per launch from the routed tile count (expert_tiles.capped_split). With swapped operands
+and up sums per split; gemm1_combine_kernel sums them and applies SiLU*up. With swapped operands
 (SWAP_AB) the tiles are weights . tokens^T, transposed once before the epilogue.
 
 The same launch zeroes GEMM2's fp32 accumulator (``zero_ptr``), saving a memset launch.
@@ -34,8 +33,8 @@ Reference: reference.gated_mlp / reference._fp8_gated_mlp (the first two product
 import triton
 import triton.language as tl
 
-from .expert_tiles import (A_MODEL_DTYPE, FP8_GROUP, capped_split, load_tile, outer, quantize_h_group, silu_mul,
-                           tile_dot, work_tile, zero_block)
+from .expert_tiles import (A_MODEL_DTYPE, FP8_GROUP, load_tile, outer, quantize_h_group, silu_mul, tile_dot,
+                           work_tile, zero_block)
 
 
 @triton.jit
@@ -182,7 +181,7 @@ def expert_gemm1_kernel(
     stride_swge, stride_swgn, stride_swgk, stride_swue, stride_swun, stride_swuk,
     stride_ssge, stride_ssgn, stride_ssgk, stride_ssue, stride_ssun, stride_ssuk,
     stride_gxm, stride_gxk, stride_hm, stride_hqm, stride_hsm,
-    zero_ptr, ticket_ptr, partial_ptr, stride_ps, stride_pm, split_k, k_per_split, cap_items,
+    zero_ptr, ticket_ptr, partial_ptr, stride_ps, stride_pm, split_k, k_per_split,
     sorted_pair_ids_ptr, tile_expert_ptr, num_tiles_ptr,
     num_pairs, top_k, M, N, K, zero_numel,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr, SWAP_AB: tl.constexpr,
@@ -191,7 +190,7 @@ def expert_gemm1_kernel(
     N_SHARED: tl.constexpr, SHARED_GATE: tl.constexpr, QUANT_H: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_OUT: tl.constexpr,
     ZERO_BLOCK: tl.constexpr,
-    LAUNCH_DEPENDENTS: tl.constexpr, CAPPED_SPLIT: tl.constexpr,
+    LAUNCH_DEPENDENTS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
@@ -207,11 +206,7 @@ def expert_gemm1_kernel(
     n_blocks = tl.cdiv(N, BLOCK_N)
     num_routed = tl.load(num_tiles_ptr)
     m_tiles = tl.cdiv(M, BLOCK_M)
-    tiles = num_routed + N_SHARED * m_tiles
-    if CAPPED_SPLIT:  # GemmTiles.max_waves: fewer K splits where many experts were hit
-        split_k = capped_split(split_k, tiles, n_blocks, cap_items)
-        k_per_split = tl.cdiv(tl.cdiv(K, split_k), BLOCK_K) * BLOCK_K
-    num_items = tiles * n_blocks * split_k
+    num_items = (num_routed + N_SHARED * m_tiles) * n_blocks * split_k
     for item in range(pid, num_items, num_programs):
         gemm1_item(
             item, n_blocks, num_routed, m_tiles, split_k, k_per_split, partial_ptr, stride_ps, stride_pm,

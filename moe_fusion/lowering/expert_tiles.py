@@ -79,18 +79,6 @@ def split_item(item, n_blocks, items_per_tile):
 
 
 @triton.jit
-def capped_split(split_k, tiles, n_blocks, cap_items):
-    """GEMM1's K split for this launch's tiles: split_k, halved (down to 1) while the items
-    (tiles x n_blocks x split) would exceed cap_items, the grid's programs times GemmTiles.max_waves.
-    Read from the routed tile count on the device, so one captured graph follows every routing;
-    gemm1_combine_kernel calls it with the same arguments to sum the same splits."""
-    split = tiles * 0 + split_k  # a scalar tensor even where split_k is a constexpr: the loop reassigns it
-    while (split > 1) & (tiles * n_blocks * split > cap_items):
-        split = split // 2
-    return split
-
-
-@triton.jit
 def work_tile(tile, num_routed, m_tiles, tile_expert_ptr, sorted_pair_ids_ptr, num_pairs, top_k, M,
               BLOCK_M: tl.constexpr, N_SHARED: tl.constexpr):
     """(expert, row, token, row_ok, shared) of one work tile.

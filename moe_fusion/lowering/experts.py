@@ -527,14 +527,12 @@ class ExpertLaunch:
         expert_map = self.experts.expert_map
         ids = self.topk_ids.contiguous()
         hq, hs = (self.h_fp8, self.h_scale) if self.experts.fp8 else (self.h, self.pair_weights)
-        tile_offset, n_blocks, cap_items = self.gemm1_split_cap
         gemm1_combine_kernel[grid](
             self.gemm1_sums, self.h, hq, hs, ids, expert_map if expert_map is not None else ids,
             self.topk_ids.numel(), I, self.gemm1_sums.stride(0), self.gemm1_sums.stride(1),
-            self.h.stride(0), hq.stride(0), hs.stride(0), self.alignment[2], tile_offset, n_blocks, cap_items,
-            SPLITS=self.gemm1_splits, GROUPS=per_program, GROUP=FP8_BLOCK, QUANT=self.experts.fp8,
-            ONLY_LOCAL_ROWS=expert_map is not None, PDL=self.small_launches_dependent, CAPPED_SPLIT=cap_items > 0,
-            num_warps=4,
+            self.h.stride(0), hq.stride(0), hs.stride(0), SPLITS=self.gemm1_splits,
+            GROUPS=per_program, GROUP=FP8_BLOCK, QUANT=self.experts.fp8, ONLY_LOCAL_ROWS=expert_map is not None,
+            PDL=self.small_launches_dependent, num_warps=4,
             **pdl_launch(self.small_launches_dependent),
         )
 
@@ -564,12 +562,8 @@ class ExpertLaunch:
         if g.split_k != self.gemm1_splits:
             raise ValueError("buffers were allocated for another GEMM1 split_k")
         tiles = self._work_tiles(config)
-        n_blocks = triton.cdiv(I, g.block_n)
-        grid = max(1, min(tiles * n_blocks * g.split_k, self.num_sms * g.programs_per_sm))
-        # The split GEMM1 uses, and gemm1_combine_kernel sums, comes from the routed tile count on the
-        # device: (dense shared tiles, column blocks, items allowed) give it; no cap without max_waves.
-        cap_items = g.max_waves * grid if g.max_waves and g.split_k > 1 else 0
-        self.gemm1_split_cap = (self.n_shared * triton.cdiv(M, config.block_m), n_blocks, cap_items)
+        items = tiles * triton.cdiv(I, g.block_n) * g.split_k
+        grid = max(1, min(items, self.num_sms * g.programs_per_sm))
         quant_h = (self.experts.fp8 and FUSED_H_QUANT and not self.on_side_stream and g.block_n <= FP8_BLOCK
                    and g.split_k == 1)
         unused = self.pair_weights.view(1, 1, self.pair_weights.numel())
@@ -578,12 +572,12 @@ class ExpertLaunch:
         operands, constants = self._gemm1_operands(config)
         expert_gemm1_kernel[(grid,)](
             *operands, self.partial, tickets,
-            sums, sums.stride(0), sums.stride(1), g.split_k, self._k_per_split(g, H), cap_items, *self.alignment,
+            sums, sums.stride(0), sums.stride(1), g.split_k, self._k_per_split(g, H), *self.alignment,
             self.topk_ids.numel(), self.a_row_divisor, M, I, H, self._zero_numel(),
             **constants, BLOCK_N=g.block_n, BLOCK_K=g.block_k, SUB_K=self._sub_k(g), SWAP_AB=g.swap_ab,
             QUANT_H=quant_h, EVEN_N=I % g.block_n == 0, EVEN_K=H % g.block_k == 0, SPLIT_OUT=g.split_k > 1,
-            ZERO_BLOCK=ZERO_BLOCK, LAUNCH_DEPENDENTS=self.small_launches_dependent, CAPPED_SPLIT=cap_items > 0,
-            num_warps=g.num_warps, num_stages=g.num_stages,
+            ZERO_BLOCK=ZERO_BLOCK, LAUNCH_DEPENDENTS=self.small_launches_dependent, num_warps=g.num_warps,
+            num_stages=g.num_stages,
         )
         self.h_quantized = quant_h
 

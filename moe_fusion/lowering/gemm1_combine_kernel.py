@@ -6,8 +6,7 @@ fp8_act_quant_kernel would otherwise be), so splitting GEMM1 adds no launch ther
 Splitting GEMM1's K gives a single active expert more programs to stream its weights (at
 dsv3-ep8 M = 1 swapped 64-row tiles leave only 32 otherwise). The splits are summed in a fixed
 order: the result is the same on every run. With PDL (experts.EXPERT_PDL) it is a programmatic
-dependent launch of GEMM1, placed while GEMM1 runs. SPLITS is the most splits GEMM1 may write; with
-CAPPED_SPLIT it wrote as many as expert_tiles.capped_split gives for the launch's tile count.
+dependent launch of GEMM1, placed while GEMM1 runs.
 One program per (row, GROUPS consecutive 128-column groups), laid out by expert_tiles.row_groups.
 Reference: reference.gated_mlp / reference._fp8_gated_mlp (SiLU*up, then the fp8 quantisation
 of reference.quantize_fp8_groups).
@@ -15,7 +14,7 @@ of reference.quantize_fp8_groups).
 import triton
 import triton.language as tl
 
-from .expert_tiles import capped_split, row_groups, silu_mul, store_quantized_groups
+from .expert_tiles import row_groups, silu_mul, store_quantized_groups
 from .grid_sync import wait_then_release_dependents
 
 
@@ -23,17 +22,13 @@ from .grid_sync import wait_then_release_dependents
 def gemm1_combine_kernel(
     sums_ptr, h_ptr, hq_ptr, hs_ptr, ids_ptr, map_ptr, routed_rows, N,
     stride_ss, stride_sm, stride_hm, stride_hqm, stride_hsm,
-    num_tiles_ptr, tile_offset, n_blocks, cap_items,
     SPLITS: tl.constexpr, GROUPS: tl.constexpr, GROUP: tl.constexpr, QUANT: tl.constexpr,
-    ONLY_LOCAL_ROWS: tl.constexpr, PDL: tl.constexpr, CAPPED_SPLIT: tl.constexpr,
+    ONLY_LOCAL_ROWS: tl.constexpr, PDL: tl.constexpr,
 ):
     row = tl.program_id(0)
     # Which rows are local comes from the routing, complete before GEMM1 started: with PDL this
     # lookup overlaps GEMM1's last wave, and only the sums' round trip follows it.
     groups, cols, mask, group_ok = row_groups(row, N, ids_ptr, map_ptr, routed_rows, GROUPS, GROUP, ONLY_LOCAL_ROWS)
-    splits = SPLITS
-    if CAPPED_SPLIT:  # the split GEMM1 chose from the same tile count (final before GEMM1 started)
-        splits = capped_split(SPLITS, tl.load(num_tiles_ptr) + tile_offset, n_blocks, cap_items)
     if PDL:
         wait_then_release_dependents()
     gate = tl.zeros((GROUPS, GROUP), tl.float32)
@@ -43,11 +38,8 @@ def gemm1_combine_kernel(
     # costs ~1 us (H100, dsv3-ep8 M = 1: the shared expert's combine took 5.9 us rolled, 3.7 unrolled).
     for split in tl.static_range(SPLITS):
         sums = sums_ptr + split * stride_ss + row * stride_sm + cols
-        written = mask
-        if CAPPED_SPLIT:
-            written = mask & (split < splits)
-        gate += tl.load(sums, mask=written, other=0.0)
-        up += tl.load(sums + N, mask=written, other=0.0)
+        gate += tl.load(sums, mask=mask, other=0.0)
+        up += tl.load(sums + N, mask=mask, other=0.0)
     h = silu_mul(gate, up, h_ptr)
     if QUANT:
         store_quantized_groups(h.to(tl.float32), hq_ptr + row * stride_hqm + cols, hs_ptr + row * stride_hsm + groups,
