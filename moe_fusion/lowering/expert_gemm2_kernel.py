@@ -19,21 +19,7 @@ summed over the top-k as in reference.routed_experts (shared experts: reference.
 import triton
 import triton.language as tl
 
-from .expert_tiles import A_MODEL_DTYPE, FP8_GROUP, load_tile, outer, prefetch_l2, split_item, tile_dot, work_tile
-
-
-@triton.jit
-def _prefetch_item_weights(item, n_blocks, items_per_tile, tile_expert_ptr, wd_ptr, N, K, k_per_split,
-                           stride_we, stride_wn, stride_wk, BLOCK_N: tl.constexpr, PREFETCH_LINES: tl.constexpr):
-    """Ask L2 for the first PREFETCH_LINES 128-byte lines of each Wd row a (routed) item reads."""
-    tile, split, n_block = split_item(item, n_blocks, items_per_tile)
-    expert = tl.load(tile_expert_ptr + tile).to(tl.int64)
-    offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
-    per_line = 128 // wd_ptr.dtype.element_ty.primitive_bitwidth * 8  # elements per 128-byte line
-    k_start = split * k_per_split
-    offs_k = k_start + tl.arange(0, PREFETCH_LINES) * per_line
-    mask = (offs_n[:, None] < N) & (offs_k[None, :] < tl.minimum(K, k_start + k_per_split))
-    prefetch_l2(wd_ptr + expert * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk, mask)
+from .expert_tiles import A_MODEL_DTYPE, FP8_GROUP, load_tile, outer, split_item, tile_dot, work_tile
 
 
 @triton.jit
@@ -137,7 +123,7 @@ def expert_gemm2_kernel(
     DETERMINISTIC: tl.constexpr,
     N_SHARED: tl.constexpr, SHARED_GATE: tl.constexpr, GATE_PARTS: tl.constexpr, MODEL_DTYPE: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-    USE_PDL: tl.constexpr, PREFETCH_LINES: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr,
+    USE_PDL: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
@@ -152,12 +138,7 @@ def expert_gemm2_kernel(
     num_items = (num_routed + N_SHARED * m_tiles) * items_per_tile
     if USE_PDL:
         # A programmatic dependent of the launch that prepares h, placed once GEMM1 has finished
-        # (experts.EXPERT_PDL): the alignment is final, h is not. Pull this program's first Wd
-        # tile into L2, then wait for h to be complete and visible.
-        if PREFETCH_LINES > 0:
-            if pid < num_routed * items_per_tile:
-                _prefetch_item_weights(pid, n_blocks, items_per_tile, tile_expert_ptr, wd_ptr, N, K, k_per_split,
-                                       stride_we, stride_wn, stride_wk, BLOCK_N, PREFETCH_LINES)
+        # (experts.EXPERT_PDL): the alignment is final, h is not. Wait for h to be complete and visible.
         tl.extra.cuda.gdc_wait()
     for item in range(pid, num_items, num_programs):
         gemm2_item(

@@ -195,12 +195,3 @@ def store_quantized_groups(x, q_ptrs, scale_ptrs, mask, scale_mask):
 def zero_block(ptr, base, numel, BLOCK: tl.constexpr):
     offs = base + tl.arange(0, BLOCK)
     tl.store(ptr + offs, tl.zeros((BLOCK,), tl.float32), mask=offs < numel)
-
-
-@triton.jit
-def prefetch_l2(ptrs, mask):
-    """Ask L2 for the lines at ptrs (one prefetch per element; pass one pointer per 128-byte line)."""
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
-        "=r,l,r", [ptrs, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1,
-    )

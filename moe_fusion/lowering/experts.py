@@ -56,15 +56,17 @@ INTERPRETER_SMS = 4  # "SM count" under TRITON_INTERPRET=1: a few programs, so t
 #        (griddepcontrol.wait), so their launch latency leaves the chain: the one that prepares
 #        GEMM2's A (gemm1_combine_kernel, or fp8_act_quant_kernel for h) after GEMM1, and the
 #        layer's output (layer_output_kernel) after GEMM2;
-#   "h+gemm2": GEMM2 is also placed early, as the h launch's dependent once GEMM1 has finished: it
-#        pulls its first weight tile into L2 (at most PREFETCH_BYTES per program), then waits.
+#   "h+gemm2" (the default): GEMM2 is also placed early, as the h launch's dependent once GEMM1 has
+#        finished, and waits for h.
 # Session 9, dsv3-ep8 fp8 layer, in-process A/B (benchmarks/gpu_layer_ab.py): on the H100 "h" was
-# 2.1 / 1.9 / 1.3 us faster than "off" at M = 1 / 2 / 4; on the H200 "h+gemm2" was 0.3-0.8 us slower than "h".
+# 2.1 / 1.9 / 1.3 us faster than "off" at M = 1 / 2 / 4. "h+gemm2" was then measured with GEMM2's first
+# weights pulled into L2 before the wait, and lost (sessions 9, 10, 20). Without that prefetch it is ahead
+# of "h" by hit count at the bench's routing (session 21, benchmarks/results/session21.md): dsv3-ep8 fp8
+# 0.1-0.2 / 0.8 us at M = 1 / 4 on two H100s, dsv3 fp8 0.4 / 0.9 us on one of them.
 # A GEMM2 placed while GEMM1 itself still ran (run 3 of experts_notes.md) gained nothing and cost 4%
 # at dsv3 M = 1: its programs held the SM slots GEMM1's last wave needed.
 PDL_MODES = ("off", "h", "h+gemm2")
-EXPERT_PDL = os.environ.get("MOE_FUSION_EXPERT_PDL", "h")
-PREFETCH_BYTES = 64 * 1024
+EXPERT_PDL = os.environ.get("MOE_FUSION_EXPERT_PDL", "h+gemm2")
 # fp8: h quantised in GEMM1's epilogue (one launch fewer) with MOE_FUSION_FP8_H_QUANT=gemm1. Off by
 # default: on the H100 (run 5) it was 6-7 us slower at dsv3-ep8 M = 1-2 and 1 us faster at M = 4
 # (the ticket's barrier and acq_rel atomic after every GEMM1 item cost more than the launch saved).
@@ -591,16 +593,12 @@ class ExpertLaunch:
         a, a_scale = (self.h_fp8, self.h_scale) if self.experts.fp8 else (self.h, self.scales[2][0])
         operands, constants = self._gemm2_operands(config)
         pdl = self.pdl == "h+gemm2" and self.h_prepared_by_launch
-        prefetch_lines = 0
-        if pdl:
-            prefetch_lines = self._prefetch_lines(min(self._k_per_split(g, I),
-                                                      PREFETCH_BYTES // g.block_n // self.experts.w_down.element_size()))
         expert_gemm2_kernel[(grid,)](
             a, a_scale, self.pair_weights, self.gate_partial, *a.stride(), *a_scale.stride(),
             *operands, *self.alignment, self.topk_ids.numel(), self.topk_ids.shape[1], M, H, I,
             **constants, BLOCK_N=g.block_n, BLOCK_K=g.block_k, SUB_K=self._sub_k(g), SWAP_AB=g.swap_ab,
             EVEN_N=H % g.block_n == 0, EVEN_K=I % g.block_k == 0,
-            USE_PDL=pdl, PREFETCH_LINES=prefetch_lines, LAUNCH_DEPENDENTS=self.small_launches_dependent,
+            USE_PDL=pdl, LAUNCH_DEPENDENTS=self.small_launches_dependent,
             num_warps=g.num_warps, num_stages=g.num_stages, **pdl_launch(pdl),
         )
 
@@ -666,11 +664,6 @@ class ExpertLaunch:
     @staticmethod
     def _k_per_split(g, K: int) -> int:
         return triton.cdiv(triton.cdiv(K, g.split_k), g.block_k) * g.block_k
-
-    def _prefetch_lines(self, k_elements: int) -> int:
-        """128-byte lines per Wd row that one GEMM2 item prefetches to cover k_elements (a power of 2)."""
-        lines = triton.cdiv(k_elements * self.experts.w_down.element_size(), 128)
-        return triton.next_power_of_2(lines) if lines > 0 else 0
 
     def finalize(self) -> torch.Tensor:
         if not self.deterministic:
