@@ -56,17 +56,18 @@ INTERPRETER_SMS = 4  # "SM count" under TRITON_INTERPRET=1: a few programs, so t
 #        (griddepcontrol.wait), so their launch latency leaves the chain: the one that prepares
 #        GEMM2's A (gemm1_combine_kernel, or fp8_act_quant_kernel for h) after GEMM1, and the
 #        layer's output (layer_output_kernel) after GEMM2;
-#   "h+gemm2" (the default): GEMM2 is also placed early, as the h launch's dependent once GEMM1 has
-#        finished, and waits for h.
+#   "h+gemm2": GEMM2 is also placed early, as the h launch's dependent once GEMM1 has finished, and
+#        waits for h.
 # Session 9, dsv3-ep8 fp8 layer, in-process A/B (benchmarks/gpu_layer_ab.py): on the H100 "h" was
 # 2.1 / 1.9 / 1.3 us faster than "off" at M = 1 / 2 / 4. "h+gemm2" was then measured with GEMM2's first
 # weights pulled into L2 before the wait, and lost (sessions 9, 10, 20). Without that prefetch it is ahead
 # of "h" by hit count at the bench's routing (session 21, benchmarks/results/session21.md): dsv3-ep8 fp8
-# 0.1-0.2 / 0.8 us at M = 1 / 4 on two H100s, dsv3 fp8 0.4 / 0.9 us on one of them.
+# 0.1-0.2 / 0.8 us at M = 1 / 4 on two H100s, dsv3 fp8 0.4 / 0.9 us on one of them. It becomes the
+# default once the layer's GPU tests have run under it (no device time was left in session 21).
 # A GEMM2 placed while GEMM1 itself still ran (run 3 of experts_notes.md) gained nothing and cost 4%
 # at dsv3 M = 1: its programs held the SM slots GEMM1's last wave needed.
 PDL_MODES = ("off", "h", "h+gemm2")
-EXPERT_PDL = os.environ.get("MOE_FUSION_EXPERT_PDL", "h+gemm2")
+EXPERT_PDL = os.environ.get("MOE_FUSION_EXPERT_PDL", "h")
 # fp8: h quantised in GEMM1's epilogue (one launch fewer) with MOE_FUSION_FP8_H_QUANT=gemm1. Off by
 # default: on the H100 (run 5) it was 6-7 us slower at dsv3-ep8 M = 1-2 and 1 us faster at M = 4
 # (the ticket's barrier and acq_rel atomic after every GEMM1 item cost more than the launch saved).
