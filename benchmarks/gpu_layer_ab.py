@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import importlib
 import os
 import statistics
@@ -82,6 +83,16 @@ def apply(settings: List[Setting]) -> List[Setting]:
     return undo
 
 
+@contextlib.contextmanager
+def applied(settings: List[Setting]):
+    """The settings in force inside the block, undone after it."""
+    undo = apply(settings)
+    try:
+        yield
+    finally:
+        apply(undo)
+
+
 def preamble_weight_copies(spec, w, l2_bytes: int) -> list:
     """Copies of the preamble's weights (router, norm, bias) as many as the bench's preamble part
     rotates over (bench.preamble_copies_beyond_l2); the expert weights are shared."""
@@ -98,8 +109,7 @@ def time_variant(spec, weight_sets: list, M: int, device, settings: List[Setting
     """``weight_sets``: the preamble part (preamble_weight_copies) and the layer part (router seeds) rotate
     over them, the expert block uses the first."""
     w = weight_sets[0]
-    undo = apply(settings)
-    try:
+    with applied(settings):
         plan = layer.plan_layer(spec, M, device)
         if part == "preamble":
             sets = [(x, ws) for (x, _), ws in zip(input_sets(spec, M, device, len(weight_sets)), weight_sets)]
@@ -117,8 +127,6 @@ def time_variant(spec, weight_sets: list, M: int, device, settings: List[Setting
             def call(x, normed, weights):
                 layer.moe_layer(spec, x, weights, plan)
         return timing.graph_replay_us(call, sets)
-    finally:
-        apply(undo)
 
 
 def main(argv=None) -> int:

@@ -43,7 +43,7 @@ for path in (os.path.dirname(HERE), HERE):
     if path not in sys.path:
         sys.path.insert(0, path)
 
-from gpu_layer_ab import apply, parse_variant, resolve  # noqa: E402
+from gpu_layer_ab import applied, parse_variant, resolve  # noqa: E402
 from gpu_overlap import profiled_sections  # noqa: E402
 from routing_seeds import local_hit_distribution, shape_spec  # noqa: E402
 from moe_fusion.tools import bench  # noqa: E402
@@ -127,24 +127,17 @@ def _time_seed(cfg, args, variants, meta: dict, rows: list) -> None:
             for h, xs in sets_by_hits(sb, m, cfg.sets, args.candidates).items():
                 hits = [bench.distinct_local_experts(sb.spec, sb.layer.preamble(x)[1], sb.layer.experts.expert_map)
                         for x in xs]  # as the bench counts them, routed m rows at a time
+                inputs = [(x, sb.weights) for x in xs]
                 for round_, (name, settings) in itertools.product(range(args.rounds), variants):
-                    undo = apply(settings)
-                    try:
-                        t = bench.time_point(cfg, fn, [(x, sb.weights) for x in xs])
-                    finally:
-                        apply(undo)
+                    with applied(settings):
+                        t = bench.time_point(cfg, fn, inputs)
                     rows.append(dict(shape=args.shape, dtype=args.dtype, variant=name, m=m, hits=h, seed=cfg.seed,
                                      round=round_, us=t.us, kernels=t.kernels, distinct_experts=sum(hits) / len(hits)))
                     print(f"{args.shape} {args.dtype} {name:>12} M={m:3d} hits={h:2d} {t.us:8.1f} us seed {cfg.seed} "
                           f"round {round_}", flush=True)
                     if h in args.profile_hits and round_ == 0 and not args.cpu:
-                        undo = apply(settings)
-                        try:
-                            with tempfile.TemporaryDirectory() as scratch:
-                                kernels = middle_call_kernels(fn, [(x, sb.weights) for x in xs],
-                                                              os.path.join(scratch, "trace.json"))
-                        finally:
-                            apply(undo)
+                        with applied(settings), tempfile.TemporaryDirectory() as scratch:
+                            kernels = middle_call_kernels(fn, inputs, os.path.join(scratch, "trace.json"))
                         rows[-1]["kernels_of_one_call"] = kernels
                         _print_kernels(f"  one call's kernels (profiled replay), {name} M={m} hits={h}:", kernels)
                     _write(args.out, meta, rows)
