@@ -235,6 +235,19 @@ def test_split_gemm1_matches_reference(fp8, swap_ab):
         assert _rel_err(out, ref) < tol
 
 
+def test_pdl_mode_auto_places_gemm2_early_from_its_threshold(monkeypatch):
+    """The default "auto" resolves by M on CUDA; a forced mode holds at every M; elsewhere "off"."""
+    cuda, m0 = torch.device("cuda"), experts.GEMM2_EARLY_FROM_M
+    monkeypatch.setattr(experts, "EXPERT_PDL", "auto")
+    assert [experts.pdl_mode(cuda, m) for m in (m0 - 1, m0, 64)] == ["h", "h+gemm2", "h+gemm2"]
+    assert experts.pdl_mode(torch.device("cpu"), m0) == "off"
+    monkeypatch.setattr(experts, "EXPERT_PDL", "h")
+    assert experts.pdl_mode(cuda, 64) == "h"
+    monkeypatch.setattr(experts, "EXPERT_PDL", "h+gemm")
+    with pytest.raises(ValueError, match="MOE_FUSION_EXPERT_PDL"):
+        experts.pdl_mode(cuda, 1)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", experts.PDL_MODES)
 @pytest.mark.parametrize("case", ["fp8-split", "fp8", "fp16-split"])

@@ -58,16 +58,19 @@ INTERPRETER_SMS = 4  # "SM count" under TRITON_INTERPRET=1: a few programs, so t
 #        layer's output (layer_output_kernel) after GEMM2;
 #   "h+gemm2": GEMM2 is also placed early, as the h launch's dependent once GEMM1 has finished, and
 #        waits for h.
+#   "auto" (the default): "h" below GEMM2_EARLY_FROM_M tokens, "h+gemm2" from there on.
 # Session 9, dsv3-ep8 fp8 layer, in-process A/B (benchmarks/gpu_layer_ab.py): on the H100 "h" was
-# 2.1 / 1.9 / 1.3 us faster than "off" at M = 1 / 2 / 4. "h+gemm2" was then measured with GEMM2's first
-# weights pulled into L2 before the wait, and lost (sessions 9, 10, 20). Without that prefetch it is ahead
-# of "h" by hit count at the bench's routing (session 21, benchmarks/results/session21.md): dsv3-ep8 fp8
-# 0.1-0.2 / 0.8 us at M = 1 / 4 on two H100s, dsv3 fp8 0.4 / 0.9 us on one of them. It becomes the
-# default once the layer's GPU tests have run under it (no device time was left in session 21).
+# 2.1 / 1.9 / 1.3 us faster than "off" at M = 1 / 2 / 4. "h+gemm2" was first measured with GEMM2's first
+# weights pulled into L2 before the wait, and lost (sessions 9, 10, 20). Without that prefetch, by hit
+# count at the bench's routing (sessions 21-22, benchmarks/results/session22.md), three H100s: dsv3-ep8
+# fp8 at M = 4 0.8 / 0.8 / 1.1 us faster than "h"; at M = 1 slower at 1-3 local experts hit in all three
+# (0.3-1.1 us), -0.2 / -0.1 / +0.8 us in all; dsv3 fp8 0.4 / 0.9 us faster at M = 1 / 4 on one. Hence
+# the switch at M = 2 (M = 2 and M > 4 not measured yet).
 # A GEMM2 placed while GEMM1 itself still ran (run 3 of experts_notes.md) gained nothing and cost 4%
 # at dsv3 M = 1: its programs held the SM slots GEMM1's last wave needed.
 PDL_MODES = ("off", "h", "h+gemm2")
-EXPERT_PDL = os.environ.get("MOE_FUSION_EXPERT_PDL", "h")
+GEMM2_EARLY_FROM_M = 2
+EXPERT_PDL = os.environ.get("MOE_FUSION_EXPERT_PDL", "auto")
 # fp8: h quantised in GEMM1's epilogue (one launch fewer) with MOE_FUSION_FP8_H_QUANT=gemm1. Off by
 # default: on the H100 (run 5) it was 6-7 us slower at dsv3-ep8 M = 1-2 and 1 us faster at M = 4
 # (the ticket's barrier and acq_rel atomic after every GEMM1 item cost more than the launch saved).
@@ -334,11 +337,16 @@ def quantize_fp8_blocks(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------- configs
-def pdl_mode(device: torch.device) -> str:
-    """EXPERT_PDL where launches can be programmatic dependents (CUDA), "off" elsewhere."""
-    if EXPERT_PDL not in PDL_MODES:
-        raise ValueError(f"MOE_FUSION_EXPERT_PDL={EXPERT_PDL!r}; expected one of {PDL_MODES}")
-    return EXPERT_PDL if device.type == "cuda" else "off"
+def pdl_mode(device: torch.device, m: int) -> str:
+    """The PDL mode (one of PDL_MODES) of an expert block of m tokens: EXPERT_PDL, resolved by m
+    where it is "auto", where launches can be programmatic dependents (CUDA); "off" elsewhere."""
+    if EXPERT_PDL not in PDL_MODES + ("auto",):
+        raise ValueError(f"MOE_FUSION_EXPERT_PDL={EXPERT_PDL!r}; expected auto or one of {PDL_MODES}")
+    if device.type != "cuda":
+        return "off"
+    if EXPERT_PDL == "auto":
+        return "h+gemm2" if m >= GEMM2_EARLY_FROM_M else "h"
+    return EXPERT_PDL
 
 
 def device_facts(device: torch.device) -> Tuple[str, int]:
@@ -405,7 +413,7 @@ def run_experts(
     if problem:
         raise Unsupported(f"config {config}: {problem}")
     block_m = config.block_m
-    pdl = pdl_mode(x.device)
+    pdl = pdl_mode(x.device, M)
     aligned_here = alignment is None
     if aligned_here:  # the x quantisation below may run beside it (it releases its dependents at once)
         alignment = align_kernel.align_pairs_fastest(topk_ids, experts.expert_map, experts.num_local, block_m,

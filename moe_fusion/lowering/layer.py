@@ -187,7 +187,7 @@ def moe_layer(spec: MoESpec, x: torch.Tensor, w: MoEWeights, plan: Optional[Laye
         deterministic=plan.deterministic, config=plan.expert_config, shared=tail,
         after_gemm1=start_shared_gemm2 if plan.shared_gemm2_late else None,
     )
-    pdl = experts.pdl_mode(x.device) != "off"
+    pdl = experts.pdl_mode(x.device, x.shape[0]) != "off"
     if not separate_shared:
         return layer_output(out, None, x.dtype, pdl)
     if plan.shared_expert == "stream":

@@ -156,7 +156,7 @@ def make_launch(s: InputSet, e: experts.ExpertTensors, config: ExpertConfig, det
     alignment = reference.align_pairs(s.ids, e.expert_map, e.num_local, config.block_m)
     launch = experts.ExpertLaunch(
         x=s.x, pair_weights=s.weights.reshape(-1).float(), topk_ids=s.ids, experts=e, alignment=alignment,
-        weight_on_input=False, num_sms=sms, pdl=experts.pdl_mode(s.x.device),
+        weight_on_input=False, num_sms=sms, pdl=experts.pdl_mode(s.x.device, s.x.shape[0]),
     )
     launch.allocate(config, deterministic, torch.float32)
     launch.quantize_input()
