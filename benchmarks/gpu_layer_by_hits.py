@@ -131,6 +131,8 @@ def _time_seed(cfg, args, variants, meta: dict, rows: list) -> None:
                 for round_, (name, settings) in itertools.product(range(args.rounds), variants):
                     with applied(settings):
                         t = bench.time_point(cfg, fn, inputs)
+                    if t.us is None:
+                        raise SystemExit(f"{args.shape} {args.dtype} M={m}: not timed ({t.note})")
                     rows.append(dict(shape=args.shape, dtype=args.dtype, variant=name, m=m, hits=h, seed=cfg.seed,
                                      round=round_, us=t.us, kernels=t.kernels, distinct_experts=sum(hits) / len(hits)))
                     print(f"{args.shape} {args.dtype} {name:>12} M={m:3d} hits={h:2d} {t.us:8.1f} us seed {cfg.seed} "
