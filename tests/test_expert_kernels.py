@@ -235,14 +235,17 @@ def test_split_gemm1_matches_reference(fp8, swap_ab):
         assert _rel_err(out, ref) < tol
 
 
-def test_pdl_mode_auto_places_gemm2_early_from_its_threshold(monkeypatch):
-    """The default "auto" resolves by M on CUDA; a forced mode holds at every M; elsewhere "off"."""
-    cuda, m0 = torch.device("cuda"), experts.GEMM2_EARLY_FROM_M
+def test_pdl_mode_auto_places_gemm2_early_in_each_launchs_range(monkeypatch):
+    """The default "auto" resolves by M and launch on CUDA; a forced mode holds at every M; elsewhere "off"."""
+    cuda = torch.device("cuda")
     monkeypatch.setattr(experts, "EXPERT_PDL", "auto")
-    assert [experts.pdl_mode(cuda, m) for m in (m0 - 1, m0, 64)] == ["h", "h+gemm2", "h+gemm2"]
-    assert experts.pdl_mode(torch.device("cpu"), m0) == "off"
-    monkeypatch.setattr(experts, "EXPERT_PDL", "h")
-    assert experts.pdl_mode(cuda, 64) == "h"
+    for launch, early in experts.GEMM2_EARLY_M.items():
+        edges = (early.start - 1, early.start, early.stop - 1, early.stop)
+        assert [experts.pdl_mode(cuda, m, launch) for m in edges] == ["h", "h+gemm2", "h+gemm2", "h"], launch
+    assert experts.pdl_mode(cuda, 64) == experts.pdl_mode(cuda, 64, "routed")
+    assert experts.pdl_mode(torch.device("cpu"), 2) == "off"
+    monkeypatch.setattr(experts, "EXPERT_PDL", "h+gemm2")
+    assert [experts.pdl_mode(cuda, m, "shared") for m in (1, 64)] == ["h+gemm2", "h+gemm2"]
     monkeypatch.setattr(experts, "EXPERT_PDL", "h+gemm")
     with pytest.raises(ValueError, match="MOE_FUSION_EXPERT_PDL"):
         experts.pdl_mode(cuda, 1)

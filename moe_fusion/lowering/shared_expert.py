@@ -98,7 +98,7 @@ class SharedExpertOnExpertKernels:
         self.launch = experts.ExpertLaunch(
             x=normed, pair_weights=self.weights.view(-1), topk_ids=ids, experts=tail.experts, alignment=alignment,
             weight_on_input=False, num_sms=experts.device_facts(normed.device)[1],
-            pdl=experts.pdl_mode(normed.device, M), on_side_stream=True,
+            pdl=experts.pdl_mode(normed.device, M, "shared"), on_side_stream=True,
         )
         self.launch.allocate(config, deterministic, torch.float32)
         given = in_fp8 and x_fp8 is not None and x_fp8.numel() > 0
