@@ -239,8 +239,9 @@ def test_pdl_mode_auto_places_gemm2_early_in_each_launchs_range(monkeypatch):
     """The default "auto" resolves by M and launch on CUDA; a forced mode holds at every M; elsewhere "off"."""
     cuda = torch.device("cuda")
     monkeypatch.setattr(experts, "EXPERT_PDL", "auto")
-    for launch, early in experts.GEMM2_EARLY_M.items():
-        edges = (early.start - 1, early.start, early.stop - 1, early.stop)
+    for launch, below in (("routed", experts.ROUTED_GEMM2_EARLY_BELOW_M),
+                          ("shared", experts.SHARED_GEMM2_EARLY_BELOW_M)):
+        edges = (experts.GEMM2_EARLY_FROM_M - 1, experts.GEMM2_EARLY_FROM_M, below - 1, below)
         assert [experts.pdl_mode(cuda, m, launch) for m in edges] == ["h", "h+gemm2", "h+gemm2", "h"], launch
     assert experts.pdl_mode(cuda, 64) == experts.pdl_mode(cuda, 64, "routed")
     assert experts.pdl_mode(torch.device("cpu"), 2) == "off"

@@ -58,7 +58,8 @@ INTERPRETER_SMS = 4  # "SM count" under TRITON_INTERPRET=1: a few programs, so t
 #        layer's output (layer_output_kernel) after GEMM2;
 #   "h+gemm2": GEMM2 is also placed early, as the h launch's dependent once GEMM1 has finished, and
 #        waits for h.
-#   "auto" (the default): "h+gemm2" where the launch's M lies in its GEMM2_EARLY_M range, "h" elsewhere.
+#   "auto" (the default): "h+gemm2" from GEMM2_EARLY_FROM_M tokens to below the launch's own bound
+#        (ROUTED_ / SHARED_GEMM2_EARLY_BELOW_M), "h" elsewhere.
 # Session 9, dsv3-ep8 fp8 layer, in-process A/B (benchmarks/gpu_layer_ab.py): on the H100 "h" was
 # 2.1 / 1.9 / 1.3 us faster than "off" at M = 1 / 2 / 4. "h+gemm2" was first measured with GEMM2's first
 # weights pulled into L2 before the wait, and lost (sessions 9, 10, 20). Without that prefetch, by hit
@@ -68,12 +69,15 @@ INTERPRETER_SMS = 4  # "SM count" under TRITON_INTERPRET=1: a few programs, so t
 # Session 23 (session23.md): ~1 us faster at dsv3-ep8 M = 2-24 and dsv3 fp8 M = 2-16, equal on dsv3 from
 # M = 32 and on bf16, but at dsv3-ep8 M = 64 10 us slower, most of it the shared expert's launch: placed
 # early in it alone, +1.5 / +6.3 / +7.2 us at M = 32 / 48 / 64; in the routed launch alone -1.4 at M = 32,
-# +1.1 / +2.3 at M = 48 / 64. The shared expert placing GEMM2 early only at M = 1 was -0.4 and +0.3 us in
-# two calls: not taken.
+# +1.1 / +2.3 at M = 48 / 64, and +2.7 at M = 40 in a third call (-0.7 at M = 32 there). Early only where
+# measured faster. The shared expert placing GEMM2 early only at M = 1 was -0.4 and +0.3 us in two calls:
+# not taken.
 # A GEMM2 placed while GEMM1 itself still ran (run 3 of experts_notes.md) gained nothing and cost 4%
 # at dsv3 M = 1: its programs held the SM slots GEMM1's last wave needed.
 PDL_MODES = ("off", "h", "h+gemm2")
-GEMM2_EARLY_M = {"routed": range(2, 48), "shared": range(2, 32)}
+GEMM2_EARLY_FROM_M = 2
+ROUTED_GEMM2_EARLY_BELOW_M = 33
+SHARED_GEMM2_EARLY_BELOW_M = 25
 EXPERT_PDL = os.environ.get("MOE_FUSION_EXPERT_PDL", "auto")
 # fp8: h quantised in GEMM1's epilogue (one launch fewer) with MOE_FUSION_FP8_H_QUANT=gemm1. Off by
 # default: on the H100 (run 5) it was 6-7 us slower at dsv3-ep8 M = 1-2 and 1 us faster at M = 4
@@ -342,15 +346,16 @@ def quantize_fp8_blocks(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 # --------------------------------------------------------------------------- configs
 def pdl_mode(device: torch.device, m: int, launch: str = "routed") -> str:
-    """The PDL mode (one of PDL_MODES) of an expert launch ("routed" or "shared", a key of GEMM2_EARLY_M)
-    of m tokens: EXPERT_PDL, resolved by m where it is "auto", where launches can be programmatic
-    dependents (CUDA); "off" elsewhere."""
+    """The PDL mode (one of PDL_MODES) of an expert launch of m tokens, the routed experts' or the
+    shared expert's: EXPERT_PDL, resolved by m and launch where it is "auto", where launches can be
+    programmatic dependents (CUDA); "off" elsewhere."""
     if EXPERT_PDL not in PDL_MODES + ("auto",):
         raise ValueError(f"MOE_FUSION_EXPERT_PDL={EXPERT_PDL!r}; expected auto or one of {PDL_MODES}")
     if device.type != "cuda":
         return "off"
     if EXPERT_PDL == "auto":
-        return "h+gemm2" if m in GEMM2_EARLY_M[launch] else "h"
+        below = {"routed": ROUTED_GEMM2_EARLY_BELOW_M, "shared": SHARED_GEMM2_EARLY_BELOW_M}[launch]
+        return "h+gemm2" if GEMM2_EARLY_FROM_M <= m < below else "h"
     return EXPERT_PDL
 
 
