@@ -46,12 +46,14 @@ TOKEN_TILE = 16  # GEMM1's block_m at M = 1
 
 @triton.jit
 def stream_kernel(g_ptr, u_ptr, out_ptr, k_per_split, n_blocks, stride_n, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PAIR: tl.constexpr):
+                  BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PAIR: tl.constexpr, K_BLOCK_MAJOR: tl.constexpr):
     """Program (split, n block) reads rows [BLOCK_N] x K range [k_per_split] of g and (PAIR) u, in int32
     words, BLOCK_K words per step, as GEMM1's item does (GEMM2's without PAIR), and stores the XOR of
     all of it. The loop's
     num_stages makes Triton pipeline the loads through shared memory (cp.async, as GEMM1's dot
-    operands are); without it loads that feed no dot are not pipelined."""
+    operands are); without it loads that feed no dot are not pipelined. K_BLOCK_MAJOR: the matrix as if
+    laid out [K / BLOCK_K, N, BLOCK_K], so that each step's tile is one contiguous run of memory instead of
+    BLOCK_N rows' short pieces (the same bytes in all)."""
     pid = tl.program_id(0)
     split = pid // n_blocks
     rows = (pid - split * n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -59,7 +61,10 @@ def stream_kernel(g_ptr, u_ptr, out_ptr, k_per_split, n_blocks, stride_n, BLOCK_
     k_start = split * k_per_split
     acc = tl.zeros((BLOCK_N, BLOCK_K), tl.int32)
     for k in tl.range(k_start, k_start + k_per_split, BLOCK_K, num_stages=STAGES):
-        offs = rows[:, None] * stride_n + (k + cols)[None, :]
+        if K_BLOCK_MAJOR:
+            offs = (k // BLOCK_K) * (n_blocks * BLOCK_N * BLOCK_K) + rows[:, None] * BLOCK_K + cols[None, :]
+        else:
+            offs = rows[:, None] * stride_n + (k + cols)[None, :]
         acc ^= tl.load(g_ptr + offs)
         if PAIR:
             acc ^= tl.load(u_ptr + offs)
@@ -144,6 +149,7 @@ class Probe:
     num_stages: int = 3
     k_fraction: float = 1.0
     matrix: str = "gate_up"
+    layout: str = "rows"  # "rows" (the weights as stored) | "k-blocks" (stream only: stream_kernel's K_BLOCK_MAJOR)
 
     def shape(self, o: Operands) -> tuple:
         """(rows, K bytes) of each matrix this probe reads."""
@@ -169,7 +175,8 @@ class Probe:
             pair = self.matrix == "gate_up"
             words = [t.view(torch.int32) for t in ((o.g, o.u) if pair else (o.d, o.d))]
             stream_kernel[grid](*words, out, k_range // 4, n_blocks, K // 4, BLOCK_N=self.block_n,
-                                BLOCK_K=self.block_k // 4, STAGES=self.num_stages, PAIR=pair, num_warps=4)
+                                BLOCK_K=self.block_k // 4, STAGES=self.num_stages, PAIR=pair,
+                                K_BLOCK_MAJOR=self.layout == "k-blocks", num_warps=4)
         elif self.kind == "dot":
             dot_kernel[grid](o.g, o.u, o.x, out, k_range, n_blocks, K, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
                              BLOCK_M=o.x.shape[0], num_warps=4, num_stages=self.num_stages)
@@ -199,6 +206,26 @@ PROBES: List[Probe] = [
     # GEMM2's weights with its tiles at dsv3-ep8 fp8 M = 1: 224 programs of 64 rows x 1 KB.
     *(Probe("stream", split_k=2, matrix="down", k_fraction=f) for f in (1.0, 0.5, 0.25)),
 ]
+# Whether the weights' layout limits the stream: each step's tile contiguous against BLOCK_N pieces of
+# BLOCK_K bytes, with GEMM1's and GEMM2's tiles (the dsv3-shared fp8 M = 1 entries and those above).
+LAYOUT_PROBES: List[Probe] = [
+    Probe("stream", layout=layout, **tiles)
+    for tiles in (dict(), dict(block_k=128, num_stages=4), dict(split_k=2, matrix="down"),
+                  dict(split_k=2, matrix="down", block_k=128, num_stages=4))
+    for layout in ("rows", "k-blocks")
+]
+
+
+# How many programs one wave should have: GEMM1's and GEMM2's weights streamed by grids of 112 to 1024
+# programs (one per item, all resident at once), against the shipped 128 and 224.
+GRID_PROBES: List[Probe] = [
+    *(Probe("stream", block_n=bn, split_k=s, block_k=bk, num_stages=st)
+      for bn, s, bk, st in ((64, 4, 256, 3), (64, 8, 128, 4), (32, 4, 256, 3), (32, 8, 128, 4), (16, 8, 128, 4),
+                            (16, 14, 128, 4), (128, 4, 128, 4))),
+    *(Probe("stream", block_n=bn, split_k=s, block_k=bk, num_stages=st, matrix="down")
+      for bn, s, bk, st in ((64, 2, 128, 4), (64, 1, 256, 4), (128, 2, 128, 4), (64, 4, 128, 4), (32, 2, 128, 4),
+                            (32, 4, 128, 4), (64, 8, 128, 2), (16, 4, 128, 4))),
+]
 
 
 def _shipped_config(shape: tune_experts.Shape) -> expert_configs.ExpertConfig:
@@ -206,7 +233,7 @@ def _shipped_config(shape: tune_experts.Shape) -> expert_configs.ExpertConfig:
     return expert_configs.lookup(tune_experts._key(shape, "fp8"), 1, name, sms)[0]
 
 
-def run(n_copies: int = 4) -> Dict:
+def run(n_copies: int = 4, probes: List[Probe] = PROBES, expert_gemms: bool = True) -> Dict:
     shape = tune_experts.SHAPES["dsv3-shared"]
     e = tune_experts.random_experts(shape, "fp8")
     copies = tune_experts.weight_copies(e, n_copies)
@@ -218,7 +245,7 @@ def run(n_copies: int = 4) -> Dict:
                 for c in copies]
     copy_bw = timing.copy_bandwidth_bytes_per_s()
     rows = []
-    for probe in PROBES:
+    for probe in probes:
         sink = out if probe.kind == "stream" else out.view(torch.float32)
         try:
             us = timing.graph_replay_us(lambda o: probe.launch(o, sink), operands)
@@ -228,9 +255,10 @@ def run(n_copies: int = 4) -> Dict:
         n, k = probe.shape(operands[0][0])
         rows.append(dict(probe=vars(probe), programs=probe.programs(n), bytes=probe.bytes_read(n, k), us=round(us, 2)))
         print(f"{probe}: {us:.2f} us, {probe.bytes_read(n, k) / us / 1e6:.2f} TB/s", flush=True)
-    rows += _time_expert_gemms(shape, e, copies)
-    waves = {name: _start_and_rate([r for r in rows if all(r["probe"].get(f) == v for f, v in grid.items())])
-             for name, grid in WAVES.items()}
+    if expert_gemms:
+        rows += _time_expert_gemms(shape, e, copies)
+    waves = {name: _start_and_rate(wave) for name, grid in WAVES.items()
+             if len(wave := [r for r in rows if all(r["probe"].get(f) == v for f, v in grid.items())]) > 1}
     for name, (start, rate) in waves.items():
         print(f"stream, {name}: start {start:.2f} us, then {rate / 1e12:.2f} TB/s")
     print(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s (read + write)")
@@ -241,8 +269,10 @@ def run(n_copies: int = 4) -> Dict:
 
 # The probes whose K fractions give a wave's start cost and rate: GEMM1's grid and GEMM2's.
 WAVES = {
-    "GEMM1's grid": dict(kind="stream", matrix="gate_up", block_n=64, block_k=256, split_k=4, num_stages=3),
-    "GEMM2's grid": dict(kind="stream", matrix="down", block_n=64, block_k=256, split_k=2, num_stages=3),
+    "GEMM1's grid": dict(kind="stream", matrix="gate_up", block_n=64, block_k=256, split_k=4, num_stages=3,
+                         layout="rows"),
+    "GEMM2's grid": dict(kind="stream", matrix="down", block_n=64, block_k=256, split_k=2, num_stages=3,
+                         layout="rows"),
 }
 
 
@@ -279,11 +309,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--copies", type=int, default=4, help="weight copies rotated over (each 44 MB)")
+    ap.add_argument("--only", choices=("layouts", "grids"), help="only LAYOUT_PROBES or GRID_PROBES")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_stream_probe: needs a CUDA device")
         return 0
-    result = run(args.copies)
+    subsets = dict(layouts=LAYOUT_PROBES, grids=GRID_PROBES)
+    result = run(args.copies, subsets[args.only], expert_gemms=False) if args.only else run(args.copies)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

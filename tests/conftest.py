@@ -22,3 +22,14 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seeded():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def poisoned_expert_buffers(monkeypatch):
+    """Every buffer the expert launches allocate starts as NaN: an element a kernel leaves unwritten shows."""
+    from moe_fusion.lowering import experts
+
+    def poisoned(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(experts, "_buffer", poisoned)

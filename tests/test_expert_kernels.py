@@ -31,11 +31,8 @@ SMALL_FP8 = ExpertConfig(16, GemmTiles(32, 128, programs_per_sm=1), GemmTiles(32
 
 
 @pytest.fixture(autouse=True)
-def _poisoned_buffers(monkeypatch):
-    def poisoned(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(experts, "_buffer", poisoned)
+def _poisoned_buffers(poisoned_expert_buffers):
+    pass
 
 
 def _spec(**changes) -> MoESpec:

@@ -61,6 +61,29 @@ def test_stream_probe_xors_every_word_it_reads(k_fraction):
     assert probe.bytes_read(N, K) == 2 * N * int(K * k_fraction)
 
 
+def test_stream_probe_in_k_blocks_reads_each_programs_contiguous_tiles():
+    """The k-blocks layout: the matrix's words as [K / block_k, N, block_k], a program reading its row block
+    of its split's steps: contiguous tiles, the whole matrix once over all programs."""
+    probe = Probe("stream", block_n=32, block_k=256, split_k=2, layout="k-blocks")
+    o = _operands(1)
+    out = torch.zeros(probe.programs(N), dtype=torch.int32, device=DEVICE)
+    probe.launch(o, out)
+    step_words, n_blocks = probe.block_k // 4, N // probe.block_n
+    steps_per_split = probe.k_range(K) // probe.block_k
+
+    def tiles(t, p):
+        blocks = t.contiguous().view(torch.int32).flatten().view(-1, N, step_words)
+        split, block = divmod(p, n_blocks)
+        return blocks[split * steps_per_split:][:steps_per_split, block * probe.block_n:][:, :probe.block_n].flatten()
+
+    assert out.cpu().tolist() == [_xor(torch.cat([tiles(o.g, p), tiles(o.u, p)])) for p in range(probe.programs(N))]
+    every = torch.cat([o.g.contiguous().view(torch.int32).flatten(), o.u.contiguous().view(torch.int32).flatten()])
+    total = 0
+    for word in out.cpu().tolist():
+        total ^= word
+    assert total == _xor(every)
+
+
 def test_stream_probe_of_the_down_weights_reads_them_once():
     probe = Probe("stream", block_n=64, block_k=64, split_k=2, matrix="down")
     o = _operands(2)

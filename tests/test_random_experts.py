@@ -48,11 +48,8 @@ FP8_FLIP_TOL = 1e-2
 
 
 @pytest.fixture(autouse=True)
-def _poisoned_buffers(monkeypatch):
-    def poisoned(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(experts, "_buffer", poisoned)
+def _poisoned_buffers(poisoned_expert_buffers):
+    pass
 
 
 def _to(w: MoEWeights, device) -> MoEWeights:

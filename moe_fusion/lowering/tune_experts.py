@@ -185,7 +185,8 @@ def gemm1_candidates(shape: Shape, fp8: bool, m: int, sms: int) -> List[GemmTile
     # two waves of 2 programs per SM: under expert parallelism a call's hits spread far around their mean
     # (dsv3-ep8 M = 4: 0 to 8). The bound was one wave until session 20, which left out dsv3-ep8 M = 4's
     # 4-way split (256 items per expert). Timed alone with grouped routing the tuner prefers it (session 21:
-    # 35.8 against 36.2 µs); in the layer the two splits tie, and the table keeps the 2-way one.
+    # 35.8 against 36.2 µs). In the layer, by hit count, it was 0.8 / 0.9 µs faster (session 24, two seeds: a single
+    # hit's 64 items of the 2-way split left half the SMs idle), and the table takes it.
     split = [GemmTiles(bn, bk, 4, st, pp, s, swap_ab=True) for bn in (64, 128) for s in (2, 4)
              if active * shape.inter / bn * s <= 4 * sms for bk, st in ks for pp in (1, 2)]
     return plain + swapped + split
