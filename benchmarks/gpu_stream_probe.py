@@ -19,7 +19,11 @@ stream at a fraction of K (the same programs, fewer bytes each) also gives the w
 time = start + bytes / rate. The same for GEMM2's weights (w_down, 15 MB) against GEMM2 itself. Every timing is a CUDA-graph replay rotating over copies of the weights
 (tune_experts.weight_copies), so each replay reads from HBM.
 
-    python benchmarks/gpu_stream_probe.py [--json OUT.json]
+--only layouts (LAYOUT_PROBES): each step's tile from one contiguous run of memory against the stored rows;
+--only grids (GRID_PROBES): both matrices streamed by 64 to 1792 programs. Both ask whether a re-laid-out weight
+copy or another tile count would stream a wave faster (session 24: no).
+
+    python benchmarks/gpu_stream_probe.py [--json OUT.json] [--only layouts|grids]
 """
 from __future__ import annotations
 
