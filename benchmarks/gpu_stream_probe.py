@@ -220,7 +220,7 @@ LAYOUT_PROBES: List[Probe] = [
 ]
 
 
-# How many programs one wave should have: GEMM1's and GEMM2's weights streamed by grids of 112 to 1024
+# How many programs one wave should have: GEMM1's and GEMM2's weights streamed by grids of 64 to 1792
 # programs (one per item, all resident at once), against the shipped 128 and 224.
 GRID_PROBES: List[Probe] = [
     *(Probe("stream", block_n=bn, split_k=s, block_k=bk, num_stages=st)

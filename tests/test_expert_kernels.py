@@ -15,8 +15,11 @@ from moe_fusion.spec import FP8_DTYPE, MoESpec, MoEWeights  # noqa: E402
 
 from moe_cases import random_weights  # noqa: E402
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-                                reason="needs TRITON_INTERPRET=1 or a CUDA device")
+pytestmark = [
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                       reason="needs TRITON_INTERPRET=1 or a CUDA device"),
+    pytest.mark.usefixtures("poisoned_expert_buffers"),
+]
 # The interpreter on the CPU; compiled kernels where there is a GPU (same checks; the fp8
 # arithmetic follows torch on each device).
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -28,11 +31,6 @@ SMALL = ExpertConfig(16, GemmTiles(16, 32, programs_per_sm=1), GemmTiles(32, 32,
 # fp8 re-quantisation by one step: up to ~6e-4 seen at real shapes (benchmarks/results).
 FP8_TOL = 1e-4 if DEVICE == "cpu" else 1e-3
 SMALL_FP8 = ExpertConfig(16, GemmTiles(32, 128, programs_per_sm=1), GemmTiles(32, 128, split_k=2, programs_per_sm=1))
-
-
-@pytest.fixture(autouse=True)
-def _poisoned_buffers(poisoned_expert_buffers):
-    pass
 
 
 def _spec(**changes) -> MoESpec:

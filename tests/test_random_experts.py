@@ -14,8 +14,11 @@ from moe_fusion.lowering.expert_configs import ExpertConfig, GemmTiles
 from moe_fusion.spec import FP8_DTYPE, MoEWeights
 from random_specs import STATS, input_kind, random_hidden, random_layer_weights, random_m, random_spec, seeds
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-                                reason="needs TRITON_INTERPRET=1 or a CUDA device")
+pytestmark = [
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                       reason="needs TRITON_INTERPRET=1 or a CUDA device"),
+    pytest.mark.usefixtures("poisoned_expert_buffers"),
+]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EXPERT_CASES = seeds(3000, 100)
 LAYER_CASES = seeds(4000, 60)
@@ -45,11 +48,6 @@ FP8_CONFIGS = [
 ]
 TOL = {"fp16": 3e-3, "fp8": 1e-4}  # fp8: the kernels make the emulation's products and scales
 FP8_FLIP_TOL = 1e-2
-
-
-@pytest.fixture(autouse=True)
-def _poisoned_buffers(poisoned_expert_buffers):
-    pass
 
 
 def _to(w: MoEWeights, device) -> MoEWeights:
