@@ -64,22 +64,18 @@ def _check_fp16_layer(spec, M, shared_strategy, seed):
     assert _rel_err(got, _expected(spec, x, w, plan)) < 2e-3
 
 
-@pytest.mark.parametrize("shared_dtype,parts", [(None, 0), (torch.float32, 0), (torch.float16, 0), (torch.float32, 3)])
+@pytest.mark.parametrize("shared_dtype", [None, torch.float32, torch.float16])
 @pytest.mark.parametrize("M", [1, 3])
-def test_layer_output_kernel_is_the_fp32_sum_rounded_once(M, shared_dtype, parts):
+def test_layer_output_kernel_is_the_fp32_sum_rounded_once(M, shared_dtype):
     """layer_output_kernel against torch's add into the model dtype, bit for bit (fp16 on the CPU:
-    the interpreter's bf16 cast truncates; bf16 too, and the programmatic dependent launch, on a GPU);
-    parts: the shared expert as [parts, M, H] partial sums, added in order."""
+    the interpreter's bf16 cast truncates; bf16 too, and the programmatic dependent launch, on a GPU)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     H = 2 * layer_output_kernel.BLOCK + 72  # several programs, the last one partial
     routed = torch.randn(M, H, device=device) * 3
-    shared = torch.randn(*(parts,) * bool(parts), M, H, device=device).to(shared_dtype) if shared_dtype else None
+    shared = torch.randn(M, H, device=device).to(shared_dtype) if shared_dtype else None
     dtypes = (torch.float16, torch.bfloat16) if device == "cuda" else (torch.float16,)
     for dtype, pdl in [(d, p) for d in dtypes for p in ((False, True) if device == "cuda" else (False,))]:
-        want = routed.clone()
-        for part in (shared.float().unbind(0) if parts else [shared.float()] if shared is not None else []):
-            want += part
-        want = want.to(dtype)
+        want = (routed + shared.float() if shared is not None else routed).to(dtype)
         assert torch.equal(layer_output_kernel.layer_output(routed, shared, dtype, pdl), want)
 
 
@@ -133,18 +129,6 @@ def test_shared_expert_on_its_own_expert_launch(M, gate, n_shared, deterministic
     assert len(launches) == 1
 
 
-def test_one_wave_shared_expert_in_the_layer_on_interpreter(monkeypatch):
-    """The fp8 shared expert as one launch of one_wave_mlp_kernel (two on the interpreter), its partial
-    outputs added by the layer's output launch."""
-    if torch.cuda.is_available():
-        pytest.skip("the interpreter variant runs where there is no GPU")
-    _with_strategy(monkeypatch, "inline-fp8-one-wave", deterministic=False)
-    spec = dsv3_like(dtype="float16", hidden_size=256, intermediate_size=128, shared_intermediate_size=256,
-                     quant="fp8_block", num_local_experts=4)
-    assert layer.plan_layer(spec, 2, torch.device("cpu")).shared_one_wave_splits
-    _check_fp16_layer(spec, 2, "inline", seed=2)
-
-
 @pytest.mark.parametrize("shared_expert", ["inline", "fused"])
 def test_fp8_experts_from_model_dtype_weights_on_interpreter(shared_expert, monkeypatch):
     """quant fp8_block_quantize (the backend's fp8_experts): fp16 expert weights, run as fp8 blocks
@@ -189,29 +173,18 @@ GPU_SPECS = {
 }
 
 
-def _with_strategy(monkeypatch, shared_expert, deterministic):
-    """A test's strategy name: a SHARED_STRATEGIES name, "-fp8" for an fp8 shared expert, then "-one-wave"
-    for the one-wave launch up to 16 tokens (shared_expert.OneWaveSharedExpert; off without it)."""
-    one_wave = shared_expert.endswith("-one-wave")
-    strategy = shared_expert.removesuffix("-one-wave")
-    monkeypatch.setattr(layer, "ONE_WAVE_SHARED_MAX_M", 16 if one_wave else 0)
-    _with_options(monkeypatch, deterministic=deterministic, shared_expert=strategy.replace("-fp8", ""),
-                  shared_fp8=strategy.endswith("-fp8"))
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("name,shared_expert", [(n, s) for n in GPU_SPECS for s in ("stream", "inline", "fused")]
                          + [("dsv3-ep8-fp8", "stream-fp8"), ("dsv3-ep8-fp8", "stream-kernels"),
                             ("qwen2-like-gated-shared", "stream-kernels"), ("dsv3-ep8-fp8", "stream-late-fp8"),
-                            ("dsv3-ep8", "stream-late"), ("dsv3-ep8-fp8", "stream-late-fp8-one-wave"),
-                            ("dsv3-ep8-fp8", "inline-fp8-one-wave")])
+                            ("dsv3-ep8", "stream-late")])
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_layer_on_gpu(name, shared_expert, deterministic, monkeypatch):
     """"stream-fp8" / "stream-kernels": the shared expert on the side stream as its own launch of the
-    expert kernels, in fp8 / in bf16; "-late": its GEMM2 forked after the routed GEMM1; "-one-wave": the fp8
-    shared expert as one launch of one_wave_mlp_kernel up to 16 tokens (no GEMM2 apart to fork late)."""
-    fp8_shared = "-fp8" in shared_expert
-    _with_strategy(monkeypatch, shared_expert, deterministic)
+    expert kernels, in fp8 / in bf16; "-late": its GEMM2 forked after the routed GEMM1."""
+    fp8_shared = shared_expert.endswith("-fp8")
+    _with_options(monkeypatch, deterministic=deterministic, shared_expert=shared_expert.replace("-fp8", ""),
+                  shared_fp8=fp8_shared)
     spec = GPU_SPECS[name]
     w = random_weights(spec, device="cuda")
     fp8 = spec.as_run().fp8
@@ -220,8 +193,7 @@ def test_layer_on_gpu(name, shared_expert, deterministic, monkeypatch):
         x = torch.randn(M, spec.hidden_size, device="cuda", dtype=torch.bfloat16)
         plan = layer.plan_layer(spec, M, x.device)
         assert plan.shared_fp8 == (fp8_shared or fp8 and shared_expert == "fused")
-        assert bool(plan.shared_one_wave_splits) == (shared_expert.endswith("-one-wave") and M <= 16)
-        assert plan.shared_gemm2_late == ("-late" in shared_expert and not plan.shared_one_wave_splits)
+        assert plan.shared_gemm2_late == ("-late" in shared_expert)
         got = layer.moe_layer(spec, x, w, plan)
         torch.cuda.synchronize()
         assert _rel_err(got, _expected(spec, x, w, plan)) < tolerance, (M, plan)
@@ -231,13 +203,13 @@ def test_layer_on_gpu(name, shared_expert, deterministic, monkeypatch):
 @pytest.mark.parametrize("name,shared_expert", [("dsv3-ep8", "stream"), ("dsv3-ep8-fp8", "fused"),
                                                 ("dsv3-ep8-fp8", "stream-fp8"), ("dsv3-ep8-fp8", "stream-kernels"),
                                                 ("dsv3-ep8-fp8", "stream-late-fp8"),
-                                                ("dsv3-ep8-fp8", "stream-late-fp8-one-wave"),
                                                 ("dsv3-ep8-fp8-from-bf16", "stream")])
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_layer_op_under_cuda_graphs(name, shared_expert, deterministic, monkeypatch):
     """The op captured in a CUDA graph and replayed on new inputs; deterministic replays are bitwise equal.
     fp8-from-bf16: the warm-up call makes the fp8 expert copies, which the graph then reads."""
-    _with_strategy(monkeypatch, shared_expert, deterministic)
+    _with_options(monkeypatch, deterministic=deterministic, shared_expert=shared_expert.replace("-fp8", ""),
+                  shared_fp8=shared_expert.endswith("-fp8"))
     spec = GPU_SPECS[name]
     w = random_weights(spec, device="cuda")
     x = torch.randn(4, spec.hidden_size, device="cuda", dtype=torch.bfloat16)

@@ -701,15 +701,13 @@ class ExpertLaunch:
         return self.out
 
 
-# (device, stream, kind) -> int32 counters, zeroed once: GEMM1's h-quantisation tickets (every launch
-# leaves them zero), one_wave_mlp_kernel's group counters (every launch leaves them multiples of 2^16).
-_tickets: Dict[Tuple[torch.device, str, str], torch.Tensor] = {}
+# device -> zeroed int32 counters (GEMM1's h-quantisation tickets); every launch leaves them zero.
+_tickets: Dict[Tuple[torch.device, str], torch.Tensor] = {}
 _retired_tickets: list = []
 
 
-def _ticket_buffer(device: torch.device, numel: int, kind: str = "tickets") -> torch.Tensor:
-    """Zeroed counters that the kernels re-arm after use, so no launch zeroes them per call; each
-    ``kind`` of kernel gets a set of its own (a kind may re-arm them to another value than zero).
+def _ticket_buffer(device: torch.device, numel: int) -> torch.Tensor:
+    """Zeroed counters that the kernels re-arm after use, so no launch zeroes them per call.
 
     Eager launches get one set per (device, stream); CUDA graphs use one set per device, made by an
     eager call before capture (a capture that finds none, or too few, zeroes fresh ones inside
@@ -719,10 +717,10 @@ def _ticket_buffer(device: torch.device, numel: int, kind: str = "tickets") -> t
     """
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     if capturing:
-        keys = [(device, "graph", kind)]
+        keys = [(device, "graph")]
     else:
         stream = str(torch.cuda.current_stream(device).cuda_stream) if device.type == "cuda" else "cpu"
-        keys = [(device, stream, kind), (device, "graph", kind)]
+        keys = [(device, stream), (device, "graph")]
     for key in keys:
         old = _tickets.get(key)
         if old is None or old.numel() < numel:

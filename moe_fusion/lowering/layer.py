@@ -34,7 +34,7 @@ from ..spec import MoESpec, MoEWeights
 from . import experts, preamble, shared_plan, streams
 from .expert_configs import ExpertConfig
 from .layer_output_kernel import layer_output
-from .shared_expert import CublasSharedExpert, OneWaveSharedExpert, SharedExpertOnExpertKernels
+from .shared_expert import CublasSharedExpert, SharedExpertOnExpertKernels
 
 SHARED_STRATEGIES = shared_plan.STRATEGIES
 ON_KERNELS = "-kernels"  # a separate shared expert as its own launch of the expert kernels, not cuBLAS
@@ -44,9 +44,6 @@ LATE = "-late"  # "stream-late": the side stream's shared GEMM2 forks after the 
 # (benchmarks/experts_notes.md, run 5): fused was 5-31% faster at M <= 16, 5% slower at M = 64
 # (the dense tail reads the shared weights once per 16-token tile).
 FUSED_SHARED_MAX_M = 16
-# An fp8 shared expert of up to this many tokens runs as one launch of one_wave_mlp_kernel
-# (shared_expert.OneWaveSharedExpert) instead of the expert kernels' GEMM1, combine and GEMM2.
-ONE_WAVE_SHARED_MAX_M = int(os.environ.get("MOE_FUSION_ONE_WAVE_SHARED_MAX_M", "0"))
 log = logging.getLogger("moe_fusion.lowering")
 _refused_tail: set = set()
 
@@ -83,9 +80,6 @@ class LayerPlan:
     shared_on_kernels: bool = False
     # "stream" only: the side stream's shared GEMM2 waits for the routed GEMM1 ("stream-late").
     shared_gemm2_late: bool = False
-    # A separate fp8 shared expert as one launch of one_wave_mlp_kernel with this many programs per
-    # 128 columns of its h (OneWaveSharedExpert.splits); 0: the expert kernels' launches.
-    shared_one_wave_splits: int = 0
 
     def __post_init__(self):
         if self.shared_expert == "stream" and not self.shared_on_kernels:
@@ -93,9 +87,6 @@ class LayerPlan:
                              "allocate its workspace on that stream (streams.py)")
         if self.shared_gemm2_late and self.shared_expert != "stream":
             raise ValueError("only a shared expert on the side stream can start its GEMM2 late")
-        if self.shared_one_wave_splits and not (self.shared_on_kernels and self.shared_fp8
-                                                and not self.shared_gemm2_late):
-            raise ValueError("the one-wave shared expert is a separate fp8 launch of its own, with no GEMM2 apart")
 
 
 def plan_layer(spec: MoESpec, m: int, device: torch.device) -> LayerPlan:
@@ -105,9 +96,8 @@ def plan_layer(spec: MoESpec, m: int, device: torch.device) -> LayerPlan:
     separate = shared in ("stream", "inline")
     fp8 = spec.fp8 and shared == "fused" or separate and _fp8_shared_allowed(spec)
     on_kernels = separate and (fp8 or strategy.endswith(ON_KERNELS) or shared == "stream")
-    one_wave = separate and fp8 and m <= ONE_WAVE_SHARED_MAX_M and OneWaveSharedExpert.splits(spec, m, device) or 0
     return LayerPlan(experts.expert_config(spec, m, device), shared, options.deterministic, fp8, on_kernels,
-                     strategy.endswith(LATE) and not one_wave, one_wave)
+                     strategy.endswith(LATE))
 
 
 def _fp8_shared_allowed(spec: MoESpec) -> bool:
@@ -178,9 +168,7 @@ def moe_layer(spec: MoESpec, x: torch.Tensor, w: MoEWeights, plan: Optional[Laye
 
     def start_shared_expert(normed: torch.Tensor, x_fp8: torch.Tensor, x_scale: torch.Tensor) -> None:
         """Allocate (on this stream), then run on the side stream ("stream") or later ("inline")."""
-        if plan.shared_one_wave_splits and x_fp8.numel():
-            job = OneWaveSharedExpert(spec, normed, x_fp8, x_scale, w, plan.shared_one_wave_splits)
-        elif plan.shared_on_kernels:
+        if plan.shared_on_kernels:
             job = SharedExpertOnExpertKernels(spec, normed, x_fp8, x_scale, w, plan.shared_fp8, plan.deterministic)
         else:
             job = CublasSharedExpert(spec, normed, w)

@@ -1,6 +1,5 @@
 """The layer's output: the routed experts' fp32 sum [M, H], plus the output of a shared expert
-computed apart from them (fp32 or the model dtype; or fp32 partial sums [P, M, H], added in order),
-rounded once to the model dtype.
+computed apart from them (fp32 or the model dtype), rounded once to the model dtype.
 
 torch.add(routed, shared, out=<model dtype>) computes the same bits (fp32 sum, one rounding). This
 kernel exists so that the layer's last launch can be a programmatic dependent of GEMM2 (with
@@ -20,30 +19,28 @@ BLOCK = 2048  # elements per program: few programs wait beside GEMM2 (4 at dsv3 
 
 
 @triton.jit
-def layer_output_kernel(routed_ptr, shared_ptr, out_ptr, numel, SHARED_PARTS: tl.constexpr, BLOCK: tl.constexpr,
+def layer_output_kernel(routed_ptr, shared_ptr, out_ptr, numel, HAS_SHARED: tl.constexpr, BLOCK: tl.constexpr,
                         PDL: tl.constexpr):
     if PDL:
         tl.extra.cuda.gdc_wait()
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     total = tl.load(routed_ptr + offs, mask=mask)
-    for part in tl.static_range(SHARED_PARTS):
-        total += tl.load(shared_ptr + part * numel + offs, mask=mask).to(tl.float32)
+    if HAS_SHARED:
+        total += tl.load(shared_ptr + offs, mask=mask).to(tl.float32)
     tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def layer_output(routed: torch.Tensor, shared: Optional[torch.Tensor], dtype: torch.dtype, pdl: bool) -> torch.Tensor:
-    """(routed + shared) as ``dtype``; routed fp32 and shared contiguous [M, H], or [P, M, H] (the sum of
-    P parts)."""
+    """(routed + shared) as ``dtype``; routed fp32 and shared contiguous [M, H]."""
     if routed.dtype != torch.float32 or not routed.is_contiguous():
         raise ValueError("routed must be a contiguous fp32 tensor")
-    if shared is not None and (shared.shape[-2:] != routed.shape or shared.dim() > 3 or not shared.is_contiguous()):
-        raise ValueError("shared must be contiguous and shaped like routed, or [parts, *routed.shape]")
-    parts = 0 if shared is None else shared.shape[0] if shared.dim() == 3 else 1
+    if shared is not None and (shared.shape != routed.shape or not shared.is_contiguous()):
+        raise ValueError("shared must be contiguous and shaped like routed")
     out = torch.empty(routed.shape, dtype=dtype, device=routed.device)
     numel = routed.numel()
     if numel:
         layer_output_kernel[(triton.cdiv(numel, BLOCK),)](
-            routed, shared if shared is not None else routed, out, numel, SHARED_PARTS=parts,
+            routed, shared if shared is not None else routed, out, numel, HAS_SHARED=shared is not None,
             BLOCK=BLOCK, PDL=pdl, num_warps=4, **pdl_launch(pdl))
     return out

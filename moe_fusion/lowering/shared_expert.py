@@ -15,7 +15,6 @@ import torch
 
 from ..spec import MoESpec, MoEWeights
 from . import experts
-from .one_wave_mlp_kernel import BOTH_PHASES, GEMM1_PHASE, REST_PHASE, one_wave_mlp_kernel
 
 
 @dataclass
@@ -117,59 +116,3 @@ class SharedExpertOnExpertKernels:
     def run_gemm2(self) -> None:
         self.launch.gemm2(self.config)
         self.out = self.launch.finalize()
-
-
-class OneWaveSharedExpert:
-    """The fp8 shared expert of a few tokens as one launch of one_wave_mlp_kernel: W_down streams
-    beside W_gate / W_up, and no launch waits between the GEMMs. Same numerics as
-    SharedExpertOnExpertKernels in fp8 (reference.shared_experts_fp8). ``out`` is its output as
-    Is/128 fp32 partial sums [groups, M, H], which layer_output adds. Buffers are allocated by the
-    constructor, so that run() may go to the side stream."""
-
-    BLOCK_M = 16  # tokens per launch at most (the MMA's narrow side)
-    BLOCK_K = 64
-    MAX_K_RANGE = 1024  # W_down rows a program holds in shared memory: 128 KB of fp8
-    LAUNCH = dict(num_warps=8, num_stages=4)
-
-    @staticmethod
-    def splits(spec: MoESpec, m: int, device: torch.device) -> Optional[int]:
-        """Programs per 128-column group of h (each takes H / splits rows of W_down), or None where
-        the kernel cannot take the layer: the most that keep one program per SM."""
-        H, I = spec.hidden_size, spec.intermediate_size
-        if not (spec.fp8 and spec.has_shared_experts and experts.shared_tail_problem(spec) is None
-                and not spec.shared_gate and 1 <= m <= OneWaveSharedExpert.BLOCK_M and I % 128 == 0):
-            return None
-        groups = spec.shared_intermediate_size // 128
-        most = experts.device_facts(device)[1] // groups if device.type == "cuda" else H // 128
-        fits = [s for s in range(1, most + 1) if H % s == 0 and _power_of_two(H // s)
-                and 128 <= H // s <= OneWaveSharedExpert.MAX_K_RANGE]
-        return max(fits, default=None)
-
-    def __init__(self, spec: MoESpec, normed: torch.Tensor, x_fp8: torch.Tensor, x_scale: torch.Tensor,
-                 w: MoEWeights, splits: int):
-        self.chunks = experts.shared_tail(spec, w).experts
-        self.normed, self.x_fp8, self.x_scale, self.split_count = normed, x_fp8, x_scale, splits
-        M, H = normed.shape
-        self.groups = spec.shared_intermediate_size // 128
-        self.sums = experts._buffer((self.groups, splits, M, 256), torch.float32, normed.device)
-        self.out = experts._buffer((self.groups, M, H), torch.float32, normed.device)
-        self.counters = experts._ticket_buffer(normed.device, self.groups, kind="one_wave_mlp")
-
-    def run(self) -> None:
-        c = self.chunks
-        n, I, H = c.w_gate.shape
-        phases = (BOTH_PHASES,) if self.normed.is_cuda else (GEMM1_PHASE, REST_PHASE)
-        for phase in phases:  # the interpreter runs programs in order: no program may wait for a later one
-            one_wave_mlp_kernel[(self.groups * self.split_count,)](
-                self.x_fp8, self.x_scale, c.w_gate.view(n * I, H), c.w_up.view(n * I, H),
-                c.w_gate_scale.flatten(0, 1), c.w_up_scale.flatten(0, 1), c.w_down, c.w_down_scale,
-                self.sums, self.counters, self.out, self.normed, self.normed.shape[0], H, I // 128,
-                self.x_fp8.stride(0), self.x_scale.stride(0), c.w_gate.stride(1), c.w_gate_scale.stride(1), *c.w_down.stride()[:2],
-                *c.w_down_scale.stride()[:2], self.out.stride(0), self.out.stride(1),
-                SPLITS=self.split_count, K_RANGE=H // self.split_count, BLOCK_M=self.BLOCK_M, BLOCK_K=self.BLOCK_K,
-                PHASE=phase, **self.LAUNCH,
-            )
-
-
-def _power_of_two(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
