@@ -458,7 +458,7 @@ def test_fp8_shared_expert_with_h_in_model_dtype(gemm1_split, deterministic, mon
     job.run()
     expected = reference.shared_experts_fp8(spec, x, w, h_in_model_dtype=True)
     assert _rel_err(job.out, expected) < FP8_TOL
-    assert _rel_err(reference.shared_experts_fp8(spec, x, w), expected) > 100 * FP8_TOL
+    assert _rel_err(reference.shared_experts_fp8(spec, x, w), expected) > 10 * FP8_TOL
 
 
 def test_fp8_shared_copies_are_cached_per_weights_and_version():

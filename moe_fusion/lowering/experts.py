@@ -84,6 +84,10 @@ EXPERT_PDL = os.environ.get("MOE_FUSION_EXPERT_PDL", "auto")
 # default: on the H100 (run 5) it was 6-7 us slower at dsv3-ep8 M = 1-2 and 1 us faster at M = 4
 # (the ticket's barrier and acq_rel atomic after every GEMM1 item cost more than the launch saved).
 FUSED_H_QUANT = os.environ.get("MOE_FUSION_FP8_H_QUANT", "kernel") == "gemm1"
+# A GEMM2 that makes h from a split GEMM1's sums holds every split's gate and up tiles in each pipeline
+# stage (at 4 splits 64 KB of the 72 KB a stage of dsv3's shared expert takes): this many stages at most,
+# so that two programs still fit on an SM.
+SUMS_GEMM2_MAX_STAGES = 2
 
 log = logging.getLogger("moe_fusion.lowering")
 
@@ -630,6 +634,7 @@ class ExpertLaunch:
             else:
                 a = self.h
                 a_strides = (*a.stride(), 0, 0)
+        stages = min(g.num_stages, SUMS_GEMM2_MAX_STAGES) if stride_a_split else g.num_stages
         pdl = self.pdl == "h+gemm2" and self.h_prepared_by_launch
         expert_gemm2_kernel[(grid,)](
             a, a_scale, self.pair_weights, self.gate_partial, *a_strides, stride_a_split,
@@ -637,7 +642,7 @@ class ExpertLaunch:
             **constants, A_SPLITS=self.gemm1_splits, BLOCK_N=g.block_n, BLOCK_K=g.block_k, SUB_K=self._sub_k(g), SWAP_AB=g.swap_ab,
             EVEN_N=H % g.block_n == 0, EVEN_K=I % g.block_k == 0,
             USE_PDL=pdl, LAUNCH_DEPENDENTS=self.small_launches_dependent,
-            num_warps=g.num_warps, num_stages=g.num_stages, **pdl_launch(pdl),
+            num_warps=g.num_warps, num_stages=stages, **pdl_launch(pdl),
         )
 
     def _gemm1_operands(self, config: ExpertConfig):
