@@ -11,7 +11,6 @@ import torch  # noqa: E402
 
 from moe_fusion.lowering import expert_configs, experts, reference  # noqa: E402
 from moe_fusion.lowering.expert_configs import ExpertConfig, GemmTiles, ProblemKey  # noqa: E402
-from moe_fusion.lowering.shared_expert import SharedExpertOnExpertKernels  # noqa: E402
 from moe_fusion.spec import FP8_DTYPE, MoESpec, MoEWeights  # noqa: E402
 
 from moe_cases import random_weights  # noqa: E402
@@ -434,31 +433,6 @@ def test_fp8_shared_experts_as_dense_tail(shared_gate, deterministic):
                                 shared=tail, x_fp8=x_fp8, x_scale=x_scale)
     # The gate logit is a model-dtype dot in both; only summation orders differ.
     assert _rel_err(out, _shared_reference(spec, x, ids, weights, w)) < FP8_TOL * 5
-
-
-@pytest.mark.parametrize("deterministic", [False, True])
-@pytest.mark.parametrize("gemm1_split", [1, 3])
-def test_fp8_shared_expert_with_h_in_model_dtype(gemm1_split, deterministic, monkeypatch):
-    """h_in_model_dtype: GEMM2 takes h as GEMM1 wrote it or, after a split GEMM1 (here with an empty
-    third split), makes it from the split sums itself, and widens its fp8 weight tiles; no launch runs
-    between the GEMMs. Against the reference with h unquantised, which the quantised one is far from."""
-    spec, w, x = _fp8_case(seed=15, M=3, shared_intermediate_size=272)  # 2 chunks of 136
-    x_fp8, x_scale = reference.quantize_fp8_groups(x)
-    config = ExpertConfig(16, GemmTiles(32, 128, programs_per_sm=1, split_k=gemm1_split),
-                          GemmTiles(32, 128, split_k=2, programs_per_sm=1))
-    monkeypatch.setattr(experts, "shared_expert_config", lambda *args: config)
-    job = SharedExpertOnExpertKernels(spec, x, x_fp8, x_scale, w, in_fp8=True, deterministic=deterministic,
-                                      h_in_model_dtype=True)
-
-    def no_launch(*args, **kwargs):
-        raise AssertionError("a launch between the GEMMs")
-
-    monkeypatch.setattr(job.launch, "_combine_gemm1_splits", no_launch)
-    monkeypatch.setattr(job.launch, "_quantize_rows", no_launch)
-    job.run()
-    expected = reference.shared_experts_fp8(spec, x, w, h_in_model_dtype=True)
-    assert _rel_err(job.out, expected) < FP8_TOL
-    assert _rel_err(reference.shared_experts_fp8(spec, x, w), expected) > 10 * FP8_TOL
 
 
 def test_fp8_shared_copies_are_cached_per_weights_and_version():

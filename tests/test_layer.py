@@ -29,10 +29,7 @@ def _expected(spec, x, w, plan):
     out = reference.routed_experts(spec.replace(dtype="float32"), normed, pre.topk_ids, pre.topk_weights.double(), w64)
     if spec.has_shared_experts:
         # "fused" with fp8 experts, and MOE_FUSION_SHARED_FP8, compute the shared expert in fp8 (README).
-        if plan.shared_fp8:
-            out = out + reference.shared_experts_fp8(spec, normed, w64, plan.shared_h_in_model_dtype)
-        else:
-            out = out + reference.shared_experts(spec, normed, w64)
+        out = out + (reference.shared_experts_fp8 if plan.shared_fp8 else reference.shared_experts)(spec, normed, w64)
     return out
 
 
@@ -103,36 +100,28 @@ def test_fused_shared_experts_on_interpreter(M, gate, n_shared, deterministic, f
     _check_fp16_layer(spec, M, "fused", seed=M)
 
 
-# (M, shared gate, shared experts, deterministic, expert parallel, fp8 routed experts, fp8 shared expert,
-#  its h in the model dtype)
+# (M, shared gate, shared experts, deterministic, expert parallel, fp8 routed experts, fp8 shared expert)
 SHARED_ON_ITS_OWN_LAUNCH_CASES = [
-    (1, False, 1, False, True, True, True, False),
-    (5, True, 2, True, False, True, True, False),
-    (1, False, 1, False, True, True, True, True),
-    (5, True, 2, True, False, True, True, True),
-    (1, False, 1, False, True, True, False, False),
-    (5, True, 2, True, False, False, False, False),
+    (1, False, 1, False, True, True, True),
+    (5, True, 2, True, False, True, True),
+    (1, False, 1, False, True, True, False),
+    (5, True, 2, True, False, False, False),
 ]
 
 
-@pytest.mark.parametrize("M,gate,n_shared,deterministic,ep,fp8,shared_fp8,h_in_model_dtype",
-                         SHARED_ON_ITS_OWN_LAUNCH_CASES)
-def test_shared_expert_on_its_own_expert_launch(M, gate, n_shared, deterministic, ep, fp8, shared_fp8,
-                                                h_in_model_dtype, monkeypatch):
+@pytest.mark.parametrize("M,gate,n_shared,deterministic,ep,fp8,shared_fp8", SHARED_ON_ITS_OWN_LAUNCH_CASES)
+def test_shared_expert_on_its_own_expert_launch(M, gate, n_shared, deterministic, ep, fp8, shared_fp8, monkeypatch):
     """A separate shared expert as a launch of the expert kernels of its own (on the side stream on
-    CUDA; in order on the interpreter): in fp8 with MOE_FUSION_SHARED_FP8, its h quantised or, up to
-    layer.SHARED_FP8_H_IN_MODEL_DTYPE_MAX_M tokens, not; else in the model dtype ("inline-kernels"),
-    whatever the routed experts' dtype."""
+    CUDA; in order on the interpreter): in fp8 with MOE_FUSION_SHARED_FP8, else in the model dtype
+    ("inline-kernels"), whatever the routed experts' dtype."""
     if torch.cuda.is_available():
         pytest.skip("the interpreter variant runs where there is no GPU")
     _with_options(monkeypatch, deterministic=deterministic, shared_fp8=shared_fp8,
                   shared_expert="inline" if shared_fp8 else "inline-kernels")
-    monkeypatch.setattr(layer, "SHARED_FP8_H_IN_MODEL_DTYPE_MAX_M", M if h_in_model_dtype else M - 1)
     spec = dsv3_like(dtype="float16", hidden_size=48, intermediate_size=24, shared_intermediate_size=24 * n_shared,
                      shared_gate=gate, quant="fp8_block" if fp8 else "none", **(dict(num_local_experts=4) if ep else {}))
     plan = layer.plan_layer(spec, M, torch.device("cpu"))
-    assert (plan.shared_on_kernels, plan.shared_fp8, plan.shared_h_in_model_dtype) == (True, shared_fp8,
-                                                                                        h_in_model_dtype)
+    assert (plan.shared_on_kernels, plan.shared_fp8) == (True, shared_fp8)
     launches = []
     real = layer.SharedExpertOnExpertKernels
     monkeypatch.setattr(layer, "SharedExpertOnExpertKernels", lambda *a: launches.append(a) or real(*a))

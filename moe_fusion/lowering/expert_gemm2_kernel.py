@@ -19,8 +19,7 @@ summed over the top-k as in reference.routed_experts (shared experts: reference.
 import triton
 import triton.language as tl
 
-from .expert_tiles import (A_MODEL_DTYPE, A_WIDENED_FP8, FP8_GROUP, h_from_split_sums, load_tile, outer, split_item,
-                           tile_dot, work_tile)
+from .expert_tiles import A_MODEL_DTYPE, FP8_GROUP, load_tile, outer, split_item, tile_dot, work_tile
 
 
 @triton.jit
@@ -42,14 +41,14 @@ def gemm2_item(
     out_ptr,
     sorted_pair_ids_ptr, tile_expert_ptr,
     num_pairs, top_k, M, N, K, k_per_split, gate_parts,
-    stride_hm, stride_hk, stride_hsm, stride_hsk, stride_a_split,
+    stride_hm, stride_hk, stride_hsm, stride_hsk,
     stride_we, stride_wn, stride_wk,
     stride_se, stride_sn, stride_sk,
     stride_swe, stride_swn, stride_swk,
     stride_sse, stride_ssn, stride_ssk,
     stride_out_split, stride_out_row,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr, SWAP_AB: tl.constexpr,
-    A_MODE: tl.constexpr, A_SPLITS: tl.constexpr,
+    A_MODE: tl.constexpr,
     APPLY_WEIGHT: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
     N_SHARED: tl.constexpr, SHARED_GATE: tl.constexpr, GATE_PARTS: tl.constexpr, MODEL_DTYPE: tl.constexpr,
@@ -79,18 +78,10 @@ def gemm2_item(
         for sub in tl.static_range(BLOCK_K // SUB_K):  # fp8: one dot per 128-wide scale group
             k_sub = k0 + sub * SUB_K
             k_ok = offs_k < k_end - k_sub
+            a = load_tile(h_ptrs + k_sub * stride_hk, row_ok, k_ok, False, EVEN_K)
             w = load_tile(w_ptrs + k_sub * kstride_w, n_ok, k_ok, EVEN_N, EVEN_K)
-            if A_MODE == A_WIDENED_FP8 and A_SPLITS > 1:
-                a = h_from_split_sums(h_ptrs + k_sub * stride_hk, K * stride_hk, stride_a_split, row_ok, k_ok, A_SPLITS,
-                                      MODEL_DTYPE, EVEN_K)
-            else:
-                a = load_tile(h_ptrs + k_sub * stride_hk, row_ok, k_ok, False, EVEN_K)
             if A_MODE == A_MODEL_DTYPE:
                 acc += tile_dot(a, w, SWAP_AB)
-            elif A_MODE == A_WIDENED_FP8:
-                in_k = k_sub < k_end
-                s = tl.load(s_ptrs + (k_sub // FP8_GROUP) * stride_s_k, mask=n_ok & in_k, other=0.0)
-                acc += tile_dot(a, w.to(MODEL_DTYPE), SWAP_AB) * outer(tl.full((BLOCK_M,), 1.0, tl.float32), s, SWAP_AB)
             else:
                 k_group = k_sub // FP8_GROUP
                 in_k = k_sub < k_end
@@ -116,7 +107,7 @@ def gemm2_item(
 @triton.jit
 def expert_gemm2_kernel(
     h_ptr, h_scale_ptr, pair_weight_ptr, gate_partial_ptr,
-    stride_hm, stride_hk, stride_hsm, stride_hsk, stride_a_split,
+    stride_hm, stride_hk, stride_hsm, stride_hsk,
     wd_ptr, wd_scale_ptr, swd_ptr, swd_scale_ptr, out_ptr,
     split_k, k_per_split, gate_parts,
     stride_we, stride_wn, stride_wk,
@@ -127,7 +118,7 @@ def expert_gemm2_kernel(
     sorted_pair_ids_ptr, tile_expert_ptr, num_tiles_ptr,
     num_pairs, top_k, M, N, K,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr, SWAP_AB: tl.constexpr,
-    A_MODE: tl.constexpr, A_SPLITS: tl.constexpr,
+    A_MODE: tl.constexpr,
     APPLY_WEIGHT: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
     N_SHARED: tl.constexpr, SHARED_GATE: tl.constexpr, GATE_PARTS: tl.constexpr, MODEL_DTYPE: tl.constexpr,
@@ -155,10 +146,10 @@ def expert_gemm2_kernel(
             h_ptr, h_scale_ptr, pair_weight_ptr, wd_ptr, wd_scale_ptr, swd_ptr, swd_scale_ptr, gate_partial_ptr,
             out_ptr, sorted_pair_ids_ptr, tile_expert_ptr,
             num_pairs, top_k, M, N, K, k_per_split, gate_parts,
-            stride_hm, stride_hk, stride_hsm, stride_hsk, stride_a_split,
+            stride_hm, stride_hk, stride_hsm, stride_hsk,
             stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk,
             stride_swe, stride_swn, stride_swk, stride_sse, stride_ssn, stride_ssk,
             stride_out_split, stride_out_row,
-            BLOCK_M, BLOCK_N, BLOCK_K, SUB_K, SWAP_AB, A_MODE, A_SPLITS, APPLY_WEIGHT, DETERMINISTIC,
+            BLOCK_M, BLOCK_N, BLOCK_K, SUB_K, SWAP_AB, A_MODE, APPLY_WEIGHT, DETERMINISTIC,
             N_SHARED, SHARED_GATE, GATE_PARTS, MODEL_DTYPE, EVEN_N, EVEN_K,
         )

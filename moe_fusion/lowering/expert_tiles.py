@@ -29,9 +29,6 @@ ROUND_BEFORE_FP8_CAST = tl.constexpr(_INTERPRETED)
 # What the A operand of a GEMM is (a constexpr of both kernels).
 A_MODEL_DTYPE = tl.constexpr(0)  # bf16/fp16 activations, bf16/fp16 weights
 A_FP8 = tl.constexpr(1)  # fp8 weights, e4m3 A with its 1x128 group scales
-# GEMM2 only: fp8 weights widened to the model dtype for each dot, A = h in the model dtype (not quantised):
-# as GEMM1 wrote it, or after a split GEMM1 made in the K loop from its fp32 sums (no launch between the GEMMs)
-A_WIDENED_FP8 = tl.constexpr(2)
 
 
 @triton.jit
@@ -181,26 +178,8 @@ def row_groups(row, K, ids_ptr, map_ptr, routed_rows, GROUPS: tl.constexpr, GROU
 @triton.jit
 def silu_mul(gate, up, h_ptr):
     """h = SiLU(gate) * up from fp32 gate and up, rounded once to h_ptr's (the model's) dtype: the one
-    arithmetic of every path that makes h (GEMM1's epilogue, gemm1_combine_kernel, GEMM2's A from sums)."""
-    return silu_mul_to(gate, up, h_ptr.dtype.element_ty)
-
-
-@triton.jit
-def silu_mul_to(gate, up, DTYPE: tl.constexpr):
-    return (gate * tl.sigmoid(gate) * up).to(DTYPE)
-
-
-@triton.jit
-def h_from_split_sums(gate_ptrs, up_offset, stride_split, row_ok, k_ok, SPLITS: tl.constexpr,
-                      DTYPE: tl.constexpr, EVEN_K: tl.constexpr):
-    """A tile of h from a split GEMM1's fp32 sums ([splits, rows, gate columns then up columns]),
-    the splits summed in gemm1_combine_kernel's order, so h has its bits."""
-    gate = load_tile(gate_ptrs, row_ok, k_ok, False, EVEN_K)
-    up = load_tile(gate_ptrs + up_offset, row_ok, k_ok, False, EVEN_K)
-    for split in tl.static_range(1, SPLITS):
-        gate += load_tile(gate_ptrs + split * stride_split, row_ok, k_ok, False, EVEN_K)
-        up += load_tile(gate_ptrs + split * stride_split + up_offset, row_ok, k_ok, False, EVEN_K)
-    return silu_mul_to(gate, up, DTYPE)
+    arithmetic of every path that makes h (GEMM1's epilogue, its last programs, gemm1_combine_kernel)."""
+    return (gate * tl.sigmoid(gate) * up).to(h_ptr.dtype.element_ty)
 
 
 @triton.jit

@@ -46,7 +46,6 @@ from .moe_finalize_kernel import moe_finalize_kernel
 INT32_MAX = 2**31 - 1
 A_MODEL_DTYPE = expert_tiles.A_MODEL_DTYPE.value
 A_FP8 = expert_tiles.A_FP8.value
-A_WIDENED_FP8 = expert_tiles.A_WIDENED_FP8.value
 MODEL_DTYPES = (torch.bfloat16, torch.float16)
 ZERO_BLOCK = 1024
 FINALIZE_BLOCK_N = 1024
@@ -84,10 +83,6 @@ EXPERT_PDL = os.environ.get("MOE_FUSION_EXPERT_PDL", "auto")
 # default: on the H100 (run 5) it was 6-7 us slower at dsv3-ep8 M = 1-2 and 1 us faster at M = 4
 # (the ticket's barrier and acq_rel atomic after every GEMM1 item cost more than the launch saved).
 FUSED_H_QUANT = os.environ.get("MOE_FUSION_FP8_H_QUANT", "kernel") == "gemm1"
-# A GEMM2 that makes h from a split GEMM1's sums holds every split's gate and up tiles in each pipeline
-# stage (at 4 splits 64 KB of the 72 KB a stage of dsv3's shared expert takes): this many stages at most,
-# so that two programs still fit on an SM.
-SUMS_GEMM2_MAX_STAGES = 2
 
 log = logging.getLogger("moe_fusion.lowering")
 
@@ -477,13 +472,6 @@ class ExpertLaunch:
     # May run beside another launch (on the side stream): then GEMM1 does not quantise h in its
     # epilogue, whose tickets are one set per device under CUDA graphs.
     on_side_stream: bool = False
-    # fp8: h stays in the model dtype and GEMM2 widens its fp8 weight tiles to it; after a split GEMM1
-    # GEMM2 makes h from the split sums itself. No launch between the GEMMs.
-    h_in_model_dtype: bool = False
-
-    @property
-    def widened_gemm2(self) -> bool:
-        return self.h_in_model_dtype and self.experts.fp8
 
     @property
     def small_launches_dependent(self) -> bool:
@@ -545,9 +533,7 @@ class ExpertLaunch:
 
     def prepare_h(self) -> None:
         """GEMM2's A operand: h from a split GEMM1's sums, and for fp8 experts its quantisation
-        (h_fp8, h_scale), unless GEMM1 already did it or GEMM2 makes it."""
-        if self.widened_gemm2:
-            return
+        (h_fp8, h_scale), unless GEMM1 already did it."""
         if self.gemm1_sums is not None:
             self._combine_gemm1_splits()
         elif self.experts.fp8 and not self.h_quantized:
@@ -625,24 +611,14 @@ class ExpertLaunch:
         grid = max(1, min(items, self.num_sms * g.programs_per_sm))
         a, a_scale = (self.h_fp8, self.h_scale) if self.experts.fp8 else (self.h, self.scales[2][0])
         operands, constants = self._gemm2_operands(config)
-        a_strides, stride_a_split = (*a.stride(), *a_scale.stride()), 0
-        if self.widened_gemm2:
-            constants["A_MODE"] = A_WIDENED_FP8
-            if self.gemm1_sums is not None:
-                a = self.gemm1_sums
-                a_strides, stride_a_split = (a.stride(1), a.stride(2), 0, 0), a.stride(0)
-            else:
-                a = self.h
-                a_strides = (*a.stride(), 0, 0)
-        stages = min(g.num_stages, SUMS_GEMM2_MAX_STAGES) if stride_a_split else g.num_stages
         pdl = self.pdl == "h+gemm2" and self.h_prepared_by_launch
         expert_gemm2_kernel[(grid,)](
-            a, a_scale, self.pair_weights, self.gate_partial, *a_strides, stride_a_split,
+            a, a_scale, self.pair_weights, self.gate_partial, *a.stride(), *a_scale.stride(),
             *operands, *self.alignment, self.topk_ids.numel(), self.topk_ids.shape[1], M, H, I,
-            **constants, A_SPLITS=self.gemm1_splits, BLOCK_N=g.block_n, BLOCK_K=g.block_k, SUB_K=self._sub_k(g), SWAP_AB=g.swap_ab,
+            **constants, BLOCK_N=g.block_n, BLOCK_K=g.block_k, SUB_K=self._sub_k(g), SWAP_AB=g.swap_ab,
             EVEN_N=H % g.block_n == 0, EVEN_K=I % g.block_k == 0,
             USE_PDL=pdl, LAUNCH_DEPENDENTS=self.small_launches_dependent,
-            num_warps=g.num_warps, num_stages=stages, **pdl_launch(pdl),
+            num_warps=g.num_warps, num_stages=g.num_stages, **pdl_launch(pdl),
         )
 
     def _gemm1_operands(self, config: ExpertConfig):

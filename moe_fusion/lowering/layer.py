@@ -44,10 +44,6 @@ LATE = "-late"  # "stream-late": the side stream's shared GEMM2 forks after the 
 # (benchmarks/experts_notes.md, run 5): fused was 5-31% faster at M <= 16, 5% slower at M = 64
 # (the dense tail reads the shared weights once per 16-token tile).
 FUSED_SHARED_MAX_M = 16
-# An fp8 shared expert on its own launch, up to this many tokens: h stays in the model dtype and GEMM2
-# widens its fp8 weights to it (reference.shared_experts_fp8's h_in_model_dtype), so no launch makes h
-# between the GEMMs (experts.ExpertLaunch.h_in_model_dtype).
-SHARED_FP8_H_IN_MODEL_DTYPE_MAX_M = 0
 log = logging.getLogger("moe_fusion.lowering")
 _refused_tail: set = set()
 
@@ -84,9 +80,6 @@ class LayerPlan:
     shared_on_kernels: bool = False
     # "stream" only: the side stream's shared GEMM2 waits for the routed GEMM1 ("stream-late").
     shared_gemm2_late: bool = False
-    # An fp8 shared expert on its own launch whose down projection takes h unquantised
-    # (SHARED_FP8_H_IN_MODEL_DTYPE_MAX_M).
-    shared_h_in_model_dtype: bool = False
 
     def __post_init__(self):
         if self.shared_expert == "stream" and not self.shared_on_kernels:
@@ -94,8 +87,6 @@ class LayerPlan:
                              "allocate its workspace on that stream (streams.py)")
         if self.shared_gemm2_late and self.shared_expert != "stream":
             raise ValueError("only a shared expert on the side stream can start its GEMM2 late")
-        if self.shared_h_in_model_dtype and not (self.shared_fp8 and self.shared_on_kernels):
-            raise ValueError("only an fp8 shared expert on a launch of its own keeps h in the model dtype")
 
 
 def plan_layer(spec: MoESpec, m: int, device: torch.device) -> LayerPlan:
@@ -106,7 +97,7 @@ def plan_layer(spec: MoESpec, m: int, device: torch.device) -> LayerPlan:
     fp8 = spec.fp8 and shared == "fused" or separate and _fp8_shared_allowed(spec)
     on_kernels = separate and (fp8 or strategy.endswith(ON_KERNELS) or shared == "stream")
     return LayerPlan(experts.expert_config(spec, m, device), shared, options.deterministic, fp8, on_kernels,
-                     strategy.endswith(LATE), separate and fp8 and m <= SHARED_FP8_H_IN_MODEL_DTYPE_MAX_M)
+                     strategy.endswith(LATE))
 
 
 def _fp8_shared_allowed(spec: MoESpec) -> bool:
@@ -178,8 +169,7 @@ def moe_layer(spec: MoESpec, x: torch.Tensor, w: MoEWeights, plan: Optional[Laye
     def start_shared_expert(normed: torch.Tensor, x_fp8: torch.Tensor, x_scale: torch.Tensor) -> None:
         """Allocate (on this stream), then run on the side stream ("stream") or later ("inline")."""
         if plan.shared_on_kernels:
-            job = SharedExpertOnExpertKernels(spec, normed, x_fp8, x_scale, w, plan.shared_fp8, plan.deterministic,
-                                              plan.shared_h_in_model_dtype)
+            job = SharedExpertOnExpertKernels(spec, normed, x_fp8, x_scale, w, plan.shared_fp8, plan.deterministic)
         else:
             job = CublasSharedExpert(spec, normed, w)
         separate_shared.append(job)

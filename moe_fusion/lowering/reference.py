@@ -141,14 +141,12 @@ def _expert_weights(spec: MoESpec, w: MoEWeights, e: int, dtype: torch.dtype):
     return w.w_gate[e].to(dtype), w.w_up[e].to(dtype), w.w_down[e].to(dtype)
 
 
-def _fp8_gated_mlp(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor,
-                   quantize_h: bool = True) -> torch.Tensor:
+def _fp8_gated_mlp(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor) -> torch.Tensor:
     """The fp8 expert: fp8 activations x fp8 weights with fp32 accumulation; the SiLU*up
-    product is rounded to the model dtype before it is quantised again (as the kernels do).
-    quantize_h=False: h stays in the model dtype for the down projection (model dtype x fp8 weights)."""
+    product is rounded to the model dtype before it is quantised again (as the kernels do)."""
     xq = fp8_round_trip(x).to(wg.dtype)  # dequantised weights may be float64 (a float64 reference)
     h = (F.silu(xq @ wg.T) * (xq @ wu.T)).to(x.dtype)
-    return (fp8_round_trip(h) if quantize_h else h).to(wd.dtype) @ wd.T
+    return fp8_round_trip(h).to(wd.dtype) @ wd.T
 
 
 def local_expert_ids(spec: MoESpec, topk_ids: torch.Tensor, expert_map: Optional[torch.Tensor]) -> torch.Tensor:
@@ -213,18 +211,17 @@ def shared_experts(spec: MoESpec, x: torch.Tensor, w: MoEWeights) -> torch.Tenso
     return y
 
 
-def shared_experts_fp8(spec: MoESpec, x: torch.Tensor, w: MoEWeights, h_in_model_dtype: bool = False) -> torch.Tensor:
+def shared_experts_fp8(spec: MoESpec, x: torch.Tensor, w: MoEWeights) -> torch.Tensor:
     """The shared experts as the layer's "fused" strategy computes them next to fp8 routed experts:
     the shared MLP (width n*I) as n experts of width I, each block-quantised like a routed expert
-    and run as one (_fp8_gated_mlp), summed, then gated as in shared_experts. fp32 (float64 in).
-    h_in_model_dtype: the down projection takes h unquantised (LayerPlan.shared_h_in_model_dtype)."""
+    and run as one (_fp8_gated_mlp), summed, then gated as in shared_experts. fp32 (float64 in)."""
     I = spec.intermediate_size
     y = 0
     for s in range(spec.shared_intermediate_size // I):
         rows = slice(s * I, (s + 1) * I)
         wg, wu, wd = (dequantize_fp8_blocks(*quantize_fp8_blocks(t))
                       for t in (w.shared_gate[rows], w.shared_up[rows], w.shared_down[:, rows]))
-        y = y + _fp8_gated_mlp(x, wg, wu, wd, quantize_h=not h_in_model_dtype)
+        y = y + _fp8_gated_mlp(x, wg, wu, wd)
     if spec.shared_gate:
         y = torch.sigmoid(F.linear(x, w.shared_expert_gate.to(x.dtype))).to(y.dtype) * y
     return y

@@ -74,15 +74,13 @@ class SharedExpertOnExpertKernels:
     """The shared experts as a launch of their own on the routed-expert kernels: the n chunks of
     experts.shared_tail as n experts that every token selects with weight 1 or its sigmoid gate.
     In the model dtype, or with ``in_fp8`` (fp8 experts) in fp8 (reference.shared_experts_fp8) from
-    the pre-quantised x the norm made, with ``h_in_model_dtype`` keeping h unquantised for the down
-    projection (experts.ExpertLaunch.h_in_model_dtype). Its tiles are those tuned for this dense problem
+    the pre-quantised x the norm made. Its tiles are those tuned for this dense problem
     (experts.shared_expert_config), not the routed experts'. Buffers are allocated, and the sigmoid
     gate computed, by the constructor on the current stream, so that run() may go to the side stream,
     where it launches the expert kernels only; ``out`` is fp32 [M, H]."""
 
     def __init__(self, spec: MoESpec, normed: torch.Tensor, x_fp8: Optional[torch.Tensor],
-                 x_scale: Optional[torch.Tensor], w: MoEWeights, in_fp8: bool, deterministic: bool,
-                 h_in_model_dtype: bool = False):
+                 x_scale: Optional[torch.Tensor], w: MoEWeights, in_fp8: bool, deterministic: bool):
         launch_spec = spec if in_fp8 else spec.replace(quant="none")
         tail = experts.shared_tail(launch_spec, w)
         M, n = normed.shape[0], tail.count
@@ -101,7 +99,6 @@ class SharedExpertOnExpertKernels:
             x=normed, pair_weights=self.weights.view(-1), topk_ids=ids, experts=tail.experts, alignment=alignment,
             weight_on_input=False, num_sms=experts.device_facts(normed.device)[1],
             pdl=experts.pdl_mode(normed.device, M, "shared"), on_side_stream=True,
-            h_in_model_dtype=in_fp8 and h_in_model_dtype,
         )
         self.launch.allocate(config, deterministic, torch.float32)
         given = in_fp8 and x_fp8 is not None and x_fp8.numel() > 0
