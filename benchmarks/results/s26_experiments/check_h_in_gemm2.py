@@ -1,6 +1,8 @@
 """Session 26: the fp8 shared expert with GEMM2 making h from the split GEMM1's sums (W8A16 down projection)
 against its reference on the GPU, dsv3 shapes, bf16, M = 1 / 4 / 33, atomic and deterministic, h buffers
-poisoned with NaN; and how far it is from the W8A8 expert (h quantised per 1x128 group)."""
+poisoned with NaN; and how far it is from the W8A8 expert (h quantised per 1x128 group). Needs
+h_in_model_dtype_gemm2.patch applied (the code was reverted); call 2 ran it before the stages were capped, and its
+M = 33 launch then asked for more shared memory than an SM has."""
 import sys
 
 import torch
