@@ -1,10 +1,18 @@
-"""Random MoE layers for tests: a spec plus fresh random weights (never zeros) in canonical form."""
+"""Random MoE layers for tests: a spec plus fresh random weights (never zeros) in canonical form; and the
+marker of tests that launch the Triton kernels."""
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 
 from moe_fusion.lowering import reference
 from moe_fusion.spec import MoESpec, MoEWeights
+
+# The kernels run compiled on a CUDA device or, on the CPU, under the Triton interpreter.
+needs_kernels = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                                   reason="needs TRITON_INTERPRET=1 or a CUDA device")
 
 
 def dsv3_like(**changes) -> MoESpec:

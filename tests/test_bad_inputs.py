@@ -1,7 +1,6 @@
 """Bad inputs, each with a defined behaviour (README.md, "## Bad input"): the same result as the
 reference, a clean fallback to the reference with the reason in dispatch.fallback_reasons, or a
 clear error before any kernel launch. Kernels run under TRITON_INTERPRET=1 on the CPU."""
-import os
 
 import torch
 
@@ -10,11 +9,10 @@ import pytest
 from moe_fusion.lowering import dispatch, experts, layer, preamble, reference, topk_kernel
 from moe_fusion.ops import call_moe_layer, call_moe_preamble
 from moe_fusion.spec import MoESpec, MoEWeights
-from moe_cases import dsv3_like, random_weights
+from moe_cases import dsv3_like, needs_kernels, random_weights
 from random_specs import check_routing, gemm_error_bound
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-                                reason="needs TRITON_INTERPRET=1 or a CUDA device")
+pytestmark = needs_kernels
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SPECS = {
     "dsv3_fp16": dsv3_like(dtype="float16", hidden_size=48, intermediate_size=24, shared_intermediate_size=24),

@@ -4,7 +4,6 @@ against reference.routed_experts, on small odd shapes.
 fp16 stands in for bf16 here (the interpreter's bf16 dot is wrong); bf16 numerics are checked on
 the GPU by benchmarks/gpu_experts.py. Every buffer the kernels write is poisoned with NaN first.
 """
-import os
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -13,11 +12,10 @@ from moe_fusion.lowering import expert_configs, experts, reference  # noqa: E402
 from moe_fusion.lowering.expert_configs import ExpertConfig, GemmTiles, ProblemKey  # noqa: E402
 from moe_fusion.spec import FP8_DTYPE, MoESpec, MoEWeights  # noqa: E402
 
-from moe_cases import random_weights  # noqa: E402
+from moe_cases import needs_kernels, random_weights  # noqa: E402
 
 pytestmark = [
-    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-                       reason="needs TRITON_INTERPRET=1 or a CUDA device"),
+    needs_kernels,
     pytest.mark.usefixtures("poisoned_expert_buffers"),
 ]
 # The interpreter on the CPU; compiled kernels where there is a GPU (same checks; the fp8

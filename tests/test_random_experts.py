@@ -2,7 +2,6 @@
 layer (layer.moe_layer: preamble + experts + shared expert) under TRITON_INTERPRET=1 on the CPU,
 fp16 and fp8 at small shapes, against reference.py. fp16 stands in for bf16 (the interpreter's
 bf16 dot is wrong). Every buffer the expert kernels write is poisoned with NaN first."""
-import os
 import random
 
 import torch
@@ -12,11 +11,11 @@ import pytest
 from moe_fusion.lowering import experts, layer, preamble, reference
 from moe_fusion.lowering.expert_configs import ExpertConfig, GemmTiles
 from moe_fusion.spec import FP8_DTYPE, MoEWeights
+from moe_cases import needs_kernels
 from random_specs import STATS, input_kind, random_hidden, random_layer_weights, random_m, random_spec, seeds
 
 pytestmark = [
-    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-                       reason="needs TRITON_INTERPRET=1 or a CUDA device"),
+    needs_kernels,
     pytest.mark.usefixtures("poisoned_expert_buffers"),
 ]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
