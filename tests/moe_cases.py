@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moe_fusion.lowering import reference
-from moe_fusion.spec import MoESpec, MoEWeights
+from moe_fusion.spec import FP8_DTYPE, MoESpec, MoEWeights
 
 # The kernels run compiled on a CUDA device or, on the CPU, under the Triton interpreter.
 needs_kernels = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
@@ -53,3 +53,9 @@ def random_weights(spec: MoESpec, device="cpu", seed=0) -> MoEWeights:
         expert_map[torch.arange(spec.num_local_experts) * stride] = torch.arange(spec.num_local_experts, dtype=torch.int32)
         w.expert_map = expert_map.to(device)
     return w
+
+
+def float64_weights(w: MoEWeights) -> MoEWeights:
+    """``w`` with every floating-point weight but fp8 ones in float64, for the references' expected outputs."""
+    return MoEWeights(**{f: (t.double() if isinstance(t, torch.Tensor) and t.is_floating_point()
+                             and t.dtype != FP8_DTYPE else t) for f, t in vars(w).items()})

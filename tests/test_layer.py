@@ -12,19 +12,13 @@ import torch
 
 from moe_fusion.lowering import layer, layer_output_kernel, preamble, reference
 from moe_fusion.ops import call_moe_layer
-from moe_fusion.spec import FP8_DTYPE, MoEWeights
 
-from moe_cases import dsv3_like, random_weights
-
-
-def _double(w: MoEWeights) -> MoEWeights:
-    return MoEWeights(**{f: (t.double() if isinstance(t, torch.Tensor) and t.is_floating_point()
-                             and t.dtype != FP8_DTYPE else t) for f, t in vars(w).items()})
+from moe_cases import dsv3_like, float64_weights, random_weights
 
 
 def _expected(spec, x, w, plan):
     pre = preamble.fused_preamble(spec, x, w, block_m=plan.expert_config.block_m)
-    w64 = _double(w)
+    w64 = float64_weights(w)
     normed = pre.normed.double()
     out = reference.routed_experts(spec.replace(dtype="float32"), normed, pre.topk_ids, pre.topk_weights.double(), w64)
     if spec.has_shared_experts:

@@ -1,10 +1,11 @@
 import pytest
 import torch
 
-from moe_fusion.lowering import experts, reference, streams
+from moe_fusion.lowering import experts, reference, shared_expert, streams
+from moe_fusion.lowering.expert_configs import ExpertConfig, GemmTiles
 from moe_fusion.lowering.shared_expert import SharedExpertBuffers, SharedExpertOnExpertKernels, shared_expert_into
 
-from moe_cases import dsv3_like, random_weights
+from moe_cases import dsv3_like, float64_weights, needs_kernels, random_weights
 
 
 def _poisoned(spec, x):
@@ -81,3 +82,52 @@ def test_the_kernels_launch_runs_no_cublas_where_it_may_run_on_the_side_stream(m
     job.run()
     monkeypatch.undo()
     torch.testing.assert_close(job.out, reference.shared_experts(spec, x, w).float(), rtol=2e-2, atol=2e-2)
+
+
+def _unreadable_dense_routing(M, n, block_m, device):
+    """dense_routing whose alignment says "no tiles": a kernel that read it would do no work."""
+    ids, weights, (sorted_ids, tile_expert, num_tiles) = _REAL_DENSE_ROUTING(M, n, block_m, device)
+    return ids, weights, (torch.full_like(sorted_ids, M * n), torch.zeros_like(tile_expert), torch.zeros_like(num_tiles))
+
+
+_REAL_DENSE_ROUTING = experts.dense_routing
+
+
+# (M, shared experts, fp8, deterministic, GEMM1 split): 4-token tiles, so M = 5 and 9 span several
+# tiles of each expert, the last one partial
+COMPUTED_ALIGNMENT_CASES = [
+    (1, 1, True, False, 2),
+    (5, 2, True, True, 1),
+    (9, 2, False, True, 2),
+    (5, 1, False, False, 1),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("M,n,fp8,deterministic,split", COMPUTED_ALIGNMENT_CASES)
+def test_the_shared_launch_computes_its_dense_alignment_instead_of_reading_it(M, n, fp8, deterministic, split,
+                                                                              monkeypatch, poisoned_expert_buffers):
+    """With COMPUTED_ALIGNMENT the GEMMs compute dense_routing's tiles (expert_tiles.work_tile): given an
+    alignment that says "no tiles", the launch still gives the bits of the launch that reads the true one."""
+    spec = dsv3_like(dtype="float16", hidden_size=48, intermediate_size=24, shared_intermediate_size=24 * n,
+                     quant="fp8_block" if fp8 else "none")
+    w = random_weights(spec, seed=M)
+    x = torch.randn(M, spec.hidden_size).half()
+    block_k = 128 if fp8 else 16
+    config = ExpertConfig(4, GemmTiles(16, block_k, split_k=split, programs_per_sm=1, swap_ab=fp8),
+                          GemmTiles(16, block_k, split_k=2, programs_per_sm=1, swap_ab=fp8))
+    monkeypatch.setattr(experts, "shared_expert_config", lambda *args: config)
+
+    def run(computed):
+        monkeypatch.setattr(shared_expert, "COMPUTED_ALIGNMENT", computed)
+        monkeypatch.setattr(experts, "dense_routing", _unreadable_dense_routing if computed else _REAL_DENSE_ROUTING)
+        job = SharedExpertOnExpertKernels(spec, x, None, None, w, in_fp8=fp8, deterministic=deterministic)
+        assert job.launch.dense_alignment == computed
+        job.run()
+        return job.out
+
+    computed, read = run(True), run(False)
+    assert torch.isfinite(computed).all(), "an output element was not written"
+    assert torch.equal(computed, read)
+    expected = (reference.shared_experts_fp8 if fp8 else reference.shared_experts)(spec, x.double(), float64_weights(w))
+    assert float((computed.double() - expected).norm() / expected.norm()) < 2e-3

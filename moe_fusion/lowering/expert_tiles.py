@@ -79,16 +79,35 @@ def split_item(item, n_blocks, items_per_tile):
 
 
 @triton.jit
+def routed_tiles(num_tiles_ptr, top_k, m_tiles, DENSE_ALIGNMENT: tl.constexpr):
+    """How many tiles the alignment holds: read from it, or with DENSE_ALIGNMENT (every token on each
+    of the top_k experts, experts.dense_routing) known without a memory round trip."""
+    if DENSE_ALIGNMENT:
+        tiles = top_k * m_tiles
+    else:
+        tiles = tl.load(num_tiles_ptr)
+    return tiles
+
+
+@triton.jit
 def work_tile(tile, num_routed, m_tiles, tile_expert_ptr, sorted_pair_ids_ptr, num_pairs, top_k, M,
-              BLOCK_M: tl.constexpr, N_SHARED: tl.constexpr):
+              BLOCK_M: tl.constexpr, N_SHARED: tl.constexpr, DENSE_ALIGNMENT: tl.constexpr):
     """(expert, row, token, row_ok, shared) of one work tile.
 
     The alignment's num_routed tiles come first: expert = local routed expert, row = pair id
     (token * top_k + slot). With N_SHARED shared experts a dense tail follows, needing no
     alignment: tile num_routed + s * m_tiles + j holds tokens j*BLOCK_M.. of shared expert s,
     whose rows (in h, y and the pair weights) follow the routed pairs: num_pairs + s * M + token.
+    With DENSE_ALIGNMENT the alignment is experts.dense_routing's (tile e * m_tiles + j holds tokens
+    j*BLOCK_M.. of expert e, pair token * top_k + e), computed here instead of loaded: at decode,
+    the two dependent round trips (tile count, then expert and pair ids) came before the first
+    weight request.
     """
-    if N_SHARED == 0:
+    if DENSE_ALIGNMENT:
+        expert = tile // m_tiles
+        token = (tile - expert * m_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+        return expert.to(tl.int64), token * top_k + expert, token, token < M, False
+    elif N_SHARED == 0:
         expert = tl.load(tile_expert_ptr + tile).to(tl.int64)
         row, row_ok = token_tile(sorted_pair_ids_ptr, tile, num_pairs, BLOCK_M)
         return expert, row, row // top_k, row_ok, False

@@ -472,6 +472,12 @@ class ExpertLaunch:
     # May run beside another launch (on the side stream): then GEMM1 does not quantise h in its
     # epilogue, whose tickets are one set per device under CUDA graphs.
     on_side_stream: bool = False
+    # The alignment is dense_routing's: the kernels compute it instead of reading it (expert_tiles.work_tile).
+    dense_alignment: bool = False
+
+    def __post_init__(self):
+        if self.dense_alignment and self.shared is not None:
+            raise ValueError("a dense alignment has no room for a shared-expert tail")
 
     @property
     def small_launches_dependent(self) -> bool:
@@ -644,7 +650,7 @@ class ExpertLaunch:
         )
         constants = dict(BLOCK_M=config.block_m, A_MODE=A_FP8 if e.fp8 else A_MODEL_DTYPE,
                          WEIGHT_ON_INPUT=self.weight_on_input and not e.fp8, N_SHARED=self.n_shared,
-                         SHARED_GATE=gated)
+                         SHARED_GATE=gated, DENSE_ALIGNMENT=self.dense_alignment)
         return operands, constants
 
     def _gemm2_operands(self, config: ExpertConfig):
@@ -666,7 +672,8 @@ class ExpertLaunch:
         constants = dict(BLOCK_M=config.block_m, A_MODE=A_FP8 if self.experts.fp8 else A_MODEL_DTYPE,
                          APPLY_WEIGHT=not self.weight_on_input,
                          DETERMINISTIC=self.deterministic, N_SHARED=self.n_shared, SHARED_GATE=gated,
-                         GATE_PARTS=triton.next_power_of_2(gate_parts), MODEL_DTYPE=_TL_DTYPES[self.x.dtype])
+                         GATE_PARTS=triton.next_power_of_2(gate_parts), MODEL_DTYPE=_TL_DTYPES[self.x.dtype],
+                         DENSE_ALIGNMENT=self.dense_alignment)
         return operands, constants
 
     def _work_tiles(self, config: ExpertConfig) -> int:
