@@ -139,17 +139,21 @@ def _time_seed(cfg, args, variants, meta: dict, rows: list) -> None:
                           f"round {round_}", flush=True)
                     if h in args.profile_hits and round_ == 0 and not args.cpu:
                         with applied(settings), tempfile.TemporaryDirectory() as scratch:
-                            kernels = middle_call_kernels(fn, inputs, os.path.join(scratch, "trace.json"))
-                        rows[-1]["kernels_of_one_call"] = kernels
+                            kernels, period = middle_call_kernels(fn, inputs, os.path.join(scratch, "trace.json"))
+                        rows[-1]["kernels_of_one_call"], rows[-1]["call_period"] = kernels, period
                         _print_kernels(f"  one call's kernels (profiled replay), {name} M={m} hits={h}:", kernels)
+                        print(f"  the next call's first kernel at {period.get('next_call_us')} us; other GPU work "
+                              f"in between: {period.get('other_gpu_work')}", flush=True)
                     _write(args.out, meta, rows)
     finally:
         sb.close()
 
 
-def middle_call_kernels(fn, input_sets: Sequence[tuple], trace_path: str) -> List[dict]:
+def middle_call_kernels(fn, input_sets: Sequence[tuple], trace_path: str) -> Tuple[List[dict], dict]:
     """The kernels (name, stream, start/end µs from its first) of the middle call of one profiled replay of
-    the timing's graph (every input set once, so its weights come from HBM as in the timing)."""
+    the timing's graph (every input set once, so its weights come from HBM as in the timing), and where the
+    next call's first kernel starts, with any GPU work that is not a kernel (memsets, copies) between them:
+    a timing counts the call's whole period, not only its kernels' span."""
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for inputs in input_sets:
@@ -159,11 +163,26 @@ def middle_call_kernels(fn, input_sets: Sequence[tuple], trace_path: str) -> Lis
     kernels = profiled_sections({"graph replay": graph.replay}, trace_path)["graph replay"].get("kernels", [])
     starts = [i for i, k in enumerate(kernels) if FIRST_KERNEL in k["name"]] + [len(kernels)]
     if len(starts) < 2:
-        return []
+        return [], {}
     middle = len(starts) // 2 - 1
     call = kernels[starts[middle]:starts[middle + 1]]
     t0 = call[0]["start_us"]
-    return [dict(k, start_us=round(k["start_us"] - t0, 2), end_us=round(k["end_us"] - t0, 2)) for k in call]
+    period = {}
+    if starts[middle + 1] < len(kernels):
+        next_start = kernels[starts[middle + 1]]["start_us"]
+        period = dict(next_call_us=round(next_start - t0, 2),
+                      other_gpu_work=_other_gpu_work(trace_path, t0, next_start))
+    return [dict(k, start_us=round(k["start_us"] - t0, 2), end_us=round(k["end_us"] - t0, 2)) for k in call], period
+
+
+def _other_gpu_work(trace_path: str, t0: float, t1: float) -> List[str]:
+    """GPU activities that are not kernels (memsets, copies) from t0 to t1 µs after the trace's first kernel
+    (summarize_section's origin: the trace holds the one profiled replay)."""
+    with open(trace_path) as f:
+        events = json.load(f)["traceEvents"]
+    origin = min(e["ts"] for e in events if e.get("cat") == "kernel")
+    return [f"{e['cat']} {e['name'][:40]} at {e['ts'] - origin - t0:.1f} us" for e in events
+            if e.get("cat") in ("gpu_memset", "gpu_memcpy") and t0 <= e["ts"] - origin <= t1]
 
 
 def _print_kernels(title: str, kernels: List[dict]) -> None:

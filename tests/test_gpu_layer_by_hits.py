@@ -55,3 +55,15 @@ def test_a_cpu_run_writes_rows_per_hit_count_and_summarizes(tmp_path):
                                    "--markdown", str(md)]) == 0
     (row,) = gpu_layer_by_hits.summarize(run, routers=20)
     assert row["m"] == 1 and 0 < row["expected_us"] and "| tiny-ep | bf16 | plan | 1 |" in md.read_text()
+
+
+def test_gpu_work_other_than_kernels_is_listed_between_two_calls(tmp_path):
+    """_other_gpu_work: memsets and copies inside [t0, t1] µs after the trace's first kernel, and nothing else."""
+    events = [dict(cat="kernel", name="_norm_quant_kernel", ts=1000.0, dur=2.0),
+              dict(cat="gpu_memset", name="Memset (Device)", ts=1031.5, dur=0.5),
+              dict(cat="gpu_memcpy", name="Memcpy DtoD", ts=1090.0, dur=0.5),
+              dict(cat="kernel", name="layer_output_kernel", ts=1030.0, dur=1.0),
+              dict(cat="cpu_op", name="aten::empty", ts=1032.0, dur=1.0)]
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    assert gpu_layer_by_hits._other_gpu_work(str(path), 20.0, 40.0) == ["gpu_memset Memset (Device) at 11.5 us"]

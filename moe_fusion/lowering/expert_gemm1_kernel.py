@@ -33,8 +33,8 @@ Reference: reference.gated_mlp / reference._fp8_gated_mlp (the first two product
 import triton
 import triton.language as tl
 
-from .expert_tiles import (A_MODEL_DTYPE, FP8_GROUP, first_aligned_tile, load_tile, outer, quantize_h_group,
-                           routed_tiles, silu_mul, tile_dot, work_tile, zero_block)
+from .expert_tiles import (A_MODEL_DTYPE, FP8_GROUP, load_tile, outer, quantize_h_group, routed_tiles, silu_mul,
+                           tile_dot, work_tile, zero_block)
 
 
 @triton.jit
@@ -69,8 +69,7 @@ def _quantize_group_if_last(h_ptr, hq_ptr, hs_ptr, ticket_ptr, tile, n_block, ro
 
 @triton.jit
 def gemm1_item(
-    item, first, first_expert, first_pair,
-    n_blocks, num_routed, m_tiles, split_k, k_per_split, partial_ptr, stride_ps, stride_pm,
+    item, n_blocks, num_routed, m_tiles, split_k, k_per_split, partial_ptr, stride_ps, stride_pm,
     x_ptr, x_scale_ptr, pair_weight_ptr,
     wg_ptr, wu_ptr, wg_scale_ptr, wu_scale_ptr,
     swg_ptr, swu_ptr, swg_scale_ptr, swu_scale_ptr,
@@ -88,7 +87,6 @@ def gemm1_item(
     A_MODE: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr,
     N_SHARED: tl.constexpr, SHARED_GATE: tl.constexpr, QUANT_H: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_OUT: tl.constexpr, DENSE_ALIGNMENT: tl.constexpr,
-    FIRST_PRELOADED: tl.constexpr,
 ):
     """One work item: the h slice of one (token tile, BLOCK_N columns), or with SPLIT_OUT the fp32
     gate and up sums of one K split of it (gemm1_combine_kernel finishes h)."""
@@ -99,8 +97,7 @@ def gemm1_item(
     split = rest // n_blocks
     n_block = rest - split * n_blocks
     expert, row, token, row_ok, shared = work_tile(tile, num_routed, m_tiles, tile_expert_ptr, sorted_pair_ids_ptr,
-                                                   num_pairs, top_k, M, first, first_expert, first_pair, BLOCK_M, N_SHARED,
-                                                   DENSE_ALIGNMENT, FIRST_PRELOADED)
+                                                   num_pairs, top_k, M, BLOCK_M, N_SHARED, DENSE_ALIGNMENT)
     offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_k = tl.arange(0, SUB_K)
@@ -192,7 +189,7 @@ def expert_gemm1_kernel(
     WEIGHT_ON_INPUT: tl.constexpr,
     N_SHARED: tl.constexpr, SHARED_GATE: tl.constexpr, QUANT_H: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_OUT: tl.constexpr, DENSE_ALIGNMENT: tl.constexpr,
-    FIRST_PRELOADED: tl.constexpr, ZERO_BLOCK: tl.constexpr,
+    ZERO_BLOCK: tl.constexpr,
     LAUNCH_DEPENDENTS: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -208,13 +205,11 @@ def expert_gemm1_kernel(
 
     n_blocks = tl.cdiv(N, BLOCK_N)
     m_tiles = tl.cdiv(M, BLOCK_M)
-    first_expert, first_pair = first_aligned_tile(pid, n_blocks * split_k, tile_expert_ptr, sorted_pair_ids_ptr,
-                                                  BLOCK_M, FIRST_PRELOADED)
     num_routed = routed_tiles(num_tiles_ptr, top_k, m_tiles, DENSE_ALIGNMENT)
     num_items = (num_routed + N_SHARED * m_tiles) * n_blocks * split_k
     for item in range(pid, num_items, num_programs):
         gemm1_item(
-            item, item == pid, first_expert, first_pair, n_blocks, num_routed, m_tiles, split_k, k_per_split, partial_ptr, stride_ps, stride_pm,
+            item, n_blocks, num_routed, m_tiles, split_k, k_per_split, partial_ptr, stride_ps, stride_pm,
             x_ptr, x_scale_ptr, pair_weight_ptr, wg_ptr, wu_ptr, wg_scale_ptr, wu_scale_ptr,
             swg_ptr, swu_ptr, swg_scale_ptr, swu_scale_ptr, gx_ptr, gw_ptr, gate_partial_ptr,
             h_ptr, hq_ptr, hs_ptr, ticket_ptr, sorted_pair_ids_ptr, tile_expert_ptr,
@@ -226,5 +221,5 @@ def expert_gemm1_kernel(
             stride_ssge, stride_ssgn, stride_ssgk, stride_ssue, stride_ssun, stride_ssuk,
             stride_gxm, stride_gxk, stride_hm, stride_hqm, stride_hsm,
             BLOCK_M, BLOCK_N, BLOCK_K, SUB_K, SWAP_AB, A_MODE, WEIGHT_ON_INPUT, N_SHARED, SHARED_GATE, QUANT_H,
-            EVEN_N, EVEN_K, SPLIT_OUT, DENSE_ALIGNMENT, FIRST_PRELOADED,
+            EVEN_N, EVEN_K, SPLIT_OUT, DENSE_ALIGNMENT,
         )

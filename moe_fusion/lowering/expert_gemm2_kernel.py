@@ -19,8 +19,7 @@ summed over the top-k as in reference.routed_experts (shared experts: reference.
 import triton
 import triton.language as tl
 
-from .expert_tiles import (A_MODEL_DTYPE, FP8_GROUP, first_aligned_tile, load_tile, outer, routed_tiles, split_item,
-                           tile_dot, work_tile)
+from .expert_tiles import A_MODEL_DTYPE, FP8_GROUP, load_tile, outer, routed_tiles, split_item, tile_dot, work_tile
 
 
 @triton.jit
@@ -36,7 +35,7 @@ def _shared_gate(partial_ptr, token, row_ok, M, GATE_PARTS: tl.constexpr, n_part
 
 @triton.jit
 def gemm2_item(
-    item, first, first_expert, first_pair, n_blocks, items_per_tile, num_routed, m_tiles,
+    item, n_blocks, items_per_tile, num_routed, m_tiles,
     h_ptr, h_scale_ptr, pair_weight_ptr,
     wd_ptr, wd_scale_ptr, swd_ptr, swd_scale_ptr, gate_partial_ptr,
     out_ptr,
@@ -53,13 +52,12 @@ def gemm2_item(
     APPLY_WEIGHT: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
     N_SHARED: tl.constexpr, SHARED_GATE: tl.constexpr, GATE_PARTS: tl.constexpr, MODEL_DTYPE: tl.constexpr,
-    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, DENSE_ALIGNMENT: tl.constexpr, FIRST_PRELOADED: tl.constexpr,
+    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, DENSE_ALIGNMENT: tl.constexpr,
 ):
     """One work item: (token tile, BLOCK_N columns of H, K split), weighted and accumulated."""
     tile, split, n_block = split_item(item, n_blocks, items_per_tile)
     expert, row, token, row_ok, shared = work_tile(tile, num_routed, m_tiles, tile_expert_ptr, sorted_pair_ids_ptr,
-                                                   num_pairs, top_k, M, first, first_expert, first_pair, BLOCK_M, N_SHARED,
-                                                   DENSE_ALIGNMENT, FIRST_PRELOADED)
+                                                   num_pairs, top_k, M, BLOCK_M, N_SHARED, DENSE_ALIGNMENT)
     offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     k_start = split * k_per_split
@@ -124,7 +122,7 @@ def expert_gemm2_kernel(
     APPLY_WEIGHT: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
     N_SHARED: tl.constexpr, SHARED_GATE: tl.constexpr, GATE_PARTS: tl.constexpr, MODEL_DTYPE: tl.constexpr,
-    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, DENSE_ALIGNMENT: tl.constexpr, FIRST_PRELOADED: tl.constexpr,
+    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, DENSE_ALIGNMENT: tl.constexpr,
     USE_PDL: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -136,8 +134,6 @@ def expert_gemm2_kernel(
     n_blocks = tl.cdiv(N, BLOCK_N)
     items_per_tile = n_blocks * split_k
     m_tiles = tl.cdiv(M, BLOCK_M)
-    first_expert, first_pair = first_aligned_tile(pid, items_per_tile, tile_expert_ptr, sorted_pair_ids_ptr, BLOCK_M,
-                                                  FIRST_PRELOADED)
     num_routed = routed_tiles(num_tiles_ptr, top_k, m_tiles, DENSE_ALIGNMENT)
     num_items = (num_routed + N_SHARED * m_tiles) * items_per_tile
     if USE_PDL:
@@ -146,7 +142,7 @@ def expert_gemm2_kernel(
         tl.extra.cuda.gdc_wait()
     for item in range(pid, num_items, num_programs):
         gemm2_item(
-            item, item == pid, first_expert, first_pair, n_blocks, items_per_tile, num_routed, m_tiles,
+            item, n_blocks, items_per_tile, num_routed, m_tiles,
             h_ptr, h_scale_ptr, pair_weight_ptr, wd_ptr, wd_scale_ptr, swd_ptr, swd_scale_ptr, gate_partial_ptr,
             out_ptr, sorted_pair_ids_ptr, tile_expert_ptr,
             num_pairs, top_k, M, N, K, k_per_split, gate_parts,
@@ -155,5 +151,5 @@ def expert_gemm2_kernel(
             stride_swe, stride_swn, stride_swk, stride_sse, stride_ssn, stride_ssk,
             stride_out_split, stride_out_row,
             BLOCK_M, BLOCK_N, BLOCK_K, SUB_K, SWAP_AB, A_MODE, APPLY_WEIGHT, DETERMINISTIC,
-            N_SHARED, SHARED_GATE, GATE_PARTS, MODEL_DTYPE, EVEN_N, EVEN_K, DENSE_ALIGNMENT, FIRST_PRELOADED,
+            N_SHARED, SHARED_GATE, GATE_PARTS, MODEL_DTYPE, EVEN_N, EVEN_K, DENSE_ALIGNMENT,
         )

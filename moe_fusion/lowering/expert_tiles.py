@@ -62,24 +62,11 @@ def to_e4m3(v):
 
 
 @triton.jit
-def aligned_tile(tile, tile_expert_ptr, sorted_pair_ids_ptr, BLOCK_M: tl.constexpr):
-    """The alignment of one token tile: its expert and its pair ids (padding = num_pairs)."""
-    expert = tl.load(tile_expert_ptr + tile)
-    pair = tl.load(sorted_pair_ids_ptr + tile * BLOCK_M + tl.arange(0, BLOCK_M))
-    return expert, pair
-
-
-@triton.jit
-def first_aligned_tile(pid, items_per_tile, tile_expert_ptr, sorted_pair_ids_ptr, BLOCK_M: tl.constexpr,
-                       PRELOAD: tl.constexpr):
-    """With PRELOAD, the alignment of program pid's first work tile, loaded before the tile count is
-    known (in bounds: the grid never exceeds the static tile bound's items), so that the two reads are
-    one round trip instead of two dependent ones before the first weight request."""
-    if PRELOAD:
-        expert, pair = aligned_tile(pid // items_per_tile, tile_expert_ptr, sorted_pair_ids_ptr, BLOCK_M)
-    else:
-        expert, pair = 0, 0
-    return expert, pair
+def token_tile(sorted_pair_ids_ptr, tile, num_pairs, BLOCK_M: tl.constexpr):
+    """Pair ids of one aligned token tile and which of its rows are real (padding = num_pairs)."""
+    offs = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_pair_ids_ptr + offs)
+    return pair, pair < num_pairs
 
 
 @triton.jit
@@ -104,9 +91,7 @@ def routed_tiles(num_tiles_ptr, top_k, m_tiles, DENSE_ALIGNMENT: tl.constexpr):
 
 @triton.jit
 def work_tile(tile, num_routed, m_tiles, tile_expert_ptr, sorted_pair_ids_ptr, num_pairs, top_k, M,
-              first, first_expert, first_pair,
-              BLOCK_M: tl.constexpr, N_SHARED: tl.constexpr, DENSE_ALIGNMENT: tl.constexpr,
-              FIRST_PRELOADED: tl.constexpr):
+              BLOCK_M: tl.constexpr, N_SHARED: tl.constexpr, DENSE_ALIGNMENT: tl.constexpr):
     """(expert, row, token, row_ok, shared) of one work tile.
 
     The alignment's num_routed tiles come first: expert = local routed expert, row = pair id
@@ -116,22 +101,16 @@ def work_tile(tile, num_routed, m_tiles, tile_expert_ptr, sorted_pair_ids_ptr, n
     With DENSE_ALIGNMENT the alignment is experts.dense_routing's (tile e * m_tiles + j holds tokens
     j*BLOCK_M.. of expert e, pair token * top_k + e), computed here instead of loaded: at decode,
     the two dependent round trips (tile count, then expert and pair ids) came before the first
-    weight request. With FIRST_PRELOADED the program's first tile (``first``) takes the alignment
-    first_aligned_tile loaded (first_expert, first_pair).
+    weight request.
     """
     if DENSE_ALIGNMENT:
         expert = tile // m_tiles
         token = (tile - expert * m_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
         return expert.to(tl.int64), token * top_k + expert, token, token < M, False
     elif N_SHARED == 0:
-        if FIRST_PRELOADED:
-            if first:
-                expert, row = first_expert, first_pair
-            else:
-                expert, row = aligned_tile(tile, tile_expert_ptr, sorted_pair_ids_ptr, BLOCK_M)
-        else:
-            expert, row = aligned_tile(tile, tile_expert_ptr, sorted_pair_ids_ptr, BLOCK_M)
-        return expert.to(tl.int64), row, row // top_k, row < num_pairs, False
+        expert = tl.load(tile_expert_ptr + tile).to(tl.int64)
+        row, row_ok = token_tile(sorted_pair_ids_ptr, tile, num_pairs, BLOCK_M)
+        return expert, row, row // top_k, row_ok, False
     else:
         shared = tile >= num_routed
         if shared:
@@ -142,9 +121,8 @@ def work_tile(tile, num_routed, m_tiles, tile_expert_ptr, sorted_pair_ids_ptr, n
             row = num_pairs + s * M + token
             expert = s.to(tl.int64)
         else:
-            expert, row = aligned_tile(tile, tile_expert_ptr, sorted_pair_ids_ptr, BLOCK_M)
-            expert = expert.to(tl.int64)
-            row_ok = row < num_pairs
+            expert = tl.load(tile_expert_ptr + tile).to(tl.int64)
+            row, row_ok = token_tile(sorted_pair_ids_ptr, tile, num_pairs, BLOCK_M)
             token = row // top_k
         return expert, row, token, row_ok, shared
 

@@ -83,9 +83,6 @@ EXPERT_PDL = os.environ.get("MOE_FUSION_EXPERT_PDL", "auto")
 # default: on the H100 (run 5) it was 6-7 us slower at dsv3-ep8 M = 1-2 and 1 us faster at M = 4
 # (the ticket's barrier and acq_rel atomic after every GEMM1 item cost more than the launch saved).
 FUSED_H_QUANT = os.environ.get("MOE_FUSION_FP8_H_QUANT", "kernel") == "gemm1"
-# Each GEMM program reads its first tile's expert and pair ids beside the tile count, not after it
-# (expert_tiles.first_aligned_tile): one dependent round trip fewer before its first weight request.
-PRELOAD_FIRST_TILE = True
 
 log = logging.getLogger("moe_fusion.lowering")
 
@@ -653,8 +650,7 @@ class ExpertLaunch:
         )
         constants = dict(BLOCK_M=config.block_m, A_MODE=A_FP8 if e.fp8 else A_MODEL_DTYPE,
                          WEIGHT_ON_INPUT=self.weight_on_input and not e.fp8, N_SHARED=self.n_shared,
-                         SHARED_GATE=gated, DENSE_ALIGNMENT=self.dense_alignment,
-                         FIRST_PRELOADED=self.first_tile_preloaded)
+                         SHARED_GATE=gated, DENSE_ALIGNMENT=self.dense_alignment)
         return operands, constants
 
     def _gemm2_operands(self, config: ExpertConfig):
@@ -677,14 +673,8 @@ class ExpertLaunch:
                          APPLY_WEIGHT=not self.weight_on_input,
                          DETERMINISTIC=self.deterministic, N_SHARED=self.n_shared, SHARED_GATE=gated,
                          GATE_PARTS=triton.next_power_of_2(gate_parts), MODEL_DTYPE=_TL_DTYPES[self.x.dtype],
-                         DENSE_ALIGNMENT=self.dense_alignment, FIRST_PRELOADED=self.first_tile_preloaded)
+                         DENSE_ALIGNMENT=self.dense_alignment)
         return operands, constants
-
-    @property
-    def first_tile_preloaded(self) -> bool:
-        """Each GEMM program reads its first tile's alignment beside the tile count (expert_tiles.first_aligned_tile):
-        only without a shared tail, whose tiles lie past the alignment's buffers."""
-        return PRELOAD_FIRST_TILE and self.n_shared == 0 and not self.dense_alignment
 
     def _work_tiles(self, config: ExpertConfig) -> int:
         """Static bound on token tiles: the alignment's, then the shared experts' dense tail."""
