@@ -139,3 +139,10 @@ def test_the_shared_launch_computes_its_dense_alignment_instead_of_reading_it(M,
         torch.testing.assert_close(computed, read, rtol=1e-5, atol=1e-6)
     expected = (reference.shared_experts_fp8 if fp8 else reference.shared_experts)(spec, x.double(), float64_weights(w))
     assert float((computed.double() - expected).norm() / expected.norm()) < 2e-3
+
+
+def test_a_dense_alignment_refuses_a_shared_tail():
+    """The computed dense alignment and a shared-expert tail would both claim the tiles past the routed ones."""
+    with pytest.raises(ValueError, match="dense alignment"):
+        experts.ExpertLaunch(x=None, pair_weights=None, topk_ids=None, experts=None, alignment=None,
+                             weight_on_input=False, num_sms=1, shared=object(), dense_alignment=True)
