@@ -24,7 +24,7 @@ echo "ab4 rc=$? at $(( $(date +%s) - START )) s"
 python benchmarks/gpu_layer_by_hits.py --summarize "$OUT/ab4/by_hits.json" --routers 1000 | tail -3
 sed -i 's/^SHARED_GEMM2_EARLY_FROM_M = GEMM2_EARLY_FROM_M.*/SHARED_GEMM2_EARLY_FROM_M = 1/' moe_fusion/lowering/experts.py
 grep -n "^SHARED_GEMM2_EARLY_FROM_M" moe_fusion/lowering/experts.py
-LEFT=$(( 400 - ($(date +%s) - START) ))
+LEFT=$(( 270 - ($(date +%s) - START) ))
 timeout -k 5 "$LEFT" python -m pytest -q -n 3 tests/test_layer.py tests/test_shared_expert.py -m gpu \
   -k "side_stream or (layer_on_gpu and (stream-fp8 or stream-kernels or stream-late))" -p no:warnings \
   > "$OUT/tests.log" 2>&1
