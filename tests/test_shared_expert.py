@@ -89,13 +89,14 @@ def test_the_kernels_launch_runs_no_cublas_where_it_may_run_on_the_side_stream(m
     torch.testing.assert_close(job.out, reference.shared_experts(spec, x, w).float(), rtol=2e-2, atol=2e-2)
 
 
+_REAL_DENSE_ROUTING = experts.dense_routing
+
+
 def _unreadable_dense_routing(M, n, block_m, device):
-    """dense_routing whose alignment says "no tiles": a kernel that read it would do no work."""
+    """dense_routing whose alignment says "no tiles" (fresh tensors: the cache keeps the true ones): a
+    kernel that read it would do no work."""
     ids, weights, (sorted_ids, tile_expert, num_tiles) = _REAL_DENSE_ROUTING(M, n, block_m, device)
     return ids, weights, (torch.full_like(sorted_ids, M * n), torch.zeros_like(tile_expert), torch.zeros_like(num_tiles))
-
-
-_REAL_DENSE_ROUTING = experts.dense_routing
 
 
 # (M, shared experts, fp8, deterministic, GEMM1 split): 4-token tiles, so M = 5 and 9 span several

@@ -18,6 +18,7 @@ from . import experts
 
 # The kernels compute the dense alignment instead of reading it: on the 0-hit chain of dsv3-ep8 at
 # M = 1 (the shared expert alone) each GEMM's first weight request waited two round trips for it.
+# dsv3-ep8 fp8 by hit count, two H100s: 0.3 / 0.7 us faster at M = 1, 0.7 at M = 4 (session 27).
 COMPUTED_ALIGNMENT = True
 
 
