@@ -1,5 +1,5 @@
-"""Random MoE layers for tests: a spec plus fresh random weights (never zeros) in canonical form; and the
-marker of tests that launch the Triton kernels."""
+"""Random MoE layers for tests: a spec plus fresh random weights (never zeros) in canonical form; the
+marker of tests that launch the Triton kernels and their device; the relative error they are held to."""
 from __future__ import annotations
 
 import os
@@ -13,6 +13,7 @@ from moe_fusion.spec import FP8_DTYPE, MoESpec, MoEWeights
 # The kernels run compiled on a CUDA device or, on the CPU, under the Triton interpreter.
 needs_kernels = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                                    reason="needs TRITON_INTERPRET=1 or a CUDA device")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where those tests put their tensors
 
 
 def dsv3_like(**changes) -> MoESpec:
@@ -59,3 +60,10 @@ def float64_weights(w: MoEWeights) -> MoEWeights:
     """``w`` with every floating-point weight but fp8 ones in float64, for the references' expected outputs."""
     return MoEWeights(**{f: (t.double() if isinstance(t, torch.Tensor) and t.is_floating_point()
                              and t.dtype != FP8_DTYPE else t) for f, t in vars(w).items()})
+
+
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """||got - expected|| / ||expected|| in float64, once every element of got is finite (written)."""
+    got, expected = got.double(), expected.double()
+    assert torch.isfinite(got).all(), "an output element was not written (or is not finite)"
+    return float((got - expected).norm() / expected.norm())

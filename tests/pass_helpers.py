@@ -7,6 +7,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from moe_fusion import MoEFusionBackend
+from moe_cases import relative_error
 
 BATCH_SIZES = (1, 3, 8)
 # Before torch 2.13, SDPA guards on an unbacked batch size (Eq(u0, 1)): the graph breaks and
@@ -16,12 +17,6 @@ SDPA_TAKES_UNBACKED_BATCH = tuple(int(v) for v in torch.__version__.split(".")[:
 TEST_ATTENTION = {} if SDPA_TAKES_UNBACKED_BATCH else {"attn_implementation": "eager"}
 # ||out - ref|| / ||ref|| against eager PyTorch (METHOD.md: fp32 far under 1e-3; bf16/fp16 operands 1e-3..1e-2).
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
-
-
-def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
-    got, expected = got.double(), expected.double()
-    assert torch.isfinite(got).all(), "compiled output has non-finite values"
-    return float((got - expected).norm() / expected.norm())
 
 
 def _assert_close_but_for_routing_flips(got, expected, dtype, batch):

@@ -9,11 +9,10 @@ import pytest
 from moe_fusion.lowering import dispatch, experts, layer, preamble, reference, topk_kernel
 from moe_fusion.ops import call_moe_layer, call_moe_preamble
 from moe_fusion.spec import MoESpec, MoEWeights
-from moe_cases import dsv3_like, needs_kernels, random_weights
+from moe_cases import DEVICE, dsv3_like, needs_kernels, random_weights
 from random_specs import check_routing, gemm_error_bound
 
 pytestmark = needs_kernels
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SPECS = {
     "dsv3_fp16": dsv3_like(dtype="float16", hidden_size=48, intermediate_size=24, shared_intermediate_size=24),
     "softmax_no_norm_fp16": MoESpec(hidden_size=40, num_experts=8, top_k=2, intermediate_size=16, scoring="softmax",

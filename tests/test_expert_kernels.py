@@ -12,7 +12,7 @@ from moe_fusion.lowering import expert_configs, experts, reference  # noqa: E402
 from moe_fusion.lowering.expert_configs import ExpertConfig, GemmTiles, ProblemKey  # noqa: E402
 from moe_fusion.spec import FP8_DTYPE, MoESpec, MoEWeights  # noqa: E402
 
-from moe_cases import needs_kernels, random_weights  # noqa: E402
+from moe_cases import DEVICE, needs_kernels, random_weights  # noqa: E402
 
 pytestmark = [
     needs_kernels,
@@ -20,7 +20,6 @@ pytestmark = [
 ]
 # The interpreter on the CPU; compiled kernels where there is a GPU (same checks; the fp8
 # arithmetic follows torch on each device).
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # Small tiles so that the loops over items, K blocks and splits all run more than once.
 SMALL = ExpertConfig(16, GemmTiles(16, 32, programs_per_sm=1), GemmTiles(32, 32, split_k=2, programs_per_sm=1))

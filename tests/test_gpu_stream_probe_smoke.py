@@ -12,11 +12,10 @@ sys.path.insert(0, BENCHMARKS)
 
 import gpu_stream_probe  # noqa: E402
 from gpu_stream_probe import Operands, Probe  # noqa: E402
-from moe_cases import needs_kernels  # noqa: E402
+from moe_cases import DEVICE, needs_kernels  # noqa: E402
 from moe_fusion.spec import FP8_DTYPE  # noqa: E402
 
 pytestmark = needs_kernels
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 N, K, TOKENS = 128, 1024, 16  # K bytes in 2 splits of 512: 2 steps of 256, or 4 of 128
 
 

@@ -13,7 +13,7 @@ import torch
 from moe_fusion.lowering import layer, layer_output_kernel, preamble, reference
 from moe_fusion.ops import call_moe_layer
 
-from moe_cases import dsv3_like, float64_weights, random_weights
+from moe_cases import dsv3_like, float64_weights, random_weights, relative_error
 
 
 def _expected(spec, x, w, plan):
@@ -25,11 +25,6 @@ def _expected(spec, x, w, plan):
         # "fused" with fp8 experts, and MOE_FUSION_SHARED_FP8, compute the shared expert in fp8 (README).
         out = out + (reference.shared_experts_fp8 if plan.shared_fp8 else reference.shared_experts)(spec, normed, w64)
     return out
-
-
-def _rel_err(got, expected):
-    assert torch.isfinite(got).all(), "an output element was not written (or is not finite)"
-    return float((got.double() - expected).norm() / expected.norm())
 
 
 def _with_options(monkeypatch, **values):
@@ -55,7 +50,7 @@ def _check_fp16_layer(spec, M, shared_strategy, seed):
     assert plan.shared_expert == shared_strategy
     got = layer.moe_layer(spec, x, w, plan)
     assert got.dtype == torch.float16
-    assert _rel_err(got, _expected(spec, x, w, plan)) < 2e-3
+    assert relative_error(got, _expected(spec, x, w, plan)) < 2e-3
 
 
 @pytest.mark.parametrize("shared_dtype", [None, torch.float32, torch.float16])
@@ -190,7 +185,7 @@ def test_layer_on_gpu(name, shared_expert, deterministic, monkeypatch):
         assert plan.shared_gemm2_late == ("-late" in shared_expert)
         got = layer.moe_layer(spec, x, w, plan)
         torch.cuda.synchronize()
-        assert _rel_err(got, _expected(spec, x, w, plan)) < tolerance, (M, plan)
+        assert relative_error(got, _expected(spec, x, w, plan)) < tolerance, (M, plan)
 
 
 @pytest.mark.gpu
@@ -217,7 +212,7 @@ def test_layer_op_under_cuda_graphs(name, shared_expert, deterministic, monkeypa
     torch.cuda.synchronize()
     first = out.clone()
     plan = layer.plan_layer(spec, 4, x.device)
-    assert _rel_err(first, _expected(spec, x, w, plan)) < (3e-2 if spec.as_run().fp8 else 1e-2)
+    assert relative_error(first, _expected(spec, x, w, plan)) < (3e-2 if spec.as_run().fp8 else 1e-2)
     for _ in range(20):
         graph.replay()
     torch.cuda.synchronize()
@@ -252,4 +247,4 @@ def test_layer_op_in_reduce_overhead_compile():
         x = torch.randn(M, spec.hidden_size, device="cuda", dtype=torch.bfloat16)
         got = compiled(x).clone()
         plan = layer.plan_layer(spec, M, x.device)
-        assert _rel_err(got, _expected(spec, x, w, plan)) < 1e-2
+        assert relative_error(got, _expected(spec, x, w, plan)) < 1e-2

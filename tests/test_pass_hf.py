@@ -8,9 +8,8 @@ import torch
 import hf_blocks
 from moe_fusion import hf_models
 from moe_fusion.spec import MoESpec
-from pass_helpers import (
-    SDPA_TAKES_UNBACKED_BATCH, TEST_ATTENTION, compile_and_compare, count_ops, relative_error, token_ids,
-)
+from moe_cases import relative_error
+from pass_helpers import SDPA_TAKES_UNBACKED_BATCH, TEST_ATTENTION, compile_and_compare, count_ops, token_ids
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 

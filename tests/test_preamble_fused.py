@@ -6,12 +6,11 @@ import triton
 
 import pytest
 
-from moe_cases import dsv3_like
+from moe_cases import DEVICE, dsv3_like
 from moe_fusion.lowering import preamble, route_align_kernel, topk_kernel
 from moe_fusion.spec import MoESpec
 from preamble_checks import check_preamble, one_launch_plan, poisoned_empty, preamble_weights, real_shapes
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 SMALL = {
     "dsv3_fp32_fp8": dsv3_like(hidden_size=256, quant="fp8_block"),

@@ -8,11 +8,11 @@ import pytest
 from moe_fusion.lowering import align_kernel, reference, topk_kernel
 from moe_fusion.lowering.norm_quant_kernel import N_COUNTERS, norm_quant
 from moe_fusion.spec import MoESpec
+from moe_cases import DEVICE
 from preamble_checks import (
     assert_fp8_matches, assert_normed_close, clean_rows, force_pick_mode, poisoned_empty,
 )
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.mark.parametrize("M,H,dtype", [(1, 64, torch.float32), (3, 200, torch.float16), (2, 8300, torch.float16)])

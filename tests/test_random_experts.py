@@ -11,14 +11,13 @@ import pytest
 from moe_fusion.lowering import experts, layer, preamble, reference
 from moe_fusion.lowering.expert_configs import ExpertConfig, GemmTiles
 from moe_fusion.spec import FP8_DTYPE, MoEWeights
-from moe_cases import needs_kernels
+from moe_cases import DEVICE, needs_kernels
 from random_specs import STATS, input_kind, random_hidden, random_layer_weights, random_m, random_spec, seeds
 
 pytestmark = [
     needs_kernels,
     pytest.mark.usefixtures("poisoned_expert_buffers"),
 ]
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EXPERT_CASES = seeds(3000, 100)
 LAYER_CASES = seeds(4000, 60)
 # "large" inputs: far from 1, still inside fp16's range after two GEMMs (and the layer's fp16 output).

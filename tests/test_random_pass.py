@@ -12,7 +12,8 @@ from torch import nn
 
 from moe_fusion import MoEFusionBackend
 from moe_fusion.spec import MoESpec
-from pass_helpers import TOLERANCE, count_ops, relative_error
+from moe_cases import relative_error
+from pass_helpers import TOLERANCE, count_ops
 from random_specs import STATS
 
 CASES = range(7000, 7024)

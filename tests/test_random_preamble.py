@@ -12,6 +12,7 @@ import pytest
 
 from moe_fusion.lowering import align_kernel, preamble, reference, topk_kernel
 from moe_fusion.spec import MoESpec, MoEWeights
+from moe_cases import DEVICE
 from preamble_checks import (
     assert_alignment_matches, assert_fp8_matches, assert_normed_close, force_pick_mode, one_launch_plan,
     poisoned_empty,
@@ -21,7 +22,6 @@ from random_specs import (
     random_logits, random_m, random_spec, seeds,
 )
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ROUTING_CASES = seeds(0, 160)
 PREAMBLE_CASES = seeds(1000, 150)
 ALIGN_CASES = seeds(2000, 60)
