@@ -188,8 +188,10 @@ def _other_gpu_work(trace_path: str, t0: float, t1: float) -> List[str]:
 def _print_kernels(title: str, kernels: List[dict]) -> None:
     print(title)
     for k in kernels:
+        smem = k.get("shared_bytes")
         print(f"  {k['start_us']:7.1f} {k['end_us']:7.1f} {k['end_us'] - k['start_us']:6.1f}  {str(k['stream']):>6}  "
-              f"{k['name'][:60]}", flush=True)
+              f"{str(k.get('programs')):>5} prog {str(k.get('registers')):>4} reg "
+              f"{'?' if smem is None else round(smem / 1024, 1):>6} KB  {k['name'][:50]}", flush=True)
 
 
 GPU_STATE_FIELDS = ("clocks.sm", "clocks.mem", "clocks.max.sm", "clocks.max.mem", "power.draw", "power.limit",

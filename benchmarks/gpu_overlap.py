@@ -185,7 +185,8 @@ def summarize_section(trace: dict, section: str) -> dict:
         return {"error": f"no kernels inside {section!r}"}
     t0 = kernels[0]["ts"]
     rows = [dict(name=e["name"][:80], stream=e.get("args", {}).get("stream", e.get("tid")),
-                 start_us=round(e["ts"] - t0, 2), end_us=round(e["ts"] + e["dur"] - t0, 2)) for e in kernels]
+                 start_us=round(e["ts"] - t0, 2), end_us=round(e["ts"] + e["dur"] - t0, 2), **launch_resources(e))
+            for e in kernels]
     is_pre = [any(k in r["name"] for k in PREAMBLE_KERNELS) for r in rows]
     pre = [(r["start_us"], r["end_us"]) for r, p in zip(rows, is_pre) if p]
     shared = [(r["start_us"], r["end_us"]) for r, p in zip(rows, is_pre) if not p]
@@ -193,6 +194,16 @@ def summarize_section(trace: dict, section: str) -> dict:
                 overlap_us=round(overlap(pre, shared), 2), span_us=round(max(r["end_us"] for r in rows), 2),
                 preamble_streams=sorted({r["stream"] for r, p in zip(rows, is_pre) if p}, key=str),
                 shared_streams=sorted({r["stream"] for r, p in zip(rows, is_pre) if not p}, key=str))
+
+
+def launch_resources(kernel_event: dict) -> dict:
+    """What a kernel launch holds on an SM while resident, as the profiler recorded it: its programs
+    (grid x), registers per thread and shared memory per program (bytes, static + dynamic). Kernels on
+    two streams run side by side only where both fit on the SMs at once."""
+    args = kernel_event.get("args", {})
+    grid = args.get("grid")
+    return dict(programs=grid[0] * grid[1] * grid[2] if grid else None, registers=args.get("registers per thread"),
+                shared_bytes=args.get("shared memory"))
 
 
 def profiled_sections(sections: Dict[str, Callable[[], None]], trace_path: str) -> Dict[str, dict]:

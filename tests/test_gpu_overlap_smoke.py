@@ -80,6 +80,16 @@ def test_trace_summary_measures_the_overlap_inside_its_range():
     assert "error" in gpu_overlap.summarize_section(trace, "eager call")
 
 
+def test_trace_summary_keeps_each_launchs_resources():
+    kernel = _kernel("expert_gemm2_kernel", 7, 1010.0, 2.0)
+    kernel["args"].update({"grid": [224, 1, 1], "registers per thread": 128, "shared memory": 74240})
+    trace = {"traceEvents": [{"ph": "X", "cat": "user_annotation", "name": "graph replay", "ts": 1000.0, "dur": 20.0},
+                             kernel, _kernel("_norm_quant_kernel", 7, 1013.0, 2.0)]}
+    first, second = gpu_overlap.summarize_section(trace, "graph replay")["kernels"]
+    assert (first["programs"], first["registers"], first["shared_bytes"]) == (224, 128, 74240)
+    assert (second["programs"], second["registers"], second["shared_bytes"]) == (None, None, None)
+
+
 def test_interval_overlap():
     assert gpu_overlap.overlap([(0, 10), (5, 12)], [(11, 20), (30, 40)]) == 1
     assert gpu_overlap.overlap([(0, 1)], [(2, 3)]) == 0
