@@ -71,7 +71,6 @@ def test_a_measured_kernels_strategy_plans_a_model_dtype_launch_of_the_expert_ke
                     shared_plan.shape_key(spec, fp8_shared=True): {"4": "inline"}}}
     monkeypatch.setattr(shared_plan, "_table", lambda path: table)
     monkeypatch.setattr(experts, "expert_config", lambda *a: None)
-    monkeypatch.setattr(layer, "ROUTED_FITS_BESIDE_SHARED", False)  # no routed tiles to fit
     cuda = torch.device("cuda")
     plan = layer.plan_layer(spec, 4, cuda)
     assert (plan.shared_expert, plan.shared_on_kernels, plan.shared_fp8) == ("stream", True, False)
@@ -93,7 +92,6 @@ def test_the_side_stream_runs_the_shared_expert_on_the_expert_kernels_only(monke
     cuBLAS allocates its workspace lazily per stream, which the side stream must not do."""
     monkeypatch.setattr(experts, "device_facts", lambda device: (H100, 132))
     monkeypatch.setattr(experts, "expert_config", lambda *a: None)
-    monkeypatch.setattr(layer, "ROUTED_FITS_BESIDE_SHARED", False)  # no routed tiles to fit
     spec = SHAPES["dsv3-ep8"].replace(quant="fp8_block")
     cuda = torch.device("cuda")
     monkeypatch.setattr(shared_plan, "_table", lambda path: {H100: {shared_plan.shape_key(spec): {"4": "stream"}}})
@@ -108,7 +106,6 @@ def test_the_side_stream_runs_the_shared_expert_on_the_expert_kernels_only(monke
 def test_stream_late_is_the_side_stream_with_its_gemm2_after_the_routed_gemm1(monkeypatch):
     monkeypatch.setattr(experts, "device_facts", lambda device: (H100, 132))
     monkeypatch.setattr(experts, "expert_config", lambda *a: None)
-    monkeypatch.setattr(layer, "ROUTED_FITS_BESIDE_SHARED", False)  # no routed tiles to fit
     spec = SHAPES["dsv3-ep8"].replace(quant="fp8_block")
     cuda = torch.device("cuda")
     monkeypatch.setattr(layer.options, "shared_fp8", True)

@@ -132,46 +132,6 @@ def _largest_block_n(rows: float, target: int, choices) -> int:
     return choices[-1]
 
 
-# --------------------------------------------------------------------------- SM residency
-# What a launch's programs hold of an SM while resident (Hopper, sm_90): kernels on two streams run side
-# by side only where both launches' programs fit. The expert GEMMs' pipelines are their shared memory.
-SM_SHARED_BYTES = 228 * 1024
-PROGRAM_RESERVED_BYTES = 1024  # the driver's shared-memory reserve per resident program (sm_80 and up)
-# Triton's buffers beyond the pipeline's tiles: 0 or 512 bytes in the sm_90 compiles of these GEMMs
-# (tests/test_sm_residency.py compares the estimate with them).
-PIPELINE_EXTRA_BYTES = 1024
-
-
-def program_shared_bytes(block_m: int, g: GemmTiles, gemm1: bool, element_bytes: int) -> int:
-    """Shared memory one resident program of an expert GEMM holds: each pipeline stage's weight tile
-    (GEMM1: gate and up) and token tile, plus Triton's extra buffers and the driver's reserve."""
-    rows = (2 if gemm1 else 1) * g.block_n + block_m
-    return g.num_stages * g.block_k * rows * element_bytes + PIPELINE_EXTRA_BYTES + PROGRAM_RESERVED_BYTES
-
-
-def programs_on_busiest_sm(items: int, g: GemmTiles, num_sms: int) -> int:
-    """How many of a persistent launch's programs (experts.ExpertLaunch: min(items, programs_per_sm x
-    SMs)) share the busiest SM."""
-    return -(-max(1, min(items, num_sms * g.programs_per_sm)) // num_sms)
-
-
-def pipeline_within(g: GemmTiles, block_m: int, gemm1: bool, element_bytes: int, room: int) -> GemmTiles:
-    """g with its pipeline shortened until programs_per_sm of its programs fit in ``room`` bytes of an
-    SM: fewer stages down to 3, then K steps halved down to one fp8 scale group (128), then 2 stages.
-    g unchanged where it fits, or where nothing shorter would."""
-    shorter = g
-    while g.programs_per_sm * program_shared_bytes(block_m, shorter, gemm1, element_bytes) > room:
-        if shorter.num_stages > 3:
-            shorter = dataclasses.replace(shorter, num_stages=shorter.num_stages - 1)
-        elif shorter.block_k > FP8_GROUP:
-            shorter = dataclasses.replace(shorter, block_k=shorter.block_k // 2)
-        elif shorter.num_stages > 2:
-            shorter = dataclasses.replace(shorter, num_stages=2)
-        else:
-            return g
-    return shorter
-
-
 def validate(cfg: ExpertConfig, fp8: bool) -> Optional[str]:
     """Why a configuration cannot run, or None."""
     for name, g in (("gemm1", cfg.gemm1), ("gemm2", cfg.gemm2)):

@@ -29,10 +29,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import triton
 
 from ..spec import MoESpec, MoEWeights
-from . import expert_configs, experts, preamble, shared_expert, shared_plan, streams
+from . import experts, preamble, shared_plan, streams
 from .expert_configs import ExpertConfig
 from .layer_output_kernel import layer_output
 from .shared_expert import CublasSharedExpert, SharedExpertOnExpertKernels
@@ -40,12 +39,6 @@ from .shared_expert import CublasSharedExpert, SharedExpertOnExpertKernels
 SHARED_STRATEGIES = shared_plan.STRATEGIES
 ON_KERNELS = "-kernels"  # a separate shared expert as its own launch of the expert kernels, not cuBLAS
 LATE = "-late"  # "stream-late": the side stream's shared GEMM2 forks after the routed GEMM1 (module doc)
-# With the shared expert on the side stream, the routed GEMMs' pipelines are shortened where their programs
-# would not fit on an SM beside the shared GEMM of the same kind, which runs at the same time (tiles are
-# tuned one launch alone). dsv3-ep8 fp8 with the fp8 shared expert at M = 1: the routed GEMM2's 2 x 74.5 KB
-# and the shared GEMM2's 2 x 41 KB exceed the SM's 228 KB, so a routed program waited for the shared
-# GEMM2's end; likewise the routed GEMM1 (109 KB) beside the shared one (73 KB) from two local experts hit.
-ROUTED_FITS_BESIDE_SHARED = True
 # The plan's choice on CUDA where shared_plan.json (measured per device and shape) has no entry:
 # "fused" up to this M (bf16 experts), "stream" above. Measured on the H100 at dsv3-ep8
 # (benchmarks/experts_notes.md, run 5): fused was 5-31% faster at M <= 16, 5% slower at M = 64
@@ -103,30 +96,8 @@ def plan_layer(spec: MoESpec, m: int, device: torch.device) -> LayerPlan:
     separate = shared in ("stream", "inline")
     fp8 = spec.fp8 and shared == "fused" or separate and _fp8_shared_allowed(spec)
     on_kernels = separate and (fp8 or strategy.endswith(ON_KERNELS) or shared == "stream")
-    config = experts.expert_config(spec, m, device)
-    if shared == "stream" and ROUTED_FITS_BESIDE_SHARED:
-        config = _routed_tiles_beside_shared(spec, config, m, device, fp8)
-    return LayerPlan(config, shared, options.deterministic, fp8, on_kernels, strategy.endswith(LATE))
-
-
-def _routed_tiles_beside_shared(spec: MoESpec, config: ExpertConfig, m: int, device: torch.device,
-                                shared_fp8: bool) -> ExpertConfig:
-    """The routed tiles with each GEMM's pipeline shortened where its programs would not fit on an SM
-    beside those of the side stream's shared-expert GEMM of the same kind (expert_configs.pipeline_within)."""
-    shared = shared_expert.launch_config(spec, m, device, shared_fp8)
-    _, sms = experts.device_facts(device)
-    shared_tiles = spec.shared_intermediate_size // spec.intermediate_size * triton.cdiv(m, shared.block_m)
-    routed_bytes = 1 if spec.fp8 else spec.torch_dtype.itemsize
-    shared_bytes = 1 if shared_fp8 else spec.torch_dtype.itemsize
-    fitted = []
-    for gemm1, routed, beside, width in ((True, config.gemm1, shared.gemm1, spec.intermediate_size),
-                                         (False, config.gemm2, shared.gemm2, spec.hidden_size)):
-        items = shared_tiles * triton.cdiv(width, beside.block_n) * beside.split_k
-        held = (expert_configs.programs_on_busiest_sm(items, beside, sms)
-                * expert_configs.program_shared_bytes(shared.block_m, beside, gemm1, shared_bytes))
-        fitted.append(expert_configs.pipeline_within(routed, config.block_m, gemm1, routed_bytes,
-                                                     expert_configs.SM_SHARED_BYTES - held))
-    return ExpertConfig(config.block_m, *fitted)
+    return LayerPlan(experts.expert_config(spec, m, device), shared, options.deterministic, fp8, on_kernels,
+                     strategy.endswith(LATE))
 
 
 def _fp8_shared_allowed(spec: MoESpec) -> bool:

@@ -59,15 +59,6 @@ def _sigmoid_gate_into(x: torch.Tensor, gate_weight: torch.Tensor, out: torch.Te
     out.sigmoid_()
 
 
-def _launch_spec(spec: MoESpec, in_fp8: bool) -> MoESpec:
-    return spec if in_fp8 else spec.replace(quant="none")
-
-
-def launch_config(spec: MoESpec, m: int, device: torch.device, in_fp8: bool) -> "experts.ExpertConfig":
-    """The tiles of SharedExpertOnExpertKernels' launch for m tokens."""
-    return experts.shared_expert_config(_launch_spec(spec, in_fp8), m, device)
-
-
 class CublasSharedExpert:
     """The shared expert in the model dtype on cuBLAS (shared_expert_into): buffers allocated by
     the constructor on the current stream, so that run() may go to the side stream."""
@@ -95,10 +86,10 @@ class SharedExpertOnExpertKernels:
 
     def __init__(self, spec: MoESpec, normed: torch.Tensor, x_fp8: Optional[torch.Tensor],
                  x_scale: Optional[torch.Tensor], w: MoEWeights, in_fp8: bool, deterministic: bool):
-        launch_spec = _launch_spec(spec, in_fp8)
+        launch_spec = spec if in_fp8 else spec.replace(quant="none")
         tail = experts.shared_tail(launch_spec, w)
         M, n = normed.shape[0], tail.count
-        config = launch_config(spec, M, normed.device, in_fp8)
+        config = experts.shared_expert_config(launch_spec, M, normed.device)
         ids, ones, alignment = experts.dense_routing(M, n, config.block_m, normed.device)
         self.config = config
         if spec.shared_gate:
