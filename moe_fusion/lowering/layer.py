@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 
 from ..spec import MoESpec, MoEWeights
-from . import experts, preamble, shared_plan, streams
+from . import experts, preamble, shared_expert, shared_plan, streams
 from .expert_configs import ExpertConfig
 from .layer_output_kernel import layer_output
 from .shared_expert import CublasSharedExpert, SharedExpertOnExpertKernels
@@ -176,6 +176,10 @@ def moe_layer(spec: MoESpec, x: torch.Tensor, w: MoEWeights, plan: Optional[Laye
         if plan.shared_expert == "stream":
             streams.fork(x.device, job.run_gemm1 if plan.shared_gemm2_late else job.run)
 
+    if plan.shared_expert == "stream" and shared_expert.L2_PREFETCH_K:
+        prefetch = shared_expert.Gemm1WeightPrefetch(spec, w, x.shape[0], x.device, plan.shared_fp8,
+                                                     shared_expert.L2_PREFETCH_K)
+        streams.fork(x.device, prefetch.run)
     pre = preamble.fused_preamble(spec, x, w, block_m=plan.expert_config.block_m,
                                   after_norm=start_shared_expert if separate else None,
                                   deterministic=plan.deterministic)
