@@ -687,7 +687,6 @@ class ExpertLaunch:
     def _zero_numel(self) -> int:
         return 0 if self.deterministic else self.partial.numel()  # GEMM2's atomic accumulator
 
-
     def finalize(self) -> torch.Tensor:
         if not self.deterministic:
             return self.partial if self.out_dtype == torch.float32 else self.partial.to(self.out_dtype)
