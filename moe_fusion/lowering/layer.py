@@ -19,6 +19,8 @@ and in none without cuBLAS's workspace or with the expert kernels (benchmarks/re
 streams beside the routed combine and GEMM2, where the HBM has room, instead of beside the routed
 GEMM1 on the critical path (dsv3-ep8 fp8 with the fp8 shared expert, 14 bench seeds at the expected
 routing: 1.0 µs faster at M = 1, 0.7-1.4 µs at M = 4; benchmarks/results/session19.md).
+With MOE_FUSION_SHARED_L2_PREFETCH_K (shared_expert.L2_PREFETCH_K) the side stream's first launch, beside the
+norm, asks L2 for the first weight bytes of each K range of the shared GEMM1 (no bit of the output changes).
 Semantics: reference.moe_layer (an fp8 shared expert: reference.shared_experts_fp8 for the shared part).
 """
 from __future__ import annotations

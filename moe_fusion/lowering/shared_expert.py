@@ -8,6 +8,7 @@ the routing chain needs), or, with fp8 experts, in fp8, reading half the bytes.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -18,10 +19,11 @@ from ..spec import MoESpec, MoEWeights
 from . import experts
 from . import l2_prefetch_kernel as l2_prefetch
 
-# Before the norm, the side stream asks L2 for the first L2_PREFETCH_K elements of each of the shared GEMM1's K
-# ranges of its weight rows (Gemm1WeightPrefetch), so that GEMM1's first K steps come from L2: until the norm has
-# made GEMM1's input, only the router reads HBM. 0: no prefetch.
-L2_PREFETCH_K = 0
+# MOE_FUSION_SHARED_L2_PREFETCH_K=N: before the norm, the side stream asks L2 for the first N elements of each of
+# the shared GEMM1's K ranges of its weight rows (Gemm1WeightPrefetch), so that GEMM1's first K steps come from
+# L2: until the norm has made GEMM1's input, only the router reads HBM. 0 (the default): no prefetch. Not yet
+# measured on a GPU (session 28 had no device time left: benchmarks/results/s28_experiments/call2_script.sh).
+L2_PREFETCH_K = int(os.environ.get("MOE_FUSION_SHARED_L2_PREFETCH_K", "0"))
 PREFETCH_BLOCK = 1024  # lines per program
 # The kernels compute the dense alignment instead of reading it: on the 0-hit chain of dsv3-ep8 at
 # M = 1 (the shared expert alone) each GEMM's first weight request waited two round trips for it.
