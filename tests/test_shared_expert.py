@@ -174,4 +174,3 @@ def test_the_gemm1_prefetch_asks_for_the_start_of_every_k_range(fp8, n, split, k
     line = 128 if fp8 else 64
     expected = _expected_prefetch_lines(prefetch.rows, spec.hidden_size, k_per_split, k_elements, line)
     assert torch.equal(record.cpu(), expected)
-
