@@ -14,12 +14,12 @@ from moe_fusion.spec import FP8_DTYPE, MoESpec, MoEWeights  # noqa: E402
 
 from moe_cases import DEVICE, needs_kernels, random_weights  # noqa: E402
 
+# The interpreter on the CPU; compiled kernels where there is a GPU (same checks; the fp8
+# arithmetic follows torch on each device).
 pytestmark = [
     needs_kernels,
     pytest.mark.usefixtures("poisoned_expert_buffers"),
 ]
-# The interpreter on the CPU; compiled kernels where there is a GPU (same checks; the fp8
-# arithmetic follows torch on each device).
 
 # Small tiles so that the loops over items, K blocks and splits all run more than once.
 SMALL = ExpertConfig(16, GemmTiles(16, 32, programs_per_sm=1), GemmTiles(32, 32, split_k=2, programs_per_sm=1))

@@ -14,7 +14,6 @@ from preamble_checks import (
 )
 
 
-
 @pytest.mark.parametrize("M,H,dtype", [(1, 64, torch.float32), (3, 200, torch.float16), (2, 8300, torch.float16)])
 @pytest.mark.parametrize("with_norm", [True, False])
 def test_norm_quant(M, H, dtype, with_norm):
