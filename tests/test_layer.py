@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from moe_fusion.lowering import layer, layer_output_kernel, preamble, reference
-from moe_fusion.lowering import shared_expert as shared_expert_launch
 from moe_fusion.ops import call_moe_layer
 
 from moe_cases import dsv3_like, float64_weights, random_weights, relative_error
@@ -187,32 +186,6 @@ def test_layer_on_gpu(name, shared_expert, deterministic, monkeypatch):
         got = layer.moe_layer(spec, x, w, plan)
         torch.cuda.synchronize()
         assert relative_error(got, _expected(spec, x, w, plan)) < tolerance, (M, plan)
-
-
-@pytest.mark.gpu
-def test_the_shared_gemm1_prefetch_changes_no_bit(monkeypatch):
-    """The L2 prefetch of the shared GEMM1's weights, forked on the side stream before the norm, only asks L2 for
-    lines: in deterministic mode the layer's bits with and without it, eager and replayed from a CUDA graph."""
-    _with_options(monkeypatch, deterministic=True, shared_expert="stream-late", shared_fp8=True)
-    spec = GPU_SPECS["dsv3-ep8-fp8"]
-    w = random_weights(spec, device="cuda")
-    x = torch.randn(1, spec.hidden_size, device="cuda", dtype=torch.bfloat16)
-    outputs = {}
-    for k_elements in (0, 512):
-        monkeypatch.setattr(shared_expert_launch, "L2_PREFETCH_K", k_elements)
-        eager = layer.moe_layer(spec, x, w)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            captured = layer.moe_layer(spec, x, w)
-        captured.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(captured, eager)
-        outputs[k_elements] = eager
-    assert torch.equal(outputs[512], outputs[0])
-    plan = layer.plan_layer(spec, 1, x.device)
-    assert plan.shared_expert == "stream" and plan.shared_fp8
-    assert relative_error(outputs[512], _expected(spec, x, w, plan)) < 3e-2
 
 
 @pytest.mark.gpu

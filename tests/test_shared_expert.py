@@ -1,6 +1,5 @@
 import pytest
 import torch
-import triton
 
 from moe_fusion.lowering import experts, reference, shared_expert, streams
 from moe_fusion.lowering.expert_configs import ExpertConfig, GemmTiles
@@ -143,34 +142,3 @@ def test_a_dense_alignment_refuses_a_shared_tail():
     with pytest.raises(ValueError, match="dense alignment"):
         experts.ExpertLaunch(x=None, pair_weights=None, topk_ids=None, experts=None, alignment=None,
                              weight_on_input=False, num_sms=1, shared=object(), dense_alignment=True)
-
-
-def _expected_prefetch_lines(rows: int, K: int, k_per_split: int, k_elements: int, line: int) -> torch.Tensor:
-    """The first element of each line the shared GEMM1's K ranges start with, up to k_elements per range."""
-    marks = torch.zeros(2 * rows, K, dtype=torch.uint8)
-    for start in range(0, K, k_per_split):
-        stop = min(K, start + k_per_split, start + triton.cdiv(min(k_elements, k_per_split), line) * line)
-        marks[:, start:stop:line] = 1
-    return marks
-
-
-@needs_kernels
-@pytest.mark.parametrize("fp8,n,split,k_elements", [(True, 1, 3, 256), (True, 2, 2, 10_000), (False, 2, 4, 100),
-                                                    (True, 1, 1, 128)])
-def test_the_gemm1_prefetch_asks_for_the_start_of_every_k_range(fp8, n, split, k_elements, monkeypatch):
-    """Gemm1WeightPrefetch (l2_prefetch_kernel, recording) marks the first lines of each of GEMM1's K ranges of
-    every gate and up row: a partial last range, a prefetch longer than a range, bf16's 64-element lines."""
-    spec = dsv3_like(dtype="bfloat16", hidden_size=640, intermediate_size=24, shared_intermediate_size=24 * n,
-                     quant="fp8_block" if fp8 else "none")
-    w = random_weights(spec, device=DEVICE)
-    block_k = 128
-    config = ExpertConfig(16, GemmTiles(16, block_k, split_k=split), GemmTiles(16, block_k))
-    monkeypatch.setattr(experts, "shared_expert_config", lambda *args: config)
-    prefetch = shared_expert.Gemm1WeightPrefetch(spec, w, 1, torch.device(DEVICE), fp8, k_elements)
-    k_per_split = experts.k_per_split(config.gemm1, spec.hidden_size)
-    assert prefetch.k_per_split == k_per_split and prefetch.rows == 24 * n
-    record = torch.zeros(2 * prefetch.rows, spec.hidden_size, dtype=torch.uint8, device=DEVICE)
-    prefetch.run(record)
-    line = 128 if fp8 else 64
-    expected = _expected_prefetch_lines(prefetch.rows, spec.hidden_size, k_per_split, k_elements, line)
-    assert torch.equal(record.cpu(), expected)

@@ -33,7 +33,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from ..spec import FP8_BLOCK, FP8_DTYPE, MoESpec, MoEWeights
 from .unsupported import Unsupported
 from . import align_kernel, expert_configs, reference
-from .expert_configs import ExpertConfig, GemmTiles, ProblemKey
+from .expert_configs import ExpertConfig, ProblemKey
 from .expert_gemm1_kernel import expert_gemm1_kernel
 from .expert_gemm2_kernel import expert_gemm2_kernel
 from . import expert_tiles
@@ -599,7 +599,7 @@ class ExpertLaunch:
         operands, constants = self._gemm1_operands(config)
         expert_gemm1_kernel[(grid,)](
             *operands, self.partial, tickets,
-            sums, sums.stride(0), sums.stride(1), g.split_k, k_per_split(g, H), *self.alignment,
+            sums, sums.stride(0), sums.stride(1), g.split_k, self._k_per_split(g, H), *self.alignment,
             self.topk_ids.numel(), self.a_row_divisor, M, I, H, self._zero_numel(),
             **constants, BLOCK_N=g.block_n, BLOCK_K=g.block_k, SUB_K=self._sub_k(g), SWAP_AB=g.swap_ab,
             QUANT_H=quant_h, EVEN_N=I % g.block_n == 0, EVEN_K=H % g.block_k == 0, SPLIT_OUT=g.split_k > 1,
@@ -665,7 +665,7 @@ class ExpertLaunch:
         gate_parts = self.gate_partial.shape[0] if gated else 1
         operands = (
             self.experts.w_down, sd, swd, ssd, self.partial,
-            g.split_k, k_per_split(g, self.experts.w_gate.shape[1]), gate_parts,
+            g.split_k, self._k_per_split(g, self.experts.w_gate.shape[1]), gate_parts,
             *self.experts.w_down.stride(), *sd.stride(), *swd.stride(), *ssd.stride(),
             self.partial.stride(0) if self.deterministic else 0, self.x.shape[1],
         )
@@ -687,6 +687,10 @@ class ExpertLaunch:
     def _zero_numel(self) -> int:
         return 0 if self.deterministic else self.partial.numel()  # GEMM2's atomic accumulator
 
+    @staticmethod
+    def _k_per_split(g, K: int) -> int:
+        return triton.cdiv(triton.cdiv(K, g.split_k), g.block_k) * g.block_k
+
     def finalize(self) -> torch.Tensor:
         if not self.deterministic:
             return self.partial if self.out_dtype == torch.float32 else self.partial.to(self.out_dtype)
@@ -702,11 +706,6 @@ class ExpertLaunch:
             num_warps=4,
         )
         return self.out
-
-
-def k_per_split(g: GemmTiles, K: int) -> int:
-    """The K range of each of a GEMM's g.split_k programs of one output tile: whole K steps."""
-    return triton.cdiv(triton.cdiv(K, g.split_k), g.block_k) * g.block_k
 
 
 # device -> zeroed int32 counters (GEMM1's h-quantisation tickets); every launch leaves them zero.

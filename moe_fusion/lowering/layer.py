@@ -19,8 +19,6 @@ and in none without cuBLAS's workspace or with the expert kernels (benchmarks/re
 streams beside the routed combine and GEMM2, where the HBM has room, instead of beside the routed
 GEMM1 on the critical path (dsv3-ep8 fp8 with the fp8 shared expert, 14 bench seeds at the expected
 routing: 1.0 µs faster at M = 1, 0.7-1.4 µs at M = 4; benchmarks/results/session19.md).
-With MOE_FUSION_SHARED_L2_PREFETCH_K (shared_expert.L2_PREFETCH_K) the side stream's first launch, beside the
-norm, asks L2 for the first weight bytes of each K range of the shared GEMM1 (no bit of the output changes).
 Semantics: reference.moe_layer (an fp8 shared expert: reference.shared_experts_fp8 for the shared part).
 """
 from __future__ import annotations
@@ -33,7 +31,7 @@ from typing import Optional
 import torch
 
 from ..spec import MoESpec, MoEWeights
-from . import experts, preamble, shared_expert, shared_plan, streams
+from . import experts, preamble, shared_plan, streams
 from .expert_configs import ExpertConfig
 from .layer_output_kernel import layer_output
 from .shared_expert import CublasSharedExpert, SharedExpertOnExpertKernels
@@ -178,10 +176,6 @@ def moe_layer(spec: MoESpec, x: torch.Tensor, w: MoEWeights, plan: Optional[Laye
         if plan.shared_expert == "stream":
             streams.fork(x.device, job.run_gemm1 if plan.shared_gemm2_late else job.run)
 
-    if plan.shared_expert == "stream" and shared_expert.L2_PREFETCH_K:
-        prefetch = shared_expert.Gemm1WeightPrefetch(spec, w, x.shape[0], x.device, plan.shared_fp8,
-                                                     shared_expert.L2_PREFETCH_K)
-        streams.fork(x.device, prefetch.run)
     pre = preamble.fused_preamble(spec, x, w, block_m=plan.expert_config.block_m,
                                   after_norm=start_shared_expert if separate else None,
                                   deterministic=plan.deterministic)

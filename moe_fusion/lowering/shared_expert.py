@@ -8,23 +8,14 @@ the routing chain needs), or, with fp8 experts, in fp8, reading half the bytes.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import triton
 
 from ..spec import MoESpec, MoEWeights
 from . import experts
-from . import l2_prefetch_kernel as l2_prefetch
 
-# MOE_FUSION_SHARED_L2_PREFETCH_K=N: before the norm, the side stream asks L2 for the first N elements of each of
-# the shared GEMM1's K ranges of its weight rows (Gemm1WeightPrefetch), so that GEMM1's first K steps come from
-# L2: until the norm has made GEMM1's input, only the router reads HBM. 0 (the default): no prefetch. Not yet
-# measured on a GPU (session 28 had no device time left: benchmarks/results/s28_experiments/call2_script.sh).
-L2_PREFETCH_K = int(os.environ.get("MOE_FUSION_SHARED_L2_PREFETCH_K", "0"))
-PREFETCH_BLOCK = 1024  # lines per program
 # The kernels compute the dense alignment instead of reading it: on the 0-hit chain of dsv3-ep8 at
 # M = 1 (the shared expert alone) each GEMM's first weight request waited two round trips for it.
 # dsv3-ep8 fp8 by hit count, two H100s: 0.3 / 0.7 us faster at M = 1, 0.7 at M = 4 (session 27).
@@ -68,45 +59,6 @@ def _sigmoid_gate_into(x: torch.Tensor, gate_weight: torch.Tensor, out: torch.Te
     out.sigmoid_()
 
 
-def _launch_spec(spec: MoESpec, in_fp8: bool) -> MoESpec:
-    return spec if in_fp8 else spec.replace(quant="none")
-
-
-def launch_config(spec: MoESpec, m: int, device: torch.device, in_fp8: bool) -> experts.ExpertConfig:
-    """The tiles of SharedExpertOnExpertKernels' launch for m tokens."""
-    return experts.shared_expert_config(_launch_spec(spec, in_fp8), m, device)
-
-
-class Gemm1WeightPrefetch:
-    """The L2 prefetch of the first ``k_elements`` of each of SharedExpertOnExpertKernels' GEMM1 K ranges of its
-    gate and up rows (l2_prefetch_kernel). The fp8 copies and the tiles are found by the constructor, on the
-    current stream; run() only launches, so it may go to the side stream. Weights whose rows are not one
-    [n * I, H] matrix with unit K stride (gate and up alike) are not prefetched."""
-
-    def __init__(self, spec: MoESpec, w: MoEWeights, m: int, device: torch.device, in_fp8: bool, k_elements: int):
-        chunks = experts.shared_tail(_launch_spec(spec, in_fp8), w).experts
-        gate, up = chunks.w_gate, chunks.w_up  # [n, I, H]
-        n, I, H = gate.shape
-        self.gate, self.up, self.rows, self.K, self.stride_row = gate, up, n * I, H, gate.stride(1)
-        self.k_per_split = experts.k_per_split(launch_config(spec, m, device, in_fp8).gemm1, H)
-        self.splits = triton.cdiv(H, self.k_per_split)
-        self.line_elements = l2_prefetch.LINE_BYTES // gate.element_size()
-        one_matrix = gate.stride() == up.stride() and gate.stride(2) == 1 and gate.stride(0) == I * gate.stride(1)
-        self.lines = triton.cdiv(min(k_elements, self.k_per_split), self.line_elements) if one_matrix else 0
-
-    def run(self, record: Optional[torch.Tensor] = None) -> None:
-        """The prefetch; with ``record`` (uint8, rows of the weights' stride: gate's n * I, then up's) mark the
-        lines it asks for instead."""
-        if not self.lines:
-            return
-        grid = (triton.cdiv(self.rows * self.splits * self.lines, PREFETCH_BLOCK), 2)
-        l2_prefetch.l2_prefetch_kernel[grid](
-            self.gate, self.up, record if record is not None else self.gate, self.rows, self.K, self.stride_row,
-            self.k_per_split, self.splits, LINES=self.lines, LINE_ELEMENTS=self.line_elements, BLOCK=PREFETCH_BLOCK,
-            RECORD=record is not None, num_warps=4,
-        )
-
-
 class CublasSharedExpert:
     """The shared expert in the model dtype on cuBLAS (shared_expert_into): buffers allocated by
     the constructor on the current stream, so that run() may go to the side stream."""
@@ -134,9 +86,10 @@ class SharedExpertOnExpertKernels:
 
     def __init__(self, spec: MoESpec, normed: torch.Tensor, x_fp8: Optional[torch.Tensor],
                  x_scale: Optional[torch.Tensor], w: MoEWeights, in_fp8: bool, deterministic: bool):
-        tail = experts.shared_tail(_launch_spec(spec, in_fp8), w)
+        launch_spec = spec if in_fp8 else spec.replace(quant="none")
+        tail = experts.shared_tail(launch_spec, w)
         M, n = normed.shape[0], tail.count
-        config = launch_config(spec, M, normed.device, in_fp8)
+        config = experts.shared_expert_config(launch_spec, M, normed.device)
         ids, ones, alignment = experts.dense_routing(M, n, config.block_m, normed.device)
         self.config = config
         if spec.shared_gate:
