@@ -46,7 +46,7 @@ for path in (os.path.dirname(HERE), HERE):
 from gpu_layer_ab import applied, parse_variant, resolve  # noqa: E402
 from gpu_overlap import profiled_sections  # noqa: E402
 from routing_seeds import local_hit_distribution, shape_spec  # noqa: E402
-from moe_fusion.tools import bench  # noqa: E402
+from moe_fusion.tools import bench, timing  # noqa: E402
 from moe_fusion.tools.bench_layers import SHAPES  # noqa: E402
 
 CANDIDATE_ROWS = 1024  # rows routed per preamble call while sorting candidates
@@ -141,7 +141,7 @@ def _time_seed(cfg, args, variants, meta: dict, rows: list) -> None:
                         with applied(settings), tempfile.TemporaryDirectory() as scratch:
                             kernels, period = middle_call_kernels(fn, inputs, os.path.join(scratch, "trace.json"))
                         rows[-1]["kernels_of_one_call"], rows[-1]["call_period"] = kernels, period
-                        _print_kernels(f"  one call's kernels (profiled replay), {name} M={m} hits={h}:", kernels)
+                        print_kernels(f"  one call's kernels (profiled replay), {name} M={m} hits={h}:", kernels)
                         print(f"  the next call's first kernel at {period.get('next_call_us')} us; other GPU work "
                               f"in between: {period.get('other_gpu_work')}", flush=True)
                     _write(args.out, meta, rows)
@@ -154,25 +154,39 @@ def middle_call_kernels(fn, input_sets: Sequence[tuple], trace_path: str) -> Tup
     the timing's graph (every input set once, so its weights come from HBM as in the timing), and where the
     next call's first kernel starts, with any GPU work that is not a kernel (memsets, copies) between them:
     a timing counts the call's whole period, not only its kernels' span."""
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for inputs in input_sets:
-            fn(*inputs)
-    graph.replay()
-    torch.cuda.synchronize()
-    kernels = profiled_sections({"graph replay": graph.replay}, trace_path)["graph replay"].get("kernels", [])
-    starts = [i for i, k in enumerate(kernels) if FIRST_KERNEL in k["name"]] + [len(kernels)]
-    if len(starts) < 2:
+    graph, _ = timing.capture_calls(fn, input_sets)
+    calls = split_calls(profiled_replay_kernels(graph, trace_path))
+    if not calls:
         return [], {}
-    middle = len(starts) // 2 - 1
-    call = kernels[starts[middle]:starts[middle + 1]]
-    t0 = call[0]["start_us"]
+    middle, kernels = middle_call(calls)
     period = {}
-    if starts[middle + 1] < len(kernels):
-        next_start = kernels[starts[middle + 1]]["start_us"]
+    if middle + 1 < len(calls):
+        t0, next_start = calls[middle][0]["start_us"], calls[middle + 1][0]["start_us"]
         period = dict(next_call_us=round(next_start - t0, 2),
                       other_gpu_work=_other_gpu_work(trace_path, t0, next_start))
-    return [dict(k, start_us=round(k["start_us"] - t0, 2), end_us=round(k["end_us"] - t0, 2)) for k in call], period
+    return kernels, period
+
+
+def middle_call(calls: List[List[dict]]) -> Tuple[int, List[dict]]:
+    """The middle call's index and its kernels, their times from its first kernel's start."""
+    middle = (len(calls) + 1) // 2 - 1
+    t0 = calls[middle][0]["start_us"]
+    return middle, [dict(k, start_us=round(k["start_us"] - t0, 2), end_us=round(k["end_us"] - t0, 2))
+                    for k in calls[middle]]
+
+
+def profiled_replay_kernels(graph: torch.cuda.CUDAGraph, trace_path: str) -> List[dict]:
+    """The kernels of one replay of ``graph`` under the profiler (gpu_overlap.summarize_section's rows)."""
+    graph.replay()
+    torch.cuda.synchronize()
+    return profiled_sections({"graph replay": graph.replay}, trace_path)["graph replay"].get("kernels", [])
+
+
+def split_calls(kernels: List[dict]) -> List[List[dict]]:
+    """A replay's kernels (in start order) cut into layer calls, each from its FIRST_KERNEL; kernels before
+    the first call's are left out."""
+    starts = [i for i, k in enumerate(kernels) if FIRST_KERNEL in k["name"]]
+    return [kernels[a:b] for a, b in zip(starts, starts[1:] + [len(kernels)])]
 
 
 def _other_gpu_work(trace_path: str, t0: float, t1: float) -> List[str]:
@@ -185,7 +199,7 @@ def _other_gpu_work(trace_path: str, t0: float, t1: float) -> List[str]:
             if e.get("cat") in ("gpu_memset", "gpu_memcpy") and t0 <= e["ts"] - origin <= t1]
 
 
-def _print_kernels(title: str, kernels: List[dict]) -> None:
+def print_kernels(title: str, kernels: List[dict]) -> None:
     print(title)
     for k in kernels:
         smem = k.get("shared_bytes")

@@ -67,3 +67,25 @@ def test_gpu_work_other_than_kernels_is_listed_between_two_calls(tmp_path):
     path = tmp_path / "trace.json"
     path.write_text(json.dumps({"traceEvents": events}))
     assert gpu_layer_by_hits._other_gpu_work(str(path), 20.0, 40.0) == ["gpu_memset Memset (Device) at 11.5 us"]
+
+
+def _kernel(name, start, end, stream=7):
+    return dict(name=name, stream=stream, start_us=start, end_us=end)
+
+
+def _replay():
+    """A profiled replay as summarize_section lists it: a stray kernel, then three layer calls."""
+    return [_kernel("memset_kernel", 0.0, 1.0),
+            _kernel("_norm_quant_kernel", 2.0, 4.0), _kernel("expert_gemm1_kernel", 3.0, 20.0, stream=8),
+            _kernel("_norm_quant_kernel", 32.0, 34.0), _kernel("layer_output_kernel", 60.0, 61.5),
+            _kernel("_norm_quant_kernel", 63.5, 65.0)]
+
+
+def test_a_replay_is_cut_into_calls_at_each_norm_and_the_middle_one_is_timed_from_its_start():
+    calls = gpu_layer_by_hits.split_calls(_replay())
+    assert [[k["start_us"] for k in call] for call in calls] == [[2.0, 3.0], [32.0, 60.0], [63.5]]
+    middle, kernels = gpu_layer_by_hits.middle_call(calls)
+    assert middle == 1
+    assert [(k["name"], k["start_us"], k["end_us"]) for k in kernels] == [("_norm_quant_kernel", 0.0, 2.0),
+                                                                         ("layer_output_kernel", 28.0, 29.5)]
+    assert gpu_layer_by_hits.split_calls([_kernel("memset_kernel", 0.0, 1.0)]) == []

@@ -4,7 +4,7 @@ ceiling and a kernels-per-call count from the profiler."""
 from __future__ import annotations
 
 import statistics
-from typing import Callable, List, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -15,17 +15,35 @@ def graph_replay_us(fn: Callable, input_sets: Sequence[tuple], replays: int = 20
     One graph holds one call per input set (rotating through them), so a replay of the graph
     is len(input_sets) calls on different inputs; the time per call is replay time / sets.
     """
+    graph, _ = capture_calls(fn, input_sets)
+    return replayed_call_us(graph, len(input_sets), replays, batches)
+
+
+def capture_calls(fn: Callable, input_sets: Sequence[tuple]) -> Tuple[torch.cuda.CUDAGraph, List[Optional[int]]]:
+    """A CUDA graph of one ``fn(*inputs)`` per input set, after a warm-up call of each (compilation,
+    autotuning, allocator) on a side stream; and the address of each captured call's output (None where
+    it returned no tensor). The outputs themselves are not kept, so each call's memory goes back to the
+    graph's pool for the next one, as when nothing looks at them."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for inputs in input_sets:  # warm-up: compilation, autotuning, allocator
+        for inputs in input_sets:
             fn(*inputs)
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for inputs in input_sets:
-            fn(*inputs)
+        addresses = [_address(fn(*inputs)) for inputs in input_sets]
+    return graph, addresses
+
+
+def _address(output) -> Optional[int]:
+    return output.data_ptr() if isinstance(output, torch.Tensor) else None
+
+
+def replayed_call_us(graph: torch.cuda.CUDAGraph, calls: int, replays: int = 20, batches: int = 7) -> float:
+    """Median over ``batches`` of the µs per call of ``replays`` replays of a graph of ``calls`` calls,
+    after three replays of warm-up."""
     for _ in range(3):
         graph.replay()
     torch.cuda.synchronize()
@@ -37,7 +55,7 @@ def graph_replay_us(fn: Callable, input_sets: Sequence[tuple], replays: int = 20
             graph.replay()
         end.record()
         end.synchronize()
-        samples.append(start.elapsed_time(end) * 1e3 / (replays * len(input_sets)))
+        samples.append(start.elapsed_time(end) * 1e3 / (replays * calls))
     return statistics.median(samples)
 
 

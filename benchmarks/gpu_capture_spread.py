@@ -1,0 +1,124 @@
+"""Why the same layer times differently from one CUDA-graph capture to the next (issue 6's dsv3-ep8 figures):
+
+    python benchmarks/gpu_capture_spread.py --out DIR [--shape dsv3-ep8] [--dtype fp8] [--m 1] [--hits 0,1]
+        [--captures 12] [--seed 0] [--sets 32]
+
+Every timing of gpu_layer_by_hits captures a graph of its own (bench.time_point). Session 29 timed the plan under
+three names in one process (results/s29_experiments/call7): the readings fell into states ~1.3 µs apart at 0 and
+at 1 local expert hit, now and then 3.5, whatever the name, so a by-hits figure depends on which states its
+timings drew. This captures the layer's calls on the same inputs of one hit count --captures times. Each graph is
+timed, replayed once under the profiler, and timed again (does a graph keep its state?); from that replay come each
+call's period (one call's first kernel to the next's), the streams its kernels ran on and the middle call's
+kernels, and from the capture the address of the first call's output (where the graph's pool lies). It then
+prints one row per capture, and the middle call of the fastest and of the slowest capture, so that where a slow
+graph loses its time can be read off beside a fast one.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+from typing import Dict, List
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+for path in (os.path.dirname(HERE), HERE):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+from gpu_layer_by_hits import (middle_call, print_kernels, profiled_replay_kernels, sets_by_hits,  # noqa: E402
+                               split_calls)
+from moe_fusion.tools import bench, timing  # noqa: E402
+from moe_fusion.tools.bench_layers import SHAPES  # noqa: E402
+
+REPLAYS, BATCHES = 10, 5
+
+
+def call_periods(calls: List[List[dict]]) -> List[float]:
+    """µs from each call's first kernel to the next call's."""
+    return [round(b[0]["start_us"] - a[0]["start_us"], 2) for a, b in zip(calls, calls[1:])]
+
+
+def replay_summary(calls: List[List[dict]]) -> dict:
+    """What one profiled replay says of its calls: their periods (median, min, max), the streams their kernels
+    ran on, and the middle call's kernels with times from its first kernel."""
+    periods = call_periods(calls)
+    return dict(
+        period_median_us=statistics.median(periods) if periods else None,
+        period_min_us=min(periods, default=None), period_max_us=max(periods, default=None),
+        streams=sorted({str(k["stream"]) for call in calls for k in call}),
+        middle_call=middle_call(calls)[1],
+    )
+
+
+def measure_capture(fn, inputs: List[tuple], trace_path: str) -> dict:
+    graph, addresses = timing.capture_calls(fn, inputs)
+    row = dict(us=timing.replayed_call_us(graph, len(inputs), REPLAYS, BATCHES),
+               first_output=None if addresses[0] is None else hex(addresses[0]))
+    calls = split_calls(profiled_replay_kernels(graph, trace_path))
+    row.update(replay_summary(calls) if calls else dict(error="no layer call in the profiled replay"))
+    row["us_after_profile"] = timing.replayed_call_us(graph, len(inputs), REPLAYS, BATCHES)
+    return row
+
+
+def report(h: int, rows: List[dict]) -> None:
+    print(f"hits={h}: capture, µs, µs after the profiled replay, call period median/min/max µs, streams, "
+          f"first output")
+    for i, r in enumerate(rows):
+        print(f"  {i:3d} {r['us']:7.1f} {r['us_after_profile']:7.1f}   {r.get('period_median_us')} / "
+              f"{r.get('period_min_us')} / {r.get('period_max_us')}   {','.join(r.get('streams', []))}   "
+              f"{r['first_output']}", flush=True)
+    fastest, slowest = min(rows, key=lambda r: r["us"]), max(rows, key=lambda r: r["us"])
+    for title, r in (("fastest", fastest), ("slowest", slowest)):
+        print_kernels(f"  the {title} capture's middle call ({r['us']:.1f} µs):", r.get("middle_call", []))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--shape", default="dsv3-ep8", choices=sorted(SHAPES))
+    p.add_argument("--dtype", default="fp8")
+    p.add_argument("--m", type=int, default=1)
+    p.add_argument("--hits", default="0,1", help="comma-separated local-expert hit counts")
+    p.add_argument("--captures", type=int, default=12)
+    p.add_argument("--seed", type=int, default=0, help="bench seed (weights, router, inputs)")
+    p.add_argument("--sets", type=int, default=32, help="inputs (calls) per graph, all of one hit count")
+    p.add_argument("--candidates", type=int, default=4096, help="inputs drawn and routed to find them")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu_capture_spread needs CUDA: it times and profiles CUDA graphs")
+    os.makedirs(args.out, exist_ok=True)
+    cfg = bench.Config(device=torch.device("cuda"), shapes=[], ms=[args.m], parts=[], dtypes=[],
+                       variants=["moe_fusion"], sets=args.sets, seconds_per_point=0.25, variant_budget=1e9,
+                       max_call_ms=1000.0, seed=args.seed)
+    spec = bench.shape_spec(cfg, args.shape, args.dtype)
+    sb = bench.ShapeBench(cfg, spec)
+    fn = bench.moe_fusion_fn(spec, "layer")
+    result: Dict[str, object] = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                                     argv=sys.argv[1:] if argv is None else list(argv), hits={})
+    try:
+        found = sets_by_hits(sb, args.m, args.sets, args.candidates)
+        for h in (int(h) for h in args.hits.split(",")):
+            if h not in found:
+                print(f"hits={h}: fewer than {args.sets} of {args.candidates} inputs hit {h} local experts; skipped")
+                continue
+            inputs = [(x, sb.weights) for x in found[h]]
+            rows = []
+            with tempfile.TemporaryDirectory() as scratch:
+                for _ in range(args.captures):
+                    rows.append(measure_capture(fn, inputs, os.path.join(scratch, "trace.json")))
+            result["hits"][h] = rows
+            report(h, rows)
+            with open(os.path.join(args.out, "capture_spread.json"), "w") as f:
+                json.dump(result, f, indent=1)
+    finally:
+        sb.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
