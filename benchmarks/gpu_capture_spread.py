@@ -9,7 +9,8 @@ at 1 local expert hit, now and then 3.5, whatever the name, so a by-hits figure 
 timings drew. This captures the layer's calls on the same inputs of one hit count --captures times. Each graph is
 timed, replayed once under the profiler, and timed again (does a graph keep its state?); from that replay come each
 call's period (one call's first kernel to the next's), the streams its kernels ran on and the middle call's
-kernels, and from the capture the address of the first call's output (where the graph's pool lies). It then
+kernels; from the capture, the address of the first call's output and the segments of the graph's memory pool
+(where the layer's buffers lie in that graph: the steps between the states look like whole round trips). It then
 prints one row per capture, and the middle call of the fastest and of the slowest capture, so that where a slow
 graph loses its time can be read off beside a fast one.
 """
@@ -55,10 +56,16 @@ def replay_summary(calls: List[List[dict]]) -> dict:
     )
 
 
+def pool_segments(pool) -> List[str]:
+    """The allocator's segments of a graph's memory pool (``graph.pool()``), as "address:bytes"."""
+    return [f"{seg['address']:#x}:{seg['total_size']}" for seg in torch.cuda.memory_snapshot()
+            if tuple(seg.get("segment_pool_id", ())) == tuple(pool)]
+
+
 def measure_capture(fn, inputs: List[tuple], trace_path: str) -> dict:
     graph, addresses = timing.capture_calls(fn, inputs)
     row = dict(us=timing.replayed_call_us(graph, len(inputs), REPLAYS, BATCHES),
-               first_output=None if addresses[0] is None else hex(addresses[0]))
+               first_output=None if addresses[0] is None else hex(addresses[0]), pool=pool_segments(graph.pool()))
     calls = split_calls(profiled_replay_kernels(graph, trace_path))
     row.update(replay_summary(calls) if calls else dict(error="no layer call in the profiled replay"))
     row["us_after_profile"] = timing.replayed_call_us(graph, len(inputs), REPLAYS, BATCHES)
@@ -67,11 +74,11 @@ def measure_capture(fn, inputs: List[tuple], trace_path: str) -> dict:
 
 def report(h: int, rows: List[dict]) -> None:
     print(f"hits={h}: capture, µs, µs after the profiled replay, call period median/min/max µs, streams, "
-          f"first output")
+          f"first output, pool segments")
     for i, r in enumerate(rows):
         print(f"  {i:3d} {r['us']:7.1f} {r['us_after_profile']:7.1f}   {r.get('period_median_us')} / "
               f"{r.get('period_min_us')} / {r.get('period_max_us')}   {','.join(r.get('streams', []))}   "
-              f"{r['first_output']}", flush=True)
+              f"{r['first_output']}   {' '.join(r['pool'])}", flush=True)
     fastest, slowest = min(rows, key=lambda r: r["us"]), max(rows, key=lambda r: r["us"])
     for title, r in (("fastest", fastest), ("slowest", slowest)):
         print_kernels(f"  the {title} capture's middle call ({r['us']:.1f} µs):", r.get("middle_call", []))

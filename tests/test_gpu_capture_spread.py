@@ -63,5 +63,13 @@ def test_a_small_run_writes_a_row_per_capture(tmp_path):
     rows = json.loads((tmp_path / "capture_spread.json").read_text())["hits"]["1"]
     assert len(rows) == 2
     for r in rows:
-        assert r["us"] > 0 and r["us_after_profile"] > 0 and r["first_output"].startswith("0x")
+        assert r["us"] > 0 and r["us_after_profile"] > 0 and r["first_output"].startswith("0x") and r["pool"]
         assert r["period_median_us"] > 0 and r["middle_call"][0]["name"].startswith("_norm_quant_kernel")
+
+
+def test_the_pool_segments_are_those_of_the_graphs_pool(monkeypatch):
+    segments = [dict(address=0x7f0000000000, total_size=2 << 20, segment_pool_id=(0, 0)),
+                dict(address=0x7f0000200000, total_size=20 << 20, segment_pool_id=(1, 3)),
+                dict(address=0x7f0001600000, total_size=2 << 20, segment_pool_id=(1, 3))]
+    monkeypatch.setattr(torch.cuda, "memory_snapshot", lambda: segments)
+    assert gpu_capture_spread.pool_segments((1, 3)) == ["0x7f0000200000:20971520", "0x7f0001600000:2097152"]
