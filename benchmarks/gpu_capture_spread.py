@@ -4,8 +4,8 @@
         [--captures 12] [--seed 0] [--sets 32]
 
 Every timing of gpu_layer_by_hits captures a graph of its own (bench.time_point). Session 29 timed the plan under
-three names in one process (results/s29_experiments/call7): the readings fell into states ~1.3 µs apart at 0 and
-at 1 local expert hit, now and then 3.5, whatever the name, so a by-hits figure depends on which states its
+three names in one process (results/s29_experiments/call7): the readings fell into states ~1.3 µs apart, then
+~2.4 more, at 0 and at 1 local expert hit, whatever the name, so a by-hits figure depends on which states its
 timings drew. This captures the layer's calls on the same inputs of one hit count --captures times. Each graph is
 timed, replayed once under the profiler, and timed again (does a graph keep its state?); from that replay come each
 call's period (one call's first kernel to the next's), the streams its kernels ran on and the middle call's
