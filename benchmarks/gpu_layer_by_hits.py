@@ -243,8 +243,9 @@ def main(argv=None) -> int:
     p.add_argument("--sets", type=int, default=32, help="inputs per timing, all of one hit count")
     p.add_argument("--candidates", type=int, default=4096, help="inputs drawn and routed per (seed, M)")
     p.add_argument("--rounds", type=int, default=1,
-                   help="timings of each (variant, h), the variants alternated; a single timing is now and then "
-                        "3-4 µs off (session 20), so A/Bs take several and the summary their median")
+                   help="timings of each (variant, h), the variants alternated; a single timing falls into one of a "
+                        "few states ~1.3 µs apart, then ~2.4 more (session 29: each captures its own graph), so "
+                        "A/Bs take several and the summary their median")
     p.add_argument("--seconds-per-point", type=float, default=0.25)
     p.add_argument("--variant", action="append", default=[])
     p.add_argument("--profile-hits", default="", help="comma-separated hit counts: print the kernels of one call "
