@@ -22,7 +22,7 @@ import os
 import statistics
 import sys
 import tempfile
-from typing import Dict, List
+from typing import Any, Dict, List
 
 import torch
 
@@ -31,8 +31,8 @@ for path in (os.path.dirname(HERE), HERE):
     if path not in sys.path:
         sys.path.insert(0, path)
 
-from gpu_layer_by_hits import (middle_call, print_kernels, profiled_replay_kernels, sets_by_hits,  # noqa: E402
-                               split_calls)
+from gpu_layer_by_hits import (layer_bench_config, middle_call, print_kernels, profiled_replay_kernels,  # noqa: E402
+                               sets_by_hits, split_calls)
 from moe_fusion.tools import bench, timing  # noqa: E402
 from moe_fusion.tools.bench_layers import SHAPES  # noqa: E402
 
@@ -84,6 +84,23 @@ def report(h: int, rows: List[dict]) -> None:
         print_kernels(f"  the {title} capture's middle call ({r['us']:.1f} µs):", r.get("middle_call", []))
 
 
+@torch.no_grad()
+def spread_by_hits(sb: "bench.ShapeBench", fn, args, result: dict) -> None:
+    """--captures graphs of the layer per hit count in --hits, reported and written after each count."""
+    found = sets_by_hits(sb, args.m, args.sets, args.candidates)
+    for h in (int(h) for h in args.hits.split(",")):
+        if h not in found:
+            print(f"hits={h}: fewer than {args.sets} of {args.candidates} inputs hit {h} local experts; skipped")
+            continue
+        inputs = [(x, sb.weights) for x in found[h]]
+        with tempfile.TemporaryDirectory() as scratch:
+            rows = [measure_capture(fn, inputs, os.path.join(scratch, "trace.json")) for _ in range(args.captures)]
+        result["hits"][h] = rows
+        report(h, rows)
+        with open(os.path.join(args.out, "capture_spread.json"), "w") as f:
+            json.dump(result, f, indent=1)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
@@ -99,29 +116,14 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         raise SystemExit("gpu_capture_spread needs CUDA: it times and profiles CUDA graphs")
     os.makedirs(args.out, exist_ok=True)
-    cfg = bench.Config(device=torch.device("cuda"), shapes=[], ms=[args.m], parts=[], dtypes=[],
-                       variants=["moe_fusion"], sets=args.sets, seconds_per_point=0.25, variant_budget=1e9,
-                       max_call_ms=1000.0, seed=args.seed)
+    cfg = layer_bench_config(torch.device("cuda"), [args.m], args.sets, 0.25, args.seed)
     spec = bench.shape_spec(cfg, args.shape, args.dtype)
     sb = bench.ShapeBench(cfg, spec)
     fn = bench.moe_fusion_fn(spec, "layer")
-    result: Dict[str, object] = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                                     argv=sys.argv[1:] if argv is None else list(argv), hits={})
+    result: Dict[str, Any] = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                                  argv=sys.argv[1:] if argv is None else list(argv), hits={})
     try:
-        found = sets_by_hits(sb, args.m, args.sets, args.candidates)
-        for h in (int(h) for h in args.hits.split(",")):
-            if h not in found:
-                print(f"hits={h}: fewer than {args.sets} of {args.candidates} inputs hit {h} local experts; skipped")
-                continue
-            inputs = [(x, sb.weights) for x in found[h]]
-            rows = []
-            with tempfile.TemporaryDirectory() as scratch:
-                for _ in range(args.captures):
-                    rows.append(measure_capture(fn, inputs, os.path.join(scratch, "trace.json")))
-            result["hits"][h] = rows
-            report(h, rows)
-            with open(os.path.join(args.out, "capture_spread.json"), "w") as f:
-                json.dump(result, f, indent=1)
+        spread_by_hits(sb, fn, args, result)
     finally:
         sb.close()
     return 0

@@ -53,6 +53,13 @@ CANDIDATE_ROWS = 1024  # rows routed per preamble call while sorting candidates
 FIRST_KERNEL = "_norm_quant_kernel"  # where each layer call's kernels begin
 
 
+def layer_bench_config(device: torch.device, ms: List[int], sets: int, seconds_per_point: float,
+                       seed: int = 0) -> "bench.Config":
+    """The bench's configuration for timing the moe_fusion layer alone, with no budget cutting it short."""
+    return bench.Config(device=device, shapes=[], ms=ms, parts=[], dtypes=[], variants=["moe_fusion"], sets=sets,
+                        seconds_per_point=seconds_per_point, variant_budget=1e9, max_call_ms=1000.0, seed=seed)
+
+
 def sets_by_hits(sb: "bench.ShapeBench", m: int, sets: int, candidates: int) -> Dict[int, List[torch.Tensor]]:
     """{h: --sets inputs of m tokens whose routing hits exactly h local experts}, from ``candidates``
     inputs drawn with the bench's generator and routed by the bench layer's preamble; a count with
@@ -264,9 +271,7 @@ def main(argv=None) -> int:
         p.error("--out is required to time")
     os.makedirs(args.out, exist_ok=True)
     device = torch.device("cpu" if args.cpu else "cuda")
-    cfg = bench.Config(device=device, shapes=[], ms=[int(m) for m in args.m.split(",")], parts=[], dtypes=[],
-                       variants=["moe_fusion"], sets=args.sets, seconds_per_point=args.seconds_per_point,
-                       variant_budget=1e9, max_call_ms=1000.0, seed=0)
+    cfg = layer_bench_config(device, [int(m) for m in args.m.split(",")], args.sets, args.seconds_per_point)
     variants = [(name, [resolve(t, v) for t, v in pairs]) for name, pairs in map(parse_variant, args.variant)]
     variants = variants or [("plan", [])]
     args.profile_hits = {int(h) for h in args.profile_hits.split(",") if h}
