@@ -1,7 +1,7 @@
 """Why the same layer times differently from one CUDA-graph capture to the next (issue 6's dsv3-ep8 figures):
 
     python benchmarks/gpu_capture_spread.py --out DIR [--shape dsv3-ep8] [--dtype fp8] [--m 1] [--hits 0,1]
-        [--captures 12] [--seed 0] [--sets 32]
+        [--captures 12] [--placement same|pad|keep|eager] [--seed 0] [--sets 32]
 
 Every timing of gpu_layer_by_hits captures a graph of its own (bench.time_point). Session 29 timed the plan under
 three names in one process (results/s29_experiments/call7): the readings fell into states ~1.3 µs apart, then
@@ -22,7 +22,7 @@ import os
 import statistics
 import sys
 import tempfile
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import torch
 
@@ -37,6 +37,13 @@ from moe_fusion.tools import bench, timing  # noqa: E402
 from moe_fusion.tools.bench_layers import SHAPES  # noqa: E402
 
 REPLAYS, BATCHES = 10, 5
+PAD_STEP = 24 << 10  # bytes; 12 captures stay inside one 2 MB segment of small blocks
+PLACEMENTS = dict(
+    same="nothing: each capture's pool takes the memory the last one freed",
+    pad="capture i takes i * PAD_STEP bytes of its pool before the calls: the same pages, other offsets",
+    keep="every graph is kept, so each capture's pool is memory no earlier one used",
+    eager="the calls run eagerly on the current stream before each capture, as bench.time_point does",
+)
 
 
 def call_periods(calls: List[List[dict]]) -> List[float]:
@@ -62,21 +69,38 @@ def pool_segments(pool) -> List[str]:
             if tuple(seg.get("segment_pool_id", ())) == tuple(pool)]
 
 
-def measure_capture(fn, inputs: List[tuple], trace_path: str) -> dict:
-    graph, addresses = timing.capture_calls(fn, inputs)
-    row = dict(us=timing.replayed_call_us(graph, len(inputs), REPLAYS, BATCHES),
+def measure_capture(fn, inputs: List[tuple], trace_path: str, pad_bytes: int = 0) -> Tuple[dict, "torch.cuda.CUDAGraph"]:
+    """One capture's row, and its graph."""
+    graph, addresses = timing.capture_calls(fn, inputs, pad_bytes)
+    row = dict(us=timing.replayed_call_us(graph, len(inputs), REPLAYS, BATCHES), pad_bytes=pad_bytes,
                first_output=None if addresses[0] is None else hex(addresses[0]), pool=pool_segments(graph.pool()))
     calls = split_calls(profiled_replay_kernels(graph, trace_path))
     row.update(replay_summary(calls) if calls else dict(error="no layer call in the profiled replay"))
     row["us_after_profile"] = timing.replayed_call_us(graph, len(inputs), REPLAYS, BATCHES)
-    return row
+    return row, graph
+
+
+def placed_captures(fn, inputs: List[tuple], trace_path: str, placement: str, captures: int) -> List[dict]:
+    """--captures rows; between them, what --placement says moves the layer's buffers (PLACEMENTS)."""
+    rows, kept = [], []
+    for i in range(captures):
+        if placement == "eager":
+            for args in inputs:
+                fn(*args)
+            torch.cuda.synchronize()
+        row, graph = measure_capture(fn, inputs, trace_path, i * PAD_STEP if placement == "pad" else 0)
+        if placement == "keep":
+            kept.append(graph)
+        rows.append(row)
+        del graph  # one not kept frees its pool before the next capture
+    return rows
 
 
 def report(h: int, rows: List[dict]) -> None:
-    print(f"hits={h}: capture, µs, µs after the profiled replay, call period median/min/max µs, streams, "
-          f"first output, pool segments")
+    print(f"hits={h}: capture, µs, µs after the profiled replay, pad bytes, call period median/min/max µs, "
+          f"streams, first output, pool segments")
     for i, r in enumerate(rows):
-        print(f"  {i:3d} {r['us']:7.1f} {r['us_after_profile']:7.1f}   {r.get('period_median_us')} / "
+        print(f"  {i:3d} {r['us']:7.1f} {r['us_after_profile']:7.1f} {r['pad_bytes']:7d}   {r.get('period_median_us')} / "
               f"{r.get('period_min_us')} / {r.get('period_max_us')}   {','.join(r.get('streams', []))}   "
               f"{r['first_output']}   {' '.join(r['pool'])}", flush=True)
     fastest, slowest = min(rows, key=lambda r: r["us"]), max(rows, key=lambda r: r["us"])
@@ -94,7 +118,7 @@ def spread_by_hits(sb: "bench.ShapeBench", fn, args, result: dict) -> None:
             continue
         inputs = [(x, sb.weights) for x in found[h]]
         with tempfile.TemporaryDirectory() as scratch:
-            rows = [measure_capture(fn, inputs, os.path.join(scratch, "trace.json")) for _ in range(args.captures)]
+            rows = placed_captures(fn, inputs, os.path.join(scratch, "trace.json"), args.placement, args.captures)
         result["hits"][h] = rows
         report(h, rows)
         with open(os.path.join(args.out, "capture_spread.json"), "w") as f:
@@ -109,6 +133,8 @@ def main(argv=None) -> int:
     p.add_argument("--m", type=int, default=1)
     p.add_argument("--hits", default="0,1", help="comma-separated local-expert hit counts")
     p.add_argument("--captures", type=int, default=12)
+    p.add_argument("--placement", default="same", choices=sorted(PLACEMENTS),
+                   help="; ".join(f"{k}: {v}" for k, v in PLACEMENTS.items()))
     p.add_argument("--seed", type=int, default=0, help="bench seed (weights, router, inputs)")
     p.add_argument("--sets", type=int, default=32, help="inputs (calls) per graph, all of one hit count")
     p.add_argument("--candidates", type=int, default=4096, help="inputs drawn and routed to find them")

@@ -73,3 +73,33 @@ def test_the_pool_segments_are_those_of_the_graphs_pool(monkeypatch):
                 dict(address=0x7f0001600000, total_size=2 << 20, segment_pool_id=(1, 3))]
     monkeypatch.setattr(torch.cuda, "memory_snapshot", lambda: segments)
     assert gpu_capture_spread.pool_segments((1, 3)) == ["0x7f0000200000:20971520", "0x7f0001600000:2097152"]
+
+
+@pytest.mark.parametrize("placement", sorted(gpu_capture_spread.PLACEMENTS))
+def test_each_placement_moves_the_buffers_as_it_says(monkeypatch, placement):
+    """pad: the i-th capture is padded by i steps; eager: every input runs before each capture; keep: no graph
+    is freed before the last capture; same: none of these."""
+    events, alive = [], [0]
+
+    class Graph:
+        def __init__(self):
+            alive[0] += 1
+
+        def __del__(self):
+            alive[0] -= 1
+
+    def measure(fn, inputs, trace_path, pad_bytes=0):
+        events.append(("capture", pad_bytes, alive[0]))
+        return dict(us=1.0), Graph()
+
+    monkeypatch.setattr(gpu_capture_spread, "measure_capture", measure)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    rows = gpu_capture_spread.placed_captures(lambda i: events.append(("call", i)), [(0,), (1,)], "t.json",
+                                              placement, 3)
+    assert len(rows) == 3
+    captures = [e for e in events if e[0] == "capture"]
+    pads = [0, gpu_capture_spread.PAD_STEP, 2 * gpu_capture_spread.PAD_STEP] if placement == "pad" else [0, 0, 0]
+    assert [c[1] for c in captures] == pads
+    assert [c[2] for c in captures] == ([0, 1, 2] if placement == "keep" else [0, 0, 0])
+    calls = [e for e in events if e[0] == "call"]
+    assert calls == ([("call", 0), ("call", 1)] * 3 if placement == "eager" else [])

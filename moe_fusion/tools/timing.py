@@ -19,11 +19,13 @@ def graph_replay_us(fn: Callable, input_sets: Sequence[tuple], replays: int = 20
     return replayed_call_us(graph, len(input_sets), replays, batches)
 
 
-def capture_calls(fn: Callable, input_sets: Sequence[tuple]) -> Tuple[torch.cuda.CUDAGraph, List[Optional[int]]]:
+def capture_calls(fn: Callable, input_sets: Sequence[tuple],
+                  pad_bytes: int = 0) -> Tuple[torch.cuda.CUDAGraph, List[Optional[int]]]:
     """A CUDA graph of one ``fn(*inputs)`` per input set, after a warm-up call of each (compilation,
     autotuning, allocator) on a side stream; and the address of each captured call's output (None where
     it returned no tensor). The outputs themselves are not kept, so each call's memory goes back to the
-    graph's pool for the next one, as when nothing looks at them."""
+    graph's pool for the next one, as when nothing looks at them. ``pad_bytes`` of the pool are taken
+    before the first call and held through the last, which moves where the calls' buffers lie."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -33,6 +35,7 @@ def capture_calls(fn: Callable, input_sets: Sequence[tuple]) -> Tuple[torch.cuda
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
+        pad = torch.empty(pad_bytes, dtype=torch.uint8, device="cuda")  # noqa: F841 (held through the calls)
         addresses = [_address(fn(*inputs)) for inputs in input_sets]
     return graph, addresses
 
