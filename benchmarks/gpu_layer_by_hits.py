@@ -44,8 +44,9 @@ for path in (os.path.dirname(HERE), HERE):
         sys.path.insert(0, path)
 
 from gpu_layer_ab import applied, parse_variant, resolve  # noqa: E402
-from gpu_overlap import profiled_sections  # noqa: E402
+from gpu_overlap import profiled_sections, weight_copies, weight_copy_count  # noqa: E402
 from routing_seeds import local_hit_distribution, shape_spec  # noqa: E402
+from moe_fusion.lowering import layer as layer_plan  # noqa: E402
 from moe_fusion.tools import bench, timing  # noqa: E402
 from moe_fusion.tools.bench_layers import SHAPES  # noqa: E402
 
@@ -75,6 +76,22 @@ def sets_by_hits(sb: "bench.ShapeBench", m: int, sets: int, candidates: int) -> 
         if len(found[h]) < sets:
             found[h].append(xs[rows].clone())
     return {h: found[h] for h in sorted(found) if len(found[h]) == sets}
+
+
+def weight_rotation(sb: "bench.ShapeBench", m: int, copies: int) -> list:
+    """The bench's weights, then copies with their own preamble and shared-expert tensors (gpu_overlap.weight_copies),
+    ``copies`` in all; 0: as many as take those tensors out of L2 between two calls that read the same copy
+    (gpu_overlap.weight_copy_count). dsv3-ep8 fp8 reads 48 MB of them per call, inside the H100's 50 MB L2."""
+    if copies == 0:
+        shared_fp8 = layer_plan.plan_layer(sb.spec, m, sb.cfg.device).shared_fp8
+        l2 = torch.cuda.get_device_properties(sb.cfg.device).L2_cache_size if sb.cfg.on_gpu else 0
+        copies = weight_copy_count(sb.spec, shared_fp8, l2) if l2 else 1
+    return weight_copies(sb.weights, copies)
+
+
+def rotated_inputs(xs: Sequence[torch.Tensor], weights: list) -> List[tuple]:
+    """(x, weights) per input, going round the weight copies."""
+    return [(x, weights[i % len(weights)]) for i, x in enumerate(xs)]
 
 
 def expected_us(times: Dict[int, float], shares: Dict[int, float]) -> Tuple[float, float]:
@@ -131,10 +148,12 @@ def _time_seed(cfg, args, variants, meta: dict, rows: list) -> None:
     fn = bench.moe_fusion_fn(spec, "layer")
     try:
         for m in cfg.ms:
+            weights = weight_rotation(sb, m, args.weight_copies)
+            meta.setdefault("weight_copies", {})[f"seed {cfg.seed} M={m}"] = len(weights)
             for h, xs in sets_by_hits(sb, m, cfg.sets, args.candidates).items():
                 hits = [bench.distinct_local_experts(sb.spec, sb.layer.preamble(x)[1], sb.layer.experts.expert_map)
                         for x in xs]  # as the bench counts them, routed m rows at a time
-                inputs = [(x, sb.weights) for x in xs]
+                inputs = rotated_inputs(xs, weights)
                 for round_, (name, settings) in itertools.product(range(args.rounds), variants):
                     with applied(settings):
                         t = bench.time_point(cfg, fn, inputs)
@@ -254,6 +273,10 @@ def main(argv=None) -> int:
                         "few states ~1.3 µs apart, then ~2.4 more (session 29: each captures its own graph), so "
                         "A/Bs take several and the summary their median")
     p.add_argument("--seconds-per-point", type=float, default=0.25)
+    p.add_argument("--weight-copies", type=int, default=0,
+                   help="copies of the preamble's and shared expert's weights the inputs go round (routed experts "
+                        "shared); 0: enough to take them out of L2 between two reads of one copy (4 at dsv3-ep8 fp8 "
+                        "on an H100); 1: one copy, as before session 30")
     p.add_argument("--variant", action="append", default=[])
     p.add_argument("--profile-hits", default="", help="comma-separated hit counts: print the kernels of one call "
                    "(the middle one of a profiled replay) of each variant there, in the first round")

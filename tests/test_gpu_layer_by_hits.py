@@ -43,11 +43,29 @@ def test_every_sorted_input_hits_its_count_when_routed_alone():
                 assert bench.distinct_local_experts(sb.spec, ids, sb.layer.experts.expert_map) == h
 
 
+def test_the_inputs_go_round_weight_copies_of_their_own_preamble_and_shared_tensors():
+    """Copy i has its own router, norm and shared-expert tensors with the same values (so the same routing) and
+    shares the routed experts; the inputs take copies 0, 1, 2, 0, 1; on the CPU (no L2 to leave) one copy."""
+    sb = _shape_bench()
+    weights = gpu_layer_by_hits.weight_rotation(sb, 2, 3)
+    assert len(weights) == 3 and weights[0] is sb.weights
+    for w in weights[1:]:
+        for name in ("router_weight", "shared_gate", "shared_down"):
+            assert getattr(w, name).data_ptr() != getattr(sb.weights, name).data_ptr()
+            assert torch.equal(getattr(w, name), getattr(sb.weights, name))
+        assert w.w_gate.data_ptr() == sb.weights.w_gate.data_ptr()
+    xs = [torch.randn(2, sb.spec.hidden_size) for _ in range(5)]
+    inputs = gpu_layer_by_hits.rotated_inputs(xs, weights)
+    assert [x for x, _ in inputs] == xs and [w for _, w in inputs] == [weights[i] for i in (0, 1, 2, 0, 1)]
+    assert len(gpu_layer_by_hits.weight_rotation(sb, 2, 0)) == 1
+
+
 def test_a_cpu_run_writes_rows_per_hit_count_and_summarizes(tmp_path):
     out = tmp_path / "run"
     assert gpu_layer_by_hits.main(["--cpu", "--out", str(out), "--shape", "tiny-ep", "--dtype", "bf16", "--m", "1",
                                    "--sets", "2", "--candidates", "64", "--seconds-per-point", "0.01"]) == 0
     run = json.loads((out / "by_hits.json").read_text())
+    assert run["meta"]["weight_copies"] == {"seed 0 M=1": 1}
     assert {r["hits"] for r in run["rows"]} == {r["distinct_experts"] for r in run["rows"]}
     assert all(r["us"] > 0 and r["variant"] == "plan" for r in run["rows"])
     md = tmp_path / "table.md"
