@@ -14,9 +14,9 @@ kernels; from the capture, the address of the first call's output and the segmen
 prints one row per capture, and the middle call of the fastest and of the slowest capture, so that where a slow
 graph loses its time can be read off beside a fast one. --placement moves the layer's buffers between captures.
 
-Session 30 (results/s30_experiments, calls 1-2): inside a process every capture read the same to 0.3 µs, whatever
-the placement (pool offsets, fresh pools, eager calls between captures), while by-hits in the same process read
-1.3-1.9 µs more; what by-hits added was in its batches, not in its graphs (results/session30.md).
+Session 30 (results/session30.md): inside a process every capture read the same to 0.3 µs, whatever the placement
+(pool offsets, fresh pools, eager calls between captures), while by-hits in the same process read 1.3-1.9 µs more.
+So the states are not the captures.
 """
 from __future__ import annotations
 

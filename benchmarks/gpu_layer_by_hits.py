@@ -269,8 +269,8 @@ def main(argv=None) -> int:
     p.add_argument("--sets", type=int, default=32, help="inputs per timing, all of one hit count")
     p.add_argument("--candidates", type=int, default=4096, help="inputs drawn and routed per (seed, M)")
     p.add_argument("--rounds", type=int, default=1,
-                   help="timings of each (variant, h), the variants alternated; a single timing falls into one of a "
-                        "few states ~1.3 µs apart, then ~2.4 more (session 29: each captures its own graph), so "
+                   help="timings of each (variant, h), the variants alternated; a single timing fell into one of a "
+                        "few states ~1.3 µs apart, then ~2.4 more (session 29; not the captures, session 30), so "
                         "A/Bs take several and the summary their median")
     p.add_argument("--seconds-per-point", type=float, default=0.25)
     p.add_argument("--weight-copies", type=int, default=0,
