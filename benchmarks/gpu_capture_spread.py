@@ -73,7 +73,8 @@ def pool_segments(pool) -> List[str]:
             if tuple(seg.get("segment_pool_id", ())) == tuple(pool)]
 
 
-def measure_capture(fn, inputs: List[tuple], trace_path: str, pad_bytes: int = 0) -> Tuple[dict, "torch.cuda.CUDAGraph"]:
+def measure_capture(fn, inputs: List[tuple], trace_path: str,
+                    pad_bytes: int = 0) -> Tuple[dict, "torch.cuda.CUDAGraph"]:
     """One capture's row, and its graph."""
     graph, addresses = timing.capture_calls(fn, inputs, pad_bytes)
     row = dict(us=timing.replayed_call_us(graph, len(inputs), REPLAYS, BATCHES), pad_bytes=pad_bytes,
@@ -104,7 +105,8 @@ def report(h: int, rows: List[dict]) -> None:
     print(f"hits={h}: capture, µs, µs after the profiled replay, pad bytes, call period median/min/max µs, "
           f"streams, first output, pool segments")
     for i, r in enumerate(rows):
-        print(f"  {i:3d} {r['us']:7.1f} {r['us_after_profile']:7.1f} {r['pad_bytes']:7d}   {r.get('period_median_us')} / "
+        print(f"  {i:3d} {r['us']:7.1f} {r['us_after_profile']:7.1f} {r['pad_bytes']:7d}   "
+              f"{r.get('period_median_us')} / "
               f"{r.get('period_min_us')} / {r.get('period_max_us')}   {','.join(r.get('streams', []))}   "
               f"{r['first_output']}   {' '.join(r['pool'])}", flush=True)
     fastest, slowest = min(rows, key=lambda r: r["us"]), max(rows, key=lambda r: r["us"])
