@@ -44,7 +44,7 @@ for path in (os.path.dirname(HERE), HERE):
         sys.path.insert(0, path)
 
 from gpu_layer_ab import applied, parse_variant, resolve  # noqa: E402
-from gpu_overlap import profiled_sections, weight_copies, weight_copy_count  # noqa: E402
+from gpu_overlap import profiled_sections, weight_copies, weight_copy_count, with_weights  # noqa: E402
 from routing_seeds import local_hit_distribution, shape_spec  # noqa: E402
 from moe_fusion.lowering import layer as layer_plan  # noqa: E402
 from moe_fusion.tools import bench, timing  # noqa: E402
@@ -87,11 +87,6 @@ def weight_rotation(sb: "bench.ShapeBench", m: int, copies: int) -> list:
         l2 = torch.cuda.get_device_properties(sb.cfg.device).L2_cache_size if sb.cfg.on_gpu else 0
         copies = weight_copy_count(sb.spec, shared_fp8, l2) if l2 else 1
     return weight_copies(sb.weights, copies)
-
-
-def rotated_inputs(xs: Sequence[torch.Tensor], weights: list) -> List[tuple]:
-    """(x, weights) per input, going round the weight copies."""
-    return [(x, weights[i % len(weights)]) for i, x in enumerate(xs)]
 
 
 def expected_us(times: Dict[int, float], shares: Dict[int, float]) -> Tuple[float, float]:
@@ -153,7 +148,7 @@ def _time_seed(cfg, args, variants, meta: dict, rows: list) -> None:
             for h, xs in sets_by_hits(sb, m, cfg.sets, args.candidates).items():
                 hits = [bench.distinct_local_experts(sb.spec, sb.layer.preamble(x)[1], sb.layer.experts.expert_map)
                         for x in xs]  # as the bench counts them, routed m rows at a time
-                inputs = rotated_inputs(xs, weights)
+                inputs = with_weights([(x,) for x in xs], weights)
                 for round_, (name, settings) in itertools.product(range(args.rounds), variants):
                     with applied(settings):
                         t = bench.time_point(cfg, fn, inputs)

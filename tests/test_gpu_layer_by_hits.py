@@ -55,7 +55,7 @@ def test_the_inputs_go_round_weight_copies_of_their_own_preamble_and_shared_tens
             assert torch.equal(getattr(w, name), getattr(sb.weights, name))
         assert w.w_gate.data_ptr() == sb.weights.w_gate.data_ptr()
     xs = [torch.randn(2, sb.spec.hidden_size) for _ in range(5)]
-    inputs = gpu_layer_by_hits.rotated_inputs(xs, weights)
+    inputs = gpu_layer_by_hits.with_weights([(x,) for x in xs], weights)
     assert [x for x, _ in inputs] == xs and [w for _, w in inputs] == [weights[i] for i in (0, 1, 2, 0, 1)]
     assert len(gpu_layer_by_hits.weight_rotation(sb, 2, 0)) == 1
 
