@@ -10,6 +10,9 @@ under CUDA-graph replay (moe_fusion.tools.timing: median of batches, inputs rota
                     or with --shared-on kernels-fp8 that launch in fp8 on x's fp8 groups made beforehand
                     (what the layer runs with MOE_FUSION_SHARED_FP8=1; fp8 experts only). Until session 17
                     the default was cuBLAS, which the layer no longer runs on the side stream (layer.py)
+  norm+shared       the preamble's norm kernel (with its fp8 quantisation for the fp8 experts), then the
+                    shared expert on the same stream: what the shared expert needs in a model that has no
+                    router, since its input is the normed hidden states
   preamble          preamble.fused_preamble alone (norm [+ fp8 quantisation], router, routing, alignment)
   pre+shared stream the preamble with the shared expert forked onto the side stream right after the
                     norm (its after_norm hook, streams.fork), joined at the end: what the layer does
@@ -17,6 +20,8 @@ under CUDA-graph replay (moe_fusion.tools.timing: median of batches, inputs rota
   layer stream / layer inline   the whole layer (layer.moe_layer), for context; its time depends on how many
                     local experts the input sets' routing hits (the table's column; the bench's routing differs)
 ratio = (pre+shared stream) / shared; the target is <= 1.1 (the preamble almost entirely hidden).
+ratio after norm = (pre+shared stream) / (norm+shared): what the routing part of the preamble (router,
+routing, alignment) adds to a shared expert that waits for the norm as it must.
 
 The shared expert's weights (44 MB in fp8, 88 MB in bf16) and the router's fit in or near the H100's
 50 MB L2, so timing them over one copy partly measures the cache, in the shared expert alone most of
@@ -57,6 +62,7 @@ import triton  # noqa: E402
 
 from layer_cases import layer_options, layer_weights, with_own_tensors  # noqa: E402
 from moe_fusion.lowering import layer, preamble, reference, streams  # noqa: E402
+from moe_fusion.lowering.norm_quant_kernel import norm_quant  # noqa: E402
 from moe_fusion.lowering.shared_expert import SharedExpertOnExpertKernels  # noqa: E402
 from moe_fusion.spec import MoESpec, MoEWeights  # noqa: E402
 from moe_fusion.tools import timing  # noqa: E402
@@ -68,7 +74,7 @@ N_SETS = 8
 TARGET_RATIO = 1.1
 PREAMBLE_KERNELS = ("_norm_quant_kernel", "_router_route_align_kernel", "_router_kernel", "_topk_kernel",
                     "_align_kernel")
-VARIANTS = ("shared", "preamble", "pre+shared stream", "pre+shared inline", "layer stream", "layer inline")
+VARIANTS = ("shared", "norm+shared", "preamble", "pre+shared stream", "pre+shared inline", "layer stream", "layer inline")
 SHARED_ON = ("kernels", "kernels-fp8")
 # The weights each input set gets a copy of: the preamble's and the shared expert's.
 PREAMBLE_WEIGHTS = ("router_weight", "norm_weight", "correction_bias")
@@ -90,6 +96,11 @@ def variant_fn(name: str, spec: MoESpec, block_m: int, shared_on: str = "kernels
     def shared(x, normed, w):
         shared_job(w, normed, *(quantized or {}).get(id(normed), (None, None))).run()
 
+    def norm_shared(x, normed, w):
+        norm_outputs = norm_quant(x, w.norm_weight, spec.rms_norm_eps, spec.fp8,
+                                  out_dtype=preamble.normed_dtype_of(spec, x, w))
+        shared_job(w, *norm_outputs).run()
+
     def pre(x, normed, w):
         preamble.fused_preamble(spec, x, w, block_m=block_m)
 
@@ -108,7 +119,7 @@ def variant_fn(name: str, spec: MoESpec, block_m: int, shared_on: str = "kernels
                 layer.moe_layer(spec, x, w)
         return fn
 
-    return {"shared": shared, "preamble": pre, "pre+shared stream": pre_shared_stream,
+    return {"shared": shared, "norm+shared": norm_shared, "preamble": pre, "pre+shared stream": pre_shared_stream,
             "pre+shared inline": pre_shared_inline, "layer stream": whole_layer("stream"),
             "layer inline": whole_layer("inline")}[name]
 
@@ -253,6 +264,7 @@ def measure(spec: MoESpec, weights: Sequence[MoEWeights], M: int, device: torch.
     if on_gpu:
         row["ratio_stream"] = round(row["us"]["pre+shared stream"] / row["us"]["shared"], 3)
         row["ratio_inline"] = round(row["us"]["pre+shared inline"] / row["us"]["shared"], 3)
+        row["ratio_after_norm"] = round(row["us"]["pre+shared stream"] / row["us"]["norm+shared"], 3)
         row["profile"] = profile_overlap(variant_fn("pre+shared stream", spec, block_m, shared_on), sets[0],
                                          trace_path)
     return row
@@ -265,8 +277,8 @@ def markdown(result: dict) -> str:
              f"the row's copies of the preamble and shared-expert weights); "
              f"ratio = (pre+shared stream) / shared, target <= {TARGET_RATIO}.", "",
              "| experts | M | copies | local experts hit | " + " | ".join(VARIANTS)
-             + " | ratio stream | ratio inline | overlap (graph) |",
-             "|---" * (len(VARIANTS) + 7) + "|"]
+             + " | ratio stream | ratio inline | ratio after norm | overlap (graph) |",
+             "|---" * (len(VARIANTS) + 8) + "|"]
     for r in result["rows"]:
         cells = [f"{r['us'][v]:.1f}" if r["us"].get(v) is not None else "-" for v in VARIANTS]
         prof = r.get("profile", {}).get("graph replay", {})
@@ -274,7 +286,8 @@ def markdown(result: dict) -> str:
               if "overlap_us" in prof else "-")
         lines.append(f"| {r['dtype']} | {r['M']} | {r['weight_copies']} | {r['local_experts_hit']} | "
                      + " | ".join(cells)
-                     + f" | {r.get('ratio_stream', '-')} | {r.get('ratio_inline', '-')} | {ov} |")
+                     + f" | {r.get('ratio_stream', '-')} | {r.get('ratio_inline', '-')} "
+                     + f"| {r.get('ratio_after_norm', '-')} | {ov} |")
     first = next((r for r in result["rows"] if "profile" in r), None)
     if first:
         for section, prof in first["profile"].items():

@@ -19,7 +19,8 @@ def test_overlap_smoke(tmp_path):
     assert result["shared_on"] == "kernels"  # the layer's side stream runs no cuBLAS
     # tiny-ep: 4 of 16 experts local, 4 picked per token; one token hits 0 to 4 of them
     assert all(0 <= r["local_experts_hit"] <= 4 for r in result["rows"])
-    assert "| bf16 | 1 |" in (tmp_path / "overlap.md").read_text()
+    text = (tmp_path / "overlap.md").read_text()
+    assert "| bf16 | 1 |" in text and "| norm+shared |" in text and "ratio after norm" in text
 
 
 def test_overlap_smoke_with_an_fp8_shared_expert(tmp_path):
