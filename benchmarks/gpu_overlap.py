@@ -108,15 +108,19 @@ def variant_fn(name: str, spec: MoESpec, block_m: int, shared_on: str = "kernels
     def pre(x, normed, w):
         preamble.fused_preamble(spec, x, w, block_m=block_m)
 
+    # A forked job is held until the join: freed earlier, its buffers would go to the preamble's allocations
+    # on the main stream while the side stream still uses them (as the layer holds its job, layer.py).
     def pre_shared_stream(x, normed, w):
-        fork = lambda *norm_outputs: streams.fork(x.device, shared_job(w, *norm_outputs).run)  # noqa: E731
+        forked = []
+        fork = lambda *norm_outputs: forked.append(fork_job(x, shared_job(w, *norm_outputs)))  # noqa: E731
         preamble.fused_preamble(spec, x, w, block_m=block_m, after_norm=fork)
         streams.join(x.device)
 
     def pre_shared_unblocked(x, normed, w):
-        streams.fork(x.device, shared_job(w, normed, *(quantized or {}).get(id(normed), (None, None))).run)
+        job = fork_job(x, shared_job(w, normed, *(quantized or {}).get(id(normed), (None, None))))
         preamble.fused_preamble(spec, x, w, block_m=block_m)
         streams.join(x.device)
+        del job  # held until here, after the join
 
     def pre_shared_inline(x, normed, w):
         pre = preamble.fused_preamble(spec, x, w, block_m=block_m)
@@ -132,6 +136,12 @@ def variant_fn(name: str, spec: MoESpec, block_m: int, shared_on: str = "kernels
             "pre+shared inline": pre_shared_inline,
             "pre+shared unblocked": pre_shared_unblocked, "layer stream": whole_layer("stream"),
             "layer inline": whole_layer("inline")}[name]
+
+
+def fork_job(x: torch.Tensor, job):
+    """job.run() queued on the side stream; returns the job, whose buffers the caller holds until the join."""
+    streams.fork(x.device, job.run)
+    return job
 
 
 def local_experts_hit(spec: MoESpec, sets: Sequence[tuple]) -> float:
