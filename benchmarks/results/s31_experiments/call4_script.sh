@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Session 31, call 4. Call 3 stopped at M = 4 of plan_a and plan_b on cudaErrorInvalidAddressSpace: the
 # benchmark let the forked shared job (its buffers) go right after the fork, so the preamble's allocations took its
-# memory while the side stream used it; gpu_overlap now holds forked jobs until the join. Call 3's notes: Call 2: with the fp8 shared expert, (pre+shared)/shared read 1.125 / 1.216 at M = 1 / 4, and
+# memory while the side stream used it; gpu_overlap now holds forked jobs until the join. Call 3's notes:
+# Call 2: with the fp8 shared expert, (pre+shared)/shared read 1.125 / 1.216 at M = 1 / 4, and
 # (pre+shared)/(norm+shared) 1.002 / 1.082: at M = 1 all of the excess is the norm the shared expert waits for; at
 # M = 4 the shared GEMM1 also ran ~2 µs longer beside the routing. New variant "pre+shared unblocked": the shared
 # expert forked before the norm on inputs made beforehand, a bound for a shared expert that makes its own input.
-# Then M = 4 with one routing+alignment program (ROUTE_ALIGN_MAX_TILE=1024) instead of the top-k and alignment kernels.
+# (Call 3's third run, M = 4 with one routing+alignment program, completed and is not repeated.)
 set -u
 START=$(date +%s)
 OUT=${OUT:-benchmarks/out}
