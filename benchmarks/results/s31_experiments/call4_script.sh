@@ -7,6 +7,7 @@
 # M = 4 the shared GEMM1 also ran ~2 µs longer beside the routing. New variant "pre+shared unblocked": the shared
 # expert forked before the norm on inputs made beforehand, a bound for a shared expert that makes its own input.
 # (Call 3's third run, M = 4 with one routing+alignment program, completed and is not repeated.)
+# Last, the bf16 shared expert (call 2: 1.088 / 1.094) once more.
 set -u
 START=$(date +%s)
 OUT=${OUT:-benchmarks/out}
@@ -26,3 +27,4 @@ runpy.run_path('benchmarks/gpu_overlap.py', run_name='__main__')" --out "$OUT/$n
 }
 overlap plan_a "" --m 1,4
 overlap plan_b "" --m 1,4
+overlap bf16_shared "" --m 1,4 --shared-on kernels
