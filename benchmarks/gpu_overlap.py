@@ -77,7 +77,8 @@ N_SETS = 8
 TARGET_RATIO = 1.1
 PREAMBLE_KERNELS = ("_norm_quant_kernel", "_router_route_align_kernel", "_router_kernel", "_topk_kernel",
                     "_align_kernel")
-VARIANTS = ("shared", "norm+shared", "preamble", "pre+shared stream", "pre+shared inline", "pre+shared unblocked", "layer stream", "layer inline")
+VARIANTS = ("shared", "norm+shared", "preamble", "pre+shared stream", "pre+shared inline", "pre+shared unblocked",
+            "layer stream", "layer inline")
 ON_SIDE_STREAM = ("pre+shared stream", "pre+shared unblocked", "layer stream")
 SHARED_ON = ("kernels", "kernels-fp8")
 # The weights each input set gets a copy of: the preamble's and the shared expert's.

@@ -5,6 +5,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 sys.path.insert(0, BENCHMARKS)
@@ -37,7 +38,6 @@ def test_each_input_set_gets_its_own_preamble_and_shared_weights(tmp_path):
     """The rotation that keeps the shared expert's 44-88 MB out of L2 between timed calls: copies own
     their preamble and shared-expert tensors (same values), share the routed experts, and enough of
     them exceed L2 L2_ROTATION_FACTOR times."""
-    import torch
     from layer_cases import layer_weights
 
     spec = gpu_overlap.SHAPES["tiny-ep"]
@@ -58,6 +58,30 @@ def test_each_input_set_gets_its_own_preamble_and_shared_weights(tmp_path):
     per_copy = gpu_overlap.preamble_bytes(dsv3_ep8) + gpu_overlap.shared_bytes(dsv3_ep8, True)
     assert (fp8_copies - 1) * per_copy < gpu_overlap.L2_ROTATION_FACTOR * l2 <= fp8_copies * per_copy
     assert gpu_overlap.weight_copy_count(dsv3_ep8, False, l2) < fp8_copies
+
+
+def test_a_forked_shared_job_is_held_until_the_join(monkeypatch):
+    """Freed at the fork, the job's buffers went to the preamble's allocations while the side stream still
+    used them (session 31: an illegal address under graph replay). On the CPU the fork runs the job at once;
+    what is checked is that the job is still alive when the join comes."""
+    import weakref
+
+    from layer_cases import layer_weights
+
+    spec = gpu_overlap.SHAPES["tiny-ep"].replace(dtype="float16")
+    sets = gpu_overlap.with_weights(gpu_overlap.input_sets(spec, 1, "cpu", 1), [layer_weights(spec, "cpu", seed=0)])
+    block_m = gpu_overlap.layer.plan_layer(spec, 1, torch.device("cpu")).expert_config.block_m
+    forked, alive_at_join = [], []
+
+    def fork(device, run):
+        forked.append(weakref.ref(run.__self__))
+        run()
+
+    monkeypatch.setattr(gpu_overlap.streams, "fork", fork)
+    monkeypatch.setattr(gpu_overlap.streams, "join", lambda device: alive_at_join.append(forked[-1]() is not None))
+    for name in ("pre+shared stream", "pre+shared unblocked"):
+        gpu_overlap.variant_fn(name, spec, block_m)(*sets[0])
+    assert len(forked) == 2 and alive_at_join == [True, True]
 
 
 def _kernel(name, stream, ts, dur):
