@@ -33,7 +33,7 @@ all. Each input set therefore comes with its own copy of the preamble and shared
 for the preamble); the routed experts are shared by all copies. --weight-copies 1 times one copy, as
 sessions 3-16 did.
 
-Then one call of "pre+shared stream" is profiled, eagerly and as a graph replay: per kernel its name,
+Then one call of "pre+shared stream" (or of the variant --profile names) is profiled, eagerly and as a graph replay: per kernel its name,
 stream and start/end relative to the first kernel, and how much of the shared expert's busy time
 overlaps the preamble's kernels. DIR gets overlap.json, overlap.md and overlap_trace.json (the chrome
 trace of the first dtype at the first M); the table is printed last. --smoke: a tiny layer, each
@@ -266,7 +266,7 @@ def profile_overlap(fn: Callable, inputs: tuple, trace_path: str) -> Dict[str, d
 
 # ----------------------------------------------------------------------------- run and report
 def measure(spec: MoESpec, weights: Sequence[MoEWeights], M: int, device: torch.device, trace_path: str,
-            shared_on: str) -> dict:
+            shared_on: str, profiled: str = "pre+shared stream") -> dict:
     """One (dtype, M) row: µs per variant, the ratios, and the profile of one overlapped call. On the
     CPU each variant that needs no second stream is called once instead (no timing)."""
     block_m = layer.plan_layer(spec, M, device).expert_config.block_m
@@ -287,7 +287,7 @@ def measure(spec: MoESpec, weights: Sequence[MoEWeights], M: int, device: torch.
         row["ratio_inline"] = round(row["us"]["pre+shared inline"] / row["us"]["shared"], 3)
         row["ratio_unblocked"] = round(row["us"]["pre+shared unblocked"] / row["us"]["shared"], 3)
         row["ratio_after_norm"] = round(row["us"]["pre+shared stream"] / row["us"]["norm+shared"], 3)
-        row["profile"] = profile_overlap(variant_fn("pre+shared stream", spec, block_m, shared_on), sets[0],
+        row["profile"] = profile_overlap(variant_fn(profiled, spec, block_m, shared_on, quantized), sets[0],
                                          trace_path)
     return row
 
@@ -315,7 +315,7 @@ def markdown(result: dict) -> str:
         for section, prof in first["profile"].items():
             what = ("launched one by one from Python, so launch latency, not the GPU, sets the pace"
                     if section == "eager call" else "what the timings above measure")
-            lines += ["", f"Kernels of one pre+shared stream call, {first['dtype']} M={first['M']}, {section} ({what}; "
+            lines += ["", f"Kernels of one {result['profiled']} call, {first['dtype']} M={first['M']}, {section} ({what}; "
                       f"µs from the first kernel; the chrome trace is overlap_trace.json):", ""]
             if "kernels" not in prof:
                 lines.append(prof.get("error", "no kernels"))
@@ -340,6 +340,7 @@ def main(argv=None) -> int:
     ap.add_argument("--weight-copies", type=int, default=0,
                     help="copies of the preamble and shared-expert weights the input sets go round (default 0: "
                          f"enough to exceed L2 {L2_ROTATION_FACTOR} times; 1: one copy, partly timing the cache)")
+    ap.add_argument("--profile", choices=VARIANTS, default="pre+shared stream", help="the variant profiled")
     ap.add_argument("--smoke", action="store_true", help="a tiny layer; on the CPU each variant once, no timing")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -351,7 +352,7 @@ def main(argv=None) -> int:
     result = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu (Triton interpreter)",
                   torch=torch.__version__, triton=triton.__version__,
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  shape=shape, shared_on=args.shared_on, spec=base.to_json(), rows=[])
+                  shape=shape, shared_on=args.shared_on, profiled=args.profile, spec=base.to_json(), rows=[])
     if args.shared_on == "kernels-fp8" and set(args.dtypes.split(",")) != {"fp8"}:
         ap.error("--shared-on kernels-fp8 needs --dtypes fp8 (an fp8 shared expert rides on fp8 experts)")
     t0 = time.time()
@@ -363,7 +364,7 @@ def main(argv=None) -> int:
         weights = weight_copies(layer_weights(spec, device, seed=0), count)
         for M in (int(m) for m in args.m.split(",")):
             trace = os.path.join(scratch, f"{dtype}_{M}.json")
-            row = dict(dtype=dtype, **measure(spec, weights, M, device, trace, args.shared_on))
+            row = dict(dtype=dtype, **measure(spec, weights, M, device, trace, args.shared_on, args.profile))
             result["rows"].append(row)
             if not os.path.exists(os.path.join(args.out, "overlap_trace.json")) and os.path.exists(trace):
                 shutil.copy(trace, os.path.join(args.out, "overlap_trace.json"))

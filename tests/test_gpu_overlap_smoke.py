@@ -22,6 +22,7 @@ def test_overlap_smoke(tmp_path):
     assert all(0 <= r["local_experts_hit"] <= 4 for r in result["rows"])
     text = (tmp_path / "overlap.md").read_text()
     assert "| bf16 | 1 |" in text and "| norm+shared |" in text and "ratio after norm" in text
+    assert result["profiled"] == "pre+shared stream"
 
 
 def test_overlap_smoke_with_an_fp8_shared_expert(tmp_path):
