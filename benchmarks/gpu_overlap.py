@@ -100,8 +100,11 @@ def variant_fn(name: str, spec: MoESpec, block_m: int, shared_on: str = "kernels
     def shared_job(w, normed, x_fp8=None, x_scale=None):  # allocates now; run() may go to the side stream
         return SharedExpertOnExpertKernels(spec, normed, x_fp8, x_scale, w, in_fp8, False)
 
+    def ready_job(w, normed):  # on the inputs made beforehand: normed, or with "kernels-fp8" its fp8 groups
+        return shared_job(w, normed, *(quantized or {}).get(id(normed), (None, None)))
+
     def shared(x, normed, w):
-        shared_job(w, normed, *(quantized or {}).get(id(normed), (None, None))).run()
+        ready_job(w, normed).run()
 
     def norm_shared(x, normed, w):
         norm_outputs = norm_quant(x, w.norm_weight, spec.rms_norm_eps, spec.fp8,
@@ -120,13 +123,13 @@ def variant_fn(name: str, spec: MoESpec, block_m: int, shared_on: str = "kernels
         streams.join(x.device)
 
     def pre_shared_unblocked(x, normed, w):
-        job = fork_job(x, shared_job(w, normed, *(quantized or {}).get(id(normed), (None, None))))
+        job = fork_job(x, ready_job(w, normed))
         preamble.fused_preamble(spec, x, w, block_m=block_m)
         streams.join(x.device)
         del job  # held until here, after the join
 
     def pre_shared_unblocked_late(x, normed, w):
-        job = shared_job(w, normed, *(quantized or {}).get(id(normed), (None, None)))
+        job = ready_job(w, normed)
         start = torch.cuda.Event()
         start.record()
 
