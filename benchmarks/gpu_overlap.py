@@ -35,8 +35,9 @@ all. Each input set therefore comes with its own copy of the preamble and shared
 for the preamble); the routed experts are shared by all copies. --weight-copies 1 times one copy, as
 sessions 3-16 did.
 
-Then one call of "pre+shared stream" (or of the variant --profile names) is profiled, eagerly and as a graph replay: per kernel its name,
-stream and start/end relative to the first kernel, and how much of the shared expert's busy time
+Then one call of "pre+shared stream" (or of the variant --profile names) is profiled, eagerly and as a
+graph replay: per kernel its name, stream and start/end relative to the first kernel, and how much of the
+shared expert's busy time
 overlaps the preamble's kernels. DIR gets overlap.json, overlap.md and overlap_trace.json (the chrome
 trace of the first dtype at the first M); the table is printed last. --smoke: a tiny layer, each
 variant called once (the Triton interpreter where there is no GPU), no timing.
@@ -337,7 +338,8 @@ def markdown(result: dict) -> str:
         for section, prof in first["profile"].items():
             what = ("launched one by one from Python, so launch latency, not the GPU, sets the pace"
                     if section == "eager call" else "what the timings above measure")
-            lines += ["", f"Kernels of one {result['profiled']} call, {first['dtype']} M={first['M']}, {section} ({what}; "
+            lines += ["", f"Kernels of one {result['profiled']} call, {first['dtype']} M={first['M']}, {section} "
+                      f"({what}; "
                       f"µs from the first kernel; the chrome trace is overlap_trace.json):", ""]
             if "kernels" not in prof:
                 lines.append(prof.get("error", "no kernels"))
