@@ -38,8 +38,8 @@ sessions 3-16 did.
 Then one call of "pre+shared stream" (or of the variant --profile names) is profiled, eagerly and as a
 graph replay: per kernel its name, stream and start/end relative to the first kernel, and how much of the
 shared expert's busy time overlaps the preamble's kernels. DIR gets overlap.json, overlap.md and
-overlap_trace.json (the chrome trace of the first dtype at the first M); the table is printed last. --smoke: a tiny layer, each
-variant called once (the Triton interpreter where there is no GPU), no timing.
+overlap_trace.json (the chrome trace of the first dtype at the first M); the table is printed last.
+--smoke: a tiny layer, each variant called once (the Triton interpreter where there is no GPU), no timing.
 """
 from __future__ import annotations
 
