@@ -22,6 +22,8 @@ under CUDA-graph replay (moe_fusion.tools.timing: median of batches, inputs rota
                     for a shared expert that needs no norm kernel (it would make its own input)
   pre+shared unblocked late  the same shared expert, waiting for nothing still, but queued once the norm is:
                     the norm's branch of the graph comes first
+  pre+shared own input  (--shared-on kernels-fp8 only) what the layer does with MOE_FUSION_SHARED_OWN_INPUT=1:
+                    the shared expert makes its own fp8 input from x, queued as in "unblocked late"
   layer stream / layer inline   the whole layer (layer.moe_layer), for context; its time depends on how many
                     local experts the input sets' routing hits (the table's column; the bench's routing differs)
 ratio = (pre+shared stream) / shared; the target is <= 1.1 (the preamble almost entirely hidden).
@@ -80,8 +82,10 @@ TARGET_RATIO = 1.1
 PREAMBLE_KERNELS = ("_norm_quant_kernel", "_router_route_align_kernel", "_router_kernel", "_topk_kernel",
                     "_align_kernel")
 VARIANTS = ("shared", "norm+shared", "preamble", "pre+shared stream", "pre+shared inline", "pre+shared unblocked",
-            "pre+shared unblocked late", "layer stream", "layer inline")
-ON_SIDE_STREAM = ("pre+shared stream", "pre+shared unblocked", "pre+shared unblocked late", "layer stream")
+            "pre+shared unblocked late", "pre+shared own input", "layer stream", "layer inline")
+ON_SIDE_STREAM = ("pre+shared stream", "pre+shared unblocked", "pre+shared unblocked late", "pre+shared own input",
+                  "layer stream")
+FP8_SHARED_ONLY = ("pre+shared own input",)
 SHARED_ON = ("kernels", "kernels-fp8")
 # The weights each input set gets a copy of: the preamble's and the shared expert's.
 PREAMBLE_WEIGHTS = ("router_weight", "norm_weight", "correction_bias")
@@ -128,19 +132,17 @@ def variant_fn(name: str, spec: MoESpec, block_m: int, shared_on: str = "kernels
         streams.join(x.device)
         del job  # held until here, after the join
 
-    def pre_shared_unblocked_late(x, normed, w):
-        job = ready_job(w, normed)
-        start = torch.cuda.Event()
-        start.record()
-
-        def launch(*norm_outputs):  # after the norm is queued, waiting only for what came before it
-            side = streams.side_stream(x.device)
-            side.wait_event(start)
-            with torch.cuda.stream(side):
-                job.run()
-
-        preamble.fused_preamble(spec, x, w, block_m=block_m, after_norm=launch)
+    def queued_after_the_norm(x, w, job):  # waiting only for what came before the norm
+        start = streams.mark(x.device)
+        fork = lambda *norm_outputs: streams.fork(x.device, job.run, after=start)  # noqa: E731
+        preamble.fused_preamble(spec, x, w, block_m=block_m, after_norm=fork)
         streams.join(x.device)
+
+    def pre_shared_unblocked_late(x, normed, w):
+        queued_after_the_norm(x, w, ready_job(w, normed))
+
+    def pre_shared_own_input(x, normed, w):
+        queued_after_the_norm(x, w, SharedExpertOnExpertKernels(spec, x, None, None, w, True, False, from_hidden=True))
 
     def pre_shared_inline(x, normed, w):
         pre = preamble.fused_preamble(spec, x, w, block_m=block_m)
@@ -155,6 +157,7 @@ def variant_fn(name: str, spec: MoESpec, block_m: int, shared_on: str = "kernels
     return {"shared": shared, "norm+shared": norm_shared, "preamble": pre, "pre+shared stream": pre_shared_stream,
             "pre+shared inline": pre_shared_inline,
             "pre+shared unblocked": pre_shared_unblocked, "pre+shared unblocked late": pre_shared_unblocked_late,
+            "pre+shared own input": pre_shared_own_input,
             "layer stream": whole_layer("stream"),
             "layer inline": whole_layer("inline")}[name]
 
@@ -297,6 +300,8 @@ def measure(spec: MoESpec, weights: Sequence[MoEWeights], M: int, device: torch.
     row = dict(M=M, block_m=block_m, weight_copies=len(weights), local_experts_hit=local_experts_hit(spec, sets),
                us={})
     for name in VARIANTS:
+        if name in FP8_SHARED_ONLY and shared_on != "kernels-fp8":
+            continue
         fn = variant_fn(name, spec, block_m, shared_on, quantized)
         if on_gpu:
             row["us"][name] = round(timing.graph_replay_us(fn, sets), 2)
@@ -307,6 +312,8 @@ def measure(spec: MoESpec, weights: Sequence[MoEWeights], M: int, device: torch.
         row["ratio_inline"] = round(row["us"]["pre+shared inline"] / row["us"]["shared"], 3)
         row["ratio_unblocked"] = round(row["us"]["pre+shared unblocked"] / row["us"]["shared"], 3)
         row["ratio_unblocked_late"] = round(row["us"]["pre+shared unblocked late"] / row["us"]["shared"], 3)
+        if "pre+shared own input" in row["us"]:
+            row["ratio_own_input"] = round(row["us"]["pre+shared own input"] / row["us"]["shared"], 3)
         row["ratio_after_norm"] = round(row["us"]["pre+shared stream"] / row["us"]["norm+shared"], 3)
         row["profile"] = profile_overlap(variant_fn(profiled, spec, block_m, shared_on, quantized), sets[0],
                                          trace_path)
@@ -320,8 +327,8 @@ def markdown(result: dict) -> str:
              f"the row's copies of the preamble and shared-expert weights); "
              f"ratio = (pre+shared stream) / shared, target <= {TARGET_RATIO}.", "",
              "| experts | M | copies | local experts hit | " + " | ".join(VARIANTS)
-             + " | ratio stream | ratio inline | ratio unblocked | ratio unblocked late | ratio after norm "
-             "| overlap (graph) |", "|---" * (len(VARIANTS) + 10) + "|"]
+             + " | ratio stream | ratio inline | ratio unblocked | ratio unblocked late | ratio own input "
+             "| ratio after norm | overlap (graph) |", "|---" * (len(VARIANTS) + 11) + "|"]
     for r in result["rows"]:
         cells = [f"{r['us'][v]:.1f}" if r["us"].get(v) is not None else "-" for v in VARIANTS]
         prof = r.get("profile", {}).get("graph replay", {})
@@ -331,6 +338,7 @@ def markdown(result: dict) -> str:
                      + " | ".join(cells)
                      + f" | {r.get('ratio_stream', '-')} | {r.get('ratio_inline', '-')} "
                      + f"| {r.get('ratio_unblocked', '-')} | {r.get('ratio_unblocked_late', '-')} "
+                     + f"| {r.get('ratio_own_input', '-')} "
                      + f"| {r.get('ratio_after_norm', '-')} | {ov} |")
     first = next((r for r in result["rows"] if "profile" in r), None)
     if first:

@@ -142,3 +142,48 @@ def test_a_dense_alignment_refuses_a_shared_tail():
     with pytest.raises(ValueError, match="dense alignment"):
         experts.ExpertLaunch(x=None, pair_weights=None, topk_ids=None, experts=None, alignment=None,
                              weight_on_input=False, num_sms=1, shared=object(), dense_alignment=True)
+
+
+@needs_kernels
+@pytest.mark.parametrize("M,split,with_norm,deterministic", [(1, 2, True, True), (5, 1, True, True),
+                                                            (5, 2, False, True), (1, 1, True, False)])
+def test_the_fp8_shared_launch_makes_its_own_input_as_the_norm_kernel_does(M, split, with_norm, deterministic,
+                                                                          monkeypatch, poisoned_expert_buffers):
+    """from_hidden: GEMM1 normalises and quantises the hidden states itself (norm_quant_rows), each item its K
+    range, instead of reading the norm kernel's fp8 groups. Its A is the norm kernel's bit for bit, so the
+    output is the launch's on the norm kernel's groups; two 128-groups (the last partial), 4-token tiles."""
+    from moe_fusion.lowering.norm_quant_kernel import norm_quant
+
+    spec = dsv3_like(dtype="float16", hidden_size=200, intermediate_size=24, shared_intermediate_size=48,
+                     quant="fp8_block", rms_norm=with_norm)
+    w = random_weights(spec, device=DEVICE, seed=M + 10 * split)
+    x = 3 * torch.randn(M, spec.hidden_size, device=DEVICE).half()
+    config = ExpertConfig(4, GemmTiles(16, 128, split_k=split, programs_per_sm=1, swap_ab=True),
+                          GemmTiles(16, 128, split_k=2, programs_per_sm=1, swap_ab=True))
+    monkeypatch.setattr(experts, "shared_expert_config", lambda *args: config)
+    normed, x_fp8, x_scale = norm_quant(x, w.norm_weight if with_norm else None, spec.rms_norm_eps, True)
+    after_norm = SharedExpertOnExpertKernels(spec, normed, x_fp8, x_scale, w, True, deterministic)
+    after_norm.run()
+    own = SharedExpertOnExpertKernels(spec, x, None, None, w, True, deterministic, from_hidden=True)
+    own.run()
+    assert torch.equal(own.launch.a, x_fp8) and torch.equal(own.launch.a_scale, x_scale)
+    if deterministic:
+        assert torch.equal(own.out, after_norm.out)
+    else:
+        torch.testing.assert_close(own.out, after_norm.out, rtol=1e-5, atol=1e-6)
+    model_normed = reference.rms_norm(x, w.norm_weight, spec.rms_norm_eps) if with_norm else x
+    expected = reference.shared_experts_fp8(spec, model_normed.double(), float64_weights(w))
+    assert relative_error(own.out, expected) < 2e-3
+
+
+def test_only_an_ungated_fp8_shared_expert_makes_its_own_input():
+    spec = dsv3_like(dtype="float16", hidden_size=64, intermediate_size=16, shared_intermediate_size=16,
+                     quant="fp8_block")
+    w = random_weights(spec, device="cpu", seed=0)
+    x = torch.randn(1, 64).half()
+    with pytest.raises(ValueError, match="fp8 shared expert"):
+        SharedExpertOnExpertKernels(spec, x, None, None, w, False, True, from_hidden=True)
+    gated = spec.replace(shared_gate=True)
+    with pytest.raises(ValueError, match="gate"):
+        SharedExpertOnExpertKernels(gated, x, None, None, random_weights(gated, device="cpu", seed=0), True, True,
+                                    from_hidden=True)

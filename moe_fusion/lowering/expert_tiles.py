@@ -29,6 +29,9 @@ ROUND_BEFORE_FP8_CAST = tl.constexpr(_INTERPRETED)
 # What the A operand of a GEMM is (a constexpr of both kernels).
 A_MODEL_DTYPE = tl.constexpr(0)  # bf16/fp16 activations, bf16/fp16 weights
 A_FP8 = tl.constexpr(1)  # fp8 weights, e4m3 A with its 1x128 group scales
+# fp8 weights; A is made by each work item from x in the model dtype (RMSNorm, then the 1x128 groups, as the norm
+# kernel makes them: norm_quant_kernel.norm_quant_rows) into A's buffers, then read as with A_FP8.
+A_FP8_OWN_INPUT = tl.constexpr(2)
 
 
 @triton.jit

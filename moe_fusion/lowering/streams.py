@@ -8,7 +8,7 @@ for the side stream) happens before any of those buffers can be freed or reused.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -22,12 +22,23 @@ def side_stream(device: torch.device) -> torch.cuda.Stream:
     return _side_streams[index]
 
 
-def fork(device: torch.device, side: Callable[[], None]) -> None:
-    """Queue ``side()`` on the side stream, after everything queued so far on the current stream."""
+def fork(device: torch.device, side: Callable[[], None], after: Optional[torch.cuda.Event] = None) -> None:
+    """Queue ``side()`` on the side stream, after everything queued so far on the current stream, or with
+    ``after`` (mark's event) only after what was queued before that mark."""
     other = side_stream(device)
-    other.wait_stream(torch.cuda.current_stream(device))
+    if after is None:
+        other.wait_stream(torch.cuda.current_stream(device))
+    else:
+        other.wait_event(after)
     with torch.cuda.stream(other):
         side()
+
+
+def mark(device: torch.device) -> torch.cuda.Event:
+    """An event at this point of the current stream, for a later fork(after=...)."""
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event
 
 
 def join(device: torch.device) -> None:
