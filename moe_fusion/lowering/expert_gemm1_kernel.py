@@ -33,8 +33,8 @@ Reference: reference.gated_mlp / reference._fp8_gated_mlp (the first two product
 import triton
 import triton.language as tl
 
-from .expert_tiles import (A_FP8_OWN_INPUT, A_MODEL_DTYPE, FP8_GROUP, load_tile, outer, quantize_h_group, routed_tiles, silu_mul,
-                           tile_dot, work_tile, zero_block)
+from .expert_tiles import (A_FP8_OWN_INPUT, A_MODEL_DTYPE, FP8_GROUP, load_tile, outer, quantize_h_group,
+                           routed_tiles, silu_mul, tile_dot, work_tile, zero_block)
 from .norm_quant_kernel import norm_quant_rows
 
 

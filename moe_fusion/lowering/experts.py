@@ -618,8 +618,9 @@ class ExpertLaunch:
             self.topk_ids.numel(), self.a_row_divisor, M, I, H, self._zero_numel(),
             **constants, BLOCK_N=g.block_n, BLOCK_K=g.block_k, SUB_K=self._sub_k(g), SWAP_AB=g.swap_ab,
             QUANT_H=quant_h, EVEN_N=I % g.block_n == 0, EVEN_K=H % g.block_k == 0, SPLIT_OUT=g.split_k > 1,
-            ZERO_BLOCK=ZERO_BLOCK, HAS_NORM=norm_weight is not None, ROW_BLOCK=min(triton.next_power_of_2(H), MAX_ROW_BLOCK),
-            LAUNCH_DEPENDENTS=self.small_launches_dependent, num_warps=g.num_warps, num_stages=g.num_stages,
+            ZERO_BLOCK=ZERO_BLOCK, HAS_NORM=norm_weight is not None,
+            ROW_BLOCK=min(triton.next_power_of_2(H), MAX_ROW_BLOCK), LAUNCH_DEPENDENTS=self.small_launches_dependent,
+            num_warps=g.num_warps, num_stages=g.num_stages,
         )
         self.h_quantized = quant_h
 

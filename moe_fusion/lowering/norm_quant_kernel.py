@@ -92,10 +92,10 @@ def _store_chunk(x, w, r, offs, in_row, row, normed_ptr, stride_nm, q_ptr, strid
 @triton.jit
 def norm_quant_rows(x_ptr, stride_xm, norm_w_ptr, q_ptr, stride_qm, scale_ptr, stride_sm, token, M, k_lo, k_hi, H,
                     h_float, eps, HAS_NORM: tl.constexpr, ROWS: tl.constexpr, ROW_BLOCK: tl.constexpr):
-    """What this kernel writes to x_fp8 and x_scale, for the tile of ROWS consecutive tokens from token[0] and the
-    128-groups in [k_lo, k_hi): the same arithmetic, each row's statistic recomputed from the whole row. For a
-    launch that makes its own input (the shared expert's GEMM1 with experts.A_FP8_OWN_INPUT); x and the norm weight
-    share the model dtype."""
+    """What _norm_quant_kernel writes to x_fp8 and x_scale (its rows of groups contiguous), for the tile of ROWS
+    consecutive tokens from token[0] and the 128-groups in [k_lo, k_hi): the same arithmetic, each row's statistic
+    recomputed from the whole row. For a launch that makes its own input (the shared expert's GEMM1 with
+    experts.A_FP8_OWN_INPUT); x and the norm weight share the model dtype."""
     rows = tl.arange(0, ROWS)
     row_ok = token < M
     r = tl.full((ROWS,), 1.0, tl.float32)
@@ -108,8 +108,10 @@ def norm_quant_rows(x_ptr, stride_xm, norm_w_ptr, q_ptr, stride_qm, scale_ptr, s
         offs = k + tl.arange(0, 128)
         mask = row_ok[:, None] & (offs < H)[None, :]
         x = tl.load(x_ptr + token[:, None] * stride_xm + offs[None, :], mask=mask, other=0.0).to(tl.float32)
-        w = tl.load(norm_w_ptr + offs, mask=offs < H, other=0.0).to(tl.float32)
-        q, scale = _fp8_groups(_normalize(x, w[None, :], r[:, None], HAS_NORM, model_dtype, model_dtype), ROWS)
+        w = x
+        if HAS_NORM:
+            w = tl.load(norm_w_ptr + offs, mask=offs < H, other=0.0).to(tl.float32)[None, :]
+        q, scale = _fp8_groups(_normalize(x, w, r[:, None], HAS_NORM, model_dtype, model_dtype), ROWS)
         tl.store(q_ptr + token[:, None] * stride_qm + offs[None, :], q, mask=mask)
         tl.store(scale_ptr + token * stride_sm + k // 128, scale, mask=row_ok)
 
