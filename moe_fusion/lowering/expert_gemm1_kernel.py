@@ -27,6 +27,10 @@ Split over K (split_k > 1, SPLIT_OUT): items are (tile, K split, BLOCK_N slice) 
 and up sums per split; gemm1_combine_kernel sums them and applies SiLU*up. With swapped operands
 (SWAP_AB) the tiles are weights . tokens^T, transposed once before the epilogue.
 
+With A_FP8_OWN_INPUT (the fp8 shared expert's launch, LoweringOptions.shared_own_input) each item first makes
+its K range of A from the hidden states, as the norm kernel would (norm_quant_kernel.norm_quant_rows), so the
+launch need not wait for the norm kernel.
+
 The same launch zeroes GEMM2's fp32 accumulator (``zero_ptr``), saving a memset launch.
 Reference: reference.gated_mlp / reference._fp8_gated_mlp (the first two products and SiLU*up).
 """

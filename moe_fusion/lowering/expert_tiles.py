@@ -7,7 +7,8 @@ divides by a Python scalar as a multiplication by fl32(1/448) (its div_true_kern
 it divides; the kernels do the same on each, so they reproduce the reference bit for bit.
 No quantisation happens inside a GEMM's K loop (measured on the H100: quantising the A tile
 per K step made GEMM2 4x slower than its weight stream, and a row reduction there keeps the A
-tile out of the cp.async pipeline): x comes quantised (preamble or fp8_act_quant_kernel), and
+tile out of the cp.async pipeline): x comes quantised (preamble or fp8_act_quant_kernel, or with
+A_FP8_OWN_INPUT from a prologue of each GEMM1 item, before its K loop), and
 fp8_act_quant_kernel (or gemm1_combine_kernel after a K-split GEMM1) quantises h between the GEMMs.
 """
 import os
