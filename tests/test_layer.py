@@ -219,6 +219,24 @@ def test_layer_op_under_cuda_graphs(name, shared_expert, deterministic, monkeypa
     torch.testing.assert_close(out, first, rtol=1e-2, atol=1e-2)
 
 
+def test_only_an_ungated_fp8_shared_expert_on_the_side_stream_makes_its_own_input(monkeypatch):
+    spec = dsv3_like(dtype="float16", quant="fp8_block")
+    w = random_weights(spec)
+    x = torch.randn(2, spec.hidden_size).half()
+    config = layer.plan_layer(spec, 2, x.device).expert_config
+    stream_fp8 = layer.LayerPlan(config, "stream", True, shared_fp8=True, shared_on_kernels=True)
+    assert not layer._shared_makes_own_input(spec, x, w, stream_fp8)  # the option is off
+    _with_options(monkeypatch, shared_own_input=True)
+    assert layer._shared_makes_own_input(spec, x, w, stream_fp8)
+    inline_fp8 = layer.LayerPlan(config, "inline", True, shared_fp8=True, shared_on_kernels=True)
+    stream_bf16 = layer.LayerPlan(config, "stream", True, shared_fp8=False, shared_on_kernels=True)
+    assert not layer._shared_makes_own_input(spec, x, w, inline_fp8)
+    assert not layer._shared_makes_own_input(spec, x, w, stream_bf16)
+    gated = spec.replace(shared_gate=True)
+    assert not layer._shared_makes_own_input(gated, x, random_weights(gated), stream_fp8)
+    assert not layer._shared_makes_own_input(spec, x.float(), w, stream_fp8)  # norm weight in another dtype
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("shared_expert", ["stream", "stream-late"])
 def test_the_fp8_shared_expert_making_its_own_input_gives_the_same_bits(shared_expert, monkeypatch):
