@@ -44,7 +44,7 @@ for path in (os.path.dirname(HERE), HERE):
         sys.path.insert(0, path)
 
 from gpu_layer_ab import applied, parse_variant, resolve  # noqa: E402
-from gpu_overlap import profiled_sections, weight_copies, weight_copy_count, with_weights  # noqa: E402
+from gpu_overlap import copies_out_of_l2, profiled_sections, weight_copies, with_weights  # noqa: E402
 from routing_seeds import local_hit_distribution, shape_spec  # noqa: E402
 from moe_fusion.lowering import layer as layer_plan  # noqa: E402
 from moe_fusion.tools import bench, timing  # noqa: E402
@@ -81,11 +81,10 @@ def sets_by_hits(sb: "bench.ShapeBench", m: int, sets: int, candidates: int) -> 
 def weight_rotation(sb: "bench.ShapeBench", m: int, copies: int) -> list:
     """The bench's weights, then copies with their own preamble and shared-expert tensors (gpu_overlap.weight_copies),
     ``copies`` in all; 0: as many as take those tensors out of L2 between two calls that read the same copy
-    (gpu_overlap.weight_copy_count). dsv3-ep8 fp8 reads 48 MB of them per call, inside the H100's 50 MB L2."""
+    (gpu_overlap.copies_out_of_l2). dsv3-ep8 fp8 reads 48 MB of them per call, inside the H100's 50 MB L2."""
     if copies == 0:
         shared_fp8 = layer_plan.plan_layer(sb.spec, m, sb.cfg.device).shared_fp8
-        l2 = torch.cuda.get_device_properties(sb.cfg.device).L2_cache_size if sb.cfg.on_gpu else 0
-        copies = weight_copy_count(sb.spec, shared_fp8, l2) if l2 else 1
+        copies = copies_out_of_l2(sb.spec, shared_fp8, sb.cfg.device)
     return weight_copies(sb.weights, copies)
 
 

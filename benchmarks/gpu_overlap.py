@@ -86,6 +86,10 @@ VARIANTS = ("shared", "norm+shared", "preamble", "pre+shared stream", "pre+share
 ON_SIDE_STREAM = ("pre+shared stream", "pre+shared unblocked", "pre+shared unblocked late", "pre+shared own input",
                   "layer stream")
 FP8_SHARED_ONLY = ("pre+shared own input",)
+# Each ratio's name, numerator and denominator (variants); "stream" is the issue's.
+RATIOS = (("stream", "pre+shared stream", "shared"), ("inline", "pre+shared inline", "shared"),
+          ("unblocked", "pre+shared unblocked", "shared"), ("unblocked late", "pre+shared unblocked late", "shared"),
+          ("own input", "pre+shared own input", "shared"), ("after norm", "pre+shared stream", "norm+shared"))
 SHARED_ON = ("kernels", "kernels-fp8")
 # The weights each input set gets a copy of: the preamble's and the shared expert's.
 PREAMBLE_WEIGHTS = ("router_weight", "norm_weight", "correction_bias")
@@ -191,6 +195,16 @@ def weight_copy_count(spec: MoESpec, shared_fp8: bool, l2_bytes: int) -> int:
     times, at most one per input set."""
     per_copy = preamble_bytes(spec) + (shared_bytes(spec, shared_fp8) if spec.has_shared_experts else 0)
     return min(N_SETS, copies_beyond_l2(per_copy, l2_bytes))
+
+
+def copies_out_of_l2(spec: MoESpec, shared_fp8: bool, device: torch.device) -> int:
+    """weight_copy_count for the device's L2; one copy where there is no GPU (no L2 to leave)."""
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
+    return weight_copy_count(spec, shared_fp8, l2) if l2 else 1
+
+
+def ratio_key(ratio: str) -> str:
+    return "ratio_" + ratio.replace(" ", "_")
 
 
 def weight_copies(w: MoEWeights, count: int) -> List[MoEWeights]:
@@ -308,13 +322,9 @@ def measure(spec: MoESpec, weights: Sequence[MoEWeights], M: int, device: torch.
         elif name not in ON_SIDE_STREAM:  # the side stream needs CUDA
             fn(*sets[0])
     if on_gpu:
-        row["ratio_stream"] = round(row["us"]["pre+shared stream"] / row["us"]["shared"], 3)
-        row["ratio_inline"] = round(row["us"]["pre+shared inline"] / row["us"]["shared"], 3)
-        row["ratio_unblocked"] = round(row["us"]["pre+shared unblocked"] / row["us"]["shared"], 3)
-        row["ratio_unblocked_late"] = round(row["us"]["pre+shared unblocked late"] / row["us"]["shared"], 3)
-        if "pre+shared own input" in row["us"]:
-            row["ratio_own_input"] = round(row["us"]["pre+shared own input"] / row["us"]["shared"], 3)
-        row["ratio_after_norm"] = round(row["us"]["pre+shared stream"] / row["us"]["norm+shared"], 3)
+        for ratio, numerator, denominator in RATIOS:
+            if numerator in row["us"]:
+                row[ratio_key(ratio)] = round(row["us"][numerator] / row["us"][denominator], 3)
         row["profile"] = profile_overlap(variant_fn(profiled, spec, block_m, shared_on, quantized), sets[0],
                                          trace_path)
     return row
@@ -327,19 +337,16 @@ def markdown(result: dict) -> str:
              f"the row's copies of the preamble and shared-expert weights); "
              f"ratio = (pre+shared stream) / shared, target <= {TARGET_RATIO}.", "",
              "| experts | M | copies | local experts hit | " + " | ".join(VARIANTS)
-             + " | ratio stream | ratio inline | ratio unblocked | ratio unblocked late | ratio own input "
-             "| ratio after norm | overlap (graph) |", "|---" * (len(VARIANTS) + 11) + "|"]
+             + "".join(f" | ratio {ratio}" for ratio, _, _ in RATIOS) + " | overlap (graph) |",
+             "|---" * (len(VARIANTS) + len(RATIOS) + 5) + "|"]
     for r in result["rows"]:
         cells = [f"{r['us'][v]:.1f}" if r["us"].get(v) is not None else "-" for v in VARIANTS]
         prof = r.get("profile", {}).get("graph replay", {})
         ov = (f"{prof['overlap_us']:.1f} of {prof['preamble_busy_us']:.1f} µs preamble"
               if "overlap_us" in prof else "-")
         lines.append(f"| {r['dtype']} | {r['M']} | {r['weight_copies']} | {r['local_experts_hit']} | "
-                     + " | ".join(cells)
-                     + f" | {r.get('ratio_stream', '-')} | {r.get('ratio_inline', '-')} "
-                     + f"| {r.get('ratio_unblocked', '-')} | {r.get('ratio_unblocked_late', '-')} "
-                     + f"| {r.get('ratio_own_input', '-')} "
-                     + f"| {r.get('ratio_after_norm', '-')} | {ov} |")
+                     + " | ".join(cells) + "".join(f" | {r.get(ratio_key(ratio), '-')}" for ratio, _, _ in RATIOS)
+                     + f" | {ov} |")
     first = next((r for r in result["rows"] if "profile" in r), None)
     if first:
         for section, prof in first["profile"].items():
@@ -390,8 +397,7 @@ def main(argv=None) -> int:
     scratch = tempfile.mkdtemp()
     for dtype in args.dtypes.split(","):
         spec = base.replace(quant=DTYPES[dtype])
-        l2 = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
-        count = args.weight_copies or (weight_copy_count(spec, args.shared_on == "kernels-fp8", l2) if l2 else 1)
+        count = args.weight_copies or copies_out_of_l2(spec, args.shared_on == "kernels-fp8", device)
         weights = weight_copies(layer_weights(spec, device, seed=0), count)
         for M in (int(m) for m in args.m.split(",")):
             trace = os.path.join(scratch, f"{dtype}_{M}.json")

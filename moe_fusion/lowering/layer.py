@@ -34,7 +34,7 @@ from ..spec import MoESpec, MoEWeights
 from . import experts, preamble, shared_plan, streams
 from .expert_configs import ExpertConfig
 from .layer_output_kernel import layer_output
-from .shared_expert import CublasSharedExpert, SharedExpertOnExpertKernels
+from .shared_expert import CublasSharedExpert, SharedExpertOnExpertKernels, own_input_problem
 
 SHARED_STRATEGIES = shared_plan.STRATEGIES
 ON_KERNELS = "-kernels"  # a separate shared expert as its own launch of the expert kernels, not cuBLAS
@@ -144,11 +144,10 @@ def _needs_tail(strategy: str) -> bool:
 
 
 def _shared_makes_own_input(spec: MoESpec, x: torch.Tensor, w: MoEWeights, plan: LayerPlan) -> bool:
-    """LoweringOptions.shared_own_input, where the shared expert can: fp8 on the side stream, ungated, its
-    norm weight (if any) in the hidden states' dtype."""
-    norm_ok = not spec.rms_norm or (w.norm_weight is not None and w.norm_weight.dtype == x.dtype)
-    return (options.shared_own_input and plan.shared_expert == "stream" and plan.shared_fp8 and not spec.shared_gate
-            and norm_ok)
+    """LoweringOptions.shared_own_input, where the shared expert can: fp8 on the side stream, and
+    shared_expert.own_input_problem finds nothing."""
+    return (options.shared_own_input and plan.shared_expert == "stream" and plan.shared_fp8
+            and own_input_problem(spec, x, w) is None)
 
 
 def _shared_weights_in_model_dtype(spec: MoESpec, plan: LayerPlan) -> tuple:
@@ -179,14 +178,15 @@ def moe_layer(spec: MoESpec, x: torch.Tensor, w: MoEWeights, plan: Optional[Laye
         """The side stream's shared GEMM2, after the routed GEMM1 (beside the routed GEMM2)."""
         streams.fork(x.device, separate_shared[0].run_gemm2)
 
-    if _shared_makes_own_input(spec, x, w, plan):
+    own_input = _shared_makes_own_input(spec, x, w, plan)
+    if own_input:
         rows = x if x.stride(1) == 1 else x.contiguous()
         own_job = SharedExpertOnExpertKernels(spec, rows, None, None, w, True, plan.deterministic, from_hidden=True)
         layer_start = streams.mark(x.device)
 
     def start_shared_expert(normed: torch.Tensor, x_fp8: torch.Tensor, x_scale: torch.Tensor) -> None:
         """Allocate (on this stream), then run on the side stream ("stream") or later ("inline")."""
-        if _shared_makes_own_input(spec, x, w, plan):  # made before the norm; waits for nothing after it
+        if own_input:  # made before the norm; waits for nothing after it
             separate_shared.append(own_job)
             streams.fork(x.device, own_job.run_gemm1 if plan.shared_gemm2_late else own_job.run, after=layer_start)
             return

@@ -91,9 +91,13 @@ class SharedExpertOnExpertKernels:
     def __init__(self, spec: MoESpec, normed: torch.Tensor, x_fp8: Optional[torch.Tensor],
                  x_scale: Optional[torch.Tensor], w: MoEWeights, in_fp8: bool, deterministic: bool,
                  from_hidden: bool = False):
-        own_input = _own_input(spec, normed, w) if from_hidden else None
+        problem = own_input_problem(spec, normed, w) if from_hidden else None
         if from_hidden and not in_fp8:
-            raise ValueError("only the fp8 shared expert makes its own input")
+            problem = "only the fp8 shared expert makes its own input"
+        if problem:
+            raise ValueError(problem)
+        norm_weight = w.norm_weight.contiguous() if from_hidden and spec.rms_norm else None
+        own_input = (norm_weight, spec.rms_norm_eps) if from_hidden else None
         launch_spec = spec if in_fp8 else spec.replace(quant="none")
         tail = experts.shared_tail(launch_spec, w)
         M, n = normed.shape[0], tail.count
@@ -132,10 +136,10 @@ class SharedExpertOnExpertKernels:
         self.out = self.launch.finalize()
 
 
-def _own_input(spec: MoESpec, x: torch.Tensor, w: MoEWeights):
-    """(norm weight or None, epsilon) for a GEMM1 that normalises x itself; what it cannot take raises."""
+def own_input_problem(spec: MoESpec, x: torch.Tensor, w: MoEWeights) -> Optional[str]:
+    """Why the shared expert cannot make its own input from the hidden states x (from_hidden), or None."""
     if spec.shared_gate:
-        raise ValueError("a gated shared expert needs the normed states for its gate")
+        return "a gated shared expert needs the normed states for its gate"
     if spec.rms_norm and (w.norm_weight is None or w.norm_weight.dtype != x.dtype):
-        raise ValueError("the GEMM1 that makes its own input takes a norm weight in the hidden states' dtype")
-    return (w.norm_weight.contiguous() if spec.rms_norm else None), spec.rms_norm_eps
+        return "the GEMM1 that makes its own input takes a norm weight in the hidden states' dtype"
+    return None
