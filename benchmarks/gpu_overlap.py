@@ -22,8 +22,6 @@ under CUDA-graph replay (moe_fusion.tools.timing: median of batches, inputs rota
                     for a shared expert that needs no norm kernel (it would make its own input)
   pre+shared unblocked late  the same shared expert, waiting for nothing still, but queued once the norm is:
                     the norm's branch of the graph comes first
-  pre+shared own input  (--shared-on kernels-fp8 only) what the layer does with MOE_FUSION_SHARED_OWN_INPUT=1:
-                    the shared expert makes its own fp8 input from x, queued as in "unblocked late"
   layer stream / layer inline   the whole layer (layer.moe_layer), for context; its time depends on how many
                     local experts the input sets' routing hits (the table's column; the bench's routing differs)
 ratio = (pre+shared stream) / shared; the target is <= 1.1 (the preamble almost entirely hidden).
@@ -82,14 +80,12 @@ TARGET_RATIO = 1.1
 PREAMBLE_KERNELS = ("_norm_quant_kernel", "_router_route_align_kernel", "_router_kernel", "_topk_kernel",
                     "_align_kernel")
 VARIANTS = ("shared", "norm+shared", "preamble", "pre+shared stream", "pre+shared inline", "pre+shared unblocked",
-            "pre+shared unblocked late", "pre+shared own input", "layer stream", "layer inline")
-ON_SIDE_STREAM = ("pre+shared stream", "pre+shared unblocked", "pre+shared unblocked late", "pre+shared own input",
-                  "layer stream")
-FP8_SHARED_ONLY = ("pre+shared own input",)
+            "pre+shared unblocked late", "layer stream", "layer inline")
+ON_SIDE_STREAM = ("pre+shared stream", "pre+shared unblocked", "pre+shared unblocked late", "layer stream")
 # Each ratio's name, numerator and denominator (variants); "stream" is the issue's.
 RATIOS = (("stream", "pre+shared stream", "shared"), ("inline", "pre+shared inline", "shared"),
           ("unblocked", "pre+shared unblocked", "shared"), ("unblocked late", "pre+shared unblocked late", "shared"),
-          ("own input", "pre+shared own input", "shared"), ("after norm", "pre+shared stream", "norm+shared"))
+          ("after norm", "pre+shared stream", "norm+shared"))
 SHARED_ON = ("kernels", "kernels-fp8")
 # The weights each input set gets a copy of: the preamble's and the shared expert's.
 PREAMBLE_WEIGHTS = ("router_weight", "norm_weight", "correction_bias")
@@ -136,17 +132,11 @@ def variant_fn(name: str, spec: MoESpec, block_m: int, shared_on: str = "kernels
         streams.join(x.device)
         del job  # held until here, after the join
 
-    def queued_after_the_norm(x, w, job):  # waiting only for what came before the norm
-        start = streams.mark(x.device)
+    def pre_shared_unblocked_late(x, normed, w):  # queued once the norm is, waiting only for what came before it
+        job, start = ready_job(w, normed), streams.mark(x.device)
         fork = lambda *norm_outputs: streams.fork(x.device, job.run, after=start)  # noqa: E731
         preamble.fused_preamble(spec, x, w, block_m=block_m, after_norm=fork)
         streams.join(x.device)
-
-    def pre_shared_unblocked_late(x, normed, w):
-        queued_after_the_norm(x, w, ready_job(w, normed))
-
-    def pre_shared_own_input(x, normed, w):
-        queued_after_the_norm(x, w, SharedExpertOnExpertKernels(spec, x, None, None, w, True, False, from_hidden=True))
 
     def pre_shared_inline(x, normed, w):
         pre = preamble.fused_preamble(spec, x, w, block_m=block_m)
@@ -161,7 +151,6 @@ def variant_fn(name: str, spec: MoESpec, block_m: int, shared_on: str = "kernels
     return {"shared": shared, "norm+shared": norm_shared, "preamble": pre, "pre+shared stream": pre_shared_stream,
             "pre+shared inline": pre_shared_inline,
             "pre+shared unblocked": pre_shared_unblocked, "pre+shared unblocked late": pre_shared_unblocked_late,
-            "pre+shared own input": pre_shared_own_input,
             "layer stream": whole_layer("stream"),
             "layer inline": whole_layer("inline")}[name]
 
@@ -314,8 +303,6 @@ def measure(spec: MoESpec, weights: Sequence[MoEWeights], M: int, device: torch.
     row = dict(M=M, block_m=block_m, weight_copies=len(weights), local_experts_hit=local_experts_hit(spec, sets),
                us={})
     for name in VARIANTS:
-        if name in FP8_SHARED_ONLY and shared_on != "kernels-fp8":
-            continue
         fn = variant_fn(name, spec, block_m, shared_on, quantized)
         if on_gpu:
             row["us"][name] = round(timing.graph_replay_us(fn, sets), 2)
@@ -323,8 +310,7 @@ def measure(spec: MoESpec, weights: Sequence[MoEWeights], M: int, device: torch.
             fn(*sets[0])
     if on_gpu:
         for ratio, numerator, denominator in RATIOS:
-            if numerator in row["us"]:
-                row[ratio_key(ratio)] = round(row["us"][numerator] / row["us"][denominator], 3)
+            row[ratio_key(ratio)] = round(row["us"][numerator] / row["us"][denominator], 3)
         row["profile"] = profile_overlap(variant_fn(profiled, spec, block_m, shared_on, quantized), sets[0],
                                          trace_path)
     return row

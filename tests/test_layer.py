@@ -219,51 +219,6 @@ def test_layer_op_under_cuda_graphs(name, shared_expert, deterministic, monkeypa
     torch.testing.assert_close(out, first, rtol=1e-2, atol=1e-2)
 
 
-def test_only_an_ungated_fp8_shared_expert_on_the_side_stream_makes_its_own_input(monkeypatch):
-    spec = dsv3_like(dtype="float16", quant="fp8_block")
-    w = random_weights(spec)
-    x = torch.randn(2, spec.hidden_size).half()
-    config = layer.plan_layer(spec, 2, x.device).expert_config
-    stream_fp8 = layer.LayerPlan(config, "stream", True, shared_fp8=True, shared_on_kernels=True)
-    assert not layer._shared_makes_own_input(spec, x, w, stream_fp8)  # the option is off
-    _with_options(monkeypatch, shared_own_input=True)
-    assert layer._shared_makes_own_input(spec, x, w, stream_fp8)
-    inline_fp8 = layer.LayerPlan(config, "inline", True, shared_fp8=True, shared_on_kernels=True)
-    stream_bf16 = layer.LayerPlan(config, "stream", True, shared_fp8=False, shared_on_kernels=True)
-    assert not layer._shared_makes_own_input(spec, x, w, inline_fp8)
-    assert not layer._shared_makes_own_input(spec, x, w, stream_bf16)
-    gated = spec.replace(shared_gate=True)
-    assert not layer._shared_makes_own_input(gated, x, random_weights(gated), stream_fp8)
-    assert not layer._shared_makes_own_input(spec, x.float(), w, stream_fp8)  # norm weight in another dtype
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("shared_expert", ["stream", "stream-late"])
-def test_the_fp8_shared_expert_making_its_own_input_gives_the_same_bits(shared_expert, monkeypatch):
-    """LoweringOptions.shared_own_input: forked before the norm kernel is done, on its own fp8 groups, the
-    deterministic layer gives the bits of the shared expert that reads the norm kernel's, eagerly and replayed
-    from a CUDA graph on new inputs."""
-    _with_options(monkeypatch, deterministic=True, shared_expert=shared_expert, shared_fp8=True)
-    spec = GPU_SPECS["dsv3-ep8-fp8"]
-    w = random_weights(spec, device="cuda")
-    for M in (1, 4, 33):
-        x = torch.randn(M, spec.hidden_size, device="cuda", dtype=torch.bfloat16)
-        _with_options(monkeypatch, shared_own_input=False)
-        after_norm = layer.moe_layer(spec, x, w)
-        _with_options(monkeypatch, shared_own_input=True)
-        assert torch.equal(layer.moe_layer(spec, x, w), after_norm), M
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = layer.moe_layer(spec, x, w)
-    x.copy_(torch.randn_like(x))
-    graph.replay()
-    _with_options(monkeypatch, shared_own_input=False)
-    expected = layer.moe_layer(spec, x, w)
-    torch.cuda.synchronize()
-    assert torch.equal(out, expected)
-    assert relative_error(out, _expected(spec, x, w, layer.plan_layer(spec, 33, x.device))) < 3e-2
-
-
 @pytest.mark.gpu
 def test_deterministic_layer_runs_are_bitwise_equal(monkeypatch):
     """Deterministic mode: router without split-K atomics, expert block in fixed order."""

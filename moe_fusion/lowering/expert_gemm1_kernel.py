@@ -27,19 +27,14 @@ Split over K (split_k > 1, SPLIT_OUT): items are (tile, K split, BLOCK_N slice) 
 and up sums per split; gemm1_combine_kernel sums them and applies SiLU*up. With swapped operands
 (SWAP_AB) the tiles are weights . tokens^T, transposed once before the epilogue.
 
-With A_FP8_OWN_INPUT (the fp8 shared expert's launch, LoweringOptions.shared_own_input) each item first makes
-its K range of A from the hidden states, as the norm kernel would (norm_quant_kernel.norm_quant_rows), so the
-launch need not wait for the norm kernel.
-
 The same launch zeroes GEMM2's fp32 accumulator (``zero_ptr``), saving a memset launch.
 Reference: reference.gated_mlp / reference._fp8_gated_mlp (the first two products and SiLU*up).
 """
 import triton
 import triton.language as tl
 
-from .expert_tiles import (A_FP8_OWN_INPUT, A_MODEL_DTYPE, FP8_GROUP, load_tile, outer, quantize_h_group,
-                           routed_tiles, silu_mul, tile_dot, work_tile, zero_block)
-from .norm_quant_kernel import norm_quant_rows
+from .expert_tiles import (A_MODEL_DTYPE, FP8_GROUP, load_tile, outer, quantize_h_group, routed_tiles, silu_mul,
+                           tile_dot, work_tile, zero_block)
 
 
 @triton.jit
@@ -81,7 +76,6 @@ def gemm1_item(
     gx_ptr, gw_ptr, gate_partial_ptr,
     h_ptr, hq_ptr, hs_ptr, ticket_ptr,
     sorted_pair_ids_ptr, tile_expert_ptr,
-    raw_x_ptr, stride_rxm, norm_w_ptr, h_float, norm_eps,
     num_pairs, top_k, M, N, K,
     stride_xm, stride_xk, stride_xsm, stride_xsk,
     stride_wge, stride_wgn, stride_wgk, stride_wue, stride_wun, stride_wuk,
@@ -93,7 +87,6 @@ def gemm1_item(
     A_MODE: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr,
     N_SHARED: tl.constexpr, SHARED_GATE: tl.constexpr, QUANT_H: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_OUT: tl.constexpr, DENSE_ALIGNMENT: tl.constexpr,
-    HAS_NORM: tl.constexpr, ROW_BLOCK: tl.constexpr,
 ):
     """One work item: the h slice of one (token tile, BLOCK_N columns), or with SPLIT_OUT the fp32
     gate and up sums of one K split of it (gemm1_combine_kernel finishes h)."""
@@ -130,11 +123,6 @@ def gemm1_item(
     acc_u = tl.zeros((BLOCK_N, BLOCK_M) if SWAP_AB else (BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_start = split * k_per_split
     k_end = tl.minimum(K, k_start + k_per_split)
-    if A_MODE == A_FP8_OWN_INPUT:
-        # Items of other column blocks make the same groups, bit for bit: their stores race harmlessly.
-        norm_quant_rows(raw_x_ptr, stride_rxm, norm_w_ptr, x_ptr, stride_xm, x_scale_ptr, stride_xsm, token, M,
-                        k_start, k_end, K, h_float, norm_eps, HAS_NORM, BLOCK_M, ROW_BLOCK)
-        tl.debug_barrier()  # every thread's A stores are issued before any thread loads them
     for k0 in range(k_start, k_end, BLOCK_K):
         # fp8: one dot per 128-wide scale group; a K step may hold several (the tuner decides).
         for sub in tl.static_range(BLOCK_K // SUB_K):
@@ -195,14 +183,13 @@ def expert_gemm1_kernel(
     stride_gxm, stride_gxk, stride_hm, stride_hqm, stride_hsm,
     zero_ptr, ticket_ptr, partial_ptr, stride_ps, stride_pm, split_k, k_per_split,
     sorted_pair_ids_ptr, tile_expert_ptr, num_tiles_ptr,
-    raw_x_ptr, stride_rxm, norm_w_ptr, h_float, norm_eps,
     num_pairs, top_k, M, N, K, zero_numel,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr, SWAP_AB: tl.constexpr,
     A_MODE: tl.constexpr,
     WEIGHT_ON_INPUT: tl.constexpr,
     N_SHARED: tl.constexpr, SHARED_GATE: tl.constexpr, QUANT_H: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_OUT: tl.constexpr, DENSE_ALIGNMENT: tl.constexpr,
-    ZERO_BLOCK: tl.constexpr, HAS_NORM: tl.constexpr, ROW_BLOCK: tl.constexpr,
+    ZERO_BLOCK: tl.constexpr,
     LAUNCH_DEPENDENTS: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -226,7 +213,6 @@ def expert_gemm1_kernel(
             x_ptr, x_scale_ptr, pair_weight_ptr, wg_ptr, wu_ptr, wg_scale_ptr, wu_scale_ptr,
             swg_ptr, swu_ptr, swg_scale_ptr, swu_scale_ptr, gx_ptr, gw_ptr, gate_partial_ptr,
             h_ptr, hq_ptr, hs_ptr, ticket_ptr, sorted_pair_ids_ptr, tile_expert_ptr,
-            raw_x_ptr, stride_rxm, norm_w_ptr, h_float, norm_eps,
             num_pairs, top_k, M, N, K,
             stride_xm, stride_xk, stride_xsm, stride_xsk,
             stride_wge, stride_wgn, stride_wgk, stride_wue, stride_wun, stride_wuk,
@@ -235,5 +221,5 @@ def expert_gemm1_kernel(
             stride_ssge, stride_ssgn, stride_ssgk, stride_ssue, stride_ssun, stride_ssuk,
             stride_gxm, stride_gxk, stride_hm, stride_hqm, stride_hsm,
             BLOCK_M, BLOCK_N, BLOCK_K, SUB_K, SWAP_AB, A_MODE, WEIGHT_ON_INPUT, N_SHARED, SHARED_GATE, QUANT_H,
-            EVEN_N, EVEN_K, SPLIT_OUT, DENSE_ALIGNMENT, HAS_NORM, ROW_BLOCK,
+            EVEN_N, EVEN_K, SPLIT_OUT, DENSE_ALIGNMENT,
         )

@@ -7,8 +7,7 @@ divides by a Python scalar as a multiplication by fl32(1/448) (its div_true_kern
 it divides; the kernels do the same on each, so they reproduce the reference bit for bit.
 No quantisation happens inside a GEMM's K loop (measured on the H100: quantising the A tile
 per K step made GEMM2 4x slower than its weight stream, and a row reduction there keeps the A
-tile out of the cp.async pipeline): x comes quantised (preamble or fp8_act_quant_kernel, or with
-A_FP8_OWN_INPUT from a prologue of each GEMM1 item, before its K loop), and
+tile out of the cp.async pipeline): x comes quantised (preamble or fp8_act_quant_kernel), and
 fp8_act_quant_kernel (or gemm1_combine_kernel after a K-split GEMM1) quantises h between the GEMMs.
 """
 import os
@@ -30,9 +29,6 @@ ROUND_BEFORE_FP8_CAST = tl.constexpr(_INTERPRETED)
 # What the A operand of a GEMM is (a constexpr of both kernels).
 A_MODEL_DTYPE = tl.constexpr(0)  # bf16/fp16 activations, bf16/fp16 weights
 A_FP8 = tl.constexpr(1)  # fp8 weights, e4m3 A with its 1x128 group scales
-# fp8 weights; A is made by each work item from x in the model dtype (RMSNorm, then the 1x128 groups, as the norm
-# kernel makes them: norm_quant_kernel.norm_quant_rows) into A's buffers, then read as with A_FP8.
-A_FP8_OWN_INPUT = tl.constexpr(2)
 
 
 @triton.jit

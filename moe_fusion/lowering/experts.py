@@ -42,12 +42,10 @@ from .fp8_weight_quant_kernel import fp8_weight_quant_kernel
 from .gemm1_combine_kernel import gemm1_combine_kernel
 from .grid_sync import pdl_launch
 from .moe_finalize_kernel import moe_finalize_kernel
-from .norm_quant_kernel import MAX_ROW_BLOCK
 
 INT32_MAX = 2**31 - 1
 A_MODEL_DTYPE = expert_tiles.A_MODEL_DTYPE.value
 A_FP8 = expert_tiles.A_FP8.value
-A_FP8_OWN_INPUT = expert_tiles.A_FP8_OWN_INPUT.value
 MODEL_DTYPES = (torch.bfloat16, torch.float16)
 ZERO_BLOCK = 1024
 FINALIZE_BLOCK_N = 1024
@@ -476,16 +474,10 @@ class ExpertLaunch:
     on_side_stream: bool = False
     # The alignment is dense_routing's: the kernels compute it instead of reading it (expert_tiles.work_tile).
     dense_alignment: bool = False
-    # fp8 experts whose GEMM1 makes its own A from x, which is then the hidden states before the norm
-    # (A_FP8_OWN_INPUT): the norm's weight (None without a norm) and epsilon.
-    own_input: Optional[Tuple[Optional[torch.Tensor], float]] = None
 
     def __post_init__(self):
         if self.dense_alignment and self.shared is not None:
             raise ValueError("a dense alignment has no room for a shared-expert tail")
-        if self.own_input is not None and not (self.experts.fp8 and self.dense_alignment and not self.weight_on_input):
-            raise ValueError("a GEMM1 that makes its own input takes fp8 experts, a dense alignment, and no weight "
-                             "on the input")
 
     @property
     def small_launches_dependent(self) -> bool:
@@ -532,11 +524,6 @@ class ExpertLaunch:
         the alignment kernel was launched just before (and lets its dependents start): quantise
         alongside it (fp8_act_quant_kernel.PDL_BESIDE_PREVIOUS)."""
         if not self.experts.fp8:
-            return
-        if self.own_input is not None:  # GEMM1 writes them (A_FP8_OWN_INPUT)
-            self.a = _buffer(self.x.shape, FP8_DTYPE, self.x.device)
-            self.a_scale = _buffer((self.x.shape[0], triton.cdiv(self.x.shape[1], FP8_BLOCK)), torch.float32,
-                                   self.x.device)
             return
         if x_fp8 is not None and not self.weight_on_input:
             self.a, self.a_scale = x_fp8, x_scale
@@ -610,17 +597,14 @@ class ExpertLaunch:
         sums = self.gemm1_sums if self.gemm1_sums is not None else unused
         tickets = _ticket_buffer(self.x.device, tiles * triton.cdiv(I, FP8_BLOCK)) if quant_h else self.pair_weights
         operands, constants = self._gemm1_operands(config)
-        norm_weight, eps = self.own_input or (None, 0.0)
         expert_gemm1_kernel[(grid,)](
             *operands, self.partial, tickets,
             sums, sums.stride(0), sums.stride(1), g.split_k, self._k_per_split(g, H), *self.alignment,
-            self.x, self.x.stride(0), norm_weight if norm_weight is not None else self.x, float(H), eps,
             self.topk_ids.numel(), self.a_row_divisor, M, I, H, self._zero_numel(),
             **constants, BLOCK_N=g.block_n, BLOCK_K=g.block_k, SUB_K=self._sub_k(g), SWAP_AB=g.swap_ab,
             QUANT_H=quant_h, EVEN_N=I % g.block_n == 0, EVEN_K=H % g.block_k == 0, SPLIT_OUT=g.split_k > 1,
-            ZERO_BLOCK=ZERO_BLOCK, HAS_NORM=norm_weight is not None,
-            ROW_BLOCK=min(triton.next_power_of_2(H), MAX_ROW_BLOCK), LAUNCH_DEPENDENTS=self.small_launches_dependent,
-            num_warps=g.num_warps, num_stages=g.num_stages,
+            ZERO_BLOCK=ZERO_BLOCK, LAUNCH_DEPENDENTS=self.small_launches_dependent, num_warps=g.num_warps,
+            num_stages=g.num_stages,
         )
         self.h_quantized = quant_h
 
@@ -664,8 +648,7 @@ class ExpertLaunch:
             *se.w_gate.stride(), *se.w_up.stride(), *ssg.stride(), *ssu.stride(),
             *self.x.stride(), self.h.stride(0), hq.stride(0), hs.stride(0),
         )
-        a_mode = (A_FP8_OWN_INPUT if self.own_input is not None else A_FP8) if e.fp8 else A_MODEL_DTYPE
-        constants = dict(BLOCK_M=config.block_m, A_MODE=a_mode,
+        constants = dict(BLOCK_M=config.block_m, A_MODE=A_FP8 if e.fp8 else A_MODEL_DTYPE,
                          WEIGHT_ON_INPUT=self.weight_on_input and not e.fp8, N_SHARED=self.n_shared,
                          SHARED_GATE=gated, DENSE_ALIGNMENT=self.dense_alignment)
         return operands, constants

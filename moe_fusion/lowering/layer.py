@@ -34,7 +34,7 @@ from ..spec import MoESpec, MoEWeights
 from . import experts, preamble, shared_plan, streams
 from .expert_configs import ExpertConfig
 from .layer_output_kernel import layer_output
-from .shared_expert import CublasSharedExpert, SharedExpertOnExpertKernels, own_input_problem
+from .shared_expert import CublasSharedExpert, SharedExpertOnExpertKernels
 
 SHARED_STRATEGIES = shared_plan.STRATEGIES
 ON_KERNELS = "-kernels"  # a separate shared expert as its own launch of the expert kernels, not cuBLAS
@@ -57,16 +57,11 @@ class LoweringOptions:
     shared_expert: one of SHARED_STRATEGIES, or None to let the plan choose.
     shared_fp8: with fp8 experts, compute the shared expert in fp8 too (from block-quantised
         copies of its weights), whatever the strategy; "fused" always does.
-    shared_own_input: an fp8 shared expert on the side stream makes its own input (see the field).
     """
 
     deterministic: bool = os.environ.get("MOE_FUSION_DETERMINISTIC", "0") == "1"
     shared_expert: Optional[str] = os.environ.get("MOE_FUSION_SHARED_EXPERT") or None
     shared_fp8: bool = os.environ.get("MOE_FUSION_SHARED_FP8", "0") == "1"
-    # The fp8 shared expert on the side stream makes its own input from the hidden states
-    # (SharedExpertOnExpertKernels' from_hidden), so it waits for nothing queued by the layer; it is queued
-    # once the norm is. The same bits as after the norm kernel. Off: not yet measured (session 31).
-    shared_own_input: bool = os.environ.get("MOE_FUSION_SHARED_OWN_INPUT", "0") == "1"
 
 
 options = LoweringOptions()
@@ -143,13 +138,6 @@ def _needs_tail(strategy: str) -> bool:
     return strategy.replace(LATE, "") in ("fused", "stream") or strategy.endswith(ON_KERNELS)
 
 
-def _shared_makes_own_input(spec: MoESpec, x: torch.Tensor, w: MoEWeights, plan: LayerPlan) -> bool:
-    """LoweringOptions.shared_own_input, where the shared expert can: fp8 on the side stream, and
-    shared_expert.own_input_problem finds nothing."""
-    return (options.shared_own_input and plan.shared_expert == "stream" and plan.shared_fp8
-            and own_input_problem(spec, x, w) is None)
-
-
 def _shared_weights_in_model_dtype(spec: MoESpec, plan: LayerPlan) -> tuple:
     """The shared weights that must come in the hidden states' dtype: all of them on cuBLAS or in a
     bf16/fp16 expert launch; only the gate where the experts run on fp8 copies (made from any dtype)."""
@@ -178,18 +166,8 @@ def moe_layer(spec: MoESpec, x: torch.Tensor, w: MoEWeights, plan: Optional[Laye
         """The side stream's shared GEMM2, after the routed GEMM1 (beside the routed GEMM2)."""
         streams.fork(x.device, separate_shared[0].run_gemm2)
 
-    own_input = _shared_makes_own_input(spec, x, w, plan)
-    if own_input:
-        rows = x if x.stride(1) == 1 else x.contiguous()
-        own_job = SharedExpertOnExpertKernels(spec, rows, None, None, w, True, plan.deterministic, from_hidden=True)
-        layer_start = streams.mark(x.device)
-
     def start_shared_expert(normed: torch.Tensor, x_fp8: torch.Tensor, x_scale: torch.Tensor) -> None:
         """Allocate (on this stream), then run on the side stream ("stream") or later ("inline")."""
-        if own_input:  # made before the norm; waits for nothing after it
-            separate_shared.append(own_job)
-            streams.fork(x.device, own_job.run_gemm1 if plan.shared_gemm2_late else own_job.run, after=layer_start)
-            return
         if plan.shared_on_kernels:
             job = SharedExpertOnExpertKernels(spec, normed, x_fp8, x_scale, w, plan.shared_fp8, plan.deterministic)
         else:

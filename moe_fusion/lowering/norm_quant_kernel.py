@@ -59,61 +59,23 @@ def _inv_rms(x_row, H, h_float, eps, ROW_BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _normalize(x, w, r, HAS_NORM: tl.constexpr, IN_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr):
-    """w * (x * r rounded to the input dtype), rounded to the output dtype; x itself without a norm."""
-    if HAS_NORM:
-        return (w * (x * r).to(IN_DTYPE).to(tl.float32)).to(OUT_DTYPE)
-    return x.to(OUT_DTYPE)
-
-
-@triton.jit
-def _fp8_groups(normed, GROUPS: tl.constexpr):
-    """normed [GROUPS, 128], one quantisation group per row -> (e4m3 values, the GROUPS scales)."""
-    v = normed.to(tl.float32)
-    scale = tl.maximum(_div_rn(tl.max(tl.abs(v), axis=1), tl.full((GROUPS,), 448.0, tl.float32)), 1e-10)
-    q = _div_rn(v, scale[:, None])
-    return to_e4m3(tl.minimum(tl.maximum(q, -448.0), 448.0)), scale
-
-
-@triton.jit
 def _store_chunk(x, w, r, offs, in_row, row, normed_ptr, stride_nm, q_ptr, stride_qm, scale_ptr, stride_sm, c0, H,
                  HAS_NORM: tl.constexpr, QUANT: tl.constexpr, GROUPS: tl.constexpr, IN_DTYPE: tl.constexpr,
                  OUT_DTYPE: tl.constexpr):
-    """normed of one chunk, and its fp8 groups."""
-    normed = _normalize(x, w, r, HAS_NORM, IN_DTYPE, OUT_DTYPE)
+    """normed = w * (x * r rounded to the input dtype) of one chunk, and its fp8 groups."""
+    if HAS_NORM:
+        normed = (w * (x * r).to(IN_DTYPE).to(tl.float32)).to(OUT_DTYPE)
+    else:
+        normed = x.to(OUT_DTYPE)
     tl.store(normed_ptr + row * stride_nm + offs, normed, mask=in_row)
     if QUANT:
-        q, scale = _fp8_groups(normed, GROUPS)
+        v = normed.to(tl.float32)
+        scale = tl.maximum(_div_rn(tl.max(tl.abs(v), axis=1), tl.full((GROUPS,), 448.0, tl.float32)), 1e-10)
+        q = _div_rn(v, scale[:, None])
+        q = to_e4m3(tl.minimum(tl.maximum(q, -448.0), 448.0))
         tl.store(q_ptr + row * stride_qm + offs, q, mask=in_row)
         g = tl.arange(0, GROUPS)
         tl.store(scale_ptr + row * stride_sm + c0 // 128 + g, scale, mask=c0 + g * 128 < H)
-
-
-@triton.jit
-def norm_quant_rows(x_ptr, stride_xm, norm_w_ptr, q_ptr, stride_qm, scale_ptr, stride_sm, token, M, k_lo, k_hi, H,
-                    h_float, eps, HAS_NORM: tl.constexpr, ROWS: tl.constexpr, ROW_BLOCK: tl.constexpr):
-    """What _norm_quant_kernel writes to x_fp8 and x_scale (its rows of groups contiguous), for the tile of ROWS
-    consecutive tokens from token[0] and the 128-groups in [k_lo, k_hi): the same arithmetic, each row's statistic
-    recomputed from the whole row. For a launch that makes its own input (the shared expert's GEMM1 with
-    experts.A_FP8_OWN_INPUT); x and the norm weight share the model dtype."""
-    rows = tl.arange(0, ROWS)
-    row_ok = token < M
-    r = tl.full((ROWS,), 1.0, tl.float32)
-    if HAS_NORM:
-        first = tl.min(token, axis=0)
-        for i in range(0, tl.minimum(ROWS, M - first)):
-            r = tl.where(rows == i, _inv_rms(x_ptr + (first + i) * stride_xm, H, h_float, eps, ROW_BLOCK), r)
-    model_dtype = x_ptr.dtype.element_ty
-    for k in range(k_lo, k_hi, 128):
-        offs = k + tl.arange(0, 128)
-        mask = row_ok[:, None] & (offs < H)[None, :]
-        x = tl.load(x_ptr + token[:, None] * stride_xm + offs[None, :], mask=mask, other=0.0).to(tl.float32)
-        w = x
-        if HAS_NORM:
-            w = tl.load(norm_w_ptr + offs, mask=offs < H, other=0.0).to(tl.float32)[None, :]
-        q, scale = _fp8_groups(_normalize(x, w, r[:, None], HAS_NORM, model_dtype, model_dtype), ROWS)
-        tl.store(q_ptr + token[:, None] * stride_qm + offs[None, :], q, mask=mask)
-        tl.store(scale_ptr + token * stride_sm + k // 128, scale, mask=row_ok)
 
 
 @triton.jit

@@ -82,22 +82,10 @@ class SharedExpertOnExpertKernels:
     the pre-quantised x the norm made. Its tiles are those tuned for this dense problem
     (experts.shared_expert_config), not the routed experts'. Buffers are allocated, and the sigmoid
     gate computed, by the constructor on the current stream, so that run() may go to the side stream,
-    where it launches the expert kernels only; ``out`` is fp32 [M, H].
-
-    from_hidden (fp8, no shared-expert gate): ``normed`` is the hidden states before the norm, and GEMM1 makes
-    its own fp8 input from them as the norm kernel would (experts.A_FP8_OWN_INPUT), so that the launch need not
-    wait for the norm kernel."""
+    where it launches the expert kernels only; ``out`` is fp32 [M, H]."""
 
     def __init__(self, spec: MoESpec, normed: torch.Tensor, x_fp8: Optional[torch.Tensor],
-                 x_scale: Optional[torch.Tensor], w: MoEWeights, in_fp8: bool, deterministic: bool,
-                 from_hidden: bool = False):
-        problem = own_input_problem(spec, normed, w) if from_hidden else None
-        if from_hidden and not in_fp8:
-            problem = "only the fp8 shared expert makes its own input"
-        if problem:
-            raise ValueError(problem)
-        norm_weight = w.norm_weight.contiguous() if from_hidden and spec.rms_norm else None
-        own_input = (norm_weight, spec.rms_norm_eps) if from_hidden else None
+                 x_scale: Optional[torch.Tensor], w: MoEWeights, in_fp8: bool, deterministic: bool):
         launch_spec = spec if in_fp8 else spec.replace(quant="none")
         tail = experts.shared_tail(launch_spec, w)
         M, n = normed.shape[0], tail.count
@@ -116,7 +104,7 @@ class SharedExpertOnExpertKernels:
             x=normed, pair_weights=self.weights.view(-1), topk_ids=ids, experts=tail.experts, alignment=alignment,
             weight_on_input=False, num_sms=experts.device_facts(normed.device)[1],
             pdl=experts.pdl_mode(normed.device, M, "shared"), on_side_stream=True,
-            dense_alignment=COMPUTED_ALIGNMENT or from_hidden, own_input=own_input,
+            dense_alignment=COMPUTED_ALIGNMENT,
         )
         self.launch.allocate(config, deterministic, torch.float32)
         given = in_fp8 and x_fp8 is not None and x_fp8.numel() > 0
@@ -134,12 +122,3 @@ class SharedExpertOnExpertKernels:
     def run_gemm2(self) -> None:
         self.launch.gemm2(self.config)
         self.out = self.launch.finalize()
-
-
-def own_input_problem(spec: MoESpec, x: torch.Tensor, w: MoEWeights) -> Optional[str]:
-    """Why the shared expert cannot make its own input from the hidden states x (from_hidden), or None."""
-    if spec.shared_gate:
-        return "a gated shared expert needs the normed states for its gate"
-    if spec.rms_norm and (w.norm_weight is None or w.norm_weight.dtype != x.dtype):
-        return "the GEMM1 that makes its own input takes a norm weight in the hidden states' dtype"
-    return None
