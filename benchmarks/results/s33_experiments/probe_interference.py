@@ -5,7 +5,8 @@ Split it: the fork itself (nothing on the main stream), beside the norm only, be
 router's bytes (torch's sum of a copy of the router weight), beside three tiny kernels (no bytes), and
 beside the whole preamble. And the shared expert with a norm kernel of its own on the side stream, its GEMM1
 that norm's programmatic dependent (asking L2 for its first K steps of weights before it waits). And a timing proxy
-of one stream (norm, shared GEMM1 as its dependent, routing; wrong logits: see one_stream_chain). Same timing and weight copies as gpu_overlap (fp8 experts, fp8 shared expert).
+of one stream (norm, shared GEMM1 as its dependent, routing; wrong logits: see one_stream_chain). Same timing and
+weight copies as gpu_overlap (fp8 experts, fp8 shared expert).
 
     git apply benchmarks/results/s33_experiments/gemm1_after_norm_pdl_prefetch.patch  # the variants need it
     python benchmarks/results/s33_experiments/probe_interference.py [--m 1,4] [--gemm1 split_k=2,...] [--routing]
