@@ -30,18 +30,26 @@ REAL = dict(  # DeepSeek-V3 sizes for the MoE layers; attention and vocabulary k
 
 
 def step_us(model, token_ids, steps=20) -> float:
+    """Median µs of one decode step: CUDA events on the GPU, the wall clock on the CPU (a smoke run)."""
+    cuda = token_ids.is_cuda
     with torch.no_grad():
         for _ in range(3):
             model(token_ids, use_cache=False)
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
         times = []
         for _ in range(steps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            model(token_ids, use_cache=False)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) * 1e3)
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                model(token_ids, use_cache=False)
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) * 1e3)
+            else:
+                t0 = time.perf_counter()
+                model(token_ids, use_cache=False)
+                times.append((time.perf_counter() - t0) * 1e6)
     return statistics.median(times)
 
 
@@ -81,7 +89,7 @@ def _picks(forced: dict) -> str:
     return f"{forced['agree']:.2f} / {forced['ties']:.2f} / {forced['unexplained']:.2f}"
 
 
-def main() -> int:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=["real", "tiny"], default="real")
     parser.add_argument("--layers", type=int, default=2)
@@ -90,12 +98,14 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--mode", default="reduce-overhead", help='torch.compile mode ("default": no CUDA graphs)')
     parser.add_argument("--json", default=None)
-    args = parser.parse_args()
+    parser.add_argument("--device", default="cuda", help='"cpu": a smoke run of the script (wall clock, reference layers)')
+    parser.add_argument("--steps", type=int, default=20, help="timed decode steps per variant and batch")
+    args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     overrides = dict(REAL) if args.config == "real" else {}
     overrides.update(num_hidden_layers=args.layers, first_k_dense_replace=0)
     t0 = time.time()
-    model = hf_models.build_model("deepseek_v3", dtype=dtype, device="cuda", **overrides)
+    model = hf_models.build_model("deepseek_v3", dtype=dtype, device=args.device, **overrides)
     print(f"built {args.config} model, {args.layers} MoE layers, {dtype}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e9:.1f} B params in {time.time() - t0:.0f} s",
           file=sys.stderr)
@@ -113,10 +123,10 @@ def main() -> int:
     vocab = model.config.vocab_size
     for batch in [int(b) for b in args.batch.split(",")]:
         row = {"batch": batch}
-        step = torch.randint(3, vocab, (batch, 1), device="cuda")
+        step = torch.randint(3, vocab, (batch, 1), device=args.device)
         for name, m in variants.items():
-            row[f"{name}_us"] = step_us(m, step)
-        prompt = torch.randint(3, vocab, (batch, 4), device="cuda")
+            row[f"{name}_us"] = step_us(m, step, args.steps)
+        prompt = torch.randint(3, vocab, (batch, 4), device=args.device)
         expected = greedy(model, prompt, args.new_tokens)
         for name in ("inductor", "moe_fusion"):
             row[f"{name}_tokens_equal_eager"] = float((greedy(variants[name], prompt, args.new_tokens) == expected)
@@ -129,9 +139,9 @@ def main() -> int:
     from moe_fusion import last_report
 
     report = last_report()
+    device = torch.cuda.get_device_name() if args.device == "cuda" else args.device
     print(f"\n{args.config} DeepSeek-V3-style, {args.layers} layers, {args.dtype}, mode {args.mode}, device "
-          f"{torch.cuda.get_device_name()}, torch {torch.__version__}; matched layers: "
-          f"{report.count('matched')}")
+          f"{device}, torch {torch.__version__}; layers matched over all compiles: {report.count('matched')}")
     print("| batch | eager µs | Inductor µs | moe_fusion µs | speedup vs Inductor | greedy tokens equal eager "
           "(Inductor / moe_fusion) | teacher-forced picks: agree / tie / unexplained (Inductor; moe_fusion) | "
           "max logits rel err (Inductor / moe_fusion) |")
@@ -145,7 +155,8 @@ def main() -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": args.config, "layers": args.layers, "dtype": args.dtype, "mode": args.mode, "rows": rows,
-                       "device": torch.cuda.get_device_name(), "torch": torch.__version__}, f, indent=1)
+                       "layers_matched_over_compiles": report.count("matched"),
+                       "device": device, "torch": torch.__version__}, f, indent=1)
     return 0
 
 
