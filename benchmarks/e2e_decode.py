@@ -31,26 +31,25 @@ REAL = dict(  # DeepSeek-V3 sizes for the MoE layers; attention and vocabulary k
 
 def step_us(model, token_ids, steps=20) -> float:
     """Median µs of one decode step: CUDA events on the GPU, the wall clock on the CPU (a smoke run)."""
-    cuda = token_ids.is_cuda
     with torch.no_grad():
         for _ in range(3):
             model(token_ids, use_cache=False)
-        if cuda:
+        if token_ids.is_cuda:
             torch.cuda.synchronize()
-        times = []
-        for _ in range(steps):
-            if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                model(token_ids, use_cache=False)
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) * 1e3)
-            else:
-                t0 = time.perf_counter()
-                model(token_ids, use_cache=False)
-                times.append((time.perf_counter() - t0) * 1e6)
-    return statistics.median(times)
+        return statistics.median(_one_step_us(model, token_ids) for _ in range(steps))
+
+
+def _one_step_us(model, token_ids) -> float:
+    if not token_ids.is_cuda:
+        t0 = time.perf_counter()
+        model(token_ids, use_cache=False)
+        return (time.perf_counter() - t0) * 1e6
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    model(token_ids, use_cache=False)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3
 
 
 def greedy(model, prompt, new_tokens) -> torch.Tensor:
