@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Callable, List, NamedTuple, Optional
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -224,15 +224,28 @@ def fused_preamble(spec: MoESpec, x: torch.Tensor, w: MoEWeights, block_m: int,
     norm_weight = w.norm_weight.contiguous() if spec.rms_norm else None
     normed_dtype = normed_dtype_of(spec, x, w)
     plan = plan or plan_preamble(spec, M, normed_dtype, w.router_weight.dtype, device, deterministic)
-    L = spec.num_local_experts
-
-    logits = torch.empty((max(M, 1), spec.num_experts), dtype=torch.float32, device=device)
-    counters = torch.empty((N_COUNTERS,), dtype=torch.int32, device=device)
+    logits, counters = router_workspace(spec, M, device)
     pdl = USE_PDL and x.is_cuda and M > 0
-    normed, x_fp8, x_scale = norm_quant(x, norm_weight, spec.rms_norm_eps, spec.fp8, logits, counters, normed_dtype,
-                                        pdl=pdl)
+    norm_outputs = norm_quant(x, norm_weight, spec.rms_norm_eps, spec.fp8, logits, counters, normed_dtype, pdl=pdl)
     if after_norm is not None:
-        after_norm(normed, x_fp8, x_scale)
+        after_norm(*norm_outputs)
+    return route_normed(spec, w, norm_outputs, logits, counters, plan, block_m, expert_map, with_alignment, pdl)
+
+
+def router_workspace(spec: MoESpec, M: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The router's split-K logits accumulator and its counters, both zeroed by the norm kernel."""
+    return (torch.empty((max(M, 1), spec.num_experts), dtype=torch.float32, device=device),
+            torch.empty((N_COUNTERS,), dtype=torch.int32, device=device))
+
+
+def route_normed(spec: MoESpec, w: MoEWeights, norm_outputs: Tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                 logits: torch.Tensor, counters: torch.Tensor, plan: PreamblePlan, block_m: int,
+                 expert_map: Optional[torch.Tensor], with_alignment: bool, pdl: bool) -> PreambleOut:
+    """fused_preamble after the norm: router, routing and alignment of the norm's outputs, into the workspace
+    the norm zeroed. ``pdl``: the router is a programmatic dependent of the kernel before it (the norm)."""
+    normed, x_fp8, x_scale = norm_outputs
+    M, normed_dtype, device = normed.shape[0], normed.dtype, normed.device
+    L = spec.num_local_experts
     ids = torch.empty((M, spec.top_k), dtype=torch.int32, device=device)
     weights = torch.empty((M, spec.top_k), dtype=torch.float32, device=device)
     if M == 0 or not with_alignment:
