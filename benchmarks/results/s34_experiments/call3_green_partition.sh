@@ -6,5 +6,6 @@ set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv,noheader
 python -c 'import torch, triton; print("torch", torch.__version__, "| cuda", torch.version.cuda, "| triton", triton.__version__)'
+git apply benchmarks/results/s33_experiments/gemm1_after_norm_pdl_prefetch.patch || exit 1  # the device's copy only
 P=benchmarks/results/s34_experiments/probe_green_partition.py
-timeout -k 5 280 python $P --m 1,4 --sms 128,112 2>&1 | grep -v -i warn | tail -20
+timeout -k 5 400 python $P --m 1,4 --sms 128,112 2>&1 | grep -v -i warn | tail -24

@@ -17,6 +17,10 @@ expert alone on every SM):
   inputs made beforehand (the bound for a shared expert that waits for nothing);
 - `R: preamble`: the preamble alone on the rest, to see what the few SMs cost the routing;
 - `beside preamble` and `pre+shared stream`: session 33's unpartitioned figures, in the same process.
+With session 33's patch applied (call3_green_partition.sh applies it), also the layout a partition would allow: the
+norm and then the shared expert, its GEMM1 the norm's programmatic dependent, on one stream, and the router, routing
+and alignment on the other after an event behind the norm; on the two partitions (`S: norm+shared pdl | R: ...`) and,
+for comparison, unpartitioned (`norm+shared pdl | side: ...`).
 
     python benchmarks/results/s34_experiments/probe_green_partition.py [--m 1,4] [--sms 128,112]
 """
@@ -35,9 +39,12 @@ import triton.language as tl
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]
 ov = runpy.run_path(os.path.join(ROOT, "benchmarks", "gpu_overlap.py"))
-from moe_fusion.lowering import experts, preamble  # noqa: E402
+from moe_fusion.lowering import experts, norm_quant_kernel, preamble  # noqa: E402
+from moe_fusion.lowering import streams  # noqa: E402
 from moe_fusion.tools import timing  # noqa: E402
 
+# Session 33's patch (applied by call3_green_partition.sh) adds what the candidate layout needs.
+PATCHED = hasattr(norm_quant_kernel, "norm_quant_outputs")
 CU_DEV_RESOURCE_TYPE_SM = 1
 CU_GREEN_CTX_DEFAULT_STREAM = 1
 CU_STREAM_NON_BLOCKING = 1
@@ -158,7 +165,47 @@ def partitioned(part: Partition, shared_sms: int, rest_sms: int, spec, block_m, 
         "S: shared | R: router read": shared_beside(lambda x, w: w.router_weight.sum()),
         "S: shared | R: preamble": shared_beside(routing),
         "R: preamble": routing_alone,
+        **({"S: norm+shared pdl | R: routing after the norm": candidate_layout(
+            spec, block_m, part.shared_stream, part.rest_stream, shared_sms, rest_sms, tiles)}
+           if PATCHED else {}),
     }
+
+
+def candidate_layout(spec, block_m, shared_stream, rest_stream, shared_sms: int, rest_sms: int,
+                     tiles: dict):
+    """The layout a partition would allow, as the layer would run it: on the shared expert's stream the norm, then
+    the shared expert with its GEMM1 the norm's programmatic dependent (session 33's patch); on the other the
+    router, routing and alignment, after an event recorded behind the norm. Every buffer is made on the calling
+    stream before either is queued. shared_stream None: the calling stream. Needs session 33's
+    gemm1_after_norm_pdl_prefetch.patch (norm_quant's `outputs`, `run(after_previous=)`)."""
+    def fn(x, normed, w):
+        shared = shared_stream or torch.cuda.current_stream()
+        normed_dtype = preamble.normed_dtype_of(spec, x, w)
+        outputs = norm_quant_kernel.norm_quant_outputs(x, True, normed_dtype)
+        logits, counters = preamble.router_workspace(spec, x.shape[0], x.device)
+        with sm_count_seen_as(rest_sms):
+            plan = preamble.plan_preamble(spec, x.shape[0], normed_dtype, w.router_weight.dtype, x.device)
+        with sm_count_seen_as(shared_sms), gemm1_tiles(tiles):
+            job = ov["SharedExpertOnExpertKernels"](spec, *outputs, w, True, False)
+        norm_done = torch.cuda.Event()
+
+        def shared_side():
+            norm_quant_kernel.norm_quant(x, w.norm_weight, spec.rms_norm_eps, True, logits, counters, normed_dtype,
+                                         pdl=True, outputs=outputs)
+            norm_done.record()
+            job.run(after_previous=True)
+
+        shared.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(shared):
+            shared_side()
+        rest_stream.wait_event(norm_done)
+        with torch.cuda.stream(rest_stream):
+            routed = preamble.route_normed(spec, w, outputs, logits, counters, plan, block_m,
+                                           preamble._expert_map(spec, w, None), True, True)
+        torch.cuda.current_stream().wait_stream(shared)
+        torch.cuda.current_stream().wait_stream(rest_stream)
+        return routed  # the job and the routing's outputs are held until here, after the joins
+    return fn
 
 
 def same_result(part: Partition, shared_sms: int, spec, quantized, tiles: dict, x, normed, w) -> bool:
@@ -184,6 +231,11 @@ def unpartitioned(spec, block_m, quantized, tiles: dict):
            "beside preamble": base("pre+shared unblocked", spec, block_m, "kernels-fp8", quantized),
            "pre+shared stream": base("pre+shared stream", spec, block_m, "kernels-fp8", quantized),
            "preamble": base("preamble", spec, block_m, "kernels-fp8", quantized)}
+    if PATCHED:
+        total = experts.device_facts(torch.device("cuda"))[1]
+        fns["norm+shared pdl | side: routing after the norm"] = candidate_layout(
+            spec, block_m, None, streams.side_stream(torch.device("cuda")), total,
+            total, {})
     if tiles:
         retiled = fns["shared"]
         fns["shared, one-wave tiles"] = lambda *a: _with(gemm1_tiles(tiles), retiled, *a)
