@@ -208,6 +208,19 @@ def candidate_layout(spec, block_m, shared_stream, rest_stream, shared_sms: int,
     return fn
 
 
+def norm_then_shared_pdl(spec):
+    """Session 33's `norm+shared pdl`: the norm, then the shared expert with its GEMM1 the norm's programmatic
+    dependent, on one stream with nothing beside them."""
+    def fn(x, normed, w):
+        normed_dtype = preamble.normed_dtype_of(spec, x, w)
+        outputs = norm_quant_kernel.norm_quant_outputs(x, True, normed_dtype)
+        job = ov["SharedExpertOnExpertKernels"](spec, *outputs, w, True, False)
+        norm_quant_kernel.norm_quant(x, w.norm_weight, spec.rms_norm_eps, True, out_dtype=normed_dtype, pdl=True,
+                                     outputs=outputs)
+        job.run(after_previous=True)
+    return fn
+
+
 def same_result(part: Partition, shared_sms: int, spec, quantized, tiles: dict, x, normed, w) -> bool:
     """The shared expert on its partition gives the all-SM launch's bits (its sums' order, where retiled, differs:
     then within fp8 rounding)."""
@@ -232,6 +245,7 @@ def unpartitioned(spec, block_m, quantized, tiles: dict):
            "pre+shared stream": base("pre+shared stream", spec, block_m, "kernels-fp8", quantized),
            "preamble": base("preamble", spec, block_m, "kernels-fp8", quantized)}
     if PATCHED:
+        fns["norm+shared pdl"] = norm_then_shared_pdl(spec)
         total = experts.device_facts(torch.device("cuda"))[1]
         fns["norm+shared pdl | side: routing after the norm"] = candidate_layout(
             spec, block_m, None, streams.side_stream(torch.device("cuda")), total,
