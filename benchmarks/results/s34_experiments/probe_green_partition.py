@@ -271,7 +271,11 @@ def main():
     spec = ov["SHAPES"]["dsv3-ep8"].replace(quant="fp8_block")
     weights = ov["weight_copies"](ov["layer_weights"](spec, device, seed=0), ov["copies_out_of_l2"](spec, True, device))
     for count in (int(c) for c in args.sms.split(",")):
-        part = Partition(count, device)
+        try:
+            part = Partition(count, device)
+        except (OSError, AttributeError, RuntimeError) as e:  # no libcuda, an older driver, a refused split
+            print(f"partition {count}: {type(e).__name__}: {e}", flush=True)
+            continue
         shared_sms, rest_sms = sms_used(part.shared_stream, device), sms_used(part.rest_stream, device)
         print(f"partition {count}: shared stream on {len(shared_sms)} SMs, the rest on {len(rest_sms)}, "
               f"common {len(shared_sms & rest_sms)} (device {total})", flush=True)
