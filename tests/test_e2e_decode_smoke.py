@@ -16,6 +16,9 @@ import e2e_decode  # noqa: E402
 
 @pytest.mark.slow
 def test_decode_step_smoke(tmp_path):
+    import moe_fusion
+
+    moe_fusion.last_report().clear()  # count this run's matches only
     out = tmp_path / "e2e.json"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     assert e2e_decode.main(["--config", "tiny", "--layers", "1", "--dtype", "float32", "--mode", "default",
