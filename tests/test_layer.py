@@ -10,7 +10,7 @@ that flips an expert is not mistaken for a wrong kernel); the preamble tests che
 import pytest
 import torch
 
-from moe_fusion.lowering import layer, layer_output_kernel, preamble, reference
+from moe_fusion.lowering import experts, layer, layer_output_kernel, preamble, reference
 from moe_fusion.ops import call_moe_layer
 
 from moe_cases import dsv3_like, float64_weights, random_weights, relative_error
@@ -232,6 +232,27 @@ def test_deterministic_layer_runs_are_bitwise_equal(monkeypatch):
         routing = preamble.fused_preamble(spec, x, w, block_m=16, deterministic=True).topk_weights
         assert torch.equal(routing, first_routing), "routing weights differ between runs"
         assert torch.equal(call_moe_layer(spec, x, w), first)
+
+
+@pytest.mark.gpu
+def test_constants_first_made_in_a_graph_warmup_stay_out_of_its_pool(monkeypatch):
+    """reduce-overhead warms each new graph up eagerly, its allocations routed to the graph's private pool. The
+    shared expert's dense routing, cached on its first call at a new M, must not be made there: the graph trees
+    refuse a live tensor in the pool that is not an output ("tensor(s) in the cudagraph pool not tracked")."""
+    _with_options(monkeypatch, shared_expert="stream")  # the shared expert as a launch of its own: dense routing
+    monkeypatch.setattr(experts, "_dense_routing_cache", {})
+    spec = GPU_SPECS["dsv3-ep8"]
+    w = random_weights(spec, device="cuda")
+
+    def moe(x):
+        return call_moe_layer(spec, x, w) * 1.0
+
+    compiled = torch.compile(moe, mode="reduce-overhead", dynamic=False)
+    for M in (3, 3, 5, 5):
+        x = torch.randn(M, spec.hidden_size, device="cuda", dtype=torch.bfloat16)
+        got = compiled(x).clone()
+        assert relative_error(got, _expected(spec, x, w, layer.plan_layer(spec, M, x.device))) < 1e-2
+    assert {key[1] for key in experts._dense_routing_cache} == {3, 5}
 
 
 @pytest.mark.gpu

@@ -40,6 +40,7 @@ from . import expert_tiles
 from . import fp8_act_quant_kernel as fp8_act_quant
 from .fp8_weight_quant_kernel import fp8_weight_quant_kernel
 from .gemm1_combine_kernel import gemm1_combine_kernel
+from .graph_pools import made_outside_graph_pools
 from .grid_sync import pdl_launch
 from .moe_finalize_kernel import moe_finalize_kernel
 
@@ -249,6 +250,15 @@ def dense_routing(M: int, n: int, block_m: int, device: torch.device) -> Tuple[t
     hit = _dense_routing_cache.get(key)
     if hit is not None:
         return hit
+    if M > DENSE_ROUTING_CACHE_MAX_M or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return _dense_routing_tensors(M, n, block_m, device)
+    made = made_outside_graph_pools(lambda: _dense_routing_tensors(M, n, block_m, device), device)
+    _dense_routing_cache[key] = made
+    return made
+
+
+def _dense_routing_tensors(M: int, n: int, block_m: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor,
+                                                                                         Alignment]:
     tiles_per_expert = triton.cdiv(M, block_m)
     ids = torch.arange(n, dtype=torch.int32, device=device).repeat(M, 1)
     weights = torch.ones((M, n), dtype=torch.float32, device=device)
@@ -257,10 +267,7 @@ def dense_routing(M: int, n: int, block_m: int, device: torch.device) -> Tuple[t
     sorted_pair_ids = torch.where(slot < M, slot * n + expert, M * n).reshape(-1)
     tile_expert = expert.expand(n, tiles_per_expert).reshape(-1).contiguous()
     num_tiles = torch.full((1,), n * tiles_per_expert, dtype=torch.int32, device=device)
-    made = (ids, weights, (sorted_pair_ids.to(torch.int32), tile_expert, num_tiles))
-    if M <= DENSE_ROUTING_CACHE_MAX_M and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-        _dense_routing_cache[key] = made
-    return made
+    return ids, weights, (sorted_pair_ids.to(torch.int32), tile_expert, num_tiles)
 
 
 # (storage, offset, shape, stride, dtype, version) of three weights -> their fp8 copies
@@ -282,11 +289,11 @@ def _fp8_copies(what: str, tensors: ExpertTensors, sources: Tuple[torch.Tensor, 
     hit = _fp8_cache.get(key)
     if hit is not None and not any(ref.expired() for ref in hit[0]):
         return hit[1]
-    quantized = quantize_expert_tensors_fp8(tensors)
     if sources[0].is_cuda and torch.cuda.is_current_stream_capturing():
         log.warning("moe_fusion: fp8 copies of the %s weights made inside CUDA-graph capture are not cached; "
                     "run the layer once before capturing", what)
-        return quantized
+        return quantize_expert_tensors_fp8(tensors)
+    quantized = made_outside_graph_pools(lambda: quantize_expert_tensors_fp8(tensors), sources[0].device)
     for stale in [k for k, (refs, _) in _fp8_cache.items() if any(r.expired() for r in refs)]:
         del _fp8_cache[stale]
     _fp8_cache[key] = ([StorageWeakRef(t.untyped_storage()) for t in sources], quantized)
@@ -731,10 +738,10 @@ def _ticket_buffer(device: torch.device, numel: int) -> torch.Tensor:
     for key in keys:
         old = _tickets.get(key)
         if old is None or old.numel() < numel:
-            fresh = torch.zeros(max(numel, 2 * old.numel() if old is not None else 0), dtype=torch.int32,
-                                device=device)
+            size = max(numel, 2 * old.numel() if old is not None else 0)
             if capturing:
-                return fresh
+                return torch.zeros(size, dtype=torch.int32, device=device)
+            fresh = made_outside_graph_pools(lambda: torch.zeros(size, dtype=torch.int32, device=device), device)
             if old is not None:
                 _retired_tickets.append(old)
             _tickets[key] = fresh

@@ -140,7 +140,8 @@ def partitioned(part: Partition, shared_sms: int, rest_sms: int, spec, block_m, 
             job = ready(w, normed)  # its buffers, allocated here, held until the join
             on(part.shared_stream, job.run)
             held = on(part.rest_stream, lambda: rest_work(x, w)) if rest_work else None
-            join(part.shared_stream, part.rest_stream)
+            # Only streams the capture has reached may be joined: an event of a stream outside it is refused.
+            join(part.shared_stream, *([part.rest_stream] if rest_work else []))
             del job, held
         return fn
 
