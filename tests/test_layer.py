@@ -241,31 +241,23 @@ def test_constants_first_made_in_a_graph_warmup_stay_out_of_its_pool(monkeypatch
     refuse a live tensor in the pool that is not an output ("tensor(s) in the cudagraph pool not tracked")."""
     _with_options(monkeypatch, shared_expert="stream")  # the shared expert as a launch of its own: dense routing
     monkeypatch.setattr(experts, "_dense_routing_cache", {})
-    spec = GPU_SPECS["dsv3-ep8"]
-    w = random_weights(spec, device="cuda")
-
-    def moe(x):
-        return call_moe_layer(spec, x, w) * 1.0
-
-    compiled = torch.compile(moe, mode="reduce-overhead", dynamic=False)
-    for M in (3, 3, 5, 5):
-        x = torch.randn(M, spec.hidden_size, device="cuda", dtype=torch.bfloat16)
-        got = compiled(x).clone()
-        assert relative_error(got, _expected(spec, x, w, layer.plan_layer(spec, M, x.device))) < 1e-2
+    _check_in_reduce_overhead_compile(GPU_SPECS["dsv3-ep8"], (3, 3, 5, 5))
     assert {key[1] for key in experts._dense_routing_cache} == {3, 5}
 
 
 @pytest.mark.gpu
 def test_layer_op_in_reduce_overhead_compile():
-    spec = GPU_SPECS["dsv3-ep8"]
+    _check_in_reduce_overhead_compile(GPU_SPECS["dsv3-ep8"], (1, 4, 4, 4))
+
+
+def _check_in_reduce_overhead_compile(spec, sizes):
     w = random_weights(spec, device="cuda")
 
     def moe(x):
         return call_moe_layer(spec, x, w) * 1.0
 
     compiled = torch.compile(moe, mode="reduce-overhead", dynamic=False)
-    for M in (1, 4, 4, 4):
+    for M in sizes:
         x = torch.randn(M, spec.hidden_size, device="cuda", dtype=torch.bfloat16)
         got = compiled(x).clone()
-        plan = layer.plan_layer(spec, M, x.device)
-        assert relative_error(got, _expected(spec, x, w, plan)) < 1e-2
+        assert relative_error(got, _expected(spec, x, w, layer.plan_layer(spec, M, x.device))) < 1e-2
