@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session 34, call 1 (H100; moe_fusion/ as at 76b2b2a, unchanged since session 32): issue 6's first must-show
+# Session 34, call 1 (H100; moe_fusion/ as at 93e58c9: session 32's library, fused_preamble split in two): issue 6's first must-show
 # re-measured on the current code. The dsv3 layer, bf16 and fp8 experts, M = 1 ... 64, beside eager and Inductor of
 # the same module: >= 90% of the floor at every M, <= 0.8x Inductor at M <= 4. Last measured in session 17 (cc75b70),
 # before the side stream stopped running cuBLAS and before sessions 18-31's kernel and plan changes.

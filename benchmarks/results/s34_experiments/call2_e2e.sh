@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session 34, call 2 (H100; moe_fusion/ as at 76b2b2a; transformers 5.23 from the carried wheel, CI's version):
+# Session 34, call 2 (H100; moe_fusion/ as at 93e58c9; transformers 5.23 from the carried wheel, CI's version):
 # issue 6's HF decode step re-measured on the current code. Real sizes (2 layers, bf16) at batch 1, 4, 16, then the
 # tiny config in fp32 (greedy tokens vs eager). Last measured in session 17 (cc75b70) with transformers 5.17.
 # The wheel, fetched here (its needs are on the GPU image: huggingface_hub, tokenizers, safetensors) and carried as .whl:

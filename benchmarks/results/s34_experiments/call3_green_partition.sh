@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session 34, call 3 (prepared, not run: no machine was lent in session 34). The fp8 shared expert and the preamble
+# Session 34, call 3 (H100; moe_fusion/ as at 93e58c9, run twice: call3/). The fp8 shared expert and the preamble
 # on disjoint SMs (green contexts): does the shared expert still pay ~2.5-3 µs beside the routing when the two share
 # only HBM and L2? See probe_green_partition.py's docstring. H100; dsv3-ep8, fp8 experts, fp8 shared expert.
 set -u
