@@ -59,9 +59,9 @@ def profile_step(model, ids) -> dict:
     span = (max(e.time_range.end for e in kernels) - min(e.time_range.start for e in kernels)) if kernels else 0
     return {
         "kernels": len(kernels),
-        "graph_launches": sum(e.name == "cudaGraphLaunch" for e in runtime),
-        "kernel_launches_outside_graphs": sum(e.name in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx",
-                                                          "cudaLaunchKernelExC") for e in runtime),
+        "graph_launches": sum(e.name.startswith("cudaGraphLaunch") for e in runtime),
+        "kernel_launches_outside_graphs": sum(e.name.startswith(("cudaLaunchKernel", "cuLaunchKernel"))
+                                              for e in runtime),
         "gpu_busy_us": sum(e.time_range.end - e.time_range.start for e in kernels),
         "gpu_span_us": span,
     }
