@@ -38,8 +38,6 @@ def step_us(model, token_ids, steps=20) -> float:
     with torch.no_grad():
         for _ in range(3):
             model(token_ids, use_cache=False)
-        if token_ids.is_cuda:
-            torch.cuda.synchronize()
         return statistics.median(_one_step_us(model, token_ids) for _ in range(steps))
 
 
